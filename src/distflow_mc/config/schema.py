@@ -1,0 +1,107 @@
+"""Typed configuration. Every Hydra group composes onto one of these dataclasses, so an
+unknown key or a value of the wrong type is an error that names the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from omegaconf import MISSING
+
+from distflow_mc.dag.spec import NodeSpec
+
+
+class Dtype(Enum):
+    AUTO = "AUTO"  # bfloat16 on GPU, float32 on CPU
+    FLOAT32 = "FLOAT32"
+    BFLOAT16 = "BFLOAT16"
+
+
+class Engine(Enum):
+    HF = "HF"  # transformers generate: CPU default, also runs on GPU
+    SGLANG = "SGLANG"  # optional extra, GPU only
+
+
+@dataclass
+class AlgoConfig:
+    name: str = MISSING
+    workflow: list[NodeSpec] = MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    path: str = MISSING  # local Hugging Face directory: config.json, *.safetensors, tokenizer
+    dtype: Dtype = Dtype.AUTO
+
+
+@dataclass
+class ParallelConfig:
+    """Training layout. Data parallel size is derived: world / (tp * pp * cp)."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None
+    cp: int = 1
+    sequence_parallel: bool = False
+    timeout_s: float = 600.0  # every collective of every process group
+
+
+@dataclass
+class RolloutConfig:
+    """Rollout layout and sampling. Rollout data parallel size is world / tp."""
+
+    engine: Engine = Engine.HF
+    tp: int = 1
+    n: int = 8  # samples per prompt, all generated on one rank
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 256
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)
+    batch_size: int = 8  # prompts per step, over all rollout data-parallel ranks
+    max_prompt_length: int = 512
+
+
+@dataclass
+class RewardConfig:
+    fn: str | None = None  # dotted path of a custom reward; rule-based by data_source otherwise
+    timeout_s: float = 10.0
+    error_score: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 100
+    seed: int = 1
+    dry_run: bool = False  # plan, agree across ranks, print the plan, exit
+    log_all_ranks: bool = False
+
+
+@dataclass
+class Config:
+    name: str = "distflow"
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# Hydra group -> schema. `experiment` is a global overlay, so its schema is `Config` itself.
+GROUP_SCHEMAS: dict[str, type] = {
+    "algo": AlgoConfig,
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "rollout": RolloutConfig,
+    "data": DataConfig,
+    "reward": RewardConfig,
+    "trainer": TrainerConfig,
+}

@@ -1,0 +1,65 @@
+"""SPMD entrypoint. Every rank runs this same file:
+
+    torchrun --nnodes N --nproc-per-node G -m distflow_mc.main algo=grpo
+
+compose config -> check it -> plan -> init distributed -> agree on the plan -> run.
+Everything before `init_distributed` is local, so a user error fails on every rank before any
+collective could hang.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from distflow_mc.config import canonical_config, load_config, register_resolvers, register_schemas
+from distflow_mc.dag import fingerprint, plan_workflow
+from distflow_mc.observability.logging import log_all_ranks
+from distflow_mc.parallel import (
+    build_layouts,
+    check_agreement,
+    describe_plan,
+    init_distributed,
+    world_size_from_env,
+)
+
+log = logging.getLogger(__name__)
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+register_schemas()
+register_resolvers()
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    config = load_config(cfg)
+    log_all_ranks(config.trainer.log_all_ranks)
+    layouts = build_layouts(config, world_size_from_env())
+    plan = plan_workflow(config.algo.workflow)
+    run_dir = HydraConfig.get().runtime.output_dir
+    settings = {"config": canonical_config(config), "run_dir": run_dir}
+    digest = fingerprint(plan, settings)
+    ctx = init_distributed(config.parallel.timeout_s)
+    check_agreement(digest, {"plan": plan.canonical(), **settings}, ctx)
+    log.info(
+        "%s: algo=%s, %d nodes in %d stages, %d rank(s) agree on plan %s; output %s",
+        config.name,
+        config.algo.name,
+        len(plan.nodes),
+        len(plan.stages),
+        ctx.world_size,
+        digest[:12],
+        run_dir,
+    )
+    if config.trainer.dry_run:
+        log.info("plan:\n%s", "\n".join(describe_plan(plan, layouts)))
+        return
+    raise NotImplementedError("training stages are not built yet; run with trainer.dry_run=true")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Rank layouts of the two phases (rollout, train) and which roles run in which.
+
+Pure arithmetic, computed alike on every rank before any process group exists, so a bad
+layout is an error on every rank before anything can hang.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distflow_mc.config.schema import Config
+from distflow_mc.dag import Plan, Role
+
+
+@dataclass(frozen=True)
+class Layout:
+    """DP x TP x PP x CP over `world_size` ranks, in megatron-core's default order
+    (tp-cp-dp-pp: TP varies fastest, PP slowest)."""
+
+    name: str
+    dp: int
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp * self.cp
+
+    def coords(self, rank: int) -> dict[str, int]:
+        assert 0 <= rank < self.world_size, (rank, self.world_size)
+        tp, rest = rank % self.tp, rank // self.tp
+        cp, rest = rest % self.cp, rest // self.cp
+        dp, pp = rest % self.dp, rest // self.dp
+        return {"dp": dp, "tp": tp, "pp": pp, "cp": cp}
+
+    def emitters(self) -> list[int]:
+        """One rank per DP replica sends data: TP rank 0, CP rank 0 of the last PP stage."""
+        coords = [self.coords(r) for r in range(self.world_size)]
+        return [
+            r
+            for r, c in enumerate(coords)
+            if c["tp"] == 0 and c["cp"] == 0 and c["pp"] == self.pp - 1
+        ]
+
+    def describe(self) -> str:
+        parts = [f"DP={self.dp}", f"TP={self.tp}"]
+        if self.pp > 1 or self.name == "train":
+            parts.append(f"PP={self.pp}")
+        if self.cp > 1:
+            parts.append(f"CP={self.cp}")
+        return " x ".join(parts)
+
+
+@dataclass(frozen=True)
+class Layouts:
+    rollout: Layout
+    train: Layout
+
+    def for_role(self, role: Role | None) -> Layout:
+        """Rollouts and their rule rewards stay where they were generated; everything else
+        (model passes, advantages, training) runs in the train layout."""
+        return self.rollout if role in (Role.ROLLOUT, Role.REWARD) else self.train
+
+
+def build_layouts(config: Config, world_size: int) -> Layouts:
+    """Derive both layouts; ValueError names the settings when the world does not divide."""
+    p, r = config.parallel, config.rollout
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by parallel.tp x parallel.pp x parallel.cp"
+            f" = {p.tp} x {p.pp} x {p.cp} = {model_parallel}: change those settings or the number"
+            " of ranks (--nnodes x --nproc-per-node)"
+        )
+    if world_size % r.tp:
+        raise ValueError(
+            f"world size {world_size} is not divisible by rollout.tp = {r.tp}: change rollout.tp"
+            " or the number of ranks"
+        )
+    rollout_dp = world_size // r.tp
+    if config.data.batch_size % rollout_dp:
+        raise ValueError(
+            f"data.batch_size = {config.data.batch_size} prompts must split evenly over the"
+            f" {rollout_dp} rollout data-parallel ranks (world {world_size} / rollout.tp {r.tp})"
+        )
+    return Layouts(
+        rollout=Layout("rollout", dp=rollout_dp, tp=r.tp),
+        train=Layout("train", dp=world_size // model_parallel, tp=p.tp, pp=p.pp, cp=p.cp),
+    )
+
+
+def describe_plan(plan: Plan, layouts: Layouts) -> list[str]:
+    """Human-readable plan: stages, nodes, the layout each node runs in, and the points
+    where data is redistributed because the layout changes."""
+    lines = []
+    for i, stage in enumerate(plan.stages):
+        lines.append(f"stage {i}:")
+        for node in stage:
+            role = node.role.name if node.role else "-"
+            layout = layouts.for_role(node.role)
+            dep_layouts = {layouts.for_role(n.role).name for n in plan.nodes if n.id in node.deps}
+            moves = " (redistribute in)" if dep_layouts - {layout.name} else ""
+            deps = ", ".join(node.deps) or "-"
+            fn = f" fn={node.fn}" if node.fn else ""
+            lines.append(
+                f"  {node.id:<16} {role:<9} {node.type.name:<15} layout={layout.name}"
+                f" deps=[{deps}]{fn}{moves}"
+            )
+    for layout in (layouts.rollout, layouts.train):
+        roles = sorted(
+            {
+                n.role.name if n.role else "COMPUTE"
+                for n in plan.nodes
+                if layouts.for_role(n.role) is layout
+            }
+        )
+        lines.append(
+            f"layout {layout.name}: {layout.describe()} over {layout.world_size} rank(s);"
+            f" roles {', '.join(roles) or '-'}; data emitted by ranks {layout.emitters()}"
+        )
+    return lines

@@ -1,0 +1,172 @@
+"""Typed config through Hydra's own composition: every shipped config composes; unknown
+keys, wrong types and out-of-range values are errors naming the key."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from megatron.core.parallel_state import RankGenerator
+
+from distflow_mc.config import Config, Engine, canonical_config, load_config, run_id
+from distflow_mc.dag import plan_workflow
+from distflow_mc.parallel import Layout, build_layouts
+from tests.conftest import CONF_DIR, compose_config
+
+
+def shipped(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", shipped("experiment"))
+def test_every_experiment_composes_and_plans(experiment):
+    config = load_config(compose_config([f"experiment={experiment}"]))
+    assert config.name == experiment
+    plan_workflow(config.algo.workflow)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [f"{g}={name}" for g in ("algo", "model", "parallel", "rollout") for name in shipped(g)],
+)
+def test_every_group_option_composes(override):
+    config = load_config(compose_config([override]))
+    assert isinstance(config, Config)
+    plan_workflow(config.algo.workflow)
+
+
+def test_typed_objects_below_main():
+    config = load_config(compose_config(["rollout=sglang", "parallel.tp=2"]))
+    assert config.rollout.engine is Engine.SGLANG
+    assert config.parallel.tp == 2
+    assert type(config.algo.workflow[0]).__name__ == "NodeSpec"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("trainer.totl_steps=3", "totl_steps"),
+        ("rollout.tempreature=0.5", "tempreature"),
+    ],
+)
+def test_unknown_override_key_names_it(override, key):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config([override])
+    assert key in str(info.value.__cause__ or info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("trainer.total_steps=many", "trainer.total_steps"),
+        ("rollout.engine=VLLM", "rollout.engine"),
+        ("parallel.sequence_parallel=maybe", "parallel.sequence_parallel"),
+    ],
+)
+def test_wrong_type_names_key(override, key):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config([override])
+    assert key in str(info.value) + str(info.value.__cause__)
+
+
+def test_misspelled_key_in_a_yaml_file_names_it(tmp_path: Path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "trainer" / "typo.yaml").write_text("defaults: [schema, _self_]\ntotal_step: 5\n")
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config(["trainer=typo"], config_dir=conf)
+    text = str(info.value) + str(info.value.__cause__)
+    assert "total_step" in text
+
+
+def test_misspelled_workflow_field_names_it(tmp_path: Path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    text = (conf / "algo" / "grpo.yaml").read_text().replace("deps: [rollout]", "dep: [rollout]")
+    (conf / "algo" / "typo.yaml").write_text(text)
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config(["algo=typo"], config_dir=conf)
+    assert "Key 'dep' not in 'NodeSpec'" in str(info.value) + str(info.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("rollout.top_p=1.5", "rollout.top_p"),
+        ("parallel.tp=0", "parallel.tp"),
+        ("parallel.vpp=2", "parallel.vpp"),
+        ("parallel.sequence_parallel=true", "parallel.sequence_parallel"),
+        ("rollout.n=0", "rollout.n"),
+    ],
+)
+def test_out_of_range_names_setting(override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_config(compose_config([override]))
+
+
+def test_missing_required_value_names_it():
+    with pytest.raises(ValueError, match=r"missing required setting 'model\.path'"):
+        load_config(compose_config(["model.path=???"]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        (["parallel.tp=2"], 3, "parallel.tp x parallel.pp x parallel.cp"),
+        (["rollout.tp=4"], 2, "rollout.tp = 4"),
+        (["data.batch_size=3"], 2, "data.batch_size = 3"),
+    ],
+)
+def test_layout_errors_name_settings(overrides, world, message):
+    config = load_config(compose_config(overrides))
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        build_layouts(config, world)
+
+
+def test_layouts_derive_data_parallel():
+    config = load_config(compose_config(["parallel.tp=2", "parallel.pp=2", "rollout.tp=1"]))
+    layouts = build_layouts(config, 8)
+    assert (layouts.train.dp, layouts.rollout.dp) == (2, 8)
+    assert layouts.train.emitters() == [4, 6]
+
+
+@pytest.mark.parametrize(("tp", "cp", "dp", "pp"), [(2, 1, 2, 2), (1, 2, 2, 2), (4, 1, 1, 2)])
+def test_layout_coordinates_match_megatron(tp, cp, dp, pp):
+    """Our rank arithmetic against megatron-core's own rank generator (tp-cp-ep-dp-pp)."""
+    layout = Layout("train", dp=dp, tp=tp, pp=pp, cp=cp)
+    gen = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=cp, order="tp-cp-ep-dp-pp")
+    for dim in ("tp", "dp", "pp", "cp"):
+        for group in gen.get_ranks(dim):
+            coords = [layout.coords(r) for r in group]
+            assert [c[dim] for c in coords] == list(range(len(group)))
+            others = {tuple(v for k, v in sorted(c.items()) if k != dim) for c in coords}
+            assert len(others) == 1
+
+
+def test_canonical_config_excludes_workflow_order():
+    a = load_config(compose_config())
+    b = load_config(compose_config())
+    b.algo.workflow.reverse()
+    assert canonical_config(a) == canonical_config(b)
+    assert "workflow" not in canonical_config(a)["algo"]
+
+
+def test_run_id_precedence(monkeypatch):
+    for key in ("DISTFLOW_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    cases = [
+        ({"SLURM_JOB_ID": "77"}, "slurm-77"),
+        ({"SLURM_JOB_ID": "77", "TORCHELASTIC_RUN_ID": "job-a"}, "job-a"),
+        ({"TORCHELASTIC_RUN_ID": "job-a", "DISTFLOW_RUN_ID": "mine"}, "mine"),
+    ]
+    for env, expected in cases:
+        run_id.cache_clear()
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            assert run_id() == expected
+    run_id.cache_clear()
+    assert run_id() == run_id()
+    run_id.cache_clear()

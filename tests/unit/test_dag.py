@@ -1,0 +1,185 @@
+"""DAG validation errors, planning, and determinism (incl. property tests)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distflow_mc.dag import NodeSpec, NodeType, Role, WorkflowError, fingerprint, plan_workflow
+from distflow_mc.dag.validate import find_cycle
+
+R, T = Role, NodeType
+
+
+def grpo() -> list[NodeSpec]:
+    return [
+        NodeSpec("rollout", T.MODEL_INFERENCE, R.ROLLOUT),
+        NodeSpec("reward", T.COMPUTE, R.REWARD, ["rollout"]),
+        NodeSpec("ref_log_prob", T.MODEL_INFERENCE, R.REFERENCE, ["reward"]),
+        NodeSpec("actor_log_prob", T.MODEL_INFERENCE, R.ACTOR, ["reward"]),
+        NodeSpec("advantage", T.COMPUTE, None, ["ref_log_prob", "actor_log_prob"]),
+        NodeSpec("actor_train", T.MODEL_TRAIN, R.ACTOR, ["advantage"]),
+    ]
+
+
+def problems_of(nodes: list[NodeSpec]) -> list[str]:
+    with pytest.raises(WorkflowError) as info:
+        plan_workflow(nodes)
+    assert "algo.workflow" in str(info.value)
+    return info.value.problems
+
+
+def test_grpo_plan_depths_and_order():
+    plan = plan_workflow(grpo())
+    assert [n.id for n in plan.nodes] == [
+        "rollout",
+        "reward",
+        "actor_log_prob",
+        "ref_log_prob",
+        "advantage",
+        "actor_train",
+    ]
+    assert [[n.id for n in s] for s in plan.stages][2] == ["actor_log_prob", "ref_log_prob"]
+    assert {n.id: n.depth for n in plan.nodes}["actor_train"] == 4
+
+
+def test_duplicate_id():
+    nodes = [*grpo(), NodeSpec("reward", T.COMPUTE, R.REWARD, ["rollout"])]
+    assert problems_of(nodes) == ["duplicate node id 'reward' (2 nodes, at positions 1, 6)"]
+
+
+def test_unknown_dependency():
+    nodes = grpo()
+    nodes[5].deps = ["advantag"]
+    (problem,) = problems_of(nodes)
+    assert "node 'actor_train' depends on unknown node 'advantag'" in problem
+
+
+def test_cycle_names_the_nodes_on_it():
+    nodes = grpo()
+    nodes[1].deps = ["rollout", "actor_train"]
+    (problem,) = problems_of(nodes)
+    assert problem.startswith("dependency cycle: ")
+    cycle = problem.removeprefix("dependency cycle: ").split(" -> ")
+    assert cycle[0] == cycle[-1]
+    on_cycle = {"reward", "actor_train", "advantage"}
+    assert set(cycle) in (on_cycle | {"actor_log_prob"}, on_cycle | {"ref_log_prob"})
+
+
+def test_self_dependency_is_a_cycle():
+    nodes = grpo()
+    nodes[5].deps = ["advantage", "actor_train"]
+    assert problems_of(nodes) == ["dependency cycle: actor_train -> actor_train"]
+
+
+@pytest.mark.parametrize(
+    ("role", "type_", "allowed"),
+    [
+        (R.REFERENCE, T.MODEL_TRAIN, "MODEL_INFERENCE"),
+        (R.ROLLOUT, T.COMPUTE, "MODEL_INFERENCE"),
+        (None, T.MODEL_TRAIN, "COMPUTE"),
+    ],
+)
+def test_role_type_combination(role, type_, allowed):
+    nodes = [*grpo(), NodeSpec("odd", type_, role, ["reward"], fn="math.sqrt")]
+    (problem,) = problems_of(nodes)
+    assert "node 'odd': role" in problem and f"type {type_.name}" in problem
+    assert f"(allowed: {allowed})" in problem
+
+
+def test_unreachable_nodes():
+    nodes = [
+        *grpo(),
+        NodeSpec("orphan", T.MODEL_INFERENCE, R.CRITIC),
+        NodeSpec("after_orphan", T.COMPUTE, R.REWARD, ["orphan"]),
+    ]
+    assert problems_of(nodes) == [
+        "node 'after_orphan' is unreachable: no dependency path leads to it from a ROLLOUT node",
+        "node 'orphan' is unreachable: no dependency path leads to it from a ROLLOUT node",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fn", "why"),
+    [
+        ("no_such_module_xyz.fn", "module 'no_such_module_xyz' does not import"),
+        ("math.no_such_function", "module 'math' has no attribute 'no_such_function'"),
+        ("math.pi", "'math.pi' is not callable"),
+        ("sqrt", "is not a dotted path"),
+    ],
+)
+def test_fn_that_does_not_import(fn, why):
+    nodes = grpo()
+    nodes[1].fn = fn
+    (problem,) = problems_of(nodes)
+    assert problem.startswith(f"node 'reward': fn '{fn}' does not import")
+    assert why in problem
+
+
+def test_fn_override_that_imports_is_kept():
+    nodes = grpo()
+    nodes[1].fn = "math.sqrt"
+    plan = plan_workflow(nodes)
+    assert [n.fn for n in plan.nodes if n.id == "reward"] == ["math.sqrt"]
+
+
+def test_role_free_compute_needs_fn_unless_built_in():
+    nodes = [*grpo(), NodeSpec("filter", T.COMPUTE, None, ["reward"])]
+    (problem,) = problems_of(nodes)
+    assert "node 'filter': a role-free COMPUTE node needs `fn`" in problem
+
+
+def test_no_rollout_and_empty():
+    assert problems_of([]) == ["the workflow has no nodes"]
+    only = [NodeSpec("advantage", T.COMPUTE)]
+    assert problems_of(only) == ["the workflow has no ROLLOUT node: nothing would produce samples"]
+
+
+def test_all_structural_problems_reported_together():
+    nodes = grpo()
+    nodes[2].type = T.MODEL_TRAIN
+    nodes[4].deps = ["missing"]
+    nodes.append(NodeSpec("rollout", T.MODEL_INFERENCE, R.ROLLOUT))
+    assert len(problems_of(nodes)) == 3
+
+
+def test_find_cycle_none_on_dag():
+    assert find_cycle({"a": [], "b": ["a"], "c": ["a", "b"]}) is None
+
+
+@st.composite
+def random_dags(draw) -> list[NodeSpec]:
+    n = draw(st.integers(min_value=1, max_value=40))
+    nodes = [NodeSpec("n0", T.MODEL_INFERENCE, R.ROLLOUT)]
+    for i in range(1, n):
+        deps = draw(st.sets(st.integers(0, i - 1), min_size=1, max_size=min(i, 4)))
+        nodes.append(NodeSpec(f"n{i}", T.COMPUTE, R.REWARD, [f"n{d}" for d in sorted(deps)]))
+    return nodes
+
+
+@settings(max_examples=60, deadline=None)
+@given(random_dags(), st.randoms(use_true_random=False))
+def test_plan_and_fingerprint_ignore_node_order(nodes, rng: random.Random):
+    plan = plan_workflow(nodes)
+    shuffled = [NodeSpec(n.id, n.type, n.role, rng.sample(n.deps, len(n.deps))) for n in nodes]
+    rng.shuffle(shuffled)
+    again = plan_workflow(shuffled)
+    assert again == plan
+    assert fingerprint(again, {"x": 1}) == fingerprint(plan, {"x": 1})
+    assert fingerprint(plan, {"x": 2}) != fingerprint(plan, {"x": 1})
+
+
+@settings(max_examples=60, deadline=None)
+@given(random_dags())
+def test_order_respects_dependencies_and_depth(nodes):
+    plan = plan_workflow(nodes)
+    position = {n.id: i for i, n in enumerate(plan.nodes)}
+    depth = {n.id: n.depth for n in plan.nodes}
+    for node in plan.nodes:
+        assert all(position[d] < position[node.id] for d in node.deps)
+        expected = 1 + max((depth[d] for d in node.deps), default=-1)
+        assert node.depth == expected
+    assert [n.id for s in plan.stages for n in s] == [n.id for n in plan.nodes]
