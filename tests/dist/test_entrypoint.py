@@ -1,0 +1,79 @@
+"""The real entrypoint under torchrun (2 ranks, gloo) and plain python. Each launch has a
+hard subprocess timeout and short collective timeouts, so a bug fails instead of hanging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, main_cmd, run_cmd
+
+pytestmark = pytest.mark.dist
+FAST = ["parallel.timeout_s=60"]
+
+
+def test_plain_python_dry_run(workdir: Path):
+    out = run_cmd(main_cmd(1, "trainer.dry_run=true", f"hydra.run.dir={workdir}"), cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "1 rank(s) agree on plan" in out.stdout
+    assert out.stdout.count("stage 0:") == 1
+    assert (workdir / ".hydra" / "config.yaml").exists()
+    assert (workdir / "main_rank0.log").exists()
+
+
+def test_torchrun_ppo_dry_run_prints_plan_once(workdir: Path):
+    out = run_cmd(
+        main_cmd(2, "algo=ppo", "trainer.dry_run=true", *FAST), cwd=workdir, timeout=180
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "algo=ppo, 8 nodes in 5 stages, 2 rank(s) agree on plan" in out.stdout
+    assert out.stdout.count("stage 0:") == 1
+    assert "critic_train" in out.stdout
+    assert "[rank1]" not in out.stdout
+    (run_dir,) = (workdir / "outputs").iterdir()
+    assert sorted(p.name for p in run_dir.glob("*.log")) == ["main_rank0.log", "main_rank1.log"]
+    assert (run_dir / ".hydra").is_dir()
+
+
+def test_differing_config_fails_on_every_rank(workdir: Path):
+    """One rank's resolved config differs (an env-derived value): both ranks raise with the
+    message naming the setting, and the job exits non-zero well inside the timeout."""
+    out = run_cmd(
+        main_cmd(2, "trainer.dry_run=true", "trainer.seed=${oc.env:RANK}", *FAST),
+        cwd=workdir,
+        timeout=180,
+    )
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert text.count("ranks disagree on the plan/config fingerprint") == 2, text
+    assert "config.trainer.seed (rank 0: 0, rank 1: 1)" in text
+
+
+def test_wrong_world_size_fails_on_every_rank_before_collectives(workdir: Path):
+    out = run_cmd(main_cmd(2, "parallel.tp=3", *FAST), cwd=workdir, timeout=180)
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert text.count("world size 2 is not divisible by parallel.tp") >= 1, text
+
+
+def test_unknown_key_names_it_through_the_entrypoint(workdir: Path):
+    out = run_cmd(main_cmd(1, "trainer.dryrun=true"), cwd=workdir)
+    assert out.returncode == 1
+    assert "dryrun" in out.stderr
+
+
+def test_multirun_under_torchrun(workdir: Path):
+    """Hydra multirun (-m) with 2 jobs on 2 ranks: jobs run in the same order on every rank
+    (each job's fingerprint check would fail otherwise), each in its own directory."""
+    out = run_cmd(
+        main_cmd(2, "-m", "algo=grpo,ppo", "trainer.dry_run=true", *FAST),
+        cwd=workdir,
+        timeout=240,
+        env={"DISTFLOW_RUN_ID": "sweep"},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "algo=grpo, 6 nodes in 5 stages, 2 rank(s) agree" in out.stdout
+    assert "algo=ppo, 8 nodes in 5 stages, 2 rank(s) agree" in out.stdout
+    jobs = sorted(p.name for p in (workdir / "multirun" / "sweep").iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
