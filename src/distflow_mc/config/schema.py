@@ -48,6 +48,23 @@ class ParallelConfig:
 
 
 @dataclass
+class OptimConfig:
+    """Adam with warmup then decay, megatron's optimizer and LR scheduler."""
+
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay_steps: int | None = None  # None: trainer.total_steps
+    decay_style: str = "constant"  # constant | linear | cosine
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    distributed_optimizer: bool = False  # shard optimizer state over data parallel ranks
+
+
+@dataclass
 class RolloutConfig:
     """Rollout layout and sampling. Rollout data parallel size is world / tp."""
 

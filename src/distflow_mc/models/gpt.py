@@ -1,0 +1,140 @@
+"""Megatron GPTModel built from a Hugging Face config: Llama and Qwen2 families."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as mpu
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+
+from distflow_mc.config.schema import Dtype
+from distflow_mc.models.hf_config import HFArch
+from distflow_mc.parallel.megatron_state import ModelParallel
+
+
+def resolve_dtype(dtype: Dtype) -> torch.dtype:
+    """AUTO: bf16 on GPU, fp32 on CPU."""
+    if dtype is Dtype.AUTO:
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {Dtype.FLOAT32: torch.float32, Dtype.BFLOAT16: torch.bfloat16}[dtype]
+
+
+def use_transformer_engine() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def check_divisibility(arch: HFArch, mp: ModelParallel) -> None:
+    """The model's sizes against the layout; ValueError names both settings."""
+    stages = mp.pp * (mp.vpp or 1)
+    checks = [
+        ("num_attention_heads", arch.num_heads, "parallel.tp", mp.tp),
+        ("num_key_value_heads", arch.num_kv_heads, "parallel.tp", mp.tp),
+        ("vocab_size", arch.vocab_size, "parallel.tp", mp.tp),
+        ("intermediate_size", arch.intermediate_size, "parallel.tp", mp.tp),
+        ("num_hidden_layers", arch.num_layers, "parallel.pp x parallel.vpp", stages),
+    ]
+    for field, value, setting, size in checks:
+        if value % size:
+            raise ValueError(
+                f"the model's {field}={value} (config.json) is not divisible by {setting}={size}:"
+                f" change {setting}"
+            )
+
+
+def transformer_config(arch: HFArch, mp: ModelParallel, dtype: torch.dtype) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        ffn_hidden_size=arch.intermediate_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=mp.tp,
+        pipeline_model_parallel_size=mp.pp,
+        virtual_pipeline_model_parallel_size=mp.vpp,
+        context_parallel_size=mp.cp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        # RL batches have a different length every step; p2p sends their shapes first.
+        variable_seq_lengths=True,
+        # No experts here; megatron rejects variable lengths with the default MoE dispatcher.
+        moe_token_dispatcher_type="alltoall",
+        # Loss functions return (sum, count); megatron divides by the global count.
+        calculate_per_token_loss=True,
+    )
+
+
+def build_gpt(
+    arch: HFArch, mp: ModelParallel, dtype: torch.dtype, value_head: bool = False
+) -> list[MegatronModule]:
+    """This rank's model chunks (one, or vpp with virtual pipeline stages). With
+    `value_head`, the output layer is a scalar head (critic) and embeddings are untied."""
+    check_divisibility(arch, mp)
+    config = transformer_config(arch, mp, dtype)
+    if use_transformer_engine():
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    chunks = []
+    for vp_stage in range(mp.vpp or 1):
+        vp = vp_stage if mp.vpp else None
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=arch.vocab_size,
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            parallel_output=True,
+            share_embeddings_and_output_weights=arch.tie_word_embeddings and not value_head,
+            position_embedding_type="rope",
+            rotary_base=arch.rope_theta,
+            vp_stage=vp,
+        )
+        if value_head and model.post_process:
+            model.output_layer = ValueHead(arch.hidden_size, dtype)
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks
+
+
+class ValueHead(torch.nn.Module):
+    """Scalar head replacing the vocab output layer. Its input (after the final norm) is the
+    same on every TP rank, so every TP rank holds and trains an identical copy."""
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(1, hidden_size, dtype=dtype))
+        torch.nn.init.normal_(self.weight, std=hidden_size**-0.5)
+
+    def forward(
+        self, hidden: torch.Tensor, weight: torch.Tensor | None = None, **kwargs: object
+    ) -> tuple[torch.Tensor, None]:
+        return F.linear(hidden, self.weight), None

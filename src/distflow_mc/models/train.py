@@ -1,0 +1,95 @@
+"""A trainable Megatron model: DDP + megatron optimizer + LR schedule, one step per call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module, MegatronModule
+
+from distflow_mc.config.schema import OptimConfig
+from distflow_mc.models.schedule import MicroBatch, OutputFn, run_microbatches
+
+
+class TrainableModel:
+    """Model chunks wrapped for training. `step` runs the micro-batches of one optimizer
+    step through the pipeline schedule with the caller's loss, then steps the optimizer."""
+
+    def __init__(self, chunks: list[MegatronModule], optim: OptimConfig, total_steps: int):
+        config = chunks[0].config
+        if config.bf16:
+            chunks = [Float16Module(config, c) for c in chunks]
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=optim.distributed_optimizer,
+        )
+        self.chunks = [
+            DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0)
+            for i, c in enumerate(chunks)
+        ]
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=optim.lr,
+                min_lr=optim.min_lr,
+                weight_decay=optim.weight_decay,
+                adam_beta1=optim.adam_beta1,
+                adam_beta2=optim.adam_beta2,
+                adam_eps=optim.adam_eps,
+                clip_grad=optim.clip_grad,
+                bf16=config.bf16,
+                params_dtype=config.params_dtype,
+                use_distributed_optimizer=optim.distributed_optimizer,
+            ),
+            self.chunks,
+        )
+        decay = optim.decay_steps if optim.decay_steps is not None else total_steps
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if optim.warmup_steps else optim.lr,
+            max_lr=optim.lr,
+            min_lr=optim.min_lr,
+            lr_warmup_steps=optim.warmup_steps,
+            lr_decay_steps=max(decay, optim.warmup_steps + 1),
+            lr_decay_style=optim.decay_style,
+            start_wd=optim.weight_decay,
+            end_wd=optim.weight_decay,
+            wd_incr_steps=1,
+            wd_incr_style="constant",
+        )
+        # The schedule reduces DP gradients (and tied embeddings over PP) through this hook.
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+
+    def forward(self, microbatches: Sequence[MicroBatch], fn: OutputFn) -> list[Any]:
+        """Forward only (e.g. old log-probs): fn's outputs on the last PP stage."""
+        for c in self.chunks:
+            c.eval()
+        with torch.no_grad():
+            return run_microbatches(self.chunks, microbatches, fn, forward_only=True)
+
+    def step(self, microbatches: Sequence[MicroBatch], loss_fn: OutputFn) -> dict[str, Any]:
+        """One optimizer step over `microbatches`; loss_fn returns (sum, count, metrics)."""
+        for c in self.chunks:
+            c.train()
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        metrics = run_microbatches(self.chunks, microbatches, loss_fn, forward_only=False)
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=1)
+        return {
+            "updated": bool(updated),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "microbatch_metrics": metrics,
+        }

@@ -1,0 +1,155 @@
+"""Worker for tests/dist/test_models.py, run under torchrun (or plain python for one rank).
+
+    model_worker.py --tp T --pp P --models DIR --out DIR
+
+Checks against transformers on tiny Llama and Qwen2 models, writes per-rank JSON results;
+the test asserts on them. All collectives run under the default group's short timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as mpu
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from distflow_mc.config.schema import OptimConfig, ParallelConfig  # noqa: E402
+from distflow_mc.models.convert import export_hf  # noqa: E402
+from distflow_mc.models.factory import load_model, load_reference  # noqa: E402
+from distflow_mc.models.logprobs import vocab_parallel_logprobs  # noqa: E402
+from distflow_mc.models.train import TrainableModel  # noqa: E402
+from distflow_mc.parallel.dist import init_distributed  # noqa: E402
+from distflow_mc.parallel.megatron_state import init_model_parallel  # noqa: E402
+from tests.tiny_hf import load_hf  # noqa: E402
+
+TEMPERATURE = 0.7
+
+
+def batches(seed: int = 3) -> list[dict[str, torch.Tensor]]:
+    """Two micro-batches of different lengths (variable sequence lengths)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b, s in ((2, 12), (2, 7)):
+        ids = torch.randint(0, 128, (b, s), generator=g)
+        out.append({"input_ids": ids, "labels": ids.roll(-1, dims=1)})
+    return out
+
+
+def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    if mpu.get_tensor_model_parallel_world_size() == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(mpu.get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, logits.contiguous(), group=mpu.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
+
+
+def equivalence(kind: str, model_dir: Path, mp) -> dict:
+    arch, chunks = load_reference(model_dir, mp, torch.float32)
+    from distflow_mc.models.schedule import run_microbatches
+
+    def fn(mb, out):
+        logp, ent = vocab_parallel_logprobs(out, mb["labels"], TEMPERATURE, with_entropy=True)
+        return gather_vocab(out), logp, ent
+
+    outputs = run_microbatches(chunks, batches(), fn, forward_only=True)
+    result = {}
+    if mpu.is_pipeline_last_stage():
+        hf = load_hf(model_dir)
+        diffs = {"logits": 0.0, "logp": 0.0, "entropy": 0.0}
+        for mb, (logits, logp, ent) in zip(batches(), outputs, strict=True):
+            with torch.no_grad():
+                ref = hf(mb["input_ids"]).logits
+            ref_lsm = torch.log_softmax(ref / TEMPERATURE, dim=-1)
+            ref_logp = ref_lsm.gather(-1, mb["labels"].unsqueeze(-1)).squeeze(-1)
+            ref_ent = -(ref_lsm.exp() * ref_lsm).sum(-1)
+            diffs["logits"] = max(diffs["logits"], (logits - ref).abs().max().item())
+            diffs["logp"] = max(diffs["logp"], (logp - ref_logp).abs().max().item())
+            diffs["entropy"] = max(diffs["entropy"], (ent - ref_ent).abs().max().item())
+        result.update({f"{kind}_{k}_maxdiff": v for k, v in diffs.items()})
+    exported = {}
+    for bucket in export_hf(chunks, arch, mp, bucket_bytes=16 << 10):
+        assert sum(t.numel() * t.element_size() for _, t in bucket) <= 16 << 10 or len(bucket) == 1
+        exported.update({n: t.clone() for n, t in bucket})
+    original = load_file(model_dir / "model.safetensors")
+    result[f"{kind}_export_keys_equal"] = sorted(exported) == sorted(original)
+    result[f"{kind}_export_bitwise"] = all(
+        torch.equal(exported[k], original[k]) for k in original if k in exported
+    )
+    return result
+
+
+def critic(model_dir: Path, mp) -> dict:
+    _, chunks = load_model(model_dir, mp, torch.float32, value_head=True)
+    from distflow_mc.models.schedule import run_microbatches
+
+    outs = run_microbatches(chunks, batches(), lambda mb, out: out[..., 0], forward_only=True)
+    if not mpu.is_pipeline_last_stage():
+        return {}
+    values = outs[0]
+    gathered = gather_vocab(values.unsqueeze(-1))
+    same = all(torch.equal(gathered[..., 0], gathered[..., i]) for i in range(gathered.shape[-1]))
+    return {"critic_shape": list(values.shape), "critic_same_across_tp": same}
+
+
+def train(model_dir: Path, mp, out: Path) -> dict:
+    _, chunks = load_model(model_dir, mp, torch.float32)
+    model = TrainableModel(chunks, OptimConfig(lr=1e-3, clip_grad=1.0), total_steps=10)
+    global_batch = batches(seed=11)
+    mine = global_batch[mp.dp_rank :: mp.dp]
+
+    def loss_fn(mb, out):
+        logp, _ = vocab_parallel_logprobs(out, mb["labels"])
+        mask = torch.ones_like(logp)
+        mask[:, -1] = 0
+        loss = -(logp * mask).sum()
+        count = mask.sum().to(torch.int)
+        return loss, count, {"loss_sum": loss.detach(), "tokens": count}
+
+    stats = model.step(mine, loss_fn)
+    params = {}
+    for bucket in export_hf([c.module for c in model.chunks], model_arch(model_dir), mp):
+        params.update({n: t.clone() for n, t in bucket})
+    if dist.get_rank() == 0:
+        torch.save(params, out / "trained.pt")
+    return {"train_updated": stats["updated"], "train_grad_norm": stats["grad_norm"]}
+
+
+def model_arch(model_dir: Path):
+    from distflow_mc.models.hf_config import read_hf_config
+
+    return read_hf_config(model_dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--models", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--checks", default="equivalence,critic,train")
+    args = parser.parse_args()
+    init_distributed(timeout_s=60)
+    mp = init_model_parallel(ParallelConfig(tp=args.tp, pp=args.pp, timeout_s=60), seed=1)
+    result = {}
+    checks = args.checks.split(",")
+    if "equivalence" in checks:
+        result |= equivalence("llama", args.models / "llama", mp)
+        result |= equivalence("qwen2", args.models / "qwen2", mp)
+    if "critic" in checks:
+        result |= critic(args.models / "qwen2", mp)
+    if "train" in checks:
+        result |= train(args.models / "llama", mp, args.out)
+    rank = int(os.environ.get("RANK", "0"))
+    (args.out / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
