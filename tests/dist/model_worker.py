@@ -11,20 +11,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from distflow_mc.config.schema import OptimConfig, ParallelConfig  # noqa: E402
 from distflow_mc.models.convert import export_hf  # noqa: E402
 from distflow_mc.models.factory import load_model, load_reference  # noqa: E402
+from distflow_mc.models.hf_config import read_hf_config  # noqa: E402
 from distflow_mc.models.logprobs import vocab_parallel_logprobs  # noqa: E402
+from distflow_mc.models.schedule import run_microbatches  # noqa: E402
 from distflow_mc.models.train import TrainableModel  # noqa: E402
 from distflow_mc.parallel.dist import init_distributed  # noqa: E402
 from distflow_mc.parallel.megatron_state import init_model_parallel  # noqa: E402
@@ -39,7 +42,9 @@ def batches(seed: int = 3) -> list[dict[str, torch.Tensor]]:
     out = []
     for b, s in ((2, 12), (2, 7)):
         ids = torch.randint(0, 128, (b, s), generator=g)
-        out.append({"input_ids": ids, "labels": ids.roll(-1, dims=1)})
+        mask = torch.ones(b, s)
+        mask[:, -1] = 0  # the last token has no label
+        out.append({"input_ids": ids, "labels": ids.roll(-1, dims=1), "loss_mask": mask})
     return out
 
 
@@ -53,7 +58,7 @@ def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
 
 def equivalence(kind: str, model_dir: Path, mp) -> dict:
     arch, chunks = load_reference(model_dir, mp, torch.float32)
-    from distflow_mc.models.schedule import run_microbatches
+    assert not any(p.requires_grad for c in chunks for p in c.parameters())
 
     def fn(mb, out):
         logp, ent = vocab_parallel_logprobs(out, mb["labels"], TEMPERATURE, with_entropy=True)
@@ -65,6 +70,8 @@ def equivalence(kind: str, model_dir: Path, mp) -> dict:
         hf = load_hf(model_dir)
         diffs = {"logits": 0.0, "logp": 0.0, "entropy": 0.0}
         for mb, (logits, logp, ent) in zip(batches(), outputs, strict=True):
+            s = mb["input_ids"].shape[1]  # virtual stages pad micro-batches
+            logits, logp, ent = logits[:, :s], logp[:, :s], ent[:, :s]
             with torch.no_grad():
                 ref = hf(mb["input_ids"]).logits
             ref_lsm = torch.log_softmax(ref / TEMPERATURE, dim=-1)
@@ -88,9 +95,8 @@ def equivalence(kind: str, model_dir: Path, mp) -> dict:
 
 def critic(model_dir: Path, mp) -> dict:
     _, chunks = load_model(model_dir, mp, torch.float32, value_head=True)
-    from distflow_mc.models.schedule import run_microbatches
 
-    outs = run_microbatches(chunks, batches(), lambda mb, out: out[..., 0], forward_only=True)
+    outs = run_microbatches(chunks, batches(), lambda mb, out: out[:, :12, 0], forward_only=True)
     if not mpu.is_pipeline_last_stage():
         return {}
     values = outs[0]
@@ -99,45 +105,75 @@ def critic(model_dir: Path, mp) -> dict:
     return {"critic_shape": list(values.shape), "critic_same_across_tp": same}
 
 
-def train(model_dir: Path, mp, out: Path) -> dict:
+def train(model_dir: Path, mp, out: Path, distributed_optimizer: bool) -> dict:
     _, chunks = load_model(model_dir, mp, torch.float32)
-    model = TrainableModel(chunks, OptimConfig(lr=1e-3, clip_grad=1.0), total_steps=10)
+    optim = OptimConfig(lr=1e-3, clip_grad=1.0, distributed_optimizer=distributed_optimizer)
+    model = TrainableModel(chunks, optim, total_steps=10)
     global_batch = batches(seed=11)
     mine = global_batch[mp.dp_rank :: mp.dp]
 
     def loss_fn(mb, out):
         logp, _ = vocab_parallel_logprobs(out, mb["labels"])
-        mask = torch.ones_like(logp)
-        mask[:, -1] = 0
+        mask = mb["loss_mask"]
         loss = -(logp * mask).sum()
         count = mask.sum().to(torch.int)
         return loss, count, {"loss_sum": loss.detach(), "tokens": count}
 
     stats = model.step(mine, loss_fn)
     params = {}
-    for bucket in export_hf([c.module for c in model.chunks], model_arch(model_dir), mp):
+    for bucket in export_hf([c.module for c in model.chunks], read_hf_config(model_dir), mp):
         params.update({n: t.clone() for n, t in bucket})
     if dist.get_rank() == 0:
         torch.save(params, out / "trained.pt")
     return {"train_updated": stats["updated"], "train_grad_norm": stats["grad_norm"]}
 
 
-def model_arch(model_dir: Path):
-    from distflow_mc.models.hf_config import read_hf_config
+def schedule(model_dir: Path, mp) -> dict:
+    """Warmup then constant: the LR after each of three steps."""
+    _, chunks = load_model(model_dir, mp, torch.float32)
+    model = TrainableModel(chunks, OptimConfig(lr=1e-3, warmup_steps=4), total_steps=10)
 
-    return read_hf_config(model_dir)
+    def loss_fn(mb, out):
+        logp, _ = vocab_parallel_logprobs(out, mb["labels"])
+        return -logp.sum(), torch.tensor(logp.numel(), dtype=torch.int), {}
+
+    return {"lrs": [model.step(batches(), loss_fn)["lr"] for _ in range(3)]}
+
+
+def malformed(model_dir: Path, work: Path, mp) -> dict:
+    """A checkpoint missing a tensor, and one with a wrong shape: errors name the tensor."""
+    original = load_file(model_dir / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    cases = {
+        "missing": {k: v for k, v in original.items() if k != name},
+        "shape": {**original, name: original[name][:-1]},
+    }
+    messages = {}
+    for case, tensors in cases.items():
+        broken = work / f"broken_{case}"
+        broken.mkdir(exist_ok=True)
+        shutil.copy(model_dir / "config.json", broken / "config.json")
+        save_file(tensors, broken / "model.safetensors")
+        try:
+            load_model(broken, mp, torch.float32)
+            messages[f"malformed_{case}"] = "loaded without error"
+        except ValueError as e:
+            messages[f"malformed_{case}"] = str(e)
+    return messages
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--vpp", type=int, default=None)
     parser.add_argument("--models", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--checks", default="equivalence,critic,train")
+    parser.add_argument("--distributed-optimizer", action="store_true")
     args = parser.parse_args()
     init_distributed(timeout_s=60)
-    mp = init_model_parallel(ParallelConfig(tp=args.tp, pp=args.pp, timeout_s=60), seed=1)
+    mp = init_model_parallel(ParallelConfig(tp=args.tp, pp=args.pp, vpp=args.vpp, timeout_s=60), seed=1)
     result = {}
     checks = args.checks.split(",")
     if "equivalence" in checks:
@@ -146,7 +182,11 @@ def main() -> None:
     if "critic" in checks:
         result |= critic(args.models / "qwen2", mp)
     if "train" in checks:
-        result |= train(args.models / "llama", mp, args.out)
+        result |= train(args.models / "llama", mp, args.out, args.distributed_optimizer)
+    if "schedule" in checks:
+        result |= schedule(args.models / "llama", mp)
+    if "malformed" in checks:
+        result |= malformed(args.models / "llama", args.out, mp)
     rank = int(os.environ.get("RANK", "0"))
     (args.out / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
 

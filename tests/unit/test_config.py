@@ -170,3 +170,27 @@ def test_run_id_precedence(monkeypatch):
     run_id.cache_clear()
     assert run_id() == run_id()
     run_id.cache_clear()
+
+
+def test_model_sizes_must_divide_the_layout():
+    from distflow_mc.models.gpt import check_divisibility
+    from distflow_mc.models.hf_config import HFArch
+    from distflow_mc.parallel.megatron_state import ModelParallel
+
+    arch = HFArch("Qwen2ForCausalLM", 128, 64, 96, 6, 6, 2, 16, 1e-6, 1e4, 256, True, True)
+    mp = ModelParallel(4, 4, 1, 1, None, False, 0, 0, 0, None, None, None)
+    with pytest.raises(ValueError, match=r"num_attention_heads=6 .* parallel\.tp=4"):
+        check_divisibility(arch, mp)
+    mp = ModelParallel(2, 4, 1, 1, None, False, 0, 0, 0, None, None, None)
+    with pytest.raises(ValueError, match=r"num_hidden_layers=6 .* parallel\.pp x parallel\.vpp=4"):
+        check_divisibility(arch, mp)
+
+
+def test_unknown_architecture_is_named(tmp_path: Path):
+    import json
+
+    from distflow_mc.models.hf_config import read_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match=r"architecture \['GPT2LMHeadModel'\] is not supported"):
+        read_hf_config(tmp_path)

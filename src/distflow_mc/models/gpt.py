@@ -67,6 +67,7 @@ def transformer_config(arch: HFArch, mp: ModelParallel, dtype: torch.dtype) -> T
         pipeline_model_parallel_size=mp.pp,
         virtual_pipeline_model_parallel_size=mp.vpp,
         context_parallel_size=mp.cp,
+        sequence_parallel=mp.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -77,8 +78,12 @@ def transformer_config(arch: HFArch, mp: ModelParallel, dtype: torch.dtype) -> T
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
-        # RL batches have a different length every step; p2p sends their shapes first.
-        variable_seq_lengths=True,
+        # RL batches have a different length every micro-batch; p2p sends shapes first. The
+        # interleaved schedule exchanges shapes both ways with one peer at PP=2, which
+        # megatron's batched shape exchange mismatches: there, micro-batches are padded to
+        # one length (models/schedule.py) and p2p goes unbatched, one group per direction.
+        variable_seq_lengths=mp.vpp is None,
+        batch_p2p_comm=mp.vpp is None,
         # No experts here; megatron rejects variable lengths with the default MoE dispatcher.
         moe_token_dispatcher_type="alltoall",
         # Loss functions return (sum, count); megatron divides by the global count.
@@ -92,6 +97,11 @@ def build_gpt(
     """This rank's model chunks (one, or vpp with virtual pipeline stages). With
     `value_head`, the output layer is a scalar head (critic) and embeddings are untied."""
     check_divisibility(arch, mp)
+    if mp.sequence_parallel and not use_transformer_engine():
+        raise ValueError(
+            "parallel.sequence_parallel=true needs the TransformerEngine layer spec (GPU with"
+            " transformer-engine installed); megatron's local spec has no sequence-parallel norm"
+        )
     config = transformer_config(arch, mp, dtype)
     if use_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import (

@@ -23,6 +23,17 @@ def _forward(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
     return model(tokens, positions, attention_mask=None)
 
 
+def pad_to_length(mb: MicroBatch, length: int) -> MicroBatch:
+    """Right-pad every per-token tensor ([b, s, ...]) with zeros to `length` tokens."""
+    s = mb["input_ids"].shape[1]
+    return {
+        k: torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, length - s))
+        if v.dim() >= 2 and v.shape[1] == s
+        else v
+        for k, v in mb.items()
+    }
+
+
 def run_microbatches(
     chunks: Sequence[torch.nn.Module],
     microbatches: Sequence[MicroBatch],
@@ -30,7 +41,9 @@ def run_microbatches(
     forward_only: bool,
 ) -> list[Any]:
     """Every rank of a model replica passes the same micro-batches. Returns fn's outputs
-    (forward-only) or the metrics dicts (training) on the last PP stage; [] elsewhere."""
+    (forward-only) or the metrics dicts (training) on the last PP stage; [] elsewhere.
+    With virtual pipeline stages, fn sees micro-batches right-padded to the longest one:
+    per-token masks in them are padded with zeros."""
 
     def step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
         mb = next(data_iterator)
@@ -40,6 +53,8 @@ def run_microbatches(
         return output, lambda out: fn(mb, out)
 
     longest = max(mb["input_ids"].shape[1] for mb in microbatches)
+    if len(chunks) > 1:  # interleaved schedule: fixed shapes (see models/gpt.py)
+        microbatches = [pad_to_length(mb, longest) for mb in microbatches]
     return get_forward_backward_func()(
         forward_step_func=step,
         data_iterator=[iter(microbatches) for _ in chunks],

@@ -22,6 +22,7 @@ class ModelParallel:
     dp: int
     cp: int
     vpp: int | None
+    sequence_parallel: bool
     tp_rank: int
     pp_rank: int
     dp_rank: int
@@ -70,6 +71,7 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> ModelParallel:
         dp=mpu.get_data_parallel_world_size(),
         cp=parallel.cp,
         vpp=parallel.vpp,
+        sequence_parallel=parallel.sequence_parallel,
         tp_rank=mpu.get_tensor_model_parallel_rank(),
         pp_rank=mpu.get_pipeline_model_parallel_rank(),
         dp_rank=mpu.get_data_parallel_rank(),

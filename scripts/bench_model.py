@@ -1,0 +1,153 @@
+"""Forward+backward throughput of the Megatron actor: tokens/s (and MFU on GPU).
+
+    python scripts/bench_model.py                 # CPU: small model at TP=1 and TP=2
+    python scripts/bench_model.py --size qwen0.5b --tp 1 --dtype bf16   # one GPU
+
+Each layout runs as its own torchrun job (this file with --worker); the driver prints a
+table last and writes bench_model.csv in the current directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SIZES = {
+    # a small Llama-style model that a 2-core CPU steps in about a second
+    "small": dict(vocab=4096, hidden=256, inter=704, layers=4, heads=8, kv=4, seq=256, batch=4),
+    # Qwen2.5-0.5B's shapes (random weights)
+    "qwen0.5b": dict(
+        vocab=151936, hidden=896, inter=4864, layers=24, heads=14, kv=2, seq=2048, batch=4
+    ),
+}
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12}
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from distflow_mc.config.schema import OptimConfig, ParallelConfig
+    from distflow_mc.models.gpt import build_gpt
+    from distflow_mc.models.hf_config import HFArch
+    from distflow_mc.models.logprobs import vocab_parallel_logprobs
+    from distflow_mc.models.train import TrainableModel
+    from distflow_mc.parallel.dist import init_distributed
+    from distflow_mc.parallel.megatron_state import init_model_parallel
+
+    s = SIZES[args.size]
+    ctx = init_distributed(timeout_s=600)
+    mp = init_model_parallel(ParallelConfig(tp=args.tp), seed=1)
+    arch = HFArch(
+        "Qwen2ForCausalLM",
+        s["vocab"],
+        s["hidden"],
+        s["inter"],
+        s["layers"],
+        s["heads"],
+        s["kv"],
+        s["hidden"] // s["heads"],
+        1e-6,
+        1e6,
+        s["seq"],
+        True,
+        True,
+    )
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = TrainableModel(build_gpt(arch, mp, dtype), OptimConfig(lr=1e-5), total_steps=100)
+    n_params = sum(p.numel() for c in model.chunks for p in c.parameters()) * mp.tp
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=g).to(ctx.device)
+    mb = {"input_ids": ids, "labels": ids.roll(-1, dims=1)}
+
+    def loss_fn(mb, out):
+        logp, _ = vocab_parallel_logprobs(out, mb["labels"])
+        return -logp.sum(), torch.tensor(logp.numel(), dtype=torch.int, device=logp.device), {}
+
+    for _ in range(args.warmup):
+        model.step([mb], loss_fn)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        model.step([mb], loss_fn)
+    sync()
+    elapsed = time.perf_counter() - start
+    tokens = s["batch"] * s["seq"] * args.steps * mp.dp
+    # 6 N per token for the matmuls, plus causal attention scores and values (fwd+bwd).
+    flops_per_token = 6 * n_params + 6 * s["layers"] * s["hidden"] * s["seq"]
+    result = {
+        "size": args.size,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "dtype": args.dtype,
+        "tp": mp.tp,
+        "dp": mp.dp,
+        "params_M": round(n_params / 1e6, 1),
+        "s_per_step": round(elapsed / args.steps, 3),
+        "tokens_per_s": round(tokens / elapsed, 1),
+        "tflops_per_gpu": round(tokens * flops_per_token / elapsed / ctx.world_size / 1e12, 3),
+    }
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in result["device"]), None)
+    result["mfu"] = round(result["tflops_per_gpu"] * 1e12 / peak, 3) if peak else None
+    if ctx.rank == 0:
+        Path(args.out).write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--size", default="small", choices=SIZES)
+    parser.add_argument("--tp", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    if args.worker:
+        args.tp = args.tp[0]
+        worker(args)
+        return
+    rows = []
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    for tp in args.tp:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [
+                torchrun,
+                "--standalone",
+                f"--nproc-per-node={tp}",
+                __file__,
+                "--worker",
+                "--size",
+                args.size,
+                "--tp",
+                str(tp),
+                "--dtype",
+                args.dtype,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--out",
+                f.name,
+            ]
+            subprocess.run(cmd, check=True, capture_output=True, timeout=1800)
+            rows.append(json.loads(Path(f.name).read_text()))
+    base = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["speedup_vs_first"] = round(row["tokens_per_s"] / base, 2)
+    with open("bench_model.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(" | ".join(f"{k:>14}" for k in rows[0]))
+    for row in rows:
+        print(" | ".join(f"{v!s:>14}" for v in row.values()))
+
+
+if __name__ == "__main__":
+    main()
