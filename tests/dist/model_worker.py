@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -31,7 +31,7 @@ from distflow_mc.models.schedule import run_microbatches  # noqa: E402
 from distflow_mc.models.train import TrainableModel  # noqa: E402
 from distflow_mc.parallel.dist import init_distributed  # noqa: E402
 from distflow_mc.parallel.megatron_state import init_model_parallel  # noqa: E402
-from tests.tiny_hf import load_hf  # noqa: E402
+from tests.tiny_hf import load_hf, load_tensors  # noqa: E402
 
 TEMPERATURE = 0.7
 
@@ -85,7 +85,7 @@ def equivalence(kind: str, model_dir: Path, mp) -> dict:
     for bucket in export_hf(chunks, arch, mp, bucket_bytes=16 << 10):
         assert sum(t.numel() * t.element_size() for _, t in bucket) <= 16 << 10 or len(bucket) == 1
         exported.update({n: t.clone() for n, t in bucket})
-    original = load_file(model_dir / "model.safetensors")
+    original = load_tensors(model_dir)
     result[f"{kind}_export_keys_equal"] = sorted(exported) == sorted(original)
     result[f"{kind}_export_bitwise"] = all(
         torch.equal(exported[k], original[k]) for k in original if k in exported
@@ -142,7 +142,7 @@ def schedule(model_dir: Path, mp) -> dict:
 
 def malformed(model_dir: Path, work: Path, mp) -> dict:
     """A checkpoint missing a tensor, and one with a wrong shape: errors name the tensor."""
-    original = load_file(model_dir / "model.safetensors")
+    original = load_tensors(model_dir)
     name = "model.layers.1.mlp.up_proj.weight"
     cases = {
         "missing": {k: v for k, v in original.items() if k != name},

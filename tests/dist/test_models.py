@@ -22,8 +22,10 @@ TOL = 1e-4  # fp32; observed ~4e-7
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("models")
-    make_tiny_model("llama", root / "llama")
+    make_tiny_model("llama", root / "llama", max_shard_size="100KB")
     make_tiny_model("qwen2", root / "qwen2")
+    assert (root / "llama" / "model.safetensors.index.json").is_file()  # sharded load path
+    assert (root / "qwen2" / "model.safetensors").is_file()  # single-file load path
     return root
 
 

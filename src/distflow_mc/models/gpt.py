@@ -12,16 +12,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
-from distflow_mc.config.schema import Dtype
 from distflow_mc.models.hf_config import HFArch
 from distflow_mc.parallel.megatron_state import ModelParallel
-
-
-def resolve_dtype(dtype: Dtype) -> torch.dtype:
-    """AUTO: bf16 on GPU, fp32 on CPU."""
-    if dtype is Dtype.AUTO:
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {Dtype.FLOAT32: torch.float32, Dtype.BFLOAT16: torch.bfloat16}[dtype]
 
 
 def use_transformer_engine() -> bool:
