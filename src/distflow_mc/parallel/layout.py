@@ -6,7 +6,7 @@ layout is an error on every rank before anything can hang.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from distflow_mc.config.schema import Config
 from distflow_mc.dag import Plan, Role
@@ -17,7 +17,7 @@ class Layout:
     """DP x TP x PP x CP over `world_size` ranks, in megatron-core's default order
     (tp-cp-dp-pp: TP varies fastest, PP slowest)."""
 
-    name: str
+    name: str = field(compare=False)
     dp: int
     tp: int = 1
     pp: int = 1
@@ -42,6 +42,13 @@ class Layout:
             for r, c in enumerate(coords)
             if c["tp"] == 0 and c["cp"] == 0 and c["pp"] == self.pp - 1
         ]
+
+    def replicas(self) -> list[list[int]]:
+        """Ranks of each data-parallel replica (one model copy), by DP index."""
+        out: list[list[int]] = [[] for _ in range(self.dp)]
+        for r in range(self.world_size):
+            out[self.coords(r)["dp"]].append(r)
+        return out
 
     def describe(self) -> str:
         parts = [f"DP={self.dp}", f"TP={self.tp}"]

@@ -1,0 +1,99 @@
+"""A batch of variable-length samples without padding waste.
+
+Per-token fields are packed end to end ([total_tokens, ...]) and share one `offsets`
+vector; per-sample tensors are [n, ...]; per-sample non-tensor values (strings, numbers,
+small dicts) are JSON-able objects. Every sample carries `uid` (global, unique) and
+`group` (the prompt it was sampled from); both survive any selection or redistribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+REQUIRED_SAMPLE_FIELDS = ("uid", "group")
+
+
+@dataclass
+class Batch:
+    offsets: torch.Tensor  # int64 [n + 1], offsets[0] == 0
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)
+    objects: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n, total = len(self), int(self.offsets[-1])
+        for name in REQUIRED_SAMPLE_FIELDS:
+            assert name in self.samples, f"batch lacks per-sample field '{name}'"
+        for name, t in self.tokens.items():
+            assert t.shape[0] == total, (name, tuple(t.shape), total)
+        for name, t in self.samples.items():
+            assert t.shape[0] == n, (name, tuple(t.shape), n)
+        for name, values in self.objects.items():
+            assert len(values) == n, (name, len(values), n)
+
+    @classmethod
+    def from_sequences(
+        cls,
+        tokens: dict[str, Sequence[torch.Tensor]],
+        samples: dict[str, torch.Tensor],
+        objects: dict[str, list[Any]] | None = None,
+    ) -> Batch:
+        """Pack per-sample token tensors (all fields of a sample have equal length)."""
+        first = next(iter(tokens.values()))
+        lengths = torch.tensor([len(t) for t in first], dtype=torch.int64)
+        offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+        offsets[1:] = lengths.cumsum(0)
+        packed = {k: torch.cat(list(v)) if len(v) else torch.empty(0) for k, v in tokens.items()}
+        return cls(offsets, packed, dict(samples), dict(objects or {}))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def token_slice(self, name: str, i: int) -> torch.Tensor:
+        return self.tokens[name][self.offsets[i] : self.offsets[i + 1]]
+
+    def select(self, indices: Sequence[int] | torch.Tensor) -> Batch:
+        """Samples at `indices`, in that order (vectorised gather, no per-sample loop)."""
+        idx = torch.as_tensor(indices, dtype=torch.int64, device=self.offsets.device)
+        lengths = self.lengths[idx]
+        offsets = torch.zeros(len(idx) + 1, dtype=torch.int64, device=idx.device)
+        offsets[1:] = lengths.cumsum(0)
+        starts = self.offsets[idx]
+        # token j of the new batch comes from starts[sample(j)] + (j - offsets[sample(j)])
+        owner = torch.repeat_interleave(torch.arange(len(idx), device=idx.device), lengths)
+        token_idx = (
+            starts[owner] + torch.arange(int(offsets[-1]), device=idx.device) - offsets[owner]
+        )
+        index = idx.tolist()
+        return Batch(
+            offsets,
+            {k: v[token_idx.to(v.device)] for k, v in self.tokens.items()},
+            {k: v[idx.to(v.device)] for k, v in self.samples.items()},
+            {k: [v[i] for i in index] for k, v in self.objects.items()},
+        )
+
+    @staticmethod
+    def concat(batches: Sequence[Batch]) -> Batch:
+        assert batches, "concat needs at least one batch"
+        lengths = torch.cat([b.lengths for b in batches])
+        offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=lengths.device)
+        offsets[1:] = lengths.cumsum(0)
+        first = batches[0]
+        return Batch(
+            offsets,
+            {k: torch.cat([b.tokens[k] for b in batches]) for k in first.tokens},
+            {k: torch.cat([b.samples[k] for b in batches]) for k in first.samples},
+            {k: [x for b in batches for x in b.objects[k]] for k in first.objects},
+        )

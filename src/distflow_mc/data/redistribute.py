@@ -1,0 +1,250 @@
+"""Move a batch from one parallel layout to another with collectives: no central process.
+
+    rollout DP=4 x TP=1  ->  train DP=2 x TP=2
+
+One rank per source replica (its emitter) sends; every rank learns every sample's length
+and group (one small all-gather), computes the same balanced assignment, and all fields
+of all samples move in ONE `all_to_all_single` of a byte buffer to the first rank of each
+destination replica, which broadcasts it within its replica. Same layouts take a fast
+path. Works on NCCL (CUDA tensors) and gloo (CPU) through the same code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distflow_mc.data.balance import assign
+from distflow_mc.data.batch import Batch
+from distflow_mc.parallel.layout import Layout
+
+ALIGN = 8  # every field block starts 8-byte aligned so it can be viewed in place
+
+
+@dataclass(frozen=True)
+class Balance:
+    """How samples are spread when the layouts differ. Between equal layouts nothing is
+    rebalanced: each replica keeps its own samples (the fast path)."""
+
+    keep_groups: bool = True  # GRPO: a group's samples stay on one rank
+    equal_counts: bool = False  # every destination replica gets the same number of samples
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+# (kind, name, dtype, trailing shape), kind "t" per-token / "s" per-sample; sorted.
+Schema = list[tuple[str, str, str, tuple[int, ...]]]
+
+
+def _schema(batch: Batch) -> Schema:
+    fields = [("t", k, v) for k, v in batch.tokens.items()]
+    fields += [("s", k, v) for k, v in batch.samples.items()]
+    return sorted(
+        (kind, k, str(v.dtype).removeprefix("torch."), tuple(v.shape[1:])) for kind, k, v in fields
+    )
+
+
+def _row_bytes(dtype: str, shape: tuple[int, ...]) -> int:
+    return torch.empty(0, dtype=getattr(torch, dtype)).element_size() * int(
+        torch.tensor(shape).prod()
+    )
+
+
+def _object_bytes(batch: Batch) -> list[bytes]:
+    names = sorted(batch.objects)
+    return [json.dumps([batch.objects[k][i] for k in names]).encode() for i in range(len(batch))]
+
+
+def _segment_size(schema: Schema, tokens: int, samples: int, obj_bytes: int) -> int:
+    size = sum(
+        _aligned(_row_bytes(d, s) * (tokens if kind == "t" else samples))
+        for kind, _, d, s in schema
+    )
+    return size + _aligned(obj_bytes)
+
+
+def _serialize(sub: Batch, objs: list[bytes], schema: Schema, device: torch.device) -> torch.Tensor:
+    blocks = []
+    for kind, name, _, _ in schema:
+        t = (sub.tokens if kind == "t" else sub.samples)[name].contiguous()
+        raw = t.reshape(-1).view(torch.uint8).to(device)
+        blocks += [
+            raw,
+            torch.zeros(_aligned(raw.numel()) - raw.numel(), dtype=torch.uint8, device=device),
+        ]
+    raw = (
+        torch.frombuffer(bytearray(b"".join(objs)), dtype=torch.uint8)
+        if objs
+        else torch.empty(0, dtype=torch.uint8)
+    )
+    blocks += [
+        raw.to(device),
+        torch.zeros(_aligned(raw.numel()) - raw.numel(), dtype=torch.uint8, device=device),
+    ]
+    return torch.cat(blocks)
+
+
+def _deserialize(
+    buf: torch.Tensor,
+    schema: Schema,
+    lengths: list[int],
+    obj_sizes: list[int],
+    object_names: list[str],
+    device: torch.device,
+) -> Batch:
+    n, total = len(lengths), sum(lengths)
+    offsets = torch.zeros(n + 1, dtype=torch.int64, device=device)
+    offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+    fields: dict[str, dict[str, torch.Tensor]] = {"t": {}, "s": {}}
+    pos = 0
+    for kind, name, dtype, shape in schema:
+        rows = total if kind == "t" else n
+        nbytes = _row_bytes(dtype, shape) * rows
+        fields[kind][name] = (
+            buf[pos : pos + nbytes].view(getattr(torch, dtype)).reshape(rows, *shape)
+        )
+        pos += _aligned(nbytes)
+    raw = bytes(buf[pos : pos + sum(obj_sizes)].cpu().numpy())
+    objects: dict[str, list[Any]] = {k: [] for k in object_names}
+    start = 0
+    for size in obj_sizes:
+        for k, v in zip(object_names, json.loads(raw[start : start + size]), strict=True):
+            objects[k].append(v)
+        start += size
+    return Batch(offsets, fields["t"], fields["s"], objects)
+
+
+_groups: dict[Layout, list[dist.ProcessGroup | None]] = {}
+
+
+def _replica_group(layout: Layout, rank: int) -> dist.ProcessGroup | None:
+    """Process group of `rank`'s replica (None for single-rank replicas). Created once per
+    layout, by every rank in the same order."""
+    if layout not in _groups:
+        made = []
+        for ranks in layout.replicas():
+            made.append(dist.new_group(ranks) if len(ranks) > 1 else None)
+        _groups[layout] = made
+    return _groups[layout][layout.coords(rank)["dp"]]
+
+
+def _exchange_meta(batch: Batch | None, sending: bool, device: torch.device) -> list[dict]:
+    """Every rank's (count, schema, object names) and per-sample (length, group, object
+    bytes): one all_gather_object and one all_gather of int64s."""
+    mine = batch if sending else None
+    objs = _object_bytes(mine) if mine is not None else []
+    head = [len(mine), _schema(mine), sorted(mine.objects)] if mine is not None else [0, None, None]
+    heads: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(heads, head)
+    width = max(h[0] for h in heads)
+    local = torch.zeros(3, width, dtype=torch.int64)
+    if mine is not None:
+        local[0, : len(mine)] = mine.lengths.cpu()
+        local[1, : len(mine)] = mine.samples["group"].cpu().to(torch.int64)
+        local[2, : len(mine)] = torch.tensor([len(o) for o in objs], dtype=torch.int64)
+    gathered = torch.empty(dist.get_world_size() * 3 * width, dtype=torch.int64, device=device)
+    dist.all_gather_single(gathered, local.reshape(-1).to(device))
+    per_rank = gathered.view(-1, 3, width).cpu()
+    return [
+        {
+            "count": h[0],
+            "schema": h[1],
+            "objects": h[2],
+            "lengths": per_rank[r, 0, : h[0]].tolist(),
+            "groups": per_rank[r, 1, : h[0]].tolist(),
+            "obj_sizes": per_rank[r, 2, : h[0]].tolist(),
+            "obj_bytes": objs if r == dist.get_rank() else None,
+        }
+        for r, h in enumerate(heads)
+    ]
+
+
+def _plan(
+    meta: list[dict], senders: list[int], src: Layout, dst: Layout, balance: Balance
+) -> list[list[tuple[int, list[int]]]]:
+    """For each destination replica: (source rank, local sample indices), source order."""
+    items = [(s, i) for s in senders for i in range(meta[s]["count"])]
+    if src == dst:  # same layout: nothing to balance, each replica keeps its samples
+        parts = [[j for j, (s, _) in enumerate(items) if s == senders[d]] for d in range(dst.dp)]
+    else:
+        lengths = [meta[s]["lengths"][i] for s, i in items]
+        groups = [meta[s]["groups"][i] for s, i in items] if balance.keep_groups else None
+        parts = assign(lengths, dst.dp, groups, balance.equal_counts)
+    plan = []
+    for part in parts:
+        by_source: dict[int, list[int]] = {s: [] for s in senders}
+        for j in part:
+            s, i = items[j]
+            by_source[s].append(i)
+        plan.append(list(by_source.items()))
+    return plan
+
+
+def redistribute(
+    batch: Batch | None,
+    src: Layout,
+    dst: Layout,
+    balance: Balance = Balance(),
+    device: torch.device | None = None,
+) -> Batch:
+    """Called on every rank. `batch` is this rank's source-replica batch (only the
+    replica's emitter's copy is read; other ranks may pass None). Returns this rank's
+    destination-replica batch, identical on every rank of that replica."""
+    assert src.world_size == dst.world_size == dist.get_world_size(), (src, dst)
+    rank = dist.get_rank()
+    device = device or torch.device("cpu")
+    if src == dst and src.world_size == src.dp:
+        assert batch is not None, "fast path: every rank owns its replica's batch"
+        return batch
+    senders = src.emitters()
+    meta = _exchange_meta(batch, rank in senders, device)
+    schemas = {json.dumps(m["schema"]) for m in meta if m["schema"] is not None}
+    if len(schemas) > 1:
+        raise ValueError(f"source replicas disagree on the batch fields: {sorted(schemas)}")
+    if not schemas:
+        raise ValueError("redistribute: no source replica holds a batch")
+    schema = next(m["schema"] for m in meta if m["schema"] is not None)
+    object_names = next(m["objects"] for m in meta if m["objects"] is not None)
+    plan = _plan(meta, senders, src, dst, balance)
+    leaders = [ranks[0] for ranks in dst.replicas()]
+    mine = plan[dst.coords(rank)["dp"]]
+    leader = leaders[dst.coords(rank)["dp"]]
+
+    def size(s: int, idx: list[int]) -> int:
+        m = meta[s]
+        tokens = sum(m["lengths"][i] for i in idx)
+        return _segment_size(schema, tokens, len(idx), sum(m["obj_sizes"][i] for i in idx))
+
+    send_sizes, recv_sizes, send = [0] * dst.world_size, [0] * dst.world_size, []
+    if rank in senders:
+        objs = meta[rank]["obj_bytes"]
+        for d, to in enumerate(leaders):
+            idx = dict(plan[d])[rank]
+            if idx:
+                send.append(_serialize(batch.select(idx), [objs[i] for i in idx], schema, device))
+                send_sizes[to] = send[-1].numel()
+    if rank == leader:
+        for s, idx in mine:
+            recv_sizes[s] = size(s, idx)
+    out = torch.empty(sum(size(s, idx) for s, idx in mine), dtype=torch.uint8, device=device)
+    inp = torch.cat(send) if send else torch.empty(0, dtype=torch.uint8, device=device)
+    dist.all_to_all_single(out if rank == leader else out[:0], inp, recv_sizes, send_sizes)
+    group = _replica_group(dst, rank)
+    if group is not None:
+        dist.broadcast(out, src=leader, group=group)
+    pieces, pos = [], 0
+    for s, idx in mine:
+        nbytes, m = size(s, idx), meta[s]
+        lengths = [m["lengths"][i] for i in idx]
+        obj_sizes = [m["obj_sizes"][i] for i in idx]
+        pieces.append(
+            _deserialize(out[pos : pos + nbytes], schema, lengths, obj_sizes, object_names, device)
+        )
+        pos += nbytes
+    return Batch.concat(pieces)

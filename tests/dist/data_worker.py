@@ -1,0 +1,124 @@
+"""Worker for tests/dist/test_data.py: redistribution between layouts on gloo.
+
+    torchrun --nproc-per-node W data_worker.py --out DIR
+
+Every source replica builds a deterministic batch; every rank can rebuild all of them, so
+each rank checks what it received sample by sample. Results go to DIR/rank<R>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from distflow_mc.data.batch import Batch  # noqa: E402
+from distflow_mc.data.redistribute import Balance, redistribute  # noqa: E402
+from distflow_mc.parallel.dist import init_distributed  # noqa: E402
+from distflow_mc.parallel.layout import Layout  # noqa: E402
+
+GROUP = 3  # samples per prompt
+
+
+def source_batch(replica: int, seed: int) -> Batch:
+    g = torch.Generator().manual_seed(seed * 100 + replica)
+    n = GROUP * 2 * (1 + replica % 2)
+    lengths = torch.randint(1, 40, (n,), generator=g).tolist()
+    ids = [torch.randint(0, 50000, (L,), generator=g) for L in lengths]
+    uid = torch.arange(n) + 999 * replica  # groups of GROUP consecutive uids
+    return Batch.from_sequences(
+        {
+            "input_ids": ids,
+            "logprobs": [torch.randn(L, generator=g) for L in lengths],
+            "mask": [torch.rand(L, generator=g) > 0.5 for L in lengths],
+            "advantages": [torch.randn(L, generator=g).to(torch.bfloat16) for L in lengths],
+        },
+        {"uid": uid, "group": uid // GROUP, "reward": torch.rand(n, 2, generator=g)},
+        {
+            "data_source": [f"src{replica}/é✓" for _ in range(n)],
+            "ground_truth": [{"answer": int(u), "alts": [str(u)]} for u in uid.tolist()],
+        },
+    )
+
+
+def same_sample(a: Batch, i: int, b: Batch, j: int) -> bool:
+    return (
+        all(torch.equal(a.token_slice(k, i), b.token_slice(k, j)) for k in a.tokens)
+        and all(torch.equal(a.samples[k][i], b.samples[k][j]) for k in a.samples)
+        and all(a.objects[k][i] == b.objects[k][j] for k in a.objects)
+    )
+
+
+def scenario(src: Layout, dst: Layout, seed: int, balance: Balance) -> dict:
+    rank = dist.get_rank()
+    replica = src.coords(rank)["dp"]
+    # only emitters' batches are read; others pass None, as a rollout TP follower would
+    mine = source_batch(replica, seed) if rank in src.emitters() else None
+    got = redistribute(mine, src, dst, balance)
+    reference = Batch.concat([source_batch(r, seed) for r in range(src.dp)])
+    where = {int(u): i for i, u in enumerate(reference.samples["uid"])}
+    exact = all(same_sample(got, j, reference, where[int(u)]) for j, u in enumerate(got.samples["uid"]))
+    views: list = [None] * dist.get_world_size()
+    uids = got.samples["uid"].tolist()
+    dist.all_gather_object(views, (dst.coords(rank)["dp"], uids, got.num_tokens))
+    per_replica = {}
+    for dp, replica_uids, tokens in views:
+        per_replica.setdefault(dp, []).append((replica_uids, tokens))
+    replicas_agree = all(len({json.dumps(v) for v in vs}) == 1 for vs in per_replica.values())
+    delivered = sorted(u for vs in per_replica.values() for u in vs[0][0])
+    groups = {}
+    for dp, vs in per_replica.items():
+        for u in vs[0][0]:
+            groups.setdefault(u // GROUP, set()).add(dp)
+    tokens = [vs[0][1] for vs in per_replica.values()]
+    items = reference.lengths.tolist()
+    if balance.keep_groups:
+        items = [sum(items[i : i + GROUP]) for i in range(0, len(items), GROUP)]
+    counts = [len(vs[0][0]) for vs in per_replica.values()]
+    return {
+        "exact_contents": exact,
+        "exactly_once": delivered == sorted(reference.samples["uid"].tolist()),
+        "replicas_agree": replicas_agree,
+        "groups_intact": all(len(v) == 1 for v in groups.values()),
+        "max_over_mean_tokens": max(tokens) / (sum(tokens) / len(tokens)),
+        # a balanced partition is never off by more than its heaviest item
+        "spread_within_largest_item": max(tokens) - min(tokens) <= max(items),
+        "equal_counts": len(set(counts)) == 1,
+        "balanced": src != dst,
+        "fast_path_same_object": got is mine if src == dst and src.world_size == src.dp else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    init_distributed(timeout_s=60)
+    w = dist.get_world_size()
+    half = w // 2
+    layouts = {
+        f"dp{w}->dp{half}xtp2": (Layout("rollout", dp=w), Layout("train", dp=half, tp=2)),
+        f"dp{half}xtp2->dp{w}": (Layout("train", dp=half, tp=2), Layout("rollout", dp=w)),
+        f"dp{w}->dp{w}": (Layout("rollout", dp=w), Layout("train", dp=w)),
+        f"dp{half}xtp2->dp{half}xtp2": (Layout("a", dp=half, tp=2), Layout("a", dp=half, tp=2)),
+    }
+    if w == 4:
+        layouts["dp4->dp1xpp2xtp2"] = (Layout("rollout", dp=4), Layout("train", dp=1, tp=2, pp=2))
+    result = {}
+    for seed, (name, (src, dst)) in enumerate(layouts.items()):
+        result[name] = scenario(src, dst, seed, Balance())
+        result[name + " split groups"] = scenario(src, dst, seed, Balance(keep_groups=False))
+        groups = sum(len(source_batch(r, seed)) for r in range(src.dp)) // GROUP
+        if groups % dst.dp == 0:
+            result[name + " equal counts"] = scenario(src, dst, seed, Balance(equal_counts=True))
+    (args.out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
