@@ -77,12 +77,22 @@ class RolloutConfig:
     max_new_tokens: int = 256
 
 
+class OnBadRow(Enum):
+    SKIP = "SKIP"  # count it, warn, carry on with the rest of the batch
+    ERROR = "ERROR"  # stop with the file and row number
+
+
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)
     val_files: list[str] = field(default_factory=list)
+    tokenizer: str | None = None  # local HF tokenizer directory; None: model.path
     batch_size: int = 8  # prompts per step, over all rollout data-parallel ranks
     max_prompt_length: int = 512
+    shuffle: bool = True  # a seeded permutation per epoch, the same on every rank
+    on_malformed: OnBadRow = OnBadRow.SKIP
+    on_overlong: OnBadRow = OnBadRow.SKIP  # prompts longer than max_prompt_length
+    prefetch: bool = True  # read and tokenize the next batch while the step runs
 
 
 @dataclass

@@ -1,0 +1,156 @@
+"""Prompt datasets in the format the RL ecosystem uses (verl/siiRL style), from parquet or
+jsonl: `prompt` (chat messages or a string), `data_source`, `reward_model.ground_truth`,
+optional `extra_info`, and any other columns, carried through.
+
+Rows are addressed by a global index over all files; reading a set of rows touches only
+the parquet row groups (or jsonl lines) that hold them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+
+class MalformedRow(ValueError):
+    """A row that does not have the expected columns or types; names file and row."""
+
+
+@dataclass(frozen=True)
+class _Part:
+    """A contiguous range of global rows: one parquet row group or one jsonl file."""
+
+    path: Path
+    start: int  # first global row
+    rows: int
+    row_group: int | None  # None: jsonl
+
+
+class RowSource:
+    """Random access to rows by global index across parquet and jsonl files."""
+
+    def __init__(self, files: Sequence[str | Path]) -> None:
+        if not files:
+            raise ValueError("data.train_files is empty")
+        self.parts: list[_Part] = []
+        self._line_offsets: dict[Path, list[int]] = {}
+        total = 0
+        for f in map(Path, files):
+            if not f.is_file():
+                raise ValueError(f"data file not found: {f}")
+            if f.suffix == ".parquet":
+                meta = pq.ParquetFile(f).metadata
+                for rg in range(meta.num_row_groups):
+                    rows = meta.row_group(rg).num_rows
+                    self.parts.append(_Part(f, total, rows, rg))
+                    total += rows
+            elif f.suffix in (".jsonl", ".json"):
+                offsets = self._index_lines(f)
+                self._line_offsets[f] = offsets
+                self.parts.append(_Part(f, total, len(offsets), None))
+                total += len(offsets)
+            else:
+                raise ValueError(f"data file {f}: expected .parquet or .jsonl")
+        self._starts = [p.start for p in self.parts]
+        self.num_rows = total
+
+    @staticmethod
+    def _index_lines(path: Path) -> list[int]:
+        offsets, pos = [], 0
+        with path.open("rb") as fh:
+            for line in fh:
+                if line.strip():
+                    offsets.append(pos)
+                pos += len(line)
+        return offsets
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def locate(self, index: int) -> tuple[Path, int]:
+        """(file, row number within the file) of a global row, for messages."""
+        part = self.parts[bisect.bisect_right(self._starts, index) - 1]
+        before = sum(p.rows for p in self.parts if p.path == part.path and p.start < part.start)
+        return part.path, before + index - part.start
+
+    def read(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """Rows at `indices`, in that order; each row group or file is opened once."""
+        wanted: dict[int, list[int]] = {}
+        for index in indices:
+            if not 0 <= index < self.num_rows:
+                raise IndexError(index)
+            wanted.setdefault(bisect.bisect_right(self._starts, index) - 1, []).append(index)
+        rows: dict[int, dict[str, Any]] = {}
+        for part_id, part_rows in wanted.items():
+            part = self.parts[part_id]
+            if part.row_group is not None:
+                table = pq.ParquetFile(part.path).read_row_group(part.row_group)
+                local = table.take([i - part.start for i in part_rows]).to_pylist()
+                rows.update(zip(part_rows, local, strict=True))
+            else:
+                offsets = self._line_offsets[part.path]
+                with part.path.open("rb") as fh:
+                    for i in part_rows:
+                        fh.seek(offsets[i - part.start])
+                        rows[i] = self._parse_line(fh.readline(), part.path, i - part.start)
+        return [rows[i] for i in indices]
+
+    @staticmethod
+    def _parse_line(line: bytes, path: Path, row: int) -> dict[str, Any]:
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            return {"__error__": f"{path} row {row}: not valid JSON ({e.msg})"}
+        return (
+            value if isinstance(value, dict) else {"__error__": f"{path} row {row}: not an object"}
+        )
+
+
+@dataclass
+class PromptRow:
+    prompt: str | list[dict[str, str]]
+    data_source: str
+    ground_truth: Any
+    extra_info: dict[str, Any]
+    extra: dict[str, Any]  # other columns, carried through
+
+
+def validate_row(raw: dict[str, Any], where: str) -> PromptRow:
+    """Check one row's columns and types; MalformedRow says which and where."""
+    if "__error__" in raw:
+        raise MalformedRow(raw["__error__"])
+    prompt = raw.get("prompt")
+    messages_ok = (
+        isinstance(prompt, list)
+        and prompt
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in prompt
+        )
+    )
+    if not (isinstance(prompt, str) or messages_ok):
+        raise MalformedRow(
+            f"{where}: 'prompt' must be a string or a list of {{role, content}} messages"
+        )
+    if not isinstance(raw.get("data_source"), str):
+        raise MalformedRow(f"{where}: 'data_source' must be a string")
+    reward_model = raw.get("reward_model")
+    if not isinstance(reward_model, dict) or "ground_truth" not in reward_model:
+        raise MalformedRow(f"{where}: 'reward_model.ground_truth' is missing")
+    extra_info = raw.get("extra_info") or {}
+    if not isinstance(extra_info, dict):
+        raise MalformedRow(f"{where}: 'extra_info' must be a mapping")
+    extra = {
+        k: v
+        for k, v in raw.items()
+        if k not in ("prompt", "data_source", "reward_model", "extra_info")
+    }
+    return PromptRow(prompt, raw["data_source"], reward_model["ground_truth"], extra_info, extra)

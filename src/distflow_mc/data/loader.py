@@ -1,0 +1,162 @@
+"""Per-rank prompt loader: each rollout data-parallel rank reads only its share.
+
+The global order of an epoch is a seeded permutation every rank computes alike; step s
+of an epoch covers positions [s*B, (s+1)*B) of it, and rank r of D takes its contiguous
+B/D slice. The state (epoch, prompts consumed) is layout-free, so a run resumes on any
+number of ranks without repeating or skipping a prompt. The next batch is read and
+tokenised in a background thread while the current step runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from distflow_mc.config.schema import DataConfig, OnBadRow
+from distflow_mc.data.batch import Batch
+from distflow_mc.data.dataset import MalformedRow, PromptRow, RowSource, validate_row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoaderState:
+    epoch: int = 0
+    consumed: int = 0  # prompts of this epoch handed out, over all ranks
+
+
+@dataclass
+class PromptBatch:
+    batch: Batch  # input_ids per prompt; uid = group = epoch * rows + row
+    malformed: int  # rows skipped by this rank for this batch
+    overlong: int
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str, str]]
+) -> list[int]:
+    """Chat template for messages (with the generation prompt), plain text otherwise.
+    Rendering to text first works alike on transformers 4.x and 5.x."""
+    if isinstance(prompt, list):
+        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+class PromptLoader:
+    def __init__(
+        self,
+        config: DataConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        state: LoaderState | None = None,
+    ) -> None:
+        self.config, self.tokenizer, self.seed = config, tokenizer, seed
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.source = RowSource(config.train_files)
+        if config.batch_size % dp_size:
+            raise ValueError(f"data.batch_size={config.batch_size} is not divisible by {dp_size}")
+        if len(self.source) < config.batch_size:
+            raise ValueError(
+                f"data.batch_size={config.batch_size} is larger than the dataset"
+                f" ({len(self.source)} rows in data.train_files)"
+            )
+        self.state = state or LoaderState()
+        self._pool = (
+            ThreadPoolExecutor(1, thread_name_prefix="prefetch") if config.prefetch else None
+        )
+        self._ahead: tuple[LoaderState, Future] | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.source) // self.config.batch_size  # the last partial batch is dropped
+
+    def order(self, epoch: int) -> np.ndarray:
+        n = len(self.source)
+        if not self.config.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def _advance(self, state: LoaderState) -> LoaderState:
+        consumed = state.consumed + self.config.batch_size
+        if consumed + self.config.batch_size > len(self.source):
+            return LoaderState(state.epoch + 1, 0)
+        return LoaderState(state.epoch, consumed)
+
+    def rows_for(self, state: LoaderState) -> list[int]:
+        """Global row indices this rank reads for the step at `state`."""
+        share = self.config.batch_size // self.dp_size
+        start = state.consumed + self.dp_rank * share
+        return self.order(state.epoch)[start : start + share].tolist()
+
+    def _build(self, state: LoaderState) -> PromptBatch:
+        rows = self.rows_for(state)
+        ids, kept, bad, overlong = [], [], 0, 0
+        for index, raw in zip(rows, self.source.read(rows), strict=True):
+            path, row = self.source.locate(index)
+            where = f"{path} row {row}"
+            try:
+                parsed = validate_row(raw, where)
+            except MalformedRow as e:
+                if self.config.on_malformed is OnBadRow.ERROR:
+                    raise
+                log.warning("skipping malformed row (data.on_malformed=SKIP): %s", e)
+                bad += 1
+                continue
+            tokens = encode_prompt(self.tokenizer, parsed.prompt)
+            if len(tokens) > self.config.max_prompt_length:
+                if self.config.on_overlong is OnBadRow.ERROR:
+                    raise ValueError(
+                        f"{where}: prompt has {len(tokens)} tokens > data.max_prompt_length="
+                        f"{self.config.max_prompt_length}"
+                    )
+                overlong += 1
+                continue
+            ids.append(torch.tensor(tokens, dtype=torch.int64))
+            kept.append((state.epoch * len(self.source) + index, parsed))
+        return PromptBatch(self._to_batch(ids, kept), bad, overlong)
+
+    @staticmethod
+    def _to_batch(ids: list[torch.Tensor], kept: list[tuple[int, PromptRow]]) -> Batch:
+        uid = torch.tensor([u for u, _ in kept], dtype=torch.int64)
+        rows = [r for _, r in kept]
+        return Batch.from_sequences(
+            {"input_ids": ids},
+            {"uid": uid, "group": uid.clone()},
+            {
+                "data_source": [r.data_source for r in rows],
+                "ground_truth": [r.ground_truth for r in rows],
+                "extra_info": [r.extra_info for r in rows],
+                "extra": [r.extra for r in rows],
+            },
+        )
+
+    def next(self) -> PromptBatch:
+        """The batch at the current state; the state then moves one step on."""
+        state = self.state
+        if self._ahead is not None and self._ahead[0] == state:
+            result = self._ahead[1].result()
+        else:
+            result = self._build(state)
+        self.state = self._advance(state)
+        if self._pool is not None:
+            upcoming = self.state
+            self._ahead = (upcoming, self._pool.submit(self._build, upcoming))
+        return result
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self.state)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.state = LoaderState(**state)
+        self._ahead = None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)

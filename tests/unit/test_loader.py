@@ -1,0 +1,152 @@
+"""Prompt loader on real files (pyarrow-written parquet with several row groups, jsonl):
+shards, epochs, resume on another rank count, malformed and overlong rows, prefetch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+from distflow_mc.config.schema import DataConfig, OnBadRow
+from distflow_mc.data.dataset import MalformedRow
+from distflow_mc.data.loader import LoaderState, PromptLoader
+from distflow_mc.data.tiny import make_tokenizer
+
+
+def row(i: int) -> dict:
+    return {
+        "prompt": [{"role": "user", "content": f"What is {i}+1?"}],
+        "data_source": "toy",
+        "reward_model": {"ground_truth": str(i + 1)},
+        "extra_info": {"index": i},
+        "difficulty": i % 3,
+    }
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    make_tokenizer(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> list[str]:
+    table = pa.Table.from_pylist([row(i) for i in range(40)])
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=10)  # 4 row groups
+    with (tmp_path / "b.jsonl").open("w") as f:
+        for i in range(40, 52):
+            f.write(json.dumps({**row(i), "prompt": f"plain {i}"}) + "\n")
+    return [str(tmp_path / "a.parquet"), str(tmp_path / "b.jsonl")]
+
+
+def loader(files, tokenizer, rank=0, size=1, state=None, **cfg) -> PromptLoader:
+    config = DataConfig(train_files=files, batch_size=cfg.pop("batch_size", 8), **cfg)
+    return PromptLoader(config, tokenizer, rank, size, seed=7, state=state)
+
+
+def global_steps(files, tokenizer, size, steps, state=None, **cfg) -> tuple[list, LoaderState]:
+    """uids of each step, concatenated over the ranks (each rank's loader on its own)."""
+    loaders = [loader(files, tokenizer, r, size, state, **cfg) for r in range(size)]
+    out = []
+    for _ in range(steps):
+        out.append([u for ld in loaders for u in ld.next().batch.samples["uid"].tolist()])
+    final = loaders[0].state
+    for ld in loaders:
+        assert ld.state == final
+        ld.close()
+    return out, final
+
+
+def test_shards_are_disjoint_and_cover_the_epoch(files, tokenizer):
+    size, steps = 4, 52 // 8  # 6 full steps, 4 rows dropped
+    loaders = [loader(files, tokenizer, r, size) for r in range(size)]
+    seen = []
+    for _ in range(steps):
+        shares = [set(ld.next().batch.samples["uid"].tolist()) for ld in loaders]
+        assert all(len(s) == 2 for s in shares)
+        assert len(set().union(*shares)) == 8  # disjoint
+        seen += [u for s in shares for u in s]
+    assert len(set(seen)) == 48 and all(u < 52 for u in seen)  # epoch 0 uids are row ids
+    assert loaders[0].state == LoaderState(epoch=1, consumed=0)
+    nxt = loaders[0].next().batch.samples["uid"].tolist()
+    assert all(52 <= u < 104 for u in nxt)  # epoch 1: a new permutation, new uids
+
+
+def test_resume_on_two_ranks_from_four(files, tokenizer):
+    straight, _ = global_steps(files, tokenizer, 4, 9)
+    first, state = global_steps(files, tokenizer, 4, 4)
+    rest, _ = global_steps(files, tokenizer, 2, 5, state=state)
+    assert first + rest == straight
+    one_rank, _ = global_steps(files, tokenizer, 1, 9)
+    assert one_rank == straight  # the order does not depend on the layout
+
+
+def test_prompts_are_tokenised_with_the_chat_template(files, tokenizer):
+    batch = loader(files, tokenizer, shuffle=False).next().batch
+    assert (
+        tokenizer.decode(batch.token_slice("input_ids", 3)) == "<|user|>What is 3+1?\n<|assistant|>"
+    )
+    assert batch.objects["ground_truth"][3] == "4"
+    assert batch.objects["extra"][3] == {"difficulty": 0}
+    assert batch.objects["extra_info"][3] == {"index": 3}
+    jsonl = loader(files, tokenizer, shuffle=False, batch_size=4).source.read([41])[0]
+    assert jsonl["prompt"] == "plain 41"
+
+
+def test_reads_only_its_row_groups(files, tokenizer, monkeypatch):
+    reads = []
+    original = pq.ParquetFile.read_row_group
+
+    def spy(self, i, *args, **kwargs):
+        reads.append(i)
+        return original(self, i, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    ld = loader(files, tokenizer, rank=1, size=4, shuffle=False, batch_size=40, prefetch=False)
+    ld.next()  # rank 1 of 4 takes rows 10..19: row group 1 only
+    assert reads == [1]
+
+
+def write_bad(tmp_path: Path) -> list[str]:
+    rows = [row(i) for i in range(8)]
+    rows[2] = {**rows[2], "data_source": 5}
+    rows[5] = {k: v for k, v in rows[5].items() if k != "reward_model"}
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    return [str(path)]
+
+
+def test_malformed_rows_skip_with_count(tmp_path, tokenizer):
+    got = loader(write_bad(tmp_path), tokenizer, shuffle=False, batch_size=9).next()
+    assert got.malformed == 3 and len(got.batch) == 6
+
+
+def test_malformed_rows_error_names_file_and_row(tmp_path, tokenizer):
+    files = write_bad(tmp_path)
+    ld = loader(files, tokenizer, shuffle=False, batch_size=9, on_malformed=OnBadRow.ERROR)
+    with pytest.raises(MalformedRow, match=r"bad\.jsonl row 2: 'data_source' must be a string"):
+        ld.next()
+
+
+def test_overlong_prompts(files, tokenizer):
+    # rows 0-9 render to 15 tokens ("<|user|>What is 3+1?\n<|assistant|>"), rows 10-15 to 16
+    got = loader(files, tokenizer, shuffle=False, batch_size=16, max_prompt_length=15).next()
+    assert (got.overlong, len(got.batch)) == (6, 10)
+    strict = loader(
+        files, tokenizer, shuffle=False, max_prompt_length=10, on_overlong=OnBadRow.ERROR
+    )
+    with pytest.raises(
+        ValueError, match=r"a\.parquet row 0: prompt has \d+ tokens > data\.max_prompt_length=10"
+    ):
+        strict.next()
+
+
+def test_prefetch_gives_the_same_batches(files, tokenizer):
+    with_prefetch, _ = global_steps(files, tokenizer, 2, 8, prefetch=True)
+    without, _ = global_steps(files, tokenizer, 2, 8, prefetch=False)
+    assert with_prefetch == without
