@@ -64,18 +64,20 @@ class Batch:
     def token_slice(self, name: str, i: int) -> torch.Tensor:
         return self.tokens[name][self.offsets[i] : self.offsets[i + 1]]
 
-    def select(self, indices: Sequence[int] | torch.Tensor) -> Batch:
-        """Samples at `indices`, in that order (vectorised gather, no per-sample loop)."""
-        idx = torch.as_tensor(indices, dtype=torch.int64, device=self.offsets.device)
+    def token_index(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For samples `idx`: their new offsets, and the packed rows their tokens come from."""
         lengths = self.lengths[idx]
         offsets = torch.zeros(len(idx) + 1, dtype=torch.int64, device=idx.device)
         offsets[1:] = lengths.cumsum(0)
-        starts = self.offsets[idx]
-        # token j of the new batch comes from starts[sample(j)] + (j - offsets[sample(j)])
+        # token j of the selection comes from starts[sample(j)] + (j - offsets[sample(j)])
         owner = torch.repeat_interleave(torch.arange(len(idx), device=idx.device), lengths)
-        token_idx = (
-            starts[owner] + torch.arange(int(offsets[-1]), device=idx.device) - offsets[owner]
-        )
+        within = torch.arange(int(offsets[-1]), device=idx.device) - offsets[owner]
+        return offsets, self.offsets[idx][owner] + within
+
+    def select(self, indices: Sequence[int] | torch.Tensor) -> Batch:
+        """Samples at `indices`, in that order (vectorised gather, no per-sample loop)."""
+        idx = torch.as_tensor(indices, dtype=torch.int64, device=self.offsets.device)
+        offsets, token_idx = self.token_index(idx)
         index = idx.tolist()
         return Batch(
             offsets,
@@ -87,6 +89,8 @@ class Batch:
     @staticmethod
     def concat(batches: Sequence[Batch]) -> Batch:
         assert batches, "concat needs at least one batch"
+        if len(batches) == 1:
+            return batches[0]
         lengths = torch.cat([b.lengths for b in batches])
         offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=lengths.device)
         offsets[1:] = lengths.cumsum(0)

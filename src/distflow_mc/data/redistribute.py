@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -69,25 +70,25 @@ def _segment_size(schema: Schema, tokens: int, samples: int, obj_bytes: int) -> 
     return size + _aligned(obj_bytes)
 
 
-def _serialize(sub: Batch, objs: list[bytes], schema: Schema, device: torch.device) -> torch.Tensor:
-    blocks = []
-    for kind, name, _, _ in schema:
-        t = (sub.tokens if kind == "t" else sub.samples)[name].contiguous()
-        raw = t.reshape(-1).view(torch.uint8).to(device)
-        blocks += [
-            raw,
-            torch.zeros(_aligned(raw.numel()) - raw.numel(), dtype=torch.uint8, device=device),
-        ]
-    raw = (
-        torch.frombuffer(bytearray(b"".join(objs)), dtype=torch.uint8)
-        if objs
-        else torch.empty(0, dtype=torch.uint8)
-    )
-    blocks += [
-        raw.to(device),
-        torch.zeros(_aligned(raw.numel()) - raw.numel(), dtype=torch.uint8, device=device),
-    ]
-    return torch.cat(blocks)
+def _serialize_into(
+    buf: torch.Tensor, batch: Batch, idx: list[int], objs: list[bytes], schema: Schema
+) -> None:
+    """Write samples `idx` field by field into `buf` (uint8, exactly the segment's size):
+    one gather per field straight into place, no intermediate batch."""
+    index = torch.tensor(idx, dtype=torch.int64, device=batch.offsets.device)
+    _, token_rows = batch.token_index(index)
+    pos = 0
+    for kind, name, _, shape in schema:
+        field, rows = (
+            (batch.tokens[name], token_rows) if kind == "t" else (batch.samples[name], index)
+        )
+        nbytes = field[:0].element_size() * int(torch.tensor(shape).prod()) * len(rows)
+        out = buf[pos : pos + nbytes].view(field.dtype).view(len(rows), *shape)
+        torch.index_select(field, 0, rows.to(field.device), out=out)
+        pos += _aligned(nbytes)
+    raw = b"".join(objs)
+    if raw:
+        buf[pos : pos + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
 def _deserialize(
@@ -98,6 +99,7 @@ def _deserialize(
     object_names: list[str],
     device: torch.device,
 ) -> Batch:
+    """Views into `buf` (no copy) for the tensor fields; objects parsed in one go."""
     n, total = len(lengths), sum(lengths)
     offsets = torch.zeros(n + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
@@ -110,13 +112,14 @@ def _deserialize(
             buf[pos : pos + nbytes].view(getattr(torch, dtype)).reshape(rows, *shape)
         )
         pos += _aligned(nbytes)
+    # each sample's objects are a JSON array; joined with commas they parse as one list
     raw = bytes(buf[pos : pos + sum(obj_sizes)].cpu().numpy())
-    objects: dict[str, list[Any]] = {k: [] for k in object_names}
-    start = 0
+    per_sample, start = [], 0
     for size in obj_sizes:
-        for k, v in zip(object_names, json.loads(raw[start : start + size]), strict=True):
-            objects[k].append(v)
+        per_sample.append(raw[start : start + size])
         start += size
+    values = json.loads(b"[" + b",".join(per_sample) + b"]") if n else []
+    objects = {k: [v[j] for v in values] for j, k in enumerate(object_names)}
     return Batch(offsets, fields["t"], fields["s"], objects)
 
 
@@ -156,9 +159,9 @@ def _exchange_meta(batch: Batch | None, sending: bool, device: torch.device) -> 
             "count": h[0],
             "schema": h[1],
             "objects": h[2],
-            "lengths": per_rank[r, 0, : h[0]].tolist(),
-            "groups": per_rank[r, 1, : h[0]].tolist(),
-            "obj_sizes": per_rank[r, 2, : h[0]].tolist(),
+            "lengths": per_rank[r, 0, : h[0]].numpy(),
+            "groups": per_rank[r, 1, : h[0]].numpy(),
+            "obj_sizes": per_rank[r, 2, : h[0]].numpy(),
             "obj_bytes": objs if r == dist.get_rank() else None,
         }
         for r, h in enumerate(heads)
@@ -173,8 +176,9 @@ def _plan(
     if src == dst:  # same layout: nothing to balance, each replica keeps its samples
         parts = [[j for j, (s, _) in enumerate(items) if s == senders[d]] for d in range(dst.dp)]
     else:
-        lengths = [meta[s]["lengths"][i] for s, i in items]
-        groups = [meta[s]["groups"][i] for s, i in items] if balance.keep_groups else None
+        lengths = np.concatenate([meta[s]["lengths"] for s in senders]).tolist()
+        groups = np.concatenate([meta[s]["groups"] for s in senders]).tolist()
+        groups = groups if balance.keep_groups else None
         parts = assign(lengths, dst.dp, groups, balance.equal_counts)
     plan = []
     for part in parts:
@@ -218,31 +222,38 @@ def redistribute(
 
     def size(s: int, idx: list[int]) -> int:
         m = meta[s]
-        tokens = sum(m["lengths"][i] for i in idx)
-        return _segment_size(schema, tokens, len(idx), sum(m["obj_sizes"][i] for i in idx))
+        tokens = int(m["lengths"][idx].sum())
+        return _segment_size(schema, tokens, len(idx), int(m["obj_sizes"][idx].sum()))
 
-    send_sizes, recv_sizes, send = [0] * dst.world_size, [0] * dst.world_size, []
-    if rank in senders:
-        objs = meta[rank]["obj_bytes"]
-        for d, to in enumerate(leaders):
-            idx = dict(plan[d])[rank]
-            if idx:
-                send.append(_serialize(batch.select(idx), [objs[i] for i in idx], schema, device))
-                send_sizes[to] = send[-1].numel()
+    send_sizes, recv_sizes = [0] * dst.world_size, [0] * dst.world_size
+    outgoing = (
+        [(to, dict(plan[d])[rank]) for d, to in enumerate(leaders)] if rank in senders else []
+    )
+    for to, idx in outgoing:
+        send_sizes[to] = size(rank, idx)
+    inp = torch.empty(
+        sum(send_sizes), dtype=torch.uint8, device=batch.offsets.device if outgoing else device
+    )
+    pos = 0
+    for to, idx in outgoing:
+        objs = [meta[rank]["obj_bytes"][i] for i in idx]
+        _serialize_into(inp[pos : pos + send_sizes[to]], batch, idx, objs, schema)
+        pos += send_sizes[to]
     if rank == leader:
         for s, idx in mine:
             recv_sizes[s] = size(s, idx)
     out = torch.empty(sum(size(s, idx) for s, idx in mine), dtype=torch.uint8, device=device)
-    inp = torch.cat(send) if send else torch.empty(0, dtype=torch.uint8, device=device)
-    dist.all_to_all_single(out if rank == leader else out[:0], inp, recv_sizes, send_sizes)
+    dist.all_to_all_single(
+        out if rank == leader else out[:0], inp.to(device), recv_sizes, send_sizes
+    )
     group = _replica_group(dst, rank)
     if group is not None:
         dist.broadcast(out, src=leader, group=group)
     pieces, pos = [], 0
     for s, idx in mine:
         nbytes, m = size(s, idx), meta[s]
-        lengths = [m["lengths"][i] for i in idx]
-        obj_sizes = [m["obj_sizes"][i] for i in idx]
+        lengths = m["lengths"][idx].tolist()
+        obj_sizes = m["obj_sizes"][idx].tolist()
         pieces.append(
             _deserialize(out[pos : pos + nbytes], schema, lengths, obj_sizes, object_names, device)
         )
