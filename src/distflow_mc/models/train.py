@@ -14,6 +14,7 @@ from megatron.core.distributed import (
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module, MegatronModule
+from megatron.core.utils import unwrap_model
 
 from distflow_mc.config.schema import OptimConfig
 from distflow_mc.models.schedule import MicroBatch, OutputFn, run_microbatches
@@ -69,6 +70,11 @@ class TrainableModel:
         # The schedule reduces DP gradients (and tied embeddings over PP) through this hook.
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
+
+    @property
+    def modules(self) -> list[MegatronModule]:
+        """The bare model chunks (for export and weight sync)."""
+        return [unwrap_model(c, (DistributedDataParallel, Float16Module)) for c in self.chunks]
 
     def forward(self, microbatches: Sequence[MicroBatch], fn: OutputFn) -> list[Any]:
         """Forward only (e.g. old log-probs): fn's outputs on the last PP stage."""

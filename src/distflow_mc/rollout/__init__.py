@@ -1,0 +1,1 @@
+"""Rollout engines (transformers on CPU, SGLang on GPU), weight sync, mismatch guard."""

@@ -1,0 +1,94 @@
+"""Hugging Face transformers engine: the CPU default, also runs on a GPU.
+
+All prompts of the rank (n samples each) decode together in one left-padded batch with a
+KV cache (transformers' `generate`); log-probs come from the raw logits of each step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+from distflow_mc.rollout.engine import Bucket, Generation, SamplingParams
+
+
+class HFEngine:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        pad_token_id: int,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """The architecture comes from `model_dir`'s config.json; the weights arrive through
+        `update_weights` (from the actor), like every later update."""
+        config = AutoConfig.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+        self.device, self.pad = device, pad_token_id
+        self.loaded: set[str] = set()
+
+    @torch.no_grad()
+    def update_weights(self, buckets: Iterable[Bucket]) -> None:
+        params = dict(self.model.named_parameters())
+        for bucket in buckets:
+            for name, tensor in bucket:
+                if name not in params:
+                    raise ValueError(f"weight sync: the rollout model has no parameter '{name}'")
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+                self.loaded.add(name)
+        tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
+        missing = set(params) - self.loaded - tied
+        if missing:
+            raise ValueError(f"weight sync left parameters unset: {sorted(missing)[:5]}")
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Generation:
+        rows = [torch.as_tensor(p, dtype=torch.int64) for p in prompts for _ in range(params.n)]
+        ids = torch.nn.utils.rnn.pad_sequence(rows, True, self.pad, "left").to(self.device)
+        mask = torch.nn.utils.rnn.pad_sequence(
+            [torch.ones_like(r) for r in rows], True, 0, "left"
+        ).to(self.device)
+        greedy = params.temperature == 0
+        config = GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else params.temperature,
+            top_p=None if greedy else params.top_p,
+            top_k=None if greedy or params.top_k < 0 else params.top_k,
+            eos_token_id=list(params.stop_token_ids) or None,
+            pad_token_id=self.pad,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(params.seed)
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        new = out.sequences[:, ids.shape[1] :]
+        logits = torch.stack(out.logits, dim=1).float()
+        logp = torch.log_softmax(logits / (1.0 if greedy else params.temperature), dim=-1)
+        token_logp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        stops = torch.tensor(params.stop_token_ids, dtype=new.dtype, device=new.device)
+        is_stop = torch.isin(new, stops)
+        stopped = is_stop.any(dim=1)
+        lengths = torch.where(stopped, is_stop.int().argmax(dim=1) + 1, new.shape[1]).tolist()
+        return Generation(
+            prompt_index=[i // params.n for i in range(len(rows))],
+            response_ids=[new[i, :n].cpu() for i, n in enumerate(lengths)],
+            logprobs=[token_logp[i, :n].cpu() for i, n in enumerate(lengths)],
+            finish_reasons=["stop" if s else "length" for s in stopped.tolist()],
+        )
+
+    def sleep(self) -> None:
+        if self.device.type == "cuda":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        if self.device.type == "cuda":
+            self.model.to(self.device)
+
+    def shutdown(self) -> None:
+        del self.model

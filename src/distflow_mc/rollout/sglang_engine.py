@@ -1,0 +1,85 @@
+"""SGLang offline engine (optional extra, GPU only). Imported only when selected."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from distflow_mc.rollout.engine import Bucket, Generation, SamplingParams
+
+
+class SGLangEngine:
+    """One engine per rollout TP group, on the group's leader rank; SGLang runs its own TP
+    workers on the group's GPUs, starting at `base_gpu_id`."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        tp: int,
+        base_gpu_id: int,
+        seed: int,
+        mem_fraction: float,
+        colocated: bool,
+        nnodes: int = 1,
+        node_rank: int = 0,
+        dist_init_addr: str | None = None,
+    ) -> None:
+        if importlib.util.find_spec("sglang") is None:
+            raise ValueError("rollout.engine=SGLANG needs sglang: pip install -e '.[sglang]'")
+        if not torch.cuda.is_available():
+            raise ValueError("rollout.engine=SGLANG needs a GPU; use rollout=hf on CPU")
+        import sglang
+
+        kwargs = {"nnodes": nnodes, "node_rank": node_rank, "dist_init_addr": dist_init_addr}
+        self.engine = sglang.Engine(
+            model_path=str(model_dir),
+            tp_size=tp,
+            base_gpu_id=base_gpu_id,
+            random_seed=seed,
+            mem_fraction_static=mem_fraction,
+            enable_memory_saver=colocated,  # release/resume around training
+            skip_tokenizer_init=True,  # token ids in, token ids out
+            **({k: v for k, v in kwargs.items() if v is not None} if nnodes > 1 else {}),
+        )
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Generation:
+        greedy = params.temperature == 0
+        sampling = {
+            "temperature": 0.0 if greedy else params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k,
+            "max_new_tokens": params.max_new_tokens,
+            "stop_token_ids": list(params.stop_token_ids),
+            "skip_special_tokens": False,
+        }
+        rows = [list(p) for p in prompts for _ in range(params.n)]
+        outputs = self.engine.generate(
+            input_ids=rows, sampling_params=sampling, return_logprob=True
+        )
+        gen = Generation()
+        for i, out in enumerate(outputs):
+            meta = out["meta_info"]
+            gen.prompt_index.append(i // params.n)
+            gen.response_ids.append(torch.tensor(out["output_ids"], dtype=torch.int64))
+            gen.logprobs.append(torch.tensor([lp for lp, _, _ in meta["output_token_logprobs"]]))
+            gen.finish_reasons.append(
+                "stop" if meta["finish_reason"]["type"] == "stop" else "length"
+            )
+        return gen
+
+    def update_weights(self, buckets: Iterable[Bucket]) -> None:
+        for bucket in buckets:
+            self.engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False)
+        self.engine.flush_cache()
+
+    def sleep(self) -> None:
+        self.engine.release_memory_occupation(tags=["weights", "kv_cache"])
+
+    def wake(self) -> None:
+        self.engine.resume_memory_occupation(tags=["weights", "kv_cache"])
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
