@@ -115,7 +115,7 @@ def test_missing_required_value_names_it():
     ("overrides", "world", "message"),
     [
         (["parallel.tp=2"], 3, "parallel.tp x parallel.pp x parallel.cp"),
-        (["rollout.tp=4"], 2, "rollout.tp = 4"),
+        (["rollout=sglang", "rollout.tp=4"], 2, "rollout.tp = 4"),
         (["data.batch_size=3"], 2, "data.batch_size = 3"),
     ],
 )
@@ -194,3 +194,9 @@ def test_unknown_architecture_is_named(tmp_path: Path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match=r"architecture \['GPT2LMHeadModel'\] is not supported"):
         read_hf_config(tmp_path)
+
+
+def test_hf_rollout_engine_is_unsharded():
+    with pytest.raises(ValueError, match=r"rollout\.tp: the transformers engine"):
+        load_config(compose_config(["rollout.tp=2"]))
+    assert load_config(compose_config(["rollout=sglang", "rollout.tp=2"])).rollout.tp == 2

@@ -75,6 +75,10 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1
     max_new_tokens: int = 256
+    mem_fraction: float = 0.5  # SGLang: GPU memory for weights + KV cache
+    colocated: bool = True  # shares GPUs with training: sleep/wake around each step
+    logprob_gap_warn: float = 0.05  # warn when engine/actor log-probs differ more (mean)
+    weight_sync_bucket_mb: int = 256
 
 
 class OnBadRow(Enum):

@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from distflow_mc.config.schema import Config
+from distflow_mc.config.schema import Config, Engine
 
 
 def _check(ok: bool, setting: str, message: str) -> list[str]:
@@ -41,6 +41,14 @@ def check_config(c: Config) -> None:
         *_check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}"),
         *_check(r.top_k == -1 or r.top_k >= 1, "rollout.top_k", "must be -1 (off) or >= 1"),
         *_check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1"),
+        *_check(
+            r.engine is not Engine.HF or r.tp == 1,
+            "rollout.tp",
+            "the transformers engine (rollout.engine=HF) runs unsharded: use rollout.tp=1,"
+            " or rollout=sglang for tensor-parallel rollout",
+        ),
+        *_check(0 < r.mem_fraction < 1, "rollout.mem_fraction", "must be in (0, 1)"),
+        *_check(r.weight_sync_bucket_mb >= 1, "rollout.weight_sync_bucket_mb", "must be >= 1"),
         *_check(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}"),
         *_check(d.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1"),
         *_check(c.reward.timeout_s > 0, "reward.timeout_s", "must be > 0"),
