@@ -18,15 +18,16 @@ from megatron.core import parallel_state as mpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from distflow_mc.config.schema import OptimConfig, ParallelConfig  # noqa: E402
+from distflow_mc.config.schema import OptimConfig, ParallelConfig, RolloutConfig  # noqa: E402
 from distflow_mc.models.factory import load_model  # noqa: E402
 from distflow_mc.models.logprobs import vocab_parallel_logprobs  # noqa: E402
 from distflow_mc.models.train import TrainableModel  # noqa: E402
 from distflow_mc.parallel.dist import init_distributed  # noqa: E402
+from distflow_mc.parallel.layout import Layout  # noqa: E402
 from distflow_mc.parallel.megatron_state import init_model_parallel  # noqa: E402
 from distflow_mc.rollout.engine import SamplingParams  # noqa: E402
 from distflow_mc.rollout.guard import logprob_gap  # noqa: E402
-from distflow_mc.rollout.hf_engine import HFEngine  # noqa: E402
+from distflow_mc.rollout.factory import make_engine  # noqa: E402
 from distflow_mc.rollout.weight_sync import sync_weights  # noqa: E402
 
 PROMPTS = [[5, 17, 33, 2], [9, 9, 9], [40, 41, 42, 43, 44, 45, 46]]
@@ -67,7 +68,10 @@ def main() -> None:
     mp = init_model_parallel(ParallelConfig(tp=2, timeout_s=60), seed=1)
     arch, chunks = load_model(args.model, mp, torch.float32)
     model = TrainableModel(chunks, OptimConfig(lr=5e-2), total_steps=10)
-    engine = HFEngine(args.model, pad_token_id=0, device=torch.device("cpu"))
+    engine = make_engine(
+        RolloutConfig(), args.model, Layout("rollout", dp=2), 0, 1, torch.device("cpu")
+    )
+    assert engine is not None
     sync_weights(model.modules, arch, mp, engine, bucket_bytes=32 << 10)
     before = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=NEW))
 
