@@ -1,0 +1,77 @@
+"""Advantage estimators. Outcome estimators take one scalar reward per sample and the
+group (prompt) of each sample, and return one advantage per sample, to be broadcast over
+its response tokens; GAE works per token with a critic."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _group_stats(rewards: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-sample group mean, unbiased group std, and group size."""
+    _, index = torch.unique(groups, return_inverse=True)
+    k = int(index.max()) + 1 if len(index) else 0
+    count = torch.zeros(k, dtype=rewards.dtype).index_add_(0, index, torch.ones_like(rewards))
+    mean = torch.zeros(k, dtype=rewards.dtype).index_add_(0, index, rewards) / count
+    sq = torch.zeros(k, dtype=rewards.dtype).index_add_(0, index, (rewards - mean[index]) ** 2)
+    std = (sq / (count - 1).clamp(min=1)).sqrt()
+    return mean[index], std[index], count[index]
+
+
+def grpo(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO (Shao et al. 2024, arXiv 2402.03300, eq. 3): (r - mean_group) / (std_group + eps)."""
+    mean, std, _ = _group_stats(rewards, groups)
+    return (rewards - mean) / (std + eps)
+
+
+def dr_grpo(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025, arXiv 2503.20783): r - mean_group, without the std division
+    that biases towards too easy and too hard prompts."""
+    mean, _, _ = _group_stats(rewards, groups)
+    return rewards - mean
+
+
+def rloo(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024, arXiv 2402.14740): r_i - mean of the other samples of the
+    group = n/(n-1) (r_i - mean_group)."""
+    mean, _, count = _group_stats(rewards, groups)
+    return (rewards - mean) * count / (count - 1).clamp(min=1)
+
+
+def reinforce_pp_baseline(
+    rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """REINFORCE++ with baseline (Hu 2025, arXiv 2501.03262): subtract the group mean, then
+    normalise by the std over the whole batch (not per group)."""
+    centred = dr_grpo(rewards, groups)
+    return (centred - centred.mean()) / (centred.std() + eps) if len(centred) > 1 else centred
+
+
+def gae(
+    token_rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE (Schulman et al. 2015, arXiv 1506.02438) over right-padded [B, T] responses:
+    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}, with V and A
+    zero past each response's end. Returns (advantages, returns = A + V)."""
+    mask = mask.to(values.dtype)
+    values = values * mask
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+OUTCOME_ESTIMATORS = {
+    "GRPO": grpo,
+    "DR_GRPO": dr_grpo,
+    "RLOO": rloo,
+    "REINFORCE_PP": reinforce_pp_baseline,
+}

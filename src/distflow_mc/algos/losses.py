@@ -1,0 +1,97 @@
+"""Policy and value losses, KL estimators, entropy bonus, aggregation.
+
+Every loss returns (numerator, denominator) so that megatron can divide the gradients by
+the denominator summed over all micro-batches and data-parallel ranks: the aggregation is
+then exact for the global batch, not an average of per-micro-batch averages.
+Tensors are right-padded [B, T] over response tokens with a 0/1 `mask`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> Pair:
+    """TOKEN_MEAN: sum / tokens. SEQ_MEAN_TOKEN_SUM: per-sequence sums, mean over
+    sequences (Dr. GRPO's choice). SEQ_MEAN_TOKEN_MEAN: per-sequence means, mean over
+    sequences (the original GRPO)."""
+    mask = mask.to(per_token.dtype)
+    if mode == "TOKEN_MEAN":
+        return (per_token * mask).sum(), mask.sum()
+    sums = (per_token * mask).sum(-1)
+    if mode == "SEQ_MEAN_TOKEN_SUM":
+        return sums.sum(), torch.tensor(float(len(sums)))
+    if mode == "SEQ_MEAN_TOKEN_MEAN":
+        return (sums / mask.sum(-1).clamp(min=1)).sum(), torch.tensor(float(len(sums)))
+    raise ValueError(f"unknown aggregation '{mode}'")
+
+
+def ppo_clip(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate (Schulman et al. 2017, arXiv 1707.06347), per token, with
+    asymmetric bounds [1 - clip_low, 1 + clip_high] (DAPO's clip-higher, Yu et al. 2025,
+    arXiv 2503.14476) and optional dual clip for negative advantages (Ye et al. 2020,
+    arXiv 1912.09729): the loss is capped at -dual_clip * A. Returns (loss, clipped)."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    was_clipped = clipped > unclipped
+    if dual_clip is not None:
+        cap = -advantages * dual_clip
+        loss = torch.where(advantages < 0, torch.minimum(loss, cap), loss)
+    return loss, was_clipped
+
+
+def gspo(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GSPO (Zheng et al. 2025, arXiv 2507.18071): the importance ratio is per sequence,
+    s = exp(mean_t(logp - old_logp)), clipped around 1; its token form
+    sg[s] * exp(logp_t - sg[logp_t]) carries the gradient to every token. Per-token loss
+    (aggregate with SEQ_MEAN_TOKEN_MEAN) and clipped flags."""
+    mask = mask.to(logp.dtype)
+    seq_log_ratio = ((logp - old_logp) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    token_log_ratio = seq_log_ratio.detach()[:, None] + logp - logp.detach()
+    ratio = torch.exp(token_log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token estimators of KL(pi || ref) from samples of pi (Schulman 2020,
+    "Approximating KL divergence"): K1 log r, K2 (log r)^2 / 2, K3 (r' - 1) - log r'
+    with r' = ref / pi (unbiased, low variance, always >= 0)."""
+    log_ratio = logp - ref_logp
+    if kind == "K1":
+        return log_ratio
+    if kind == "K2":
+        return 0.5 * log_ratio**2
+    if kind == "K3":
+        return torch.exp(-log_ratio) - 1 + log_ratio
+    raise ValueError(f"unknown KL estimator '{kind}'")
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float | None
+) -> torch.Tensor:
+    """PPO's clipped value loss per token: 0.5 max((V - R)^2, (clip(V, V_old +- c) - R)^2)."""
+    loss = (values - returns) ** 2
+    if clip is not None:
+        clipped = old_values + (values - old_values).clamp(-clip, clip)
+        loss = torch.maximum(loss, (clipped - returns) ** 2)
+    return 0.5 * loss

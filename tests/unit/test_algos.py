@@ -1,0 +1,99 @@
+"""Each algorithm function against a case computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distflow_mc.algos import advantages as adv
+from distflow_mc.algos import losses
+
+R = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+G = torch.tensor([7, 7, 7, 3, 3, 3])  # group ids need not be contiguous or sorted
+
+
+def test_grpo_normalises_within_groups():
+    # group 7: rewards (1, 0, 0), mean 1/3, unbiased std sqrt(1/3); group 3: all equal -> 0
+    std = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2) + 1e-6
+    want = [(2 / 3) / std, -(1 / 3) / std, -(1 / 3) / std, 0, 0, 0]
+    torch.testing.assert_close(adv.grpo(R, G, eps=1e-6), torch.tensor(want))
+
+
+def test_dr_grpo_and_rloo():
+    torch.testing.assert_close(adv.dr_grpo(R, G), torch.tensor([2 / 3, -1 / 3, -1 / 3, 0, 0, 0]))
+    # RLOO: 1 - mean(0, 0) = 1; 0 - mean(1, 0) = -0.5
+    torch.testing.assert_close(adv.rloo(R, G), torch.tensor([1.0, -0.5, -0.5, 0, 0, 0]))
+
+
+def test_reinforce_pp_baseline_normalises_over_the_batch():
+    centred = torch.tensor([2 / 3, -1 / 3, -1 / 3, 0, 0, 0])
+    want = (centred - centred.mean()) / centred.std()
+    torch.testing.assert_close(adv.reinforce_pp_baseline(R, G, eps=0.0), want)
+
+
+def test_gae_by_hand():
+    # one response of 3 tokens (then padding), reward 1 at the last token, gamma 1, lam 0.5
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.25, 0.5, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    # deltas: t2: 1 + 0 - .5 = .5; t1: 0 + .5 - .25 = .25; t0: 0 + .25 - .5 = -.25
+    # A2 = .5; A1 = .25 + .5*.5 = .5; A0 = -.25 + .5*.5 = 0
+    a, ret = adv.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    torch.testing.assert_close(a, torch.tensor([[0.0, 0.5, 0.5, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.5, 0.75, 1.0, 0.0]]))
+
+
+def test_aggregation_modes():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    num, den = losses.aggregate(loss, mask, "TOKEN_MEAN")
+    assert (float(num), float(den)) == (10.0, 4.0)
+    num, den = losses.aggregate(loss, mask, "SEQ_MEAN_TOKEN_SUM")
+    assert (float(num), float(den)) == (10.0, 2.0)
+    num, den = losses.aggregate(loss, mask, "SEQ_MEAN_TOKEN_MEAN")
+    assert (float(num), float(den)) == (6.0, 2.0)  # means 2 and 4
+
+
+def test_ppo_clip_asymmetric_and_dual():
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([1.5, 0.5, 1.1, 3.0]))
+    a = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    loss, clipped = losses.ppo_clip(logp, old, a, clip_low=0.2, clip_high=0.28)
+    # ratio 1.5, A>0: min(1.5, 1.28) -> -1.28; ratio .5, A>0: min(.5, .8) -> -.5
+    # ratio 1.1, A<0: max(1.1, 1.1)*-1 -> 1.1; ratio 3, A<0: -(-1*3) = 3
+    torch.testing.assert_close(loss, torch.tensor([-1.28, -0.5, 1.1, 3.0]))
+    assert clipped.tolist() == [True, False, False, False]
+    dual, _ = losses.ppo_clip(logp, old, a, 0.2, 0.28, dual_clip=2.0)
+    torch.testing.assert_close(dual, torch.tensor([-1.28, -0.5, 1.1, 2.0]))  # capped at 2|A|
+
+
+def test_gspo_uses_the_sequence_ratio():
+    old = torch.zeros(1, 3)
+    logp = torch.tensor([[0.3, -0.1, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0]])
+    a = torch.tensor([[2.0, 2.0, 2.0]])
+    loss, _ = losses.gspo(logp, old, a, mask, clip_low=1.0, clip_high=1.0)
+    s = math.exp((0.3 - 0.1) / 2)  # geometric mean ratio over the 2 real tokens
+    torch.testing.assert_close(loss.detach(), torch.full((1, 3), -2 * s))
+    num, _ = losses.aggregate(loss, mask, "SEQ_MEAN_TOKEN_MEAN")
+    num.backward()
+    # d/dlogp_t of -A*s*exp(logp_t - sg) averaged over 2 tokens: -A*s/2 on real tokens
+    torch.testing.assert_close(logp.grad, torch.tensor([[-s, -s, 0.0]]))
+
+
+@pytest.mark.parametrize(
+    ("kind", "want"),
+    [("K1", math.log(2)), ("K2", 0.5 * math.log(2) ** 2), ("K3", 0.5 - 1 + math.log(2))],
+)
+def test_kl_estimators(kind, want):
+    logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    torch.testing.assert_close(losses.kl_penalty(logp, ref, kind), torch.tensor([want]))
+
+
+def test_value_loss_clipping():
+    v, old, ret = torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([3.0])
+    # unclipped (2-3)^2 = 1; clipped V = 1 + .5 = 1.5 -> (1.5-3)^2 = 2.25; max -> 2.25 / 2
+    torch.testing.assert_close(losses.value_loss(v, old, ret, clip=0.5), torch.tensor([1.125]))
+    torch.testing.assert_close(losses.value_loss(v, old, ret, clip=None), torch.tensor([0.5]))
