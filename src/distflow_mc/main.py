@@ -26,6 +26,8 @@ from distflow_mc.parallel import (
     init_distributed,
     world_size_from_env,
 )
+from distflow_mc.stages.step import fit
+from distflow_mc.stages.workers import build_workers
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -58,7 +60,7 @@ def main(cfg: DictConfig) -> None:
     if config.trainer.dry_run:
         log.info("plan:\n%s", "\n".join(describe_plan(plan, layouts)))
         return
-    raise NotImplementedError("training stages are not built yet; run with trainer.dry_run=true")
+    fit(build_workers(config, plan, layouts, ctx), plan, run_dir)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,50 @@ class Engine(Enum):
     SGLANG = "SGLANG"  # optional extra, GPU only
 
 
+class AdvEstimator(Enum):
+    GRPO = "GRPO"
+    DR_GRPO = "DR_GRPO"
+    RLOO = "RLOO"
+    REINFORCE_PP = "REINFORCE_PP"
+    GAE = "GAE"  # needs a critic
+
+
+class PolicyLoss(Enum):
+    PPO = "PPO"  # token-level clipped ratio (asymmetric bounds, optional dual clip)
+    GSPO = "GSPO"  # sequence-level ratio
+
+
+class LossAgg(Enum):
+    TOKEN_MEAN = "TOKEN_MEAN"
+    SEQ_MEAN_TOKEN_SUM = "SEQ_MEAN_TOKEN_SUM"
+    SEQ_MEAN_TOKEN_MEAN = "SEQ_MEAN_TOKEN_MEAN"
+
+
+class KLEstimator(Enum):
+    K1 = "K1"
+    K2 = "K2"
+    K3 = "K3"
+
+
 @dataclass
 class AlgoConfig:
     name: str = MISSING
     workflow: list[NodeSpec] = MISSING
+    adv_estimator: AdvEstimator = AdvEstimator.GRPO
+    policy_loss: PolicyLoss = PolicyLoss.PPO
+    loss_agg: LossAgg = LossAgg.TOKEN_MEAN
+    clip_low: float = 0.2
+    clip_high: float = 0.2  # DAPO's clip-higher: 0.28
+    dual_clip: float | None = None  # e.g. 3.0
+    kl_coef: float = 0.0
+    kl_estimator: KLEstimator = KLEstimator.K3
+    kl_in_reward: bool = False  # penalise in the reward instead of adding a loss term
+    entropy_coef: float = 0.0
+    gamma: float = 1.0  # GAE
+    lam: float = 0.95  # GAE
+    value_clip: float | None = 0.2
+    ppo_epochs: int = 1
+    mini_batches: int = 1  # optimizer steps per epoch, over each rank's samples
 
 
 @dataclass
@@ -112,6 +152,9 @@ class TrainerConfig:
     seed: int = 1
     dry_run: bool = False  # plan, agree across ranks, print the plan, exit
     log_all_ranks: bool = False
+    micro_batch_tokens: int = 4096  # token budget of one micro-batch (dynamic batch size)
+    actor_optim: OptimConfig = field(default_factory=OptimConfig)
+    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
 
 
 @dataclass

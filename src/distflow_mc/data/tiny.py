@@ -1,13 +1,20 @@
-"""A tiny character-level Hugging Face tokenizer with a chat template, made locally (no
-hub): the tokenizer of the embedded CPU task, and of the tests."""
+"""The embedded CPU task, made locally and deterministically (no hub): a character-level
+Hugging Face tokenizer with a chat template, a tiny random Llama-style model saved with
+safetensors, and a parquet dataset whose reward a random model learns within a few
+hundred GRPO steps on CPU: repeat the digit that ends the prompt."""
 
 from __future__ import annotations
 
+import random
 import string
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHARS = list(string.digits + string.ascii_letters + " +-*/=?.,:;!()[]{}<>'\"\\_#%&|^~@$\n")
@@ -35,3 +42,50 @@ def make_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     )
     tok.save_pretrained(path)
     return tok
+
+
+WORDS = ["copy", "say", "repeat", "echo", "write", "give"]
+
+
+def make_dataset(path: str | Path, rows: int, seed: int) -> None:
+    """Prompts like 'echo: 7' (chat messages), data_source tiny_copy, ground truth '7'."""
+    rng = random.Random(seed)
+    table = []
+    for i in range(rows):
+        digit = str(rng.randrange(10))
+        text = f"{rng.choice(WORDS)}: {digit}"
+        table.append(
+            {
+                "prompt": [{"role": "user", "content": text}],
+                "data_source": "tiny_copy",
+                "reward_model": {"ground_truth": digit},
+                "extra_info": {"index": i},
+            }
+        )
+    pq.write_table(pa.Table.from_pylist(table), path, row_group_size=256)
+
+
+def make_task(root: str | Path, seed: int = 0) -> Path:
+    """`root`/tiny_llama (model + tokenizer) and `root`/tiny_task/{train,val}.parquet."""
+    root = Path(root)
+    model_dir, task_dir = root / "tiny_llama", root / "tiny_task"
+    task_dir.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(model_dir)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    make_dataset(task_dir / "train.parquet", 4096, seed)
+    make_dataset(task_dir / "val.parquet", 128, seed + 1)
+    return root

@@ -1,0 +1,17 @@
+"""Make the embedded CPU task: tokenizer, tiny random Llama-style model, parquet dataset.
+
+    python scripts/make_tiny_task.py [ROOT]     # default: data/ (DISTFLOW_DATA_DIR)
+
+Deterministic: the same files every time. experiment=cpu_tiny_grpo / cpu_tiny_ppo use them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from distflow_mc.data.tiny import make_task
+
+if __name__ == "__main__":
+    root = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("DISTFLOW_DATA_DIR", "data")
+    print(f"embedded task written to {make_task(root)}")

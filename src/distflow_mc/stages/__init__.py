@@ -1,0 +1,2 @@
+"""Stage functions bound to the workflow's (role, type) nodes, and the step that runs
+the plan."""

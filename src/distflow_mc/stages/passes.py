@@ -1,0 +1,88 @@
+"""Forward-only MODEL_INFERENCE nodes on the train layout: reference and old log-probs,
+critic values. Results are packed per token and shared by every rank of the replica."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from distflow_mc.data.batch import Batch
+from distflow_mc.data.microbatch import pad_microbatch, split_by_token_budget
+from distflow_mc.models.logprobs import vocab_parallel_logprobs
+from distflow_mc.models.schedule import run_microbatches
+from distflow_mc.observability.metrics import Metrics
+from distflow_mc.stages.workers import Workers
+
+
+def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict]]:
+    budget = w.config.trainer.micro_batch_tokens
+    parts = split_by_token_budget(batch.lengths.tolist(), budget, multiple_of=w.mp.pp)
+    pad = w.tokenizer.pad_token_id
+    return parts, [pad_microbatch(batch, p, pad_value=pad) for p in parts]
+
+
+def shift_right(x: torch.Tensor) -> torch.Tensor:
+    """Outputs at position t describe token t+1: move them onto token t+1 (0 at t=0)."""
+    return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+
+
+def token_logprobs(out: torch.Tensor, mb: dict, temperature: float, entropy: bool = False):
+    """Token-aligned log-probs (and entropies) of mb's own tokens under the model."""
+    labels = mb["input_ids"].roll(-1, dims=1)
+    logp, ent = vocab_parallel_logprobs(out, labels, temperature, with_entropy=entropy)
+    return shift_right(logp), shift_right(ent) if entropy else None
+
+
+def pack(
+    w: Workers, batch: Batch, parts: list[list[int]], mbs: list[dict], dense: list
+) -> torch.Tensor:
+    """Dense per-micro-batch outputs (last PP stage) -> packed [tokens], on every rank of
+    the replica."""
+    packed = torch.zeros(batch.num_tokens, dtype=torch.float32)
+    if w.mp.is_last_stage:
+        for part, mb, values in zip(parts, mbs, dense, strict=True):
+            _, rows = batch.token_index(torch.tensor(part))
+            packed[rows] = values[mb["attention_mask"]].float().cpu()
+    if w.mp.pp > 1:
+        last = dist.get_process_group_ranks(w.mp.pp_group)[-1]
+        dist.broadcast(packed, src=last, group=w.mp.pp_group)
+    return packed
+
+
+def _forward(w: Workers, batch: Batch, run: Callable, fn: Callable) -> torch.Tensor:
+    parts, mbs = microbatches(w, batch)
+    return pack(w, batch, parts, mbs, run(mbs, fn))
+
+
+def ref_logprobs(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
+    t = w.config.rollout.temperature
+    chunks = w.reference
+
+    def run(mbs, fn):
+        with torch.no_grad():
+            return run_microbatches(chunks, mbs, fn, forward_only=True)
+
+    batch.tokens["ref_logprobs"] = _forward(
+        w, batch, run, lambda mb, out: token_logprobs(out, mb, t)[0]
+    )
+    return batch
+
+
+def old_logprobs(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
+    t = w.config.rollout.temperature
+    logp = _forward(w, batch, w.actor.forward, lambda mb, out: token_logprobs(out, mb, t)[0])
+    batch.tokens["old_logprobs"] = logp
+    if w.mp.emits_data:
+        mask = batch.tokens["response_mask"].bool()
+        gap = (logp - batch.tokens["rollout_logprobs"]).abs()[mask]
+        m.add("rollout/logprob_gap_mean", float(gap.sum()), gap.numel())
+        m.add("rollout/logprob_gap_max_sum", float(gap.max()) if gap.numel() else 0.0)
+    return batch
+
+
+def values(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
+    v = _forward(w, batch, w.critic.forward, lambda mb, out: shift_right(out[..., 0]))
+    batch.tokens["values"] = v
+    return batch

@@ -1,0 +1,105 @@
+"""One RL step = the plan's stage calls in order, redistributing the batch whenever the
+layout changes (rollout -> train), then weight sync actor -> rollout engine."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from distflow_mc.dag import NodeType, Plan, PlannedNode, Role
+from distflow_mc.dag.validate import import_fn
+from distflow_mc.data.batch import Batch
+from distflow_mc.data.redistribute import Balance, redistribute
+from distflow_mc.observability.metrics import JsonlWriter, Metrics
+from distflow_mc.parallel.layout import Layout
+from distflow_mc.rollout.weight_sync import sync_weights
+from distflow_mc.stages import advantage, passes, rollout, train
+from distflow_mc.stages.workers import Workers
+
+log = logging.getLogger(__name__)
+StageFn = Callable[[Workers, Batch | None, Metrics, int], Batch | None]
+DEFAULTS: dict[tuple[Role | None, NodeType], StageFn] = {
+    (Role.ROLLOUT, NodeType.MODEL_INFERENCE): rollout.generate,
+    (Role.REWARD, NodeType.COMPUTE): rollout.reward,
+    (Role.REFERENCE, NodeType.MODEL_INFERENCE): passes.ref_logprobs,
+    (Role.ACTOR, NodeType.MODEL_INFERENCE): passes.old_logprobs,
+    (Role.CRITIC, NodeType.MODEL_INFERENCE): passes.values,
+    (None, NodeType.COMPUTE): advantage.compute,  # the built-in `advantage` node
+    (Role.ACTOR, NodeType.MODEL_TRAIN): train.actor,
+    (Role.CRITIC, NodeType.MODEL_TRAIN): train.critic,
+}
+
+
+def bind(plan: Plan, w: Workers) -> list[tuple[PlannedNode, StageFn, Layout]]:
+    """Each node's function (its `fn`, else the default for its role and type) and layout."""
+    bound = []
+    for node in plan.nodes:
+        fn = import_fn(node.fn) if node.fn else DEFAULTS.get((node.role, node.type))
+        if fn is None:
+            role = node.role.name if node.role else "role-free"
+            raise ValueError(
+                f"algo.workflow: node '{node.id}' ({role} {node.type.name}) has no default"
+                " function: set its fn"
+            )
+        bound.append((node, fn, w.layouts.for_role(node.role)))
+    return bound
+
+
+def run_step(w: Workers, bound: list, step: int) -> Metrics:
+    m = Metrics()
+    batch, layout = None, w.layouts.rollout
+    start = time.perf_counter()
+    for node, fn, node_layout in bound:
+        tick = time.perf_counter()
+        if node_layout != layout:
+            batch = redistribute(
+                batch, layout, node_layout, Balance(keep_groups=True), w.ctx.device
+            )
+            layout = node_layout
+            m.set("time/redistribute", time.perf_counter() - tick)
+            tick = time.perf_counter()
+        batch = fn(w, batch, m, step)
+        m.set(f"time/{node.id}", time.perf_counter() - tick)
+    tick = time.perf_counter()
+    bucket = w.config.rollout.weight_sync_bucket_mb << 20
+    sync_weights(w.actor.modules, w.arch, w.mp, w.engine, bucket)
+    m.set("time/weight_sync", time.perf_counter() - tick)
+    m.set("time/step", time.perf_counter() - start)
+    return m
+
+
+def fit(w: Workers, plan: Plan, run_dir: str) -> list[dict[str, float]]:
+    """The training loop: initial weight sync, then `trainer.total_steps` steps; rank 0
+    appends each step's reduced metrics to `run_dir`/metrics.jsonl."""
+    bound = bind(plan, w)
+    bucket = w.config.rollout.weight_sync_bucket_mb << 20
+    sync_weights(w.actor.modules, w.arch, w.mp, w.engine, bucket)
+    writer = JsonlWriter(Path(run_dir) / "metrics.jsonl") if w.ctx.rank == 0 else None
+    history = []
+    total = w.config.trainer.total_steps
+    for step in range(total):
+        record = {"step": step + 1, **derived(run_step(w, bound, step).reduce())}
+        history.append(record)
+        if writer is not None:
+            writer.write(record)
+        log.info(
+            "step %d/%d reward %.3f len %.1f %.2fs %.0f gen tok/s",
+            step + 1,
+            total,
+            record.get("reward/mean", float("nan")),
+            record.get("response/length_mean", float("nan")),
+            record["time/step"],
+            record.get("throughput/generated_tokens_per_s", float("nan")),
+        )
+    return history
+
+
+def derived(r: dict[str, float]) -> dict[str, float]:
+    if "reward/sq" in r:
+        r["reward/std"] = max(r.pop("reward/sq") - r["reward/mean"] ** 2, 0.0) ** 0.5
+    if "rollout/generated_tokens" in r:
+        r["throughput/generated_tokens_per_s"] = r["rollout/generated_tokens"] / r["time/step"]
+        r["throughput/total_tokens_per_s"] = r["rollout/total_tokens"] / r["time/step"]
+    return r

@@ -1,0 +1,79 @@
+"""MODEL_TRAIN nodes: actor (policy loss, KL, entropy) and critic (clipped value loss),
+`algo.ppo_epochs` x `algo.mini_batches` optimizer steps over the replica's samples."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from distflow_mc.algos.losses import aggregate, kl_penalty, value_loss
+from distflow_mc.data.batch import Batch
+from distflow_mc.models.train import TrainableModel
+from distflow_mc.observability.metrics import Metrics
+from distflow_mc.stages.passes import microbatches, shift_right, token_logprobs
+from distflow_mc.stages.workers import Workers
+
+
+def _pair(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return torch.stack([total.detach().float(), count.detach().float()])
+
+
+def _optimize(
+    w: Workers, model: TrainableModel, batch: Batch, loss_fn: Callable, m: Metrics, prefix: str
+) -> None:
+    a = w.config.algo
+    for _ in range(a.ppo_epochs):
+        for mini in np.array_split(np.arange(len(batch)), a.mini_batches):
+            _, mbs = microbatches(w, batch.select(mini.tolist()))
+            stats = model.step(mbs, loss_fn)
+            if w.mp.emits_data:
+                m.add(f"{prefix}/grad_norm", stats["grad_norm"])
+                for metrics in stats["microbatch_metrics"]:
+                    for name, pair in metrics.items():
+                        m.add(f"{prefix}/{name}", float(pair[0]), float(pair[1]))
+            m.set(f"{prefix}/lr", stats["lr"])
+
+
+def actor(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
+    a, t = w.config.algo, w.config.rollout.temperature
+    agg = a.loss_agg.name
+    kl_loss = a.kl_coef > 0 and not a.kl_in_reward and w.reference is not None
+
+    def loss_fn(mb: dict, out: torch.Tensor):
+        logp, ent = token_logprobs(out, mb, t, entropy=True)
+        mask = mb["response_mask"]
+        pg, clipped = w.policy_loss(logp, mb["old_logprobs"], mb["advantages"], mask)
+        num, den = aggregate(pg, mask, agg)
+        tokens = mask.sum()
+        metrics = {
+            "pg_loss": _pair(num, den),
+            "clip_frac": _pair((clipped * mask).sum(), tokens),
+            "entropy": _pair((ent * mask).sum(), tokens),
+        }
+        loss = num
+        if kl_loss:
+            kl = kl_penalty(logp, mb["ref_logprobs"], a.kl_estimator.name)
+            loss = loss + a.kl_coef * aggregate(kl, mask, agg)[0]
+            metrics["kl"] = _pair((kl * mask).sum(), tokens)
+        if a.entropy_coef:
+            loss = loss - a.entropy_coef * aggregate(ent, mask, agg)[0]
+        return loss, den.to(torch.int), metrics
+
+    _optimize(w, w.actor, batch, loss_fn, m, "actor")
+    return batch
+
+
+def critic(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
+    clip = w.config.algo.value_clip
+
+    def loss_fn(mb: dict, out: torch.Tensor):
+        v = shift_right(out[..., 0]).float()
+        mask = mb["response_mask"]
+        per_token = value_loss(v, mb["values"], mb["returns"], clip)
+        num, den = aggregate(per_token, mask, "TOKEN_MEAN")
+        return num, den.to(torch.int), {"value_loss": _pair(num, den)}
+
+    _optimize(w, w.critic, batch, loss_fn, m, "critic")
+    return batch

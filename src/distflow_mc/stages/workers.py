@@ -1,0 +1,114 @@
+"""Everything a step needs, built once from the typed config on every rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from distflow_mc.algos import advantages as adv_fns
+from distflow_mc.algos import losses
+from distflow_mc.config.schema import AdvEstimator, Config, Dtype, PolicyLoss
+from distflow_mc.dag import Plan, Role
+from distflow_mc.data.loader import PromptLoader
+from distflow_mc.models.factory import load_model, load_reference
+from distflow_mc.models.hf_config import HFArch
+from distflow_mc.models.train import TrainableModel
+from distflow_mc.parallel.dist import DistContext
+from distflow_mc.parallel.layout import Layouts
+from distflow_mc.parallel.megatron_state import ModelParallel, init_model_parallel
+from distflow_mc.rewards.compute import RewardComputer
+from distflow_mc.rollout.engine import RolloutEngine
+from distflow_mc.rollout.factory import make_engine
+
+
+@dataclass
+class Workers:
+    config: Config
+    ctx: DistContext
+    layouts: Layouts
+    mp: ModelParallel
+    tokenizer: PreTrainedTokenizerBase
+    arch: HFArch
+    actor: TrainableModel
+    reference: list[MegatronModule] | None
+    critic: TrainableModel | None
+    engine: RolloutEngine | None
+    loader: PromptLoader | None  # on rollout emitters
+    rewards: RewardComputer
+    policy_loss: object  # (logp, old, adv, mask) -> (per-token loss, clipped)
+    outcome_advantage: object | None  # (rewards, groups) -> advantages; None for GAE
+
+    @property
+    def rollout_rank(self) -> int:
+        return self.layouts.rollout.coords(self.ctx.rank)["dp"]
+
+    @property
+    def is_rollout_emitter(self) -> bool:
+        return self.ctx.rank in self.layouts.rollout.emitters()
+
+
+def model_dtype(dtype: Dtype) -> torch.dtype:
+    """AUTO: bf16 on GPU, fp32 on CPU."""
+    if dtype is Dtype.AUTO:
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return torch.bfloat16 if dtype is Dtype.BFLOAT16 else torch.float32
+
+
+def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext) -> Workers:
+    a, t = config.algo, config.trainer
+    roles = {n.role for n in plan.nodes}
+    mp = init_model_parallel(config.parallel, seed=t.seed)
+    model_dir = Path(config.model.path)
+    dtype = model_dtype(config.model.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or model_dir)
+    arch, chunks = load_model(model_dir, mp, dtype)
+    actor = TrainableModel(chunks, t.actor_optim, t.total_steps * a.ppo_epochs * a.mini_batches)
+    reference = load_reference(model_dir, mp, dtype)[1] if Role.REFERENCE in roles else None
+    critic = None
+    if Role.CRITIC in roles:
+        _, critic_chunks = load_model(model_dir, mp, dtype, value_head=True)
+        steps = t.total_steps * a.ppo_epochs * a.mini_batches
+        critic = TrainableModel(critic_chunks, t.critic_optim, steps)
+    if a.adv_estimator is AdvEstimator.GAE and critic is None:
+        raise ValueError("algo.adv_estimator=GAE needs a CRITIC in algo.workflow (algo=ppo)")
+    engine = make_engine(
+        config.rollout, model_dir, layouts.rollout, tokenizer.pad_token_id, t.seed, ctx.device
+    )
+    emitter = ctx.rank in layouts.rollout.emitters()
+    loader = None
+    if emitter:
+        dp = layouts.rollout.coords(ctx.rank)["dp"]
+        loader = PromptLoader(config.data, tokenizer, dp, layouts.rollout.dp, t.seed)
+    if a.policy_loss is PolicyLoss.GSPO:
+        policy = partial(losses.gspo, clip_low=a.clip_low, clip_high=a.clip_high)
+    else:
+        clip = partial(
+            losses.ppo_clip, clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip
+        )
+        policy = lambda logp, old, adv, mask: clip(logp, old, adv)  # noqa: E731
+    outcome = (
+        None
+        if a.adv_estimator is AdvEstimator.GAE
+        else adv_fns.OUTCOME_ESTIMATORS[a.adv_estimator.name]
+    )
+    return Workers(
+        config,
+        ctx,
+        layouts,
+        mp,
+        tokenizer,
+        arch,
+        actor,
+        reference,
+        critic,
+        engine,
+        loader,
+        RewardComputer(config.reward),
+        policy,
+        outcome,
+    )

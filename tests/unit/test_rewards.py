@@ -1,0 +1,71 @@
+"""Rule-based scorers, custom rewards, and failures that must not stop or hang a rank."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from distflow_mc.config.schema import RewardConfig
+from distflow_mc.rewards import fmt, gsm8k, math, tiny_copy
+from distflow_mc.rewards.compute import RewardComputer
+
+
+def test_gsm8k_final_answer():
+    assert gsm8k.score("so 3 + 4 = 7\n#### 7", "7", {}) == 1.0
+    assert gsm8k.score("we get 1,234 apples", "1234", {}) == 1.0
+    assert gsm8k.score("first 5 then 8", "5", {}) == 0.0  # the last number counts
+    assert gsm8k.score("no idea", "5", {}) == 0.0
+
+
+def test_math_boxed_equivalence():
+    assert math.score("so the answer is \\boxed{\\frac{1}{2}}", "0.5", {}) == 1.0
+    assert math.score("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}", {}) == 1.0
+    assert math.score("\\boxed{3}", "2", {}) == 0.0
+
+
+def test_format_and_tiny_copy():
+    pattern = r"<think>.*</think>\s*<answer>.*</answer>"
+    assert fmt.score("<think>hm</think> <answer>4</answer>", pattern, {}) == 1.0
+    assert fmt.score("4", pattern, {}) == 0.0
+    assert [tiny_copy.score(r, "7", {}) for r in ("7", " 7x", "3", "a")] == [1.0, 1.0, 0.2, 0.0]
+
+
+def always_half(response, ground_truth, extra_info):
+    return 0.5
+
+
+def boom(response, ground_truth, extra_info):
+    raise RuntimeError("scorer bug")
+
+
+def sleepy(response, ground_truth, extra_info):
+    time.sleep(float(response))
+    return 1.0
+
+
+def test_custom_reward_by_dotted_path():
+    computer = RewardComputer(RewardConfig(fn="tests.unit.test_rewards.always_half"))
+    assert computer(["x", "y"], ["anything", "else"], ["", ""], [{}, {}]).rewards == [0.5, 0.5]
+
+
+def test_raising_reward_gives_error_score():
+    computer = RewardComputer(RewardConfig(fn="tests.unit.test_rewards.boom", error_score=-1.0))
+    scores = computer(["x"], ["d"], [""], [{}])
+    assert (scores.rewards, scores.errors) == ([-1.0], 1)
+
+
+def test_slow_reward_times_out_without_hanging():
+    computer = RewardComputer(RewardConfig(fn="tests.unit.test_rewards.sleepy", timeout_s=0.3))
+    start = time.monotonic()
+    scores = computer(["0", "30", "0"], ["d"] * 3, [""] * 3, [{}] * 3)
+    assert time.monotonic() - start < 5
+    assert scores.timeouts >= 1 and scores.rewards[1] == 0.0 and scores.rewards[0] == 1.0
+    assert computer(["0"], ["d"], [""], [{}]).rewards == [1.0]  # a fresh pool afterwards
+
+
+def test_unknown_data_source_names_the_setting():
+    with pytest.raises(ValueError, match=r"no reward for data_source 'mystery'.*reward\.fn"):
+        RewardComputer(RewardConfig())(["x"], ["mystery"], [""], [{}])
+    with pytest.raises(ValueError, match=r"reward\.fn: module 'nope' does not import"):
+        RewardComputer(RewardConfig(fn="nope.fn"))
