@@ -26,8 +26,11 @@ lint: install
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
 
-run: install
-	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m distflow_mc.main experiment=cpu_tiny_grpo trainer.dry_run=true $(ARGS)
+data/tiny_llama/config.json: | install
+	$(BIN)/python scripts/make_tiny_task.py data
+
+run: install data/tiny_llama/config.json
+	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m distflow_mc.main experiment=cpu_tiny_grpo $(ARGS)
 
 dry-run: install
 	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m distflow_mc.main algo=ppo trainer.dry_run=true $(ARGS)

@@ -133,8 +133,8 @@ class ValueHead(torch.nn.Module):
 
     def __init__(self, hidden_size: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.empty(1, hidden_size, dtype=dtype))
-        torch.nn.init.normal_(self.weight, std=hidden_size**-0.5)
+        # zero: the critic starts at V = 0, not at noise as large as the rewards
+        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
 
     def forward(
         self, hidden: torch.Tensor, weight: torch.Tensor | None = None, **kwargs: object
