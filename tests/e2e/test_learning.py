@@ -2,7 +2,8 @@
 embedded task: they complete, write metrics, and learn.
 
 Thresholds: with the shipped settings the reward's mean over the first 10 steps is
-~0.14 (GRPO) / ~0.14 (PPO) and over the last 30 steps ~0.7 / ~0.5. Runs are
+0.081 (GRPO, 150 steps) / 0.078 (PPO, 200 steps) and over the last 30 steps 0.509 /
+0.577; a random policy scores ~0.02 and "any digit" alone 0.2. Runs are
 deterministic (seeded sampling, fixed data order, CPU kernels): the same seed gives the
 same curve bit for bit, so the margins below guard against numerics differing on another
 CPU, not against luck."""
@@ -25,7 +26,7 @@ def task(tmp_path_factory) -> Path:
     return make_task(tmp_path_factory.mktemp("task"))
 
 
-def train(task: Path, run_dir: Path, experiment: str, steps: int) -> list[dict]:
+def train(task: Path, run_dir: Path, experiment: str, steps: int, *extra: str) -> list[dict]:
     out = run_cmd(
         main_cmd(
             2,
@@ -33,6 +34,7 @@ def train(task: Path, run_dir: Path, experiment: str, steps: int) -> list[dict]:
             f"trainer.total_steps={steps}",
             f"hydra.run.dir={run_dir}",
             "parallel.timeout_s=120",
+            *extra,
         ),
         cwd=ROOT,
         timeout=600,
@@ -51,7 +53,7 @@ def mean(rows: list[dict], key: str) -> float:
 def test_grpo_learns(task, tmp_path):
     rows = train(task, tmp_path, "cpu_tiny_grpo", 150)
     first, last = mean(rows[:10], "reward/mean"), mean(rows[-30:], "reward/mean")
-    assert last > 0.45 and last > first + 0.25, (first, last)
+    assert last > 0.35 and last > first + 0.25, (first, last)
     for key in (
         "actor/entropy",
         "actor/kl",
@@ -68,10 +70,32 @@ def test_grpo_learns(task, tmp_path):
         assert key in rows[-1], key
     # engine and actor compute the same log-probs: the weight sync is exact
     assert max(r["rollout/logprob_gap_mean"] for r in rows) < 1e-4
+    validated = [r["step"] for r in rows if "val/tiny_copy/reward" in r]
+    assert validated == [50, 100, 150]
+    assert rows[-1]["val/tiny_copy/reward"] > rows[49]["val/tiny_copy/reward"] - 0.1
 
 
 def test_ppo_learns(task, tmp_path):
     rows = train(task, tmp_path, "cpu_tiny_ppo", 200)
     first, last = mean(rows[:10], "reward/mean"), mean(rows[-30:], "reward/mean")
-    assert last > 0.3 and last > first + 0.15, (first, last)
+    assert last > 0.35 and last > first + 0.25, (first, last)
     assert "critic/value_loss" in rows[-1] and "critic/grad_norm" in rows[-1]
+
+
+def test_dapo_extras_and_gspo_run(task, tmp_path):
+    """DAPO dynamic sampling and overlong penalty with the GSPO loss and clip-higher: a
+    few steps complete with their metrics."""
+    rows = train(
+        task,
+        tmp_path,
+        "cpu_tiny_grpo",
+        6,
+        "algo.dynamic_sampling=true",
+        "algo.overlong_buffer=2",
+        "algo.policy_loss=GSPO",
+        "algo.loss_agg=SEQ_MEAN_TOKEN_MEAN",
+        "algo.clip_high=0.28",
+        "trainer.val_every=0",
+    )
+    assert all(1 <= r["rollout/dynamic_rounds"] <= 4 for r in rows)
+    assert all(r["rollout/groups"] <= 8 for r in rows)

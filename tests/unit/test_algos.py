@@ -97,3 +97,18 @@ def test_value_loss_clipping():
     # unclipped (2-3)^2 = 1; clipped V = 1 + .5 = 1.5 -> (1.5-3)^2 = 2.25; max -> 2.25 / 2
     torch.testing.assert_close(losses.value_loss(v, old, ret, clip=0.5), torch.tensor([1.125]))
     torch.testing.assert_close(losses.value_loss(v, old, ret, clip=None), torch.tensor([0.5]))
+
+
+def test_dynamic_sampling_keeps_informative_groups():
+    from distflow_mc.algos.dapo import informative_groups
+
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5])
+    groups = torch.tensor([4, 4, 9, 9, 2, 2])
+    assert informative_groups(rewards, groups).tolist() == [False, False, True, True, False, False]
+
+
+def test_overlong_penalty():
+    from distflow_mc.algos.dapo import overlong_penalty
+
+    got = overlong_penalty(torch.tensor([10, 16, 18, 20]), max_len=20, buffer=4, factor=1.0)
+    torch.testing.assert_close(got, torch.tensor([0.0, 0.0, -0.5, -1.0]))

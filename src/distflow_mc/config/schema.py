@@ -66,6 +66,10 @@ class AlgoConfig:
     value_clip: float | None = 0.2
     ppo_epochs: int = 1
     mini_batches: int = 1  # optimizer steps per epoch, over each rank's samples
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal ...
+    dynamic_sampling_max_rounds: int = 4  # ... and sample more prompts, at most this often
+    overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens; 0: off
+    overlong_penalty: float = 1.0
 
 
 @dataclass
@@ -153,6 +157,8 @@ class TrainerConfig:
     dry_run: bool = False  # plan, agree across ranks, print the plan, exit
     log_all_ranks: bool = False
     micro_batch_tokens: int = 4096  # token budget of one micro-batch (dynamic batch size)
+    val_every: int = 0  # validate on data.val_files every N steps (and at the end); 0: off
+    val_n: int = 1  # samples per validation prompt; 1: greedy
     actor_optim: OptimConfig = field(default_factory=OptimConfig)
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
 

@@ -95,7 +95,8 @@ class PromptLoader:
         start = state.consumed + self.dp_rank * share
         return self.order(state.epoch)[start : start + share].tolist()
 
-    def _build(self, state: LoaderState) -> PromptBatch:
+    def batch_at(self, state: LoaderState) -> PromptBatch:
+        """This rank's prompts of the step at `state` (the state does not move)."""
         rows = self.rows_for(state)
         ids, kept, bad, overlong = [], [], 0, 0
         for index, raw in zip(rows, self.source.read(rows), strict=True):
@@ -143,11 +144,11 @@ class PromptLoader:
         if self._ahead is not None and self._ahead[0] == state:
             result = self._ahead[1].result()
         else:
-            result = self._build(state)
+            result = self.batch_at(state)
         self.state = self._advance(state)
         if self._pool is not None:
             upcoming = self.state
-            self._ahead = (upcoming, self._pool.submit(self._build, upcoming))
+            self._ahead = (upcoming, self._pool.submit(self.batch_at, upcoming))
         return result
 
     def state_dict(self) -> dict[str, int]:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
+from distflow_mc.algos.dapo import informative_groups, overlong_penalty
 from distflow_mc.data.batch import Batch
+from distflow_mc.data.loader import PromptBatch
 from distflow_mc.observability.metrics import Metrics
 from distflow_mc.rollout.engine import SamplingParams
 from distflow_mc.stages.workers import Workers
@@ -12,11 +15,45 @@ from distflow_mc.stages.workers import Workers
 
 def generate(w: Workers, batch: Batch | None, m: Metrics, step: int) -> Batch | None:
     """n samples per prompt of this rank's share, as prompt+response sequences with a
-    response mask and the engine's log-probs (token-aligned, 0 on prompt tokens)."""
+    response mask and the engine's log-probs (token-aligned, 0 on prompt tokens).
+
+    With `algo.dynamic_sampling` (DAPO), groups whose rewards are all equal are dropped
+    and more prompts are drawn until every rank has its share of groups, at most
+    `algo.dynamic_sampling_max_rounds` times. Every rank's loader advances in every
+    round (the loader state stays one global position), and all ranks agree on another
+    round with one all-reduce."""
+    a = w.config.algo
+    target = w.config.data.batch_size // w.layouts.rollout.dp
+    pieces: list[Batch] = []
+    have = 0
+    for round_ in range(a.dynamic_sampling_max_rounds if a.dynamic_sampling else 1):
+        if w.is_rollout_emitter:
+            prompts = w.loader.next()
+            if have < target:
+                got = _sample(w, prompts, m, step, round_)
+                if a.dynamic_sampling:
+                    got = score(w, got, m)
+                    keep = informative_groups(got.samples["reward"], got.samples["group"])
+                    got = got.select(keep.nonzero().squeeze(1).tolist())
+                pieces.append(got)
+                have += len(got) // w.config.rollout.n
+        if not a.dynamic_sampling:
+            break
+        short = torch.tensor([float(w.is_rollout_emitter and have < target)])
+        dist.all_reduce(short)
+        m.set("rollout/dynamic_rounds", round_ + 1)
+        if not short.item():
+            break
     if not w.is_rollout_emitter:
         return None
+    batch = Batch.concat(pieces)
+    keep_samples = min(len(batch), target * w.config.rollout.n)
+    m.add("rollout/groups", keep_samples // w.config.rollout.n)
+    return batch.select(list(range(keep_samples)))
+
+
+def _sample(w: Workers, got: PromptBatch, m: Metrics, step: int, round_: int) -> Batch:
     r = w.config.rollout
-    got = w.loader.next()
     m.add("data/malformed_rows", got.malformed)
     m.add("data/overlong_prompts", got.overlong)
     prompts = got.batch
@@ -27,7 +64,7 @@ def generate(w: Workers, batch: Batch | None, m: Metrics, step: int) -> Batch | 
         top_k=r.top_k,
         max_new_tokens=r.max_new_tokens,
         stop_token_ids=(w.tokenizer.eos_token_id,),
-        seed=(w.config.trainer.seed * 1_000_003 + step) * 4099 + w.rollout_rank,
+        seed=((w.config.trainer.seed * 1_000_003 + step) * 17 + round_) * 4099 + w.rollout_rank,
     )
     ids = [prompts.token_slice("input_ids", i) for i in range(len(prompts))]
     gen = w.engine.generate([p.tolist() for p in ids], params)
@@ -40,7 +77,7 @@ def generate(w: Workers, batch: Batch | None, m: Metrics, step: int) -> Batch | 
         tokens["input_ids"].append(torch.cat([ids[p], resp]))
         tokens["response_mask"].append(torch.cat([torch.zeros(len(ids[p])), torch.ones(len(resp))]))
         tokens["rollout_logprobs"].append(torch.cat([torch.zeros(len(ids[p])), logp.float()]))
-    index = torch.tensor(gen.prompt_index)
+    index = torch.tensor(gen.prompt_index, dtype=torch.int64)
     prompt_uid = prompts.samples["uid"][index]
     sample = torch.arange(len(index)) % r.n
     objects = {
@@ -52,36 +89,44 @@ def generate(w: Workers, batch: Batch | None, m: Metrics, step: int) -> Batch | 
     return Batch.from_sequences(tokens, samples, objects)
 
 
-def reward(w: Workers, batch: Batch | None, m: Metrics, step: int) -> Batch | None:
-    if batch is None:
-        return None
+def responses(w: Workers, batch: Batch) -> list[str]:
     mask = batch.tokens["response_mask"].bool()
-    responses = [
+    return [
         w.tokenizer.decode(
             batch.token_slice("input_ids", i)[mask[batch.offsets[i] : batch.offsets[i + 1]]],
             skip_special_tokens=True,
         )
         for i in range(len(batch))
     ]
-    scores = w.rewards(
-        responses,
-        batch.objects["data_source"],
-        batch.objects["ground_truth"],
-        batch.objects["extra_info"],
-    )
-    batch.samples["reward"] = torch.tensor(scores.rewards, dtype=torch.float32)
-    lengths = [
-        float(mask[batch.offsets[i] : batch.offsets[i + 1]].sum()) for i in range(len(batch))
-    ]
-    m.add("reward/mean", sum(scores.rewards), len(scores.rewards))
-    m.add("reward/sq", sum(x * x for x in scores.rewards), len(scores.rewards))
+
+
+def score(w: Workers, batch: Batch, m: Metrics) -> Batch:
+    """Rewards (plus DAPO's overlong penalty when configured) into samples["reward"]."""
+    a = w.config.algo
+    o = batch.objects
+    scores = w.rewards(responses(w, batch), o["data_source"], o["ground_truth"], o["extra_info"])
+    rewards = torch.tensor(scores.rewards, dtype=torch.float32)
+    mask = batch.tokens["response_mask"]
+    owner = torch.repeat_interleave(torch.arange(len(batch)), batch.lengths)
+    lengths = torch.zeros(len(batch)).index_add_(0, owner, mask)
+    if a.overlong_buffer:
+        max_len = w.config.rollout.max_new_tokens
+        rewards = rewards + overlong_penalty(
+            lengths, max_len, a.overlong_buffer, a.overlong_penalty
+        )
+    batch.samples["reward"] = rewards
+    m.add("reward/mean", float(rewards.sum()), len(rewards))
+    m.add("reward/sq", float((rewards**2).sum()), len(rewards))
     m.add("reward/errors", scores.errors + scores.timeouts)
-    m.add("response/length_mean", sum(lengths), len(lengths))
-    m.add(
-        "response/clipped_frac",
-        sum(f == "length" for f in batch.objects["finish_reason"]),
-        len(batch),
-    )
-    m.add_total("rollout/generated_tokens", sum(lengths))
+    m.add("response/length_mean", float(lengths.sum()), len(lengths))
+    m.add("response/clipped_frac", sum(f == "length" for f in o["finish_reason"]), len(batch))
+    m.add_total("rollout/generated_tokens", float(lengths.sum()))
     m.add_total("rollout/total_tokens", float(batch.num_tokens))
     return batch
+
+
+def reward(w: Workers, batch: Batch | None, m: Metrics, step: int) -> Batch | None:
+    """The REWARD node; with dynamic sampling the rollout has scored already."""
+    if batch is None or "reward" in batch.samples:
+        return batch
+    return score(w, batch, m)

@@ -16,6 +16,7 @@ from distflow_mc.observability.metrics import JsonlWriter, Metrics
 from distflow_mc.parallel.layout import Layout
 from distflow_mc.rollout.weight_sync import sync_weights
 from distflow_mc.stages import advantage, passes, rollout, train
+from distflow_mc.stages.validate import validate
 from distflow_mc.stages.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,12 @@ def fit(w: Workers, plan: Plan, run_dir: str) -> list[dict[str, float]]:
     total = w.config.trainer.total_steps
     for step in range(total):
         record = {"step": step + 1, **derived(run_step(w, bound, step).reduce())}
+        every = w.config.trainer.val_every
+        if every and ((step + 1) % every == 0 or step + 1 == total):
+            record.update(validate(w, step))
+        every = w.config.trainer.val_every
+        if every and ((step + 1) % every == 0 or step + 1 == total):
+            record.update(validate(w, step))
         history.append(record)
         if writer is not None:
             writer.write(record)

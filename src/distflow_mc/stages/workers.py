@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from distflow_mc.algos import advantages as adv_fns
 from distflow_mc.algos import losses
 from distflow_mc.config.schema import AdvEstimator, Config, Dtype, PolicyLoss
 from distflow_mc.dag import Plan, Role
+from distflow_mc.data.dataset import RowSource
 from distflow_mc.data.loader import PromptLoader
 from distflow_mc.models.factory import load_model, load_reference
 from distflow_mc.models.hf_config import HFArch
@@ -39,6 +40,7 @@ class Workers:
     critic: TrainableModel | None
     engine: RolloutEngine | None
     loader: PromptLoader | None  # on rollout emitters
+    val_loader: PromptLoader | None  # on rollout emitters, when validation is on
     rewards: RewardComputer
     policy_loss: object  # (logp, old, adv, mask) -> (per-token loss, clipped)
     outcome_advantage: object | None  # (rewards, groups) -> advantages; None for GAE
@@ -80,10 +82,12 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
         config.rollout, model_dir, layouts.rollout, tokenizer.pad_token_id, t.seed, ctx.device
     )
     emitter = ctx.rank in layouts.rollout.emitters()
-    loader = None
+    loader = val_loader = None
     if emitter:
         dp = layouts.rollout.coords(ctx.rank)["dp"]
         loader = PromptLoader(config.data, tokenizer, dp, layouts.rollout.dp, t.seed)
+        if t.val_every and config.data.val_files:
+            val_loader = validation_loader(config, tokenizer, dp, layouts.rollout.dp)
     if a.policy_loss is PolicyLoss.GSPO:
         policy = partial(losses.gspo, clip_low=a.clip_low, clip_high=a.clip_high)
     else:
@@ -108,7 +112,23 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
         critic,
         engine,
         loader,
+        val_loader,
         RewardComputer(config.reward),
         policy,
         outcome,
     )
+
+
+def validation_loader(
+    config: Config, tokenizer: PreTrainedTokenizerBase, dp_rank: int, dp_size: int
+) -> PromptLoader:
+    """The whole held-out set as one step, in file order, split over the rollout ranks."""
+    rows = RowSource(config.data.val_files).num_rows
+    val = replace(
+        config.data,
+        train_files=config.data.val_files,
+        batch_size=rows - rows % dp_size,
+        shuffle=False,
+        prefetch=False,
+    )
+    return PromptLoader(val, tokenizer, dp_rank, dp_size, config.trainer.seed)

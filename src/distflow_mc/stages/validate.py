@@ -1,0 +1,33 @@
+"""Validation: generation on the held-out set (greedy, or `trainer.val_n` samples per
+prompt at the rollout temperature), mean reward per data_source over all ranks."""
+
+from __future__ import annotations
+
+from distflow_mc.data.loader import LoaderState
+from distflow_mc.observability.metrics import Metrics
+from distflow_mc.rollout.engine import SamplingParams
+from distflow_mc.stages.workers import Workers
+
+
+def validate(w: Workers, step: int) -> dict[str, float]:
+    m = Metrics()
+    if w.val_loader is not None:
+        t, r = w.config.trainer, w.config.rollout
+        prompts = w.val_loader.batch_at(LoaderState()).batch
+        params = SamplingParams(
+            n=t.val_n,
+            temperature=0.0 if t.val_n == 1 else r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=r.max_new_tokens,
+            stop_token_ids=(w.tokenizer.eos_token_id,),
+            seed=t.seed + step,
+        )
+        ids = [prompts.token_slice("input_ids", i).tolist() for i in range(len(prompts))]
+        gen = w.engine.generate(ids, params)
+        texts = [w.tokenizer.decode(x, skip_special_tokens=True) for x in gen.response_ids]
+        o = {k: [prompts.objects[k][p] for p in gen.prompt_index] for k in prompts.objects}
+        scores = w.rewards(texts, o["data_source"], o["ground_truth"], o["extra_info"])
+        for source, value in zip(o["data_source"], scores.rewards, strict=True):
+            m.add(f"val/{source}/reward", value)
+    return m.reduce()
