@@ -26,10 +26,8 @@ lint: install
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
 
-data/tiny_llama/config.json: | install
-	$(BIN)/python scripts/make_tiny_task.py data
-
-run: install data/tiny_llama/config.json
+# The embedded task (tiny model + data under data/) is made on first use.
+run: install
 	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m distflow_mc.main experiment=cpu_tiny_grpo $(ARGS)
 
 dry-run: install

@@ -77,6 +77,7 @@ class ModelConfig:
     name: str = MISSING
     path: str = MISSING  # local Hugging Face directory: config.json, *.safetensors, tokenizer
     dtype: Dtype = Dtype.AUTO
+    embedded_task: bool = False  # the built-in CPU task: made locally on first use
 
 
 @dataclass

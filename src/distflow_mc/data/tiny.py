@@ -5,8 +5,12 @@ hundred GRPO steps on CPU: repeat the digit that ends the prompt."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import shutil
 import string
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -63,6 +67,23 @@ def make_dataset(path: str | Path, rows: int, seed: int) -> None:
             }
         )
     pq.write_table(pa.Table.from_pylist(table), path, row_group_size=256)
+
+
+def ensure_task(root: str | Path) -> Path:
+    """Make the task under `root` unless it is there. Built aside and renamed into place,
+    so concurrent callers and interrupted runs never leave a half-made task behind."""
+    root = Path(root)
+    parts = ("tiny_llama", "tiny_task")
+    if all((root / p).is_dir() for p in parts):
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))  # same filesystem: rename
+    make_task(staging)
+    for p in parts:
+        with contextlib.suppress(OSError):  # another process got there first
+            os.rename(staging / p, root / p)
+    shutil.rmtree(staging, ignore_errors=True)
+    return root
 
 
 def make_task(root: str | Path, seed: int = 0) -> Path:

@@ -7,6 +7,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from megatron.core.transformer.module import MegatronModule
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -16,6 +17,7 @@ from distflow_mc.config.schema import AdvEstimator, Config, Dtype, PolicyLoss
 from distflow_mc.dag import Plan, Role
 from distflow_mc.data.dataset import RowSource
 from distflow_mc.data.loader import PromptLoader
+from distflow_mc.data.tiny import ensure_task
 from distflow_mc.models.factory import load_model, load_reference
 from distflow_mc.models.hf_config import HFArch
 from distflow_mc.models.train import TrainableModel
@@ -66,6 +68,10 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
     roles = {n.role for n in plan.nodes}
     mp = init_model_parallel(config.parallel, seed=t.seed)
     model_dir = Path(config.model.path)
+    if config.model.embedded_task:
+        if ctx.local_rank == 0:
+            ensure_task(model_dir.parent)
+        dist.barrier()
     dtype = model_dtype(config.model.dtype)
     tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or model_dir)
     arch, chunks = load_model(model_dir, mp, dtype)

@@ -1,0 +1,42 @@
+"""The embedded task is made deterministically, once, and atomically."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from transformers import AutoTokenizer
+
+from distflow_mc.data.tiny import ensure_task, make_task
+from distflow_mc.models.hf_config import read_hf_config
+
+
+def digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def test_task_is_deterministic(tmp_path):
+    assert digest(make_task(tmp_path / "a")) == digest(make_task(tmp_path / "b"))
+
+
+def test_ensure_task_makes_once(tmp_path):
+    root = ensure_task(tmp_path / "data")
+    stamp = (root / "tiny_llama" / "model.safetensors").stat().st_mtime_ns
+    assert ensure_task(root) == root
+    assert (root / "tiny_llama" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in root.iterdir()) == ["tiny_llama", "tiny_task"]  # no staging
+
+
+def test_task_contents(tmp_path):
+    root = make_task(tmp_path)
+    arch = read_hf_config(root / "tiny_llama")
+    tok = AutoTokenizer.from_pretrained(root / "tiny_llama")
+    assert arch.vocab_size == len(tok) == 128
+    rows = pq.read_table(root / "tiny_task" / "train.parquet").to_pylist()
+    assert len(rows) == 4096 and rows[0]["data_source"] == "tiny_copy"
+    assert rows[0]["prompt"][0]["content"].endswith(rows[0]["reward_model"]["ground_truth"])
