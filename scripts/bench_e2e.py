@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_common import report
 from distflow_mc.data.tiny import make_task
 from plot_metrics import plot
 
@@ -75,8 +76,7 @@ def main() -> None:
         "reward_first10": round(avg("reward/mean", rows[:10]), 3),
         "reward_last50": round(avg("reward/mean", rows[-50:]), 3),
     }
-    print(" | ".join(f"{k:>18}" for k in summary))
-    print(" | ".join(f"{v!s:>18}" for v in summary.values()))
+    report([summary], f"{stem}_summary.csv", width=18)
 
 
 if __name__ == "__main__":

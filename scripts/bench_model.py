@@ -10,13 +10,14 @@ table last and writes bench_model.csv in the current directory.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_common import report
 
 SIZES = {
     # a small Llama-style model that a 2-core CPU steps in about a second
@@ -140,13 +141,7 @@ def main() -> None:
     base = rows[0]["tokens_per_s"]
     for row in rows:
         row["speedup_vs_first"] = round(row["tokens_per_s"] / base, 2)
-    with open("bench_model.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(" | ".join(f"{k:>14}" for k in rows[0]))
-    for row in rows:
-        print(" | ".join(f"{v!s:>14}" for v in row.values()))
+    report(rows, "bench_model.csv", width=14)
 
 
 if __name__ == "__main__":

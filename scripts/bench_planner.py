@@ -8,11 +8,11 @@ current directory. The target is well under 100 ms for 1,000 nodes.
 
 from __future__ import annotations
 
-import csv
 import random
 import statistics
 import time
 
+from bench_common import report
 from distflow_mc.dag import NodeSpec, NodeType, Role, fingerprint, plan_workflow
 
 
@@ -47,14 +47,7 @@ def main() -> None:
                 "ratio_to_100ms_budget": round(median / 0.1, 3),
             }
         )
-    with open("bench_planner.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    header = " | ".join(f"{k:>21}" for k in rows[0])
-    print(header)
-    for row in rows:
-        print(" | ".join(f"{v:>21}" for v in row.values()))
+    report(rows, "bench_planner.csv", width=21)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Prints a table last and writes bench_redistribute.csv in the current directory.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import subprocess
@@ -19,6 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_common import report
 
 SAMPLES = 1024
 GROUP = 8
@@ -155,13 +156,7 @@ def main() -> None:
             cmd = [torchrun, "--standalone", f"--nproc-per-node={w}", __file__, "--worker", f.name]
             subprocess.run(cmd, check=True, capture_output=True, timeout=1800)
             rows.append(json.loads(Path(f.name).read_text()))
-    with open("bench_redistribute.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(" | ".join(f"{k:>20}" for k in rows[0]))
-    for row in rows:
-        print(" | ".join(f"{v!s:>20}" for v in row.values()))
+    report(rows, "bench_redistribute.csv", width=20)
 
 
 if __name__ == "__main__":

@@ -51,10 +51,13 @@ def bind(plan: Plan, w: Workers) -> list[tuple[PlannedNode, StageFn, Layout]]:
 def run_step(w: Workers, bound: list, step: int) -> Metrics:
     m = Metrics()
     batch, layout = None, w.layouts.rollout
+    colocated = w.engine is not None and w.config.rollout.colocated
     start = time.perf_counter()
     for node, fn, node_layout in bound:
         tick = time.perf_counter()
         if node_layout != layout:
+            if layout is w.layouts.rollout and colocated:
+                w.engine.sleep()  # hand the accelerator memory to the trainer
             batch = redistribute(
                 batch, layout, node_layout, Balance(keep_groups=True), w.ctx.device
             )
@@ -64,6 +67,8 @@ def run_step(w: Workers, bound: list, step: int) -> Metrics:
         batch = fn(w, batch, m, step)
         m.set(f"time/{node.id}", time.perf_counter() - tick)
     tick = time.perf_counter()
+    if colocated:
+        w.engine.wake()
     bucket = w.config.rollout.weight_sync_bucket_mb << 20
     sync_weights(w.actor.modules, w.arch, w.mp, w.engine, bucket)
     m.set("time/weight_sync", time.perf_counter() - tick)
