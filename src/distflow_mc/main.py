@@ -16,7 +16,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from distflow_mc.config import canonical_config, load_config, register_resolvers, register_schemas
+from distflow_mc.config import (
+    Engine,
+    canonical_config,
+    load_config,
+    register_resolvers,
+    register_schemas,
+)
 from distflow_mc.dag import fingerprint, plan_workflow
 from distflow_mc.observability.logging import log_all_ranks
 from distflow_mc.parallel import (
@@ -26,6 +32,7 @@ from distflow_mc.parallel import (
     init_distributed,
     world_size_from_env,
 )
+from distflow_mc.rollout.sglang_engine import check_available as check_sglang
 from distflow_mc.stages.step import fit
 from distflow_mc.stages.workers import build_workers
 
@@ -41,6 +48,8 @@ def main(cfg: DictConfig) -> None:
     config = load_config(cfg)
     log_all_ranks(config.trainer.log_all_ranks)
     layouts = build_layouts(config, world_size_from_env())
+    if config.rollout.engine is Engine.SGLANG and not config.trainer.dry_run:
+        check_sglang()
     plan = plan_workflow(config.algo.workflow)
     run_dir = HydraConfig.get().runtime.output_dir
     settings = {"config": canonical_config(config), "run_dir": run_dir}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, main_cmd, run_cmd
 
@@ -77,3 +78,10 @@ def test_multirun_under_torchrun(workdir: Path):
     assert "algo=ppo, 8 nodes in 5 stages, 2 rank(s) agree" in out.stdout
     jobs = sorted(p.name for p in (workdir / "multirun" / "sweep").iterdir() if p.is_dir())
     assert jobs == ["0", "1"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_sglang_without_gpu_fails_on_every_rank(workdir: Path):
+    out = run_cmd(main_cmd(2, "rollout=sglang", *FAST), cwd=workdir, timeout=180)
+    assert out.returncode != 0
+    assert "rollout.engine=SGLANG needs" in out.stdout + out.stderr

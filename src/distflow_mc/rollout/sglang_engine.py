@@ -11,6 +11,14 @@ import torch
 from distflow_mc.rollout.engine import Bucket, Generation, SamplingParams
 
 
+def check_available() -> None:
+    """Raise on every rank, before any collective, when SGLang cannot run here."""
+    if importlib.util.find_spec("sglang") is None:
+        raise ValueError("rollout.engine=SGLANG needs sglang: pip install -e '.[sglang]'")
+    if not torch.cuda.is_available():
+        raise ValueError("rollout.engine=SGLANG needs a GPU; use rollout=hf on CPU")
+
+
 class SGLangEngine:
     """One engine per rollout TP group, on the group's leader rank; SGLang runs its own TP
     workers on the group's GPUs, starting at `base_gpu_id`."""
@@ -27,10 +35,7 @@ class SGLangEngine:
         node_rank: int = 0,
         dist_init_addr: str | None = None,
     ) -> None:
-        if importlib.util.find_spec("sglang") is None:
-            raise ValueError("rollout.engine=SGLANG needs sglang: pip install -e '.[sglang]'")
-        if not torch.cuda.is_available():
-            raise ValueError("rollout.engine=SGLANG needs a GPU; use rollout=hf on CPU")
+        check_available()
         import sglang
 
         kwargs = {"nnodes": nnodes, "node_rank": node_rank, "dist_init_addr": dist_init_addr}
