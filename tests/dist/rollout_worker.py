@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mpu
+from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from distflow_mc.checkpoint.hf_export import save_hf  # noqa: E402
 from distflow_mc.config.schema import OptimConfig, ParallelConfig, RolloutConfig  # noqa: E402
 from distflow_mc.models.factory import load_model  # noqa: E402
 from distflow_mc.models.logprobs import vocab_parallel_logprobs  # noqa: E402
@@ -92,7 +94,15 @@ def main() -> None:
     for i, resp in enumerate(sampled.response_ids):
         ref = actor_logprobs(model, PROMPTS[sampled.prompt_index[i]], resp.tolist(), 0.8)
         gaps.append(logprob_gap(sampled.logprobs[i], ref, torch.ones_like(ref)))
+    exported = save_hf(model.modules, arch, mp, args.model, args.out / "hf")
+    ids = torch.tensor([PROMPTS[2]])
+    (actor_logits,) = model.forward([{"input_ids": ids}], lambda mb, out: full_logits(out))
+    hf = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf_logits = hf(ids).logits
     result = {
+        "export_logits_maxdiff": (hf_logits - actor_logits).abs().max().item(),
+        "export_files": sorted(p.name for p in exported.iterdir()),
         "engine_equals_actor": engine_after == actor_after,
         "changed_by_training": engine_after != [r.tolist() for r in before.response_ids],
         "gap_mean": max(g["rollout/logprob_gap_mean"] for g in gaps),

@@ -26,3 +26,7 @@ def test_sync_after_training_step(tmp_path):
         assert r["engine_equals_actor"], (r["engine"], r["actor"])
         assert r["changed_by_training"]  # the sync carried new weights, not the old ones
         assert r["gap_max"] < 1e-4, r
+        # HF export of the trained actor: transformers loads it and gives the actor's logits
+        assert r["export_logits_maxdiff"] < 1e-4, r
+        assert "model.safetensors.index.json" in r["export_files"]
+        assert "config.json" in r["export_files"]

@@ -97,5 +97,6 @@ def test_dapo_extras_and_gspo_run(task, tmp_path):
         "algo.clip_high=0.28",
         "trainer.val_every=0",
     )
+    assert any((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert all(1 <= r["rollout/dynamic_rounds"] <= 4 for r in rows)
     assert all(r["rollout/groups"] <= 8 for r in rows)

@@ -159,6 +159,10 @@ class TrainerConfig:
     log_all_ranks: bool = False
     micro_batch_tokens: int = 4096  # token budget of one micro-batch (dynamic batch size)
     val_every: int = 0  # validate on data.val_files every N steps (and at the end); 0: off
+    progress_bar: bool = True  # rank 0: step, reward, tokens/s, ETA
+    tensorboard: bool = True  # rank 0 writes <output dir>/tensorboard
+    wandb_project: str | None = None  # log to Weights & Biases too (pip install wandb)
+    export_hf: bool = False  # write the final actor as a HF checkpoint to <output dir>/hf
     val_n: int = 1  # samples per validation prompt; 1: greedy
     actor_optim: OptimConfig = field(default_factory=OptimConfig)
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))

@@ -46,11 +46,57 @@ class Metrics:
         return {**out, **self.local}
 
 
-class JsonlWriter:
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+class Sinks:
+    """Where rank 0 sends each step's metrics: JSONL always; TensorBoard, Weights &
+    Biases and a progress bar as configured."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        total_steps: int,
+        first_step: int,
+        tensorboard: bool,
+        wandb_project: str | None,
+        progress_bar: bool,
+        name: str,
+    ) -> None:
+        self.jsonl = Path(run_dir) / "metrics.jsonl"
+        self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+        self.tb = self.wandb = self.bar = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, name=name, dir=str(run_dir))
+        if progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=first_step, desc=name, dynamic_ncols=True)
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
+        with self.jsonl.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+        step = record["step"]
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
+        if self.tb is not None:
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+        if self.bar is not None:
+            self.bar.set_postfix(
+                reward=f"{record.get('reward/mean', float('nan')):.3f}",
+                tok_s=f"{record.get('throughput/total_tokens_per_s', float('nan')):.0f}",
+            )
+            self.bar.update(1)
+
+    def close(self) -> None:
+        for sink in (self.tb, self.bar):
+            if sink is not None:
+                sink.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -3,23 +3,22 @@ layout changes (rollout -> train), then weight sync actor -> rollout engine."""
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from distflow_mc.checkpoint.hf_export import save_hf
 from distflow_mc.dag import NodeType, Plan, PlannedNode, Role
 from distflow_mc.dag.validate import import_fn
 from distflow_mc.data.batch import Batch
 from distflow_mc.data.redistribute import Balance, redistribute
-from distflow_mc.observability.metrics import JsonlWriter, Metrics
+from distflow_mc.observability.metrics import Metrics, Sinks
 from distflow_mc.parallel.layout import Layout
 from distflow_mc.rollout.weight_sync import sync_weights
 from distflow_mc.stages import advantage, passes, rollout, train
 from distflow_mc.stages.validate import validate
 from distflow_mc.stages.workers import Workers
 
-log = logging.getLogger(__name__)
 StageFn = Callable[[Workers, Batch | None, Metrics, int], Batch | None]
 DEFAULTS: dict[tuple[Role | None, NodeType], StageFn] = {
     (Role.ROLLOUT, NodeType.MODEL_INFERENCE): rollout.generate,
@@ -78,33 +77,28 @@ def run_step(w: Workers, bound: list, step: int) -> Metrics:
 
 def fit(w: Workers, plan: Plan, run_dir: str) -> list[dict[str, float]]:
     """The training loop: initial weight sync, then `trainer.total_steps` steps; rank 0
-    appends each step's reduced metrics to `run_dir`/metrics.jsonl."""
+    sends each step's reduced metrics to the sinks (metrics.jsonl in `run_dir`, ...)."""
+    t = w.config.trainer
     bound = bind(plan, w)
     bucket = w.config.rollout.weight_sync_bucket_mb << 20
     sync_weights(w.actor.modules, w.arch, w.mp, w.engine, bucket)
-    writer = JsonlWriter(Path(run_dir) / "metrics.jsonl") if w.ctx.rank == 0 else None
+    sinks = None
+    if w.ctx.rank == 0:
+        sinks = Sinks(
+            run_dir, t.total_steps, 0, t.tensorboard, t.wandb_project, t.progress_bar, w.config.name
+        )
     history = []
-    total = w.config.trainer.total_steps
-    for step in range(total):
+    for step in range(t.total_steps):
         record = {"step": step + 1, **derived(run_step(w, bound, step).reduce())}
-        every = w.config.trainer.val_every
-        if every and ((step + 1) % every == 0 or step + 1 == total):
-            record.update(validate(w, step))
-        every = w.config.trainer.val_every
-        if every and ((step + 1) % every == 0 or step + 1 == total):
+        if t.val_every and ((step + 1) % t.val_every == 0 or step + 1 == t.total_steps):
             record.update(validate(w, step))
         history.append(record)
-        if writer is not None:
-            writer.write(record)
-        log.info(
-            "step %d/%d reward %.3f len %.1f %.2fs %.0f gen tok/s",
-            step + 1,
-            total,
-            record.get("reward/mean", float("nan")),
-            record.get("response/length_mean", float("nan")),
-            record["time/step"],
-            record.get("throughput/generated_tokens_per_s", float("nan")),
-        )
+        if sinks is not None:
+            sinks.write(record)
+    if sinks is not None:
+        sinks.close()
+    if t.export_hf:
+        save_hf(w.actor.modules, w.arch, w.mp, w.config.model.path, Path(run_dir) / "hf")
     return history
 
 

@@ -1,0 +1,1 @@
+"""Checkpoints (megatron dist_checkpointing, atomic) and Hugging Face export."""
