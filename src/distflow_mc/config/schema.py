@@ -126,6 +126,11 @@ class RolloutConfig:
     weight_sync_bucket_mb: int = 256
 
 
+class Resume(Enum):
+    NEVER = "NEVER"
+    AUTO = "AUTO"  # from the latest complete checkpoint in trainer.checkpoint_dir, if any
+
+
 class OnBadRow(Enum):
     SKIP = "SKIP"  # count it, warn, carry on with the rest of the batch
     ERROR = "ERROR"  # stop with the file and row number
@@ -163,6 +168,10 @@ class TrainerConfig:
     tensorboard: bool = True  # rank 0 writes <output dir>/tensorboard
     wandb_project: str | None = None  # log to Weights & Biases too (pip install wandb)
     export_hf: bool = False  # write the final actor as a HF checkpoint to <output dir>/hf
+    save_every: int = 0  # checkpoint every N steps (and at the end); 0: never
+    keep_last: int = 3
+    checkpoint_dir: str | None = None  # None: <output dir>/checkpoints
+    resume: Resume = Resume.NEVER
     val_n: int = 1  # samples per validation prompt; 1: greedy
     actor_optim: OptimConfig = field(default_factory=OptimConfig)
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))

@@ -51,7 +51,13 @@ def init_distributed(timeout_s: float) -> DistContext:
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, timeout=timeout)
+            dist.init_process_group(
+                backend,
+                store=_attempt_store(rank, world_size, timeout),
+                rank=rank,
+                world_size=world_size,
+                timeout=timeout,
+            )
         elif world_size == 1:
             dist.init_process_group(
                 backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
@@ -62,6 +68,23 @@ def init_distributed(timeout_s: float) -> DistContext:
             )
         atexit.register(dist.destroy_process_group)
     return DistContext(rank, world_size, local_rank, backend, device)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """The rendezvous store, namespaced by torchrun's restart count. After a restart the
+    store still holds the failed attempt's keys; megatron's groups get the same names
+    again and would read the dead processes' addresses."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts it
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=rank == 0 and not agent,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(
+        f"distflow/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store
+    )
 
 
 class AgreementError(ValueError):

@@ -3,11 +3,17 @@ layout changes (rollout -> train), then weight sync actor -> rollout engine."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch.distributed as dist
+
+from distflow_mc import checkpoint
 from distflow_mc.checkpoint.hf_export import save_hf
+from distflow_mc.config.schema import Resume
+from distflow_mc.config.validate import canonical_config
 from distflow_mc.dag import NodeType, Plan, PlannedNode, Role
 from distflow_mc.dag.validate import import_fn
 from distflow_mc.data.batch import Batch
@@ -76,30 +82,79 @@ def run_step(w: Workers, bound: list, step: int) -> Metrics:
 
 
 def fit(w: Workers, plan: Plan, run_dir: str) -> list[dict[str, float]]:
-    """The training loop: initial weight sync, then `trainer.total_steps` steps; rank 0
-    sends each step's reduced metrics to the sinks (metrics.jsonl in `run_dir`, ...)."""
+    """The training loop: resume if asked, sync weights into the engines, then the steps;
+    rank 0 sends each step's reduced metrics to the sinks; checkpoints every
+    `trainer.save_every` steps and at the end."""
     t = w.config.trainer
     bound = bind(plan, w)
+    ckpt_dir = Path(t.checkpoint_dir or Path(run_dir) / "checkpoints")
+    models = {"actor": w.actor, **({"critic": w.critic} if w.critic else {})}
+    start = resume(w, ckpt_dir, models, Path(run_dir) / "metrics.jsonl")
     bucket = w.config.rollout.weight_sync_bucket_mb << 20
     sync_weights(w.actor.modules, w.arch, w.mp, w.engine, bucket)
     sinks = None
     if w.ctx.rank == 0:
         sinks = Sinks(
-            run_dir, t.total_steps, 0, t.tensorboard, t.wandb_project, t.progress_bar, w.config.name
+            run_dir,
+            t.total_steps,
+            start,
+            t.tensorboard,
+            t.wandb_project,
+            t.progress_bar,
+            w.config.name,
         )
     history = []
-    for step in range(t.total_steps):
+    for step in range(start, t.total_steps):
         record = {"step": step + 1, **derived(run_step(w, bound, step).reduce())}
-        if t.val_every and ((step + 1) % t.val_every == 0 or step + 1 == t.total_steps):
+        last = step + 1 == t.total_steps
+        if t.val_every and ((step + 1) % t.val_every == 0 or last):
             record.update(validate(w, step))
         history.append(record)
         if sinks is not None:
             sinks.write(record)
+        if t.save_every and ((step + 1) % t.save_every == 0 or last):
+            checkpoint.save(ckpt_dir, step + 1, models, trainer_state(w, models), t.keep_last)
     if sinks is not None:
         sinks.close()
     if t.export_hf:
         save_hf(w.actor.modules, w.arch, w.mp, w.config.model.path, Path(run_dir) / "hf")
     return history
+
+
+def trainer_state(w: Workers, models: dict) -> dict:
+    """What a resumed run needs besides the shards (rank 0 writes it)."""
+    return {
+        "loader": w.loader.state_dict() if w.loader else None,
+        "schedulers": {role: m.scheduler.state_dict() for role, m in models.items()},
+        "config": canonical_config(w.config),
+    }
+
+
+def resume(w: Workers, ckpt_dir: Path, models: dict, metrics: Path) -> int:
+    """With trainer.resume=AUTO, restore the latest complete checkpoint (if any) and
+    return its step; metrics logged after it by an interrupted attempt are dropped, so
+    every step appears once. Every rank must see the same checkpoint."""
+    if w.config.trainer.resume is not Resume.AUTO:
+        return 0
+    found: list = [None] * w.ctx.world_size
+    dist.all_gather_object(found, checkpoint.latest_step(ckpt_dir))
+    if len(set(found)) > 1:
+        raise ValueError(
+            f"ranks see different checkpoints in {ckpt_dir}: {found} (shared filesystem?)"
+        )
+    if found[0] is None:
+        return 0
+    state = checkpoint.load(ckpt_dir, found[0], models)
+    if w.loader is not None:
+        w.loader.load_state_dict(state["loader"])
+    for role, model in models.items():
+        model.scheduler.load_state_dict(state["schedulers"][role])
+    if w.ctx.rank == 0 and metrics.is_file():
+        kept = [
+            x for x in metrics.read_text().splitlines() if json.loads(x)["step"] <= state["step"]
+        ]
+        metrics.write_text("".join(line + "\n" for line in kept))
+    return state["step"]
 
 
 def derived(r: dict[str, float]) -> dict[str, float]:
