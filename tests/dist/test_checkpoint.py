@@ -7,14 +7,18 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from distflow_mc.data.tiny import make_task
 from tests.conftest import ROOT, TORCHRUN, main_cmd, run_cmd
+from tests.tiny_hf import load_tensors
 
 pytestmark = pytest.mark.dist
 QUIET = ["experiment=cpu_tiny_grpo", "trainer.progress_bar=false", "parallel.timeout_s=120"]
@@ -48,7 +52,17 @@ def test_resume_continues_exactly(env, tmp_path):
 
 
 def test_resume_on_one_rank_from_two_rank_tp2(env, tmp_path):
-    run(env, 2, tmp_path, "trainer.total_steps=3", "trainer.save_every=3", "parallel.tp=2")
+    run(env, 2, tmp_path, "trainer.total_steps=3", "trainer.save_every=3", "parallel.tp=2",
+        "trainer.export_hf=true")
+    # scripts/export_hf.py turns the TP=2 checkpoint into the same HF model, in one process
+    script = [sys.executable, str(ROOT / "scripts" / "export_hf.py"), str(tmp_path / "checkpoints"),
+              str(tmp_path / "hf_script")]
+    out = run_cmd(script, cwd=ROOT, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    at_end, from_script = load_tensors(tmp_path / "hf"), load_tensors(tmp_path / "hf_script")
+    assert sorted(at_end) == sorted(from_script)
+    assert all(torch.equal(at_end[k], from_script[k]) for k in at_end)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "hf_script")
     run(env, 1, tmp_path, "trainer.total_steps=5", "trainer.resume=AUTO")
     assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4, 5]
 

@@ -1,0 +1,52 @@
+"""Launch scripts: they parse, and the Slurm template's dry run renders the torchrun command
+it would run on every node."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPTS = [ROOT / "launch" / "slurm" / "train.sbatch", ROOT / "launch" / "local.sh"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_sbatch_dry_run_renders_the_command():
+    env = {
+        **os.environ,
+        "DRY_RUN": "1",
+        "SLURM_NNODES": "4",
+        "SLURM_JOB_ID": "4242",
+        "GPUS_PER_NODE": "8",
+        "RDZV_PORT": "29600",
+    }
+    out = subprocess.run(
+        ["bash", str(SCRIPTS[0]), "algo=ppo", "trainer.actor_optim.lr=1e-6"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    argv = shlex.split(out)
+    assert argv[:3] == ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    torchrun = argv[argv.index("torchrun") :]
+    assert torchrun[torchrun.index("--nnodes") + 1] == "4"
+    assert torchrun[torchrun.index("--nproc-per-node") + 1] == "8"
+    assert torchrun[torchrun.index("--rdzv-backend") + 1] == "c10d"
+    assert torchrun[torchrun.index("--rdzv-id") + 1] == "4242"
+    assert torchrun[torchrun.index("--rdzv-endpoint") + 1].endswith(":29600")
+    assert torchrun[-5:] == [
+        "-m",
+        "distflow_mc.main",
+        "trainer.resume=AUTO",
+        "algo=ppo",
+        "trainer.actor_optim.lr=1e-6",
+    ]
