@@ -4,6 +4,7 @@ into global means; rank 0 appends them to a JSONL file."""
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,6 +17,7 @@ class Metrics:
         self.sums: dict[str, float] = defaultdict(float)
         self.counts: dict[str, float] = defaultdict(float)
         self.totals: dict[str, float] = defaultdict(float)  # summed over ranks
+        self.maxima: dict[str, float] = {}  # max over ranks
         self.local: dict[str, float] = {}  # this rank's own (times, lr): no reduce
 
     def add(self, name: str, total: float, count: float = 1.0) -> None:
@@ -25,24 +27,30 @@ class Metrics:
     def add_total(self, name: str, value: float) -> None:
         self.totals[name] += float(value)
 
+    def add_max(self, name: str, value: float) -> None:
+        self.maxima[name] = max(self.maxima.get(name, float("-inf")), float(value))
+
     def set(self, name: str, value: float) -> None:
         self.local[name] = float(value)
 
     def reduce(self) -> dict[str, float]:
-        """Global means (and totals) over all ranks: one all_gather_object of the names
-        (ranks may hold different ones), one all_reduce of the values."""
+        """Global means, totals and maxima over all ranks: one all_gather_object of the
+        names (ranks may hold different ones), then one all_reduce per reduction."""
         names: list = [None] * dist.get_world_size()
-        dist.all_gather_object(names, (sorted(self.sums), sorted(self.totals)))
-        means = sorted({n for pair in names for n in pair[0]})
-        totals = sorted({n for pair in names for n in pair[1]})
+        dist.all_gather_object(names, (sorted(self.sums), sorted(self.totals), sorted(self.maxima)))
+        means, totals, maxima = (sorted({n for kinds in names for n in kinds[k]}) for k in range(3))
         rows = [[self.sums.get(n, 0.0), self.counts.get(n, 0.0)] for n in means]
         rows += [[self.totals.get(n, 0.0), 0.0] for n in totals]
         packed = torch.tensor(rows, dtype=torch.float64).reshape(-1, 2)
+        peak = torch.tensor([self.maxima.get(n, -math.inf) for n in maxima], dtype=torch.float64)
         if dist.get_world_size() > 1:
             dist.all_reduce(packed)
+            if maxima:
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         values = packed.tolist()
         out = {n: (s / c if c else float("nan")) for n, (s, c) in zip(means, values, strict=False)}
         out.update({n: s for n, (s, _) in zip(totals, values[len(means) :], strict=True)})
+        out.update(zip(maxima, peak.tolist(), strict=True))
         return {**out, **self.local}
 
 

@@ -13,11 +13,13 @@ log = logging.getLogger(__name__)
 def logprob_gap(
     engine: torch.Tensor, actor: torch.Tensor, mask: torch.Tensor, warn_above: float | None = None
 ) -> dict[str, float]:
-    """Mean and max |engine - actor| over masked tokens (any equal shapes)."""
+    """Mean and max |engine - actor| over masked tokens (any equal shapes), and the token
+    count (to combine means across ranks)."""
     diff = (engine.float() - actor.float()).abs()[mask.bool()]
     gap = {
         "rollout/logprob_gap_mean": float(diff.mean()) if diff.numel() else 0.0,
         "rollout/logprob_gap_max": float(diff.max()) if diff.numel() else 0.0,
+        "tokens": float(diff.numel()),
     }
     if warn_above is not None and gap["rollout/logprob_gap_mean"] > warn_above:
         log.warning(

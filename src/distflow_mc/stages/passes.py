@@ -13,6 +13,7 @@ from distflow_mc.data.microbatch import pad_microbatch, split_by_token_budget
 from distflow_mc.models.logprobs import vocab_parallel_logprobs
 from distflow_mc.models.schedule import run_microbatches
 from distflow_mc.observability.metrics import Metrics
+from distflow_mc.rollout.guard import logprob_gap
 from distflow_mc.stages.workers import Workers
 
 
@@ -75,10 +76,15 @@ def old_logprobs(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
     logp = _forward(w, batch, w.actor.forward, lambda mb, out: token_logprobs(out, mb, t)[0])
     batch.tokens["old_logprobs"] = logp
     if w.mp.emits_data:
-        mask = batch.tokens["response_mask"].bool()
-        gap = (logp - batch.tokens["rollout_logprobs"]).abs()[mask]
-        m.add("rollout/logprob_gap_mean", float(gap.sum()), gap.numel())
-        m.add("rollout/logprob_gap_max_sum", float(gap.max()) if gap.numel() else 0.0)
+        gap = logprob_gap(
+            batch.tokens["rollout_logprobs"],
+            logp,
+            batch.tokens["response_mask"],
+            warn_above=w.config.rollout.logprob_gap_warn,
+        )
+        mean, tokens = gap["rollout/logprob_gap_mean"], gap["tokens"]
+        m.add("rollout/logprob_gap_mean", mean * tokens, tokens)
+        m.add_max("rollout/logprob_gap_max", gap["rollout/logprob_gap_max"])
     return batch
 
 
