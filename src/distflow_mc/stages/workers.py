@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -44,8 +45,8 @@ class Workers:
     loader: PromptLoader | None  # on rollout emitters
     val_loader: PromptLoader | None  # on rollout emitters, when validation is on
     rewards: RewardComputer
-    policy_loss: object  # (logp, old, adv, mask) -> (per-token loss, clipped)
-    outcome_advantage: object | None  # (rewards, groups) -> advantages; None for GAE
+    policy_loss: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (logp, old, adv, mask)
+    outcome_advantage: Callable[..., torch.Tensor] | None  # (rewards, groups); None: GAE
 
     @property
     def rollout_rank(self) -> int:
@@ -100,7 +101,10 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
         clip = partial(
             losses.ppo_clip, clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip
         )
-        policy = lambda logp, old, adv, mask: clip(logp, old, adv)  # noqa: E731
+
+        def policy(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor):
+            return clip(logp, old, adv)  # token-level: the mask applies in aggregation
+
     outcome = (
         None
         if a.adv_estimator is AdvEstimator.GAE
