@@ -150,3 +150,15 @@ def test_prefetch_gives_the_same_batches(files, tokenizer):
     with_prefetch, _ = global_steps(files, tokenizer, 2, 8, prefetch=True)
     without, _ = global_steps(files, tokenizer, 2, 8, prefetch=False)
     assert with_prefetch == without
+
+
+def test_locate_names_file_and_row(files, tokenizer):
+    source = loader(files, tokenizer).source
+    assert [(p.name, r) for p, r in map(source.locate, (0, 9, 10, 37, 40, 51))] == [
+        ("a.parquet", 0),
+        ("a.parquet", 9),
+        ("a.parquet", 10),
+        ("a.parquet", 37),
+        ("b.jsonl", 0),
+        ("b.jsonl", 11),
+    ]

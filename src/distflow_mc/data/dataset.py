@@ -28,6 +28,7 @@ class _Part:
 
     path: Path
     start: int  # first global row
+    file_row: int  # first row within its file
     rows: int
     row_group: int | None  # None: jsonl
 
@@ -46,14 +47,16 @@ class RowSource:
                 raise ValueError(f"data file not found: {f}")
             if f.suffix == ".parquet":
                 meta = pq.ParquetFile(f).metadata
+                in_file = 0
                 for rg in range(meta.num_row_groups):
                     rows = meta.row_group(rg).num_rows
-                    self.parts.append(_Part(f, total, rows, rg))
+                    self.parts.append(_Part(f, total, in_file, rows, rg))
                     total += rows
+                    in_file += rows
             elif f.suffix in (".jsonl", ".json"):
                 offsets = self._index_lines(f)
                 self._line_offsets[f] = offsets
-                self.parts.append(_Part(f, total, len(offsets), None))
+                self.parts.append(_Part(f, total, 0, len(offsets), None))
                 total += len(offsets)
             else:
                 raise ValueError(f"data file {f}: expected .parquet or .jsonl")
@@ -76,8 +79,7 @@ class RowSource:
     def locate(self, index: int) -> tuple[Path, int]:
         """(file, row number within the file) of a global row, for messages."""
         part = self.parts[bisect.bisect_right(self._starts, index) - 1]
-        before = sum(p.rows for p in self.parts if p.path == part.path and p.start < part.start)
-        return part.path, before + index - part.start
+        return part.path, part.file_row + index - part.start
 
     def read(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """Rows at `indices`, in that order; each row group or file is opened once."""

@@ -73,10 +73,6 @@ class PromptLoader:
         )
         self._ahead: tuple[LoaderState, Future] | None = None
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.source) // self.config.batch_size  # the last partial batch is dropped
-
     def order(self, epoch: int) -> np.ndarray:
         n = len(self.source)
         if not self.config.shuffle:

@@ -44,9 +44,6 @@ class HFCheckpoint:
             raise ValueError(f"model.path: no model.safetensors(.index.json) in '{model_dir}'")
         self._open: dict[Path, object] = {}
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.files
-
     def _slice(self, name: str):  # safetensors PySafeSlice: no public type to annotate
         if name not in self.files:
             raise ValueError(f"{self.dir}: tensor '{name}' is missing from the checkpoint")

@@ -31,10 +31,6 @@ class ModelParallel:
     dp_group: dist.ProcessGroup
 
     @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
