@@ -30,6 +30,7 @@ from distflow_mc.parallel import (
     check_agreement,
     describe_plan,
     init_distributed,
+    ranks_per_node_from_env,
     world_size_from_env,
 )
 from distflow_mc.rollout.sglang_engine import check_available as check_sglang
@@ -47,7 +48,7 @@ register_resolvers()
 def main(cfg: DictConfig) -> None:
     config = load_config(cfg)
     log_all_ranks(config.trainer.log_all_ranks)
-    layouts = build_layouts(config, world_size_from_env())
+    layouts = build_layouts(config, world_size_from_env(), ranks_per_node_from_env())
     if config.rollout.engine is Engine.SGLANG and not config.trainer.dry_run:
         check_sglang()
     plan = plan_workflow(config.algo.workflow)
@@ -69,7 +70,11 @@ def main(cfg: DictConfig) -> None:
     if config.trainer.dry_run:
         log.info("plan:\n%s", "\n".join(describe_plan(plan, layouts)))
         return
-    fit(build_workers(config, plan, layouts, ctx), plan, run_dir)
+    workers = build_workers(config, plan, layouts, ctx)
+    try:
+        fit(workers, plan, run_dir)
+    finally:
+        workers.close()
 
 
 if __name__ == "__main__":

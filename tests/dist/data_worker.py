@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from distflow_mc.data.batch import Batch  # noqa: E402
 from distflow_mc.data.redistribute import Balance, redistribute  # noqa: E402
 from distflow_mc.parallel.dist import init_distributed  # noqa: E402
-from distflow_mc.parallel.layout import Layout  # noqa: E402
+from distflow_mc.parallel.layout import Layout, Move, movement  # noqa: E402
 
 GROUP = 3  # samples per prompt
 
@@ -58,9 +59,10 @@ def same_sample(a: Batch, i: int, b: Batch, j: int) -> bool:
 def scenario(src: Layout, dst: Layout, seed: int, balance: Balance) -> dict:
     rank = dist.get_rank()
     replica = src.coords(rank)["dp"]
-    # only emitters' batches are read; others pass None, as a rollout TP follower would
-    mine = source_batch(replica, seed) if rank in src.emitters() else None
-    got = redistribute(mine, src, dst, balance)
+    # the ranks that hold the batch in the source phase pass it (only emitters' copies are
+    # read); others pass None, as a rollout TP follower would
+    mine = source_batch(replica, seed) if rank in src.holders() else None
+    got = redistribute(mine, src, dst, balance, torch.device("cpu"), timedelta(seconds=60))
     reference = Batch.concat([source_batch(r, seed) for r in range(src.dp)])
     where = {int(u): i for i, u in enumerate(reference.samples["uid"])}
     exact = all(same_sample(got, j, reference, where[int(u)]) for j, u in enumerate(got.samples["uid"]))
@@ -90,8 +92,8 @@ def scenario(src: Layout, dst: Layout, seed: int, balance: Balance) -> dict:
         # a balanced partition is never off by more than its heaviest item
         "spread_within_largest_item": max(tokens) - min(tokens) <= max(items),
         "equal_counts": len(set(counts)) == 1,
-        "balanced": src != dst,
-        "fast_path_same_object": got is mine if src == dst and src.world_size == src.dp else None,
+        "balanced": movement(src, dst) is Move.EXCHANGE,
+        "fast_path_same_object": got is mine if movement(src, dst) is Move.NONE else None,
     }
 
 
@@ -105,8 +107,16 @@ def main() -> None:
     layouts = {
         f"dp{w}->dp{half}xtp2": (Layout("rollout", dp=w), Layout("train", dp=half, tp=2)),
         f"dp{half}xtp2->dp{w}": (Layout("train", dp=half, tp=2), Layout("rollout", dp=w)),
-        f"dp{w}->dp{w}": (Layout("rollout", dp=w), Layout("train", dp=w)),
-        f"dp{half}xtp2->dp{half}xtp2": (Layout("a", dp=half, tp=2), Layout("a", dp=half, tp=2)),
+        f"dp{w}->dp{w}": (Layout("rollout", dp=w), Layout("train", dp=w, replicated=True)),
+        f"dp{half}xtp2->dp{half}xtp2": (
+            Layout("train", dp=half, tp=2, replicated=True),
+            Layout("train", dp=half, tp=2, replicated=True),
+        ),
+        # rollout.tp = parallel.tp: same replicas, the engine host's copy reaches its TP peer
+        f"dp{half}xtp2->dp{half}xtp2 replicated": (
+            Layout("rollout", dp=half, tp=2),
+            Layout("train", dp=half, tp=2, replicated=True),
+        ),
     }
     if w == 4:
         layouts["dp4->dp1xpp2xtp2"] = (Layout("rollout", dp=4), Layout("train", dp=1, tp=2, pp=2))

@@ -12,7 +12,7 @@ from megatron.core.parallel_state import RankGenerator
 
 from distflow_mc.config import Config, Engine, canonical_config, load_config, run_id
 from distflow_mc.dag import plan_workflow
-from distflow_mc.parallel import Layout, build_layouts
+from distflow_mc.parallel import Layout, Move, build_layouts, describe_plan, movement
 from tests.conftest import CONF_DIR, compose_config
 
 
@@ -196,7 +196,44 @@ def test_unknown_architecture_is_named(tmp_path: Path):
         read_hf_config(tmp_path)
 
 
-def test_hf_rollout_engine_is_unsharded():
-    with pytest.raises(ValueError, match=r"rollout\.tp: the transformers engine"):
-        load_config(compose_config(["rollout.tp=2"]))
+def test_rollout_tp_with_either_engine():
+    """The transformers engine is unsharded: with rollout.tp > 1 one engine serves the group."""
+    assert load_config(compose_config(["rollout.tp=2"])).rollout.tp == 2
     assert load_config(compose_config(["rollout=sglang", "rollout.tp=2"])).rollout.tp == 2
+
+
+def test_context_parallel_is_refused_before_any_model():
+    with pytest.raises(ValueError, match=r"parallel\.cp: context parallelism is not supported"):
+        load_config(compose_config(["parallel.cp=2"]))
+
+
+@pytest.mark.parametrize(
+    ("rollout_tp", "train_tp", "pp", "move"),
+    [
+        (1, 1, 1, Move.NONE),  # every rank generated its own share and trains it
+        (2, 2, 1, Move.BROADCAST),  # same replicas: the engine host's copy reaches its peer
+        (1, 2, 1, Move.EXCHANGE),
+        (2, 1, 1, Move.EXCHANGE),
+        (2, 1, 2, Move.EXCHANGE),  # same DP size, different replicas (PP peers are far apart)
+    ],
+)
+def test_movement_between_phases(rollout_tp, train_tp, pp, move):
+    overrides = [f"rollout.tp={rollout_tp}", f"parallel.tp={train_tp}", f"parallel.pp={pp}"]
+    layouts = build_layouts(load_config(compose_config(overrides)), 4)
+    assert movement(layouts.rollout, layouts.train) is move
+    assert layouts.rollout != layouts.train  # never the same phase, whatever the sizes
+    plan = plan_workflow(load_config(compose_config(overrides)).algo.workflow)
+    text = "\n".join(describe_plan(plan, layouts))
+    assert (f"({move.value} in)" in text) == (move is not Move.NONE), text
+
+
+def test_refusals_before_any_collective():
+    sglang = load_config(compose_config(["rollout=sglang", "rollout.tp=4"]))
+    with pytest.raises(ValueError, match=r"rollout\.tp=4 would make a rollout TP group span"):
+        build_layouts(sglang, 8, ranks_per_node=2)
+    assert build_layouts(sglang, 8, ranks_per_node=4).rollout.dp == 2
+    small = load_config(compose_config(["data.batch_size=2", "rollout.tp=2"]))
+    with pytest.raises(ValueError, match=r"data\.batch_size = 2 prompts \(groups\) cannot"):
+        build_layouts(small, 4)
+    dapo = ["data.batch_size=2", "rollout.tp=2", "algo.dynamic_sampling=true"]
+    assert build_layouts(load_config(compose_config(dapo)), 4).train.dp == 4

@@ -11,9 +11,9 @@ def _group_stats(rewards: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Ten
     """Per-sample group mean, unbiased group std, and group size."""
     _, index = torch.unique(groups, return_inverse=True)
     k = int(index.max()) + 1 if len(index) else 0
-    count = torch.zeros(k, dtype=rewards.dtype).index_add_(0, index, torch.ones_like(rewards))
-    mean = torch.zeros(k, dtype=rewards.dtype).index_add_(0, index, rewards) / count
-    sq = torch.zeros(k, dtype=rewards.dtype).index_add_(0, index, (rewards - mean[index]) ** 2)
+    count = rewards.new_zeros(k).index_add_(0, index, torch.ones_like(rewards))
+    mean = rewards.new_zeros(k).index_add_(0, index, rewards) / count
+    sq = rewards.new_zeros(k).index_add_(0, index, (rewards - mean[index]) ** 2)
     std = (sq / (count - 1).clamp(min=1)).sqrt()
     return mean[index], std[index], count[index]
 

@@ -10,8 +10,8 @@ def informative_groups(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Ten
     of equal rewards has zero advantage everywhere and teaches nothing)."""
     _, index = torch.unique(groups, return_inverse=True)
     k = int(index.max()) + 1 if len(index) else 0
-    high = torch.full((k,), -torch.inf).scatter_reduce(0, index, rewards, "amax")
-    low = torch.full((k,), torch.inf).scatter_reduce(0, index, rewards, "amin")
+    high = rewards.new_full((k,), -torch.inf).scatter_reduce(0, index, rewards, "amax")
+    low = rewards.new_full((k,), torch.inf).scatter_reduce(0, index, rewards, "amin")
     return (high > low)[index]
 
 

@@ -22,9 +22,9 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> Pair:
         return (per_token * mask).sum(), mask.sum()
     sums = (per_token * mask).sum(-1)
     if mode == "SEQ_MEAN_TOKEN_SUM":
-        return sums.sum(), torch.tensor(float(len(sums)))
+        return sums.sum(), sums.new_tensor(float(len(sums)))
     if mode == "SEQ_MEAN_TOKEN_MEAN":
-        return (sums / mask.sum(-1).clamp(min=1)).sum(), torch.tensor(float(len(sums)))
+        return (sums / mask.sum(-1).clamp(min=1)).sum(), sums.new_tensor(float(len(sums)))
     raise ValueError(f"unknown aggregation '{mode}'")
 
 

@@ -42,13 +42,33 @@ class Batch:
         samples: dict[str, torch.Tensor],
         objects: dict[str, list[Any]] | None = None,
     ) -> Batch:
-        """Pack per-sample token tensors (all fields of a sample have equal length)."""
+        """Pack per-sample token tensors (all fields of a sample have equal length, at
+        least one sample; offsets live with the tokens)."""
         first = next(iter(tokens.values()))
-        lengths = torch.tensor([len(t) for t in first], dtype=torch.int64)
-        offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+        assert len(first), "from_sequences needs at least one sample: build an empty Batch"
+        device = first[0].device
+        lengths = torch.tensor([len(t) for t in first], dtype=torch.int64, device=device)
+        offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=device)
         offsets[1:] = lengths.cumsum(0)
-        packed = {k: torch.cat(list(v)) if len(v) else torch.empty(0) for k, v in tokens.items()}
+        packed = {k: torch.cat(list(v)) for k, v in tokens.items()}
         return cls(offsets, packed, dict(samples), dict(objects or {}))
+
+    @classmethod
+    def empty(
+        cls,
+        tokens: dict[str, torch.dtype],
+        samples: dict[str, torch.dtype],
+        objects: Sequence[str],
+        device: torch.device,
+    ) -> Batch:
+        """No samples, with the fields (and dtypes) a full batch of this kind has: a rank
+        with nothing to contribute still takes part in every collective."""
+        return cls(
+            torch.zeros(1, dtype=torch.int64, device=device),
+            {k: torch.empty(0, dtype=d, device=device) for k, d in tokens.items()},
+            {k: torch.empty(0, dtype=d, device=device) for k, d in samples.items()},
+            {k: [] for k in objects},
+        )
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

@@ -115,24 +115,25 @@ class PromptLoader:
                     )
                 overlong += 1
                 continue
-            ids.append(torch.tensor(tokens, dtype=torch.int64))
+            ids.append(torch.tensor(tokens, dtype=torch.int64, device="cpu"))
             kept.append((state.epoch * len(self.source) + index, parsed))
         return PromptBatch(self._to_batch(ids, kept), bad, overlong)
 
     @staticmethod
     def _to_batch(ids: list[torch.Tensor], kept: list[tuple[int, PromptRow]]) -> Batch:
-        uid = torch.tensor([u for u, _ in kept], dtype=torch.int64)
+        """Prompts stay on the host: they go to the engine as token lists."""
         rows = [r for _, r in kept]
-        return Batch.from_sequences(
-            {"input_ids": ids},
-            {"uid": uid, "group": uid.clone()},
-            {
-                "data_source": [r.data_source for r in rows],
-                "ground_truth": [r.ground_truth for r in rows],
-                "extra_info": [r.extra_info for r in rows],
-                "extra": [r.extra for r in rows],
-            },
-        )
+        objects = {
+            "data_source": [r.data_source for r in rows],
+            "ground_truth": [r.ground_truth for r in rows],
+            "extra_info": [r.extra_info for r in rows],
+            "extra": [r.extra for r in rows],
+        }
+        if not kept:  # every row of this rank's share was skipped
+            ints = {"uid": torch.int64, "group": torch.int64}
+            return Batch.empty({"input_ids": torch.int64}, ints, list(objects), torch.device("cpu"))
+        uid = torch.tensor([u for u, _ in kept], dtype=torch.int64, device="cpu")
+        return Batch.from_sequences({"input_ids": ids}, {"uid": uid, "group": uid.clone()}, objects)
 
     def next(self) -> PromptBatch:
         """The batch at the current state; the state then moves one step on."""

@@ -5,14 +5,18 @@
 One rank per source replica (its emitter) sends; every rank learns every sample's length
 and group (one small all-gather), computes the same balanced assignment, and all fields
 of all samples move in ONE `all_to_all_single` of a byte buffer to the first rank of each
-destination replica, which broadcasts it within its replica. Same layouts take a fast
-path. Works on NCCL (CUDA tensors) and gloo (CPU) through the same code.
+destination replica, which broadcasts it within its replica. When both layouts have the
+same replicas, samples stay in their replica: nothing moves if every rank that needs the
+batch holds it (`Move.NONE`, the batch itself is returned), else each replica's copy
+reaches its other ranks. Works on NCCL (CUDA tensors) and gloo (CPU) through the same code.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -21,7 +25,7 @@ import torch.distributed as dist
 
 from distflow_mc.data.balance import assign
 from distflow_mc.data.batch import Batch
-from distflow_mc.parallel.layout import Layout
+from distflow_mc.parallel.layout import Layout, Move, movement
 
 ALIGN = 8  # every field block starts 8-byte aligned so it can be viewed in place
 
@@ -52,9 +56,7 @@ def _schema(batch: Batch) -> Schema:
 
 
 def _row_bytes(dtype: str, shape: tuple[int, ...]) -> int:
-    return torch.empty(0, dtype=getattr(torch, dtype)).element_size() * int(
-        torch.tensor(shape).prod()
-    )
+    return getattr(torch, dtype).itemsize * math.prod(shape)
 
 
 def _object_bytes(batch: Batch) -> list[bytes]:
@@ -82,7 +84,7 @@ def _serialize_into(
         field, rows = (
             (batch.tokens[name], token_rows) if kind == "t" else (batch.samples[name], index)
         )
-        nbytes = field[:0].element_size() * int(torch.tensor(shape).prod()) * len(rows)
+        nbytes = field.dtype.itemsize * math.prod(shape) * len(rows)
         out = buf[pos : pos + nbytes].view(field.dtype).view(len(rows), *shape)
         torch.index_select(field, 0, rows.to(field.device), out=out)
         pos += _aligned(nbytes)
@@ -102,7 +104,7 @@ def _deserialize(
     """Views into `buf` (no copy) for the tensor fields; objects parsed in one go."""
     n, total = len(lengths), sum(lengths)
     offsets = torch.zeros(n + 1, dtype=torch.int64, device=device)
-    offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+    offsets[1:] = torch.tensor(lengths, dtype=torch.int64, device=device).cumsum(0)
     fields: dict[str, dict[str, torch.Tensor]] = {"t": {}, "s": {}}
     pos = 0
     for kind, name, dtype, shape in schema:
@@ -123,18 +125,19 @@ def _deserialize(
     return Batch(offsets, fields["t"], fields["s"], objects)
 
 
-_groups: dict[Layout, list[dist.ProcessGroup | None]] = {}
+_groups: dict[tuple[Layout, timedelta], list[dist.ProcessGroup | None]] = {}
 
 
-def _replica_group(layout: Layout, rank: int) -> dist.ProcessGroup | None:
+def _replica_group(layout: Layout, rank: int, timeout: timedelta) -> dist.ProcessGroup | None:
     """Process group of `rank`'s replica (None for single-rank replicas). Created once per
-    layout, by every rank in the same order."""
-    if layout not in _groups:
+    layout, by every rank in the same order, with the run's collective timeout."""
+    key = (layout, timeout)
+    if key not in _groups:
         made = []
         for ranks in layout.replicas():
-            made.append(dist.new_group(ranks) if len(ranks) > 1 else None)
-        _groups[layout] = made
-    return _groups[layout][layout.coords(rank)["dp"]]
+            made.append(dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None)
+        _groups[key] = made
+    return _groups[key][layout.coords(rank)["dp"]]
 
 
 def _exchange_meta(batch: Batch | None, sending: bool, device: torch.device) -> list[dict]:
@@ -146,11 +149,11 @@ def _exchange_meta(batch: Batch | None, sending: bool, device: torch.device) -> 
     heads: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(heads, head)
     width = max(h[0] for h in heads)
-    local = torch.zeros(3, width, dtype=torch.int64)
+    local = torch.zeros(3, width, dtype=torch.int64, device="cpu")
     if mine is not None:
         local[0, : len(mine)] = mine.lengths.cpu()
         local[1, : len(mine)] = mine.samples["group"].cpu().to(torch.int64)
-        local[2, : len(mine)] = torch.tensor([len(o) for o in objs], dtype=torch.int64)
+        local[2, : len(mine)] = torch.tensor([len(o) for o in objs], dtype=torch.int64, device="cpu")
     gathered = torch.empty(dist.get_world_size() * 3 * width, dtype=torch.int64, device=device)
     dist.all_gather_single(gathered, local.reshape(-1).to(device))
     per_rank = gathered.view(-1, 3, width).cpu()
@@ -173,8 +176,9 @@ def _plan(
 ) -> list[list[tuple[int, list[int]]]]:
     """For each destination replica: (source rank, local sample indices), source order."""
     items = [(s, i) for s in senders for i in range(meta[s]["count"])]
-    if src == dst:  # same layout: nothing to balance, each replica keeps its samples
-        parts = [[j for j, (s, _) in enumerate(items) if s == senders[d]] for d in range(dst.dp)]
+    if movement(src, dst) is not Move.EXCHANGE:  # same replicas: each keeps its samples
+        sender_of = [next(r for r in ranks if r in senders) for ranks in src.replicas()]
+        parts = [[j for j, (s, _) in enumerate(items) if s == sender_of[d]] for d in range(dst.dp)]
     else:
         lengths = np.concatenate([meta[s]["lengths"] for s in senders]).tolist()
         groups = np.concatenate([meta[s]["groups"] for s in senders]).tolist()
@@ -194,18 +198,19 @@ def redistribute(
     batch: Batch | None,
     src: Layout,
     dst: Layout,
-    balance: Balance = Balance(),
-    device: torch.device | None = None,
-) -> Batch:
+    balance: Balance,
+    device: torch.device,
+    timeout: timedelta,
+) -> Batch | None:
     """Called on every rank. `batch` is this rank's source-replica batch (only the
     replica's emitter's copy is read; other ranks may pass None). Returns this rank's
-    destination-replica batch, identical on every rank of that replica."""
+    destination-replica batch on `device`, the same on every rank of the replica (None on
+    a rank that needs none when nothing had to move). New process groups get `timeout`."""
     assert src.world_size == dst.world_size == dist.get_world_size(), (src, dst)
     rank = dist.get_rank()
-    device = device or torch.device("cpu")
-    if src == dst and src.world_size == src.dp:
-        assert batch is not None, "fast path: every rank owns its replica's batch"
-        return batch
+    if movement(src, dst) is Move.NONE:
+        assert batch is not None or rank not in dst.holders(), "holders hold their batch"
+        return batch if rank in dst.holders() else None
     senders = src.emitters()
     meta = _exchange_meta(batch, rank in senders, device)
     schemas = {json.dumps(m["schema"]) for m in meta if m["schema"] is not None}
@@ -246,7 +251,7 @@ def redistribute(
     dist.all_to_all_single(
         out if rank == leader else out[:0], inp.to(device), recv_sizes, send_sizes
     )
-    group = _replica_group(dst, rank)
+    group = _replica_group(dst, rank, timeout)
     if group is not None:
         dist.broadcast(out, src=leader, group=group)
     pieces, pos = [], 0

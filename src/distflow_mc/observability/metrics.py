@@ -41,8 +41,11 @@ class Metrics:
         means, totals, maxima = (sorted({n for kinds in names for n in kinds[k]}) for k in range(3))
         rows = [[self.sums.get(n, 0.0), self.counts.get(n, 0.0)] for n in means]
         rows += [[self.totals.get(n, 0.0), 0.0] for n in totals]
-        packed = torch.tensor(rows, dtype=torch.float64).reshape(-1, 2)
-        peak = torch.tensor([self.maxima.get(n, -math.inf) for n in maxima], dtype=torch.float64)
+        # metrics stay on the host (gloo beside NCCL on GPU)
+        packed = torch.tensor(rows, dtype=torch.float64, device="cpu").reshape(-1, 2)
+        peak = torch.tensor(
+            [self.maxima.get(n, -math.inf) for n in maxima], dtype=torch.float64, device="cpu"
+        )
         if dist.get_world_size() > 1:
             dist.all_reduce(packed)
             if maxima:

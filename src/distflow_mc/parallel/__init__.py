@@ -5,18 +5,29 @@ from distflow_mc.parallel.dist import (
     DistContext,
     check_agreement,
     init_distributed,
+    ranks_per_node_from_env,
     world_size_from_env,
 )
-from distflow_mc.parallel.layout import Layout, Layouts, build_layouts, describe_plan
+from distflow_mc.parallel.layout import (
+    Layout,
+    Layouts,
+    Move,
+    build_layouts,
+    describe_plan,
+    movement,
+)
 
 __all__ = [
     "AgreementError",
     "DistContext",
     "Layout",
     "Layouts",
+    "Move",
     "build_layouts",
     "check_agreement",
     "describe_plan",
     "init_distributed",
+    "movement",
+    "ranks_per_node_from_env",
     "world_size_from_env",
 ]

@@ -21,11 +21,17 @@ class DistContext:
     local_rank: int
     backend: str
     device: torch.device
+    timeout: timedelta  # parallel.timeout_s: every process group made later gets it too
 
 
 def world_size_from_env() -> int:
     """The world size torchrun announces (1 for a plain `python -m`), known before init."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def ranks_per_node_from_env() -> int:
+    """Ranks on this node (torchrun's LOCAL_WORLD_SIZE), known before init."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size_from_env()))
 
 
 def init_distributed(timeout_s: float) -> DistContext:
@@ -48,8 +54,8 @@ def init_distributed(timeout_s: float) -> DistContext:
         backend, device = "cpu:gloo,cuda:nccl", torch.device("cuda", local_rank)
     else:
         backend, device = "gloo", torch.device("cpu")
+    timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        timeout = timedelta(seconds=timeout_s)
         if "MASTER_ADDR" in os.environ:
             dist.init_process_group(
                 backend,
@@ -67,7 +73,7 @@ def init_distributed(timeout_s: float) -> DistContext:
                 f"WORLD_SIZE={world_size} but MASTER_ADDR is not set: launch with torchrun"
             )
         atexit.register(dist.destroy_process_group)
-    return DistContext(rank, world_size, local_rank, backend, device)
+    return DistContext(rank, world_size, local_rank, backend, device, timeout)
 
 
 def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:

@@ -7,21 +7,26 @@ layout is an error on every rank before anything can hang.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
-from distflow_mc.config.schema import Config
+from distflow_mc.config.schema import Config, Engine
 from distflow_mc.dag import Plan, Role
 
 
 @dataclass(frozen=True)
 class Layout:
     """DP x TP x PP x CP over `world_size` ranks, in megatron-core's default order
-    (tp-cp-dp-pp: TP varies fastest, PP slowest)."""
+    (tp-cp-dp-pp: TP varies fastest, PP slowest), and which ranks of a replica hold the
+    batch in this phase: all of them (`replicated`: every rank of a model replica feeds it
+    the same inputs) or only the replica's emitter (a rollout engine's host). The name is
+    for display only: two layouts are equal when ranks and holders are."""
 
     name: str = field(compare=False)
     dp: int
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    replicated: bool = False
 
     @property
     def world_size(self) -> int:
@@ -50,6 +55,10 @@ class Layout:
             out[self.coords(r)["dp"]].append(r)
         return out
 
+    def holders(self) -> set[int]:
+        """The ranks that hold the batch in this phase."""
+        return set(range(self.world_size)) if self.replicated else set(self.emitters())
+
     def describe(self) -> str:
         parts = [f"DP={self.dp}", f"TP={self.tp}"]
         if self.pp > 1 or self.name == "train":
@@ -57,6 +66,22 @@ class Layout:
         if self.cp > 1:
             parts.append(f"CP={self.cp}")
         return " x ".join(parts)
+
+
+class Move(Enum):
+    """What it takes to hand a batch from one phase's layout to the next."""
+
+    NONE = "none"  # every rank that needs the batch already holds it
+    BROADCAST = "broadcast"  # same replicas: each replica's copy reaches its other ranks
+    EXCHANGE = "all-to-all"  # samples change replicas
+
+
+def movement(src: Layout, dst: Layout) -> Move:
+    """Decided from the full layouts (rank -> replica maps and who holds the batch), the
+    same on every rank."""
+    if src.replicas() != dst.replicas():
+        return Move.EXCHANGE
+    return Move.NONE if dst.holders() <= src.holders() else Move.BROADCAST
 
 
 @dataclass(frozen=True)
@@ -70,8 +95,9 @@ class Layouts:
         return self.rollout if role in (Role.ROLLOUT, Role.REWARD) else self.train
 
 
-def build_layouts(config: Config, world_size: int) -> Layouts:
-    """Derive both layouts; ValueError names the settings when the world does not divide."""
+def build_layouts(config: Config, world_size: int, ranks_per_node: int | None = None) -> Layouts:
+    """Derive both layouts; ValueError names the settings when the world does not divide
+    or a rollout TP group would span nodes (`ranks_per_node`: torchrun's LOCAL_WORLD_SIZE)."""
     p, r = config.parallel, config.rollout
     model_parallel = p.tp * p.pp * p.cp
     if world_size % model_parallel:
@@ -85,15 +111,31 @@ def build_layouts(config: Config, world_size: int) -> Layouts:
             f"world size {world_size} is not divisible by rollout.tp = {r.tp}: change rollout.tp"
             " or the number of ranks"
         )
+    per_node = ranks_per_node or world_size
+    if r.engine is Engine.SGLANG and (r.tp > per_node or per_node % r.tp):
+        raise ValueError(
+            f"rollout.tp={r.tp} would make a rollout TP group span nodes ({per_node} ranks per"
+            " node): an SGLang engine serves the GPUs of one node here (weights reach it as"
+            " tensor handles, which cannot cross nodes); use rollout.tp <= ranks per node,"
+            " dividing it"
+        )
     rollout_dp = world_size // r.tp
     if config.data.batch_size % rollout_dp:
         raise ValueError(
             f"data.batch_size = {config.data.batch_size} prompts must split evenly over the"
             f" {rollout_dp} rollout data-parallel ranks (world {world_size} / rollout.tp {r.tp})"
         )
+    train_dp = world_size // model_parallel
+    if config.data.batch_size < train_dp and not config.algo.dynamic_sampling:
+        raise ValueError(
+            f"data.batch_size = {config.data.batch_size} prompts (groups) cannot give each of the"
+            f" {train_dp} training data-parallel replicas (world {world_size} / parallel.tp x"
+            f" pp x cp {model_parallel}) a group: raise data.batch_size or the model-parallel"
+            " sizes"
+        )
     return Layouts(
         rollout=Layout("rollout", dp=rollout_dp, tp=r.tp),
-        train=Layout("train", dp=world_size // model_parallel, tp=p.tp, pp=p.pp, cp=p.cp),
+        train=Layout("train", dp=train_dp, tp=p.tp, pp=p.pp, cp=p.cp, replicated=True),
     )
 
 
@@ -106,8 +148,9 @@ def describe_plan(plan: Plan, layouts: Layouts) -> list[str]:
         for node in stage:
             role = node.role.name if node.role else "-"
             layout = layouts.for_role(node.role)
-            dep_layouts = {layouts.for_role(n.role).name for n in plan.nodes if n.id in node.deps}
-            moves = " (redistribute in)" if dep_layouts - {layout.name} else ""
+            dep_layouts = {layouts.for_role(n.role) for n in plan.nodes if n.id in node.deps}
+            kinds = sorted({movement(d, layout).value for d in dep_layouts} - {"none"})
+            moves = f" ({', '.join(kinds)} in)" if kinds else ""
             deps = ", ".join(node.deps) or "-"
             fn = f" fn={node.fn}" if node.fn else ""
             lines.append(

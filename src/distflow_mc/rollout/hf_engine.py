@@ -29,9 +29,11 @@ class HFEngine:
         self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
         self.device, self.pad = device, pad_token_id
         self.loaded: set[str] = set()
+        self.asleep = False
 
     @torch.no_grad()
     def update_weights(self, buckets: Iterable[Bucket]) -> None:
+        self.wake()
         params = dict(self.model.named_parameters())
         for bucket in buckets:
             for name, tensor in bucket:
@@ -46,7 +48,15 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Generation:
-        rows = [torch.as_tensor(p, dtype=torch.int64) for p in prompts for _ in range(params.n)]
+        """Responses and log-probs stay on the engine's device (the batch's from here on)."""
+        rows = [
+            torch.tensor(p, dtype=torch.int64, device="cpu")
+            for p in prompts
+            for _ in range(params.n)
+        ]
+        if not rows:
+            return Generation()
+        self.wake()
         ids = torch.nn.utils.rnn.pad_sequence(rows, True, self.pad, "left").to(self.device)
         mask = torch.nn.utils.rnn.pad_sequence(
             [torch.ones_like(r) for r in rows], True, 0, "left"
@@ -76,19 +86,22 @@ class HFEngine:
         lengths = torch.where(stopped, is_stop.int().argmax(dim=1) + 1, new.shape[1]).tolist()
         return Generation(
             prompt_index=[i // params.n for i in range(len(rows))],
-            response_ids=[new[i, :n].cpu() for i, n in enumerate(lengths)],
-            logprobs=[token_logp[i, :n].cpu() for i, n in enumerate(lengths)],
+            response_ids=[new[i, :n] for i, n in enumerate(lengths)],
+            logprobs=[token_logp[i, :n] for i, n in enumerate(lengths)],
             finish_reasons=["stop" if s else "length" for s in stopped.tolist()],
         )
 
     def sleep(self) -> None:
-        if self.device.type == "cuda":
+        """Idempotent; on a GPU the weights wait in host memory while the trainer runs."""
+        if not self.asleep and self.device.type == "cuda":
             self.model.to("cpu")
             torch.cuda.empty_cache()
+        self.asleep = True
 
     def wake(self) -> None:
-        if self.device.type == "cuda":
+        if self.asleep and self.device.type == "cuda":
             self.model.to(self.device)
+        self.asleep = False
 
     def shutdown(self) -> None:
         del self.model

@@ -21,7 +21,7 @@ def check_available() -> None:
 
 class SGLangEngine:
     """One engine per rollout TP group, on the group's leader rank; SGLang runs its own TP
-    workers on the group's GPUs, starting at `base_gpu_id`."""
+    workers on the group's GPUs (one node), starting at `base_gpu_id`."""
 
     def __init__(
         self,
@@ -31,14 +31,10 @@ class SGLangEngine:
         seed: int,
         mem_fraction: float,
         colocated: bool,
-        nnodes: int = 1,
-        node_rank: int = 0,
-        dist_init_addr: str | None = None,
     ) -> None:
         check_available()
         import sglang
 
-        kwargs = {"nnodes": nnodes, "node_rank": node_rank, "dist_init_addr": dist_init_addr}
         self.engine = sglang.Engine(
             model_path=str(model_dir),
             tp_size=tp,
@@ -47,8 +43,8 @@ class SGLangEngine:
             mem_fraction_static=mem_fraction,
             enable_memory_saver=colocated,  # release/resume around training
             skip_tokenizer_init=True,  # token ids in, token ids out
-            **({k: v for k, v in kwargs.items() if v is not None} if nnodes > 1 else {}),
         )
+        self.asleep = False
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Generation:
         greedy = params.temperature == 0
@@ -61,30 +57,44 @@ class SGLangEngine:
             "skip_special_tokens": False,
         }
         rows = [list(p) for p in prompts for _ in range(params.n)]
-        outputs = self.engine.generate(
-            input_ids=rows, sampling_params=sampling, return_logprob=True
-        )
+        if not rows:
+            return Generation()
+        self.wake()
+        # one seed per sample, derived from the step's seed: a resumed run draws the same
+        per_row = [{**sampling, "sampling_seed": params.seed + i} for i in range(len(rows))]
+        outputs = self.engine.generate(input_ids=rows, sampling_params=per_row, return_logprob=True)
         gen = Generation()
         for i, out in enumerate(outputs):
             meta = out["meta_info"]
             gen.prompt_index.append(i // params.n)
-            gen.response_ids.append(torch.tensor(out["output_ids"], dtype=torch.int64))
-            gen.logprobs.append(torch.tensor([lp for lp, _, _ in meta["output_token_logprobs"]]))
+            gen.response_ids.append(
+                torch.tensor(out["output_ids"], dtype=torch.int64, device="cpu")
+            )
+            gen.logprobs.append(
+                torch.tensor([lp for lp, _, _ in meta["output_token_logprobs"]], device="cpu")
+            )
             gen.finish_reasons.append(
                 "stop" if meta["finish_reason"]["type"] == "stop" else "length"
             )
         return gen
 
     def update_weights(self, buckets: Iterable[Bucket]) -> None:
+        self.wake()
         for bucket in buckets:
             self.engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False)
         self.engine.flush_cache()
 
+    # SGLang's resume raises (and takes its scheduler down) when nothing was released, so
+    # the state is tracked here and both calls are idempotent.
     def sleep(self) -> None:
-        self.engine.release_memory_occupation(tags=["weights", "kv_cache"])
+        if not self.asleep:
+            self.engine.release_memory_occupation(tags=["weights", "kv_cache"])
+            self.asleep = True
 
     def wake(self) -> None:
-        self.engine.resume_memory_occupation(tags=["weights", "kv_cache"])
+        if self.asleep:
+            self.engine.resume_memory_occupation(tags=["weights", "kv_cache"])
+            self.asleep = False
 
     def shutdown(self) -> None:
         self.engine.shutdown()

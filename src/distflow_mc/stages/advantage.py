@@ -16,7 +16,7 @@ def compute(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
     a = w.config.algo
     n = len(batch)
     mask = batch.tokens["response_mask"]
-    owner = torch.repeat_interleave(torch.arange(n), batch.lengths)
+    owner = torch.repeat_interleave(torch.arange(n, device=mask.device), batch.lengths)
     kl_tok = torch.zeros_like(mask)
     if a.kl_in_reward and "ref_logprobs" in batch.tokens:
         kl_tok = (
@@ -28,7 +28,7 @@ def compute(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
         if w.mp.emits_data:
             m.add("actor/kl_in_reward", float(kl_tok.sum()), float(mask.sum()))
     if w.outcome_advantage is not None:
-        kl_seq = torch.zeros(n).index_add_(0, owner, kl_tok)
+        kl_seq = mask.new_zeros(n).index_add_(0, owner, kl_tok)
         rewards = batch.samples["reward"] - a.kl_coef * kl_seq
         per_sample = w.outcome_advantage(rewards, batch.samples["group"])
         batch.tokens["advantages"] = per_sample[owner] * mask

@@ -41,11 +41,12 @@ def pack(
 ) -> torch.Tensor:
     """Dense per-micro-batch outputs (last PP stage) -> packed [tokens], on every rank of
     the replica."""
-    packed = torch.zeros(batch.num_tokens, dtype=torch.float32)
+    device = batch.offsets.device
+    packed = torch.zeros(batch.num_tokens, dtype=torch.float32, device=device)
     if w.mp.is_last_stage:
         for part, mb, values in zip(parts, mbs, dense, strict=True):
-            _, rows = batch.token_index(torch.tensor(part))
-            packed[rows] = values[mb["attention_mask"]].float().cpu()
+            _, rows = batch.token_index(torch.tensor(part, dtype=torch.int64, device=device))
+            packed[rows] = values[mb["attention_mask"]].float()
     if w.mp.pp > 1:
         last = dist.get_process_group_ranks(w.mp.pp_group)[-1]
         dist.broadcast(packed, src=last, group=w.mp.pp_group)

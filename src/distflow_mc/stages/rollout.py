@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 
@@ -9,7 +11,7 @@ from distflow_mc.algos.dapo import informative_groups, overlong_penalty
 from distflow_mc.data.batch import Batch
 from distflow_mc.data.loader import PromptBatch
 from distflow_mc.observability.metrics import Metrics
-from distflow_mc.rollout.engine import SamplingParams
+from distflow_mc.rollout.engine import Generation, SamplingParams
 from distflow_mc.stages.workers import Workers
 
 
@@ -39,7 +41,7 @@ def generate(w: Workers, batch: Batch | None, m: Metrics, step: int) -> Batch | 
                 have += len(got) // w.config.rollout.n
         if not a.dynamic_sampling:
             break
-        short = torch.tensor([float(w.is_rollout_emitter and have < target)])
+        short = torch.tensor([float(w.is_rollout_emitter and have < target)], device="cpu")
         dist.all_reduce(short)
         m.set("rollout/dynamic_rounds", round_ + 1)
         if not short.item():
@@ -66,37 +68,53 @@ def _sample(w: Workers, got: PromptBatch, m: Metrics, step: int, round_: int) ->
         stop_token_ids=(w.tokenizer.eos_token_id,),
         seed=((w.config.trainer.seed * 1_000_003 + step) * 17 + round_) * 4099 + w.rollout_rank,
     )
-    ids = [prompts.token_slice("input_ids", i) for i in range(len(prompts))]
-    gen = w.engine.generate([p.tolist() for p in ids], params)
-    tokens: dict[str, list[torch.Tensor]] = {
-        "input_ids": [],
-        "response_mask": [],
-        "rollout_logprobs": [],
-    }
+    host = [prompts.token_slice("input_ids", i) for i in range(len(prompts))]
+    gen = w.engine.generate([p.tolist() for p in host], params)
+    return _to_batch(gen, host, prompts, r.n, w.ctx.device)
+
+
+TOKEN_FIELDS = {
+    "input_ids": torch.int64,
+    "response_mask": torch.float32,
+    "rollout_logprobs": torch.float32,
+}
+OBJECT_FIELDS = ("data_source", "ground_truth", "extra_info", "finish_reason")
+
+
+def _to_batch(
+    gen: Generation, prompt_ids: list[torch.Tensor], prompts: Batch, n: int, device: torch.device
+) -> Batch:
+    """prompt + response sequences with a response mask and the engine's log-probs
+    (token-aligned, 0 on prompt tokens), on `device` (the engine's output stays there)."""
+    if not gen.response_ids:
+        ints = {"uid": torch.int64, "group": torch.int64}
+        return Batch.empty(TOKEN_FIELDS, ints, OBJECT_FIELDS, device)
+    ids = [p.to(device) for p in prompt_ids]
+    tokens: dict[str, list[torch.Tensor]] = {k: [] for k in TOKEN_FIELDS}
     for p, resp, logp in zip(gen.prompt_index, gen.response_ids, gen.logprobs, strict=True):
-        tokens["input_ids"].append(torch.cat([ids[p], resp]))
-        tokens["response_mask"].append(torch.cat([torch.zeros(len(ids[p])), torch.ones(len(resp))]))
-        tokens["rollout_logprobs"].append(torch.cat([torch.zeros(len(ids[p])), logp.float()]))
-    index = torch.tensor(gen.prompt_index, dtype=torch.int64)
-    prompt_uid = prompts.samples["uid"][index]
-    sample = torch.arange(len(index)) % r.n
-    objects = {
-        k: [prompts.objects[k][p] for p in gen.prompt_index]
-        for k in ("data_source", "ground_truth", "extra_info")
-    }
+        prompt_zeros = torch.zeros(len(ids[p]), device=device)
+        tokens["input_ids"].append(torch.cat([ids[p], resp.to(device)]))
+        tokens["response_mask"].append(
+            torch.cat([prompt_zeros, torch.ones(len(resp), device=device)])
+        )
+        tokens["rollout_logprobs"].append(torch.cat([prompt_zeros, logp.to(device).float()]))
+    index = torch.tensor(gen.prompt_index, dtype=torch.int64, device=device)
+    prompt_uid = prompts.samples["uid"].to(device)[index]
+    sample = torch.arange(len(index), device=device) % n
+    objects = {k: [prompts.objects[k][p] for p in gen.prompt_index] for k in OBJECT_FIELDS[:3]}
     objects["finish_reason"] = gen.finish_reasons
-    samples = {"uid": prompt_uid * r.n + sample, "group": prompt_uid}
+    samples = {"uid": prompt_uid * n + sample, "group": prompt_uid}
     return Batch.from_sequences(tokens, samples, objects)
 
 
 def responses(w: Workers, batch: Batch) -> list[str]:
-    mask = batch.tokens["response_mask"].bool()
+    """Response texts (strings live on the host)."""
+    ids = batch.tokens["input_ids"].cpu()
+    mask = batch.tokens["response_mask"].bool().cpu()
+    offsets = batch.offsets.tolist()
     return [
-        w.tokenizer.decode(
-            batch.token_slice("input_ids", i)[mask[batch.offsets[i] : batch.offsets[i + 1]]],
-            skip_special_tokens=True,
-        )
-        for i in range(len(batch))
+        w.tokenizer.decode(ids[a:b][mask[a:b]], skip_special_tokens=True)
+        for a, b in itertools.pairwise(offsets)
     ]
 
 
@@ -105,10 +123,10 @@ def score(w: Workers, batch: Batch, m: Metrics) -> Batch:
     a = w.config.algo
     o = batch.objects
     scores = w.rewards(responses(w, batch), o["data_source"], o["ground_truth"], o["extra_info"])
-    rewards = torch.tensor(scores.rewards, dtype=torch.float32)
     mask = batch.tokens["response_mask"]
-    owner = torch.repeat_interleave(torch.arange(len(batch)), batch.lengths)
-    lengths = torch.zeros(len(batch)).index_add_(0, owner, mask)
+    rewards = torch.tensor(scores.rewards, dtype=torch.float32, device=mask.device)
+    owner = torch.repeat_interleave(torch.arange(len(batch), device=mask.device), batch.lengths)
+    lengths = mask.new_zeros(len(batch)).index_add_(0, owner, mask)
     if a.overlong_buffer:
         max_len = w.config.rollout.max_new_tokens
         rewards = rewards + overlong_penalty(

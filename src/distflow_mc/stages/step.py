@@ -61,21 +61,17 @@ def run_step(w: Workers, bound: list, step: int) -> Metrics:
     for node, fn, node_layout in bound:
         tick = time.perf_counter()
         if node_layout != layout:
-            if layout is w.layouts.rollout and colocated:
+            if colocated and layout is w.layouts.rollout:
                 w.engine.sleep()  # hand the accelerator memory to the trainer
-            batch = redistribute(
-                batch, layout, node_layout, Balance(keep_groups=True), w.ctx.device
-            )
+            batch = redistribute(batch, layout, node_layout, Balance(), w.ctx.device, w.ctx.timeout)
             layout = node_layout
             m.set("time/redistribute", time.perf_counter() - tick)
             tick = time.perf_counter()
         batch = fn(w, batch, m, step)
         m.set(f"time/{node.id}", time.perf_counter() - tick)
     tick = time.perf_counter()
-    if colocated:
-        w.engine.wake()
     bucket = w.config.rollout.weight_sync_bucket_mb << 20
-    sync_weights(w.actor.modules, w.arch, w.mp, w.engine, bucket)
+    sync_weights(w.actor.modules, w.arch, w.mp, w.engine, bucket)  # wakes a sleeping engine
     m.set("time/weight_sync", time.perf_counter() - tick)
     m.set("time/step", time.perf_counter() - start)
     return m

@@ -25,7 +25,7 @@ def validate(w: Workers, step: int) -> dict[str, float]:
         )
         ids = [prompts.token_slice("input_ids", i).tolist() for i in range(len(prompts))]
         gen = w.engine.generate(ids, params)
-        texts = [w.tokenizer.decode(x, skip_special_tokens=True) for x in gen.response_ids]
+        texts = [w.tokenizer.decode(x.tolist(), skip_special_tokens=True) for x in gen.response_ids]
         o = {k: [prompts.objects[k][p] for p in gen.prompt_index] for k in prompts.objects}
         scores = w.rewards(texts, o["data_source"], o["ground_truth"], o["extra_info"])
         for source, value in zip(o["data_source"], scores.rewards, strict=True):

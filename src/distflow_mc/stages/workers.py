@@ -56,6 +56,15 @@ class Workers:
     def is_rollout_emitter(self) -> bool:
         return self.ctx.rank in self.layouts.rollout.emitters()
 
+    def close(self) -> None:
+        """Stop the engine and the loaders' prefetch threads: a sweep runs its next job in
+        this same process."""
+        for loader in (self.loader, self.val_loader):
+            if loader is not None:
+                loader.close()
+        if self.engine is not None:
+            self.engine.shutdown()
+
 
 def model_dtype(dtype: Dtype) -> torch.dtype:
     """AUTO: bf16 on GPU, fp32 on CPU."""
