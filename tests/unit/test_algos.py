@@ -27,6 +27,17 @@ def test_dr_grpo_and_rloo():
     torch.testing.assert_close(adv.rloo(R, G), torch.tensor([1.0, -0.5, -0.5, 0, 0, 0]))
 
 
+def test_batch_moments_over_replicas_equal_the_whole_batch():
+    """Two replicas' halves, their [sum, squares, count] summed (what the DP all-reduce
+    does), give the mean and std of the whole batch, also when one replica is empty."""
+    x = torch.tensor([0.5, -1.0, 2.0, 3.5, 0.0, 1.0], dtype=torch.float64)
+    for cut in (3, 0):
+        a, b = x[:cut], x[cut:]
+        other = torch.stack([b.sum(), (b * b).sum(), b.new_tensor(float(b.numel()))])
+        mean, std = adv.batch_moments(a, reduce=lambda s, o=other: s + o)
+        torch.testing.assert_close((mean, std), (x.mean(), x.std()))
+
+
 def test_reinforce_pp_baseline_normalises_over_the_batch():
     centred = torch.tensor([2 / 3, -1 / 3, -1 / 3, 0, 0, 0])
     want = (centred - centred.mean()) / centred.std()

@@ -72,8 +72,19 @@ def test_micro_batches_respect_the_budget(lengths, budget, multiple_of):
     for p, load in zip(parts, loads, strict=True):
         assert load <= budget or len(p) == 1
     assert loads == sorted(loads, reverse=True)  # heavy first
-    if len(parts) < len(lengths) and max(lengths) <= budget:
+    if len(parts) < len(lengths):  # long samples too: interleaved pipelines need it
         assert len(parts) % multiple_of == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 4096), min_size=1, max_size=64), st.integers(1, 8))
+def test_every_replica_gets_a_group_when_there_are_enough(group_tokens, k):
+    """Whole groups over k replicas: with at least k groups no replica is left empty."""
+    lengths = [t for t in group_tokens for _ in range(2)]
+    groups = [g for g in range(len(group_tokens)) for _ in range(2)]
+    parts = assign(lengths, k, groups)
+    filled = sum(1 for p in parts if p)
+    assert filled == min(k, len(group_tokens))
 
 
 def make_batch(lengths: list[int]) -> Batch:
@@ -111,3 +122,19 @@ def test_pad_microbatch_right_pads():
     assert mb["input_ids"][1, 1:].tolist() == [7, 7]
     assert torch.equal(mb["input_ids"][2, :2], batch.token_slice("input_ids", 2))
     assert mb["logprobs"][1, 1:].tolist() == [0.0, 0.0]
+
+
+def test_schedule_shapes_for_interleaved_pipelines():
+    """Uneven micro-batches (3, 1 and 0 rows) become one fixed [rows, length] shape, the
+    count a multiple of PP; padding carries no mask, so no loss sees it."""
+    from distflow_mc.models.schedule import schedule_shapes
+
+    batch = make_batch([5, 7, 3, 9])
+    mbs = [pad_microbatch(batch, p) for p in ([0, 1, 2], [3], [])]
+    shaped = schedule_shapes(mbs, pp=2, interleaved=True, seq_multiple=2)
+    assert len(shaped) == 4
+    assert {tuple(mb["input_ids"].shape) for mb in shaped} == {(3, 10)}
+    assert [int(mb["attention_mask"].sum()) for mb in shaped] == [15, 9, 0, 0]
+    torch.testing.assert_close(shaped[0]["input_ids"][:, :7], mbs[0]["input_ids"])
+    plain = schedule_shapes(mbs, pp=2, interleaved=False, seq_multiple=2)
+    assert [tuple(mb["input_ids"].shape) for mb in plain] == [(3, 8), (1, 10), (1, 2)]

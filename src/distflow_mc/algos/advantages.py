@@ -4,7 +4,11 @@ its response tokens; GAE works per token with a critic."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+SumReduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over ranks
 
 
 def _group_stats(rewards: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -38,13 +42,27 @@ def rloo(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return (rewards - mean) * count / (count - 1).clamp(min=1)
 
 
+def batch_moments(x: torch.Tensor, reduce: SumReduce | None = None) -> tuple[torch.Tensor, ...]:
+    """Mean and unbiased std of `x` over the whole batch: `reduce` sums [sum, sum of
+    squares, count] over the ranks that hold the rest of it (data-parallel replicas)."""
+    stats = torch.stack([x.sum(), (x * x).sum(), x.new_tensor(float(x.numel()))])
+    if reduce is not None:
+        stats = reduce(stats)
+    total, squares, count = stats
+    mean = total / count.clamp(min=1)
+    var = (squares - count * mean**2) / (count - 1).clamp(min=1)
+    return mean, var.clamp(min=0).sqrt()
+
+
 def reinforce_pp_baseline(
-    rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6
+    rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6, reduce: SumReduce | None = None
 ) -> torch.Tensor:
     """REINFORCE++ with baseline (Hu 2025, arXiv 2501.03262): subtract the group mean, then
-    normalise by the std over the whole batch (not per group)."""
+    normalise by the std over the whole batch (not per group; `reduce` sums the moments
+    over the replicas that hold the rest of the batch)."""
     centred = dr_grpo(rewards, groups)
-    return (centred - centred.mean()) / (centred.std() + eps) if len(centred) > 1 else centred
+    mean, std = batch_moments(centred, reduce)
+    return (centred - mean) / (std + eps)
 
 
 def gae(
@@ -60,7 +78,7 @@ def gae(
     mask = mask.to(values.dtype)
     values = values * mask
     advantages = torch.zeros_like(values)
-    running = torch.zeros_like(values[:, 0])
+    running = values.new_zeros(values.shape[0])
     for t in reversed(range(values.shape[1])):
         next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
         delta = token_rewards[:, t] + gamma * next_value - values[:, t]
@@ -69,9 +87,9 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
+# REINFORCE_PP is bound with its batch-wide reduction when the workers are built.
 OUTCOME_ESTIMATORS = {
     "GRPO": grpo,
     "DR_GRPO": dr_grpo,
     "RLOO": rloo,
-    "REINFORCE_PP": reinforce_pp_baseline,
 }

@@ -21,10 +21,12 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> Pair:
     if mode == "TOKEN_MEAN":
         return (per_token * mask).sum(), mask.sum()
     sums = (per_token * mask).sum(-1)
+    tokens = mask.sum(-1)
+    sequences = (tokens > 0).sum().to(per_token.dtype)  # padding rows are no sequences
     if mode == "SEQ_MEAN_TOKEN_SUM":
-        return sums.sum(), sums.new_tensor(float(len(sums)))
+        return sums.sum(), sequences
     if mode == "SEQ_MEAN_TOKEN_MEAN":
-        return (sums / mask.sum(-1).clamp(min=1)).sum(), sums.new_tensor(float(len(sums)))
+        return (sums / tokens.clamp(min=1)).sum(), sequences
     raise ValueError(f"unknown aggregation '{mode}'")
 
 

@@ -18,25 +18,23 @@ def split_by_token_budget(
     """Sample indices per micro-batch: every micro-batch holds at most `max_tokens` tokens
     (a sample longer than the budget gets a micro-batch of its own), token counts are
     balanced, the count is a multiple of `multiple_of` when there are enough samples
-    (interleaved pipelines need it), and heavier micro-batches come first so the pipeline's
-    tail runs the light ones."""
+    (interleaved pipelines need it; the schedule pads the rest), and heavier micro-batches
+    come first so the pipeline's tail runs the light ones."""
     n = len(lengths)
-    if n == 0:
-        return []
-    if max(lengths) > max_tokens:
-        long_ones = [i for i in range(n) if lengths[i] > max_tokens]
-        rest = [i for i in range(n) if lengths[i] <= max_tokens]
-        inner = split_by_token_budget([lengths[i] for i in rest], max_tokens) if rest else []
-        parts = [[i] for i in long_ones] + [[rest[j] for j in part] for part in inner]
-        return _heavy_first(parts, lengths)
-    count = max(1, math.ceil(sum(lengths) / max_tokens))
-    while True:
-        if count < n and count % multiple_of:
-            count += multiple_of - count % multiple_of
-        parts = [p for p in karmarkar_karp(list(lengths), min(count, n)) if p]
-        if all(sum(lengths[i] for i in p) <= max_tokens for p in parts) or count >= n:
-            return _heavy_first(parts, lengths)
+    long_ones = [[i] for i in range(n) if lengths[i] > max_tokens]
+    rest = [i for i in range(n) if lengths[i] <= max_tokens]
+    weights = [lengths[i] for i in rest]
+    count = max(1, math.ceil(sum(weights) / max_tokens)) if rest else 0
+    while rest:
+        total = len(long_ones) + count
+        if count < len(rest) and total % multiple_of:
+            count = min(len(rest), count + multiple_of - total % multiple_of)
+        parts = [p for p in karmarkar_karp(weights, count) if p]
+        if count >= len(rest) or all(sum(weights[j] for j in p) <= max_tokens for p in parts):
+            break
         count += 1
+    inner = [[rest[j] for j in p] for p in parts] if rest else []
+    return _heavy_first(long_ones + inner, lengths)
 
 
 def _heavy_first(parts: list[list[int]], lengths: Sequence[int]) -> list[list[int]]:

@@ -9,8 +9,13 @@ import torch.nn.functional as F
 from megatron.core import parallel_state as mpu
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 
 from distflow_mc.models.hf_config import HFArch
 from distflow_mc.parallel.megatron_state import ModelParallel
@@ -89,26 +94,13 @@ def build_gpt(
     """This rank's model chunks (one, or vpp with virtual pipeline stages). With
     `value_head`, the output layer is a scalar head (critic) and embeddings are untied."""
     check_divisibility(arch, mp)
-    if mp.sequence_parallel and not use_transformer_engine():
-        raise ValueError(
-            "parallel.sequence_parallel=true needs the TransformerEngine layer spec (GPU with"
-            " transformer-engine installed); megatron's local spec has no sequence-parallel norm"
-        )
     config = transformer_config(arch, mp, dtype)
-    if use_transformer_engine():
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec,
-        )
-
-        spec = get_gpt_layer_with_transformer_engine_spec()
-    else:
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     chunks = []
     for vp_stage in range(mp.vpp or 1):
         vp = vp_stage if mp.vpp else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=layer_spec(config, vp),
             vocab_size=arch.vocab_size,
             max_sequence_length=arch.max_position_embeddings,
             pre_process=mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
@@ -120,23 +112,59 @@ def build_gpt(
             vp_stage=vp,
         )
         if value_head and model.post_process:
-            model.output_layer = ValueHead(arch.hidden_size, dtype)
+            model.output_layer = ValueHead(arch.hidden_size, dtype, mp.sequence_parallel)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
     return chunks
 
 
+def layer_spec(config: TransformerConfig, vp_stage: int | None):
+    """TransformerEngine's layer spec on GPU when installed; megatron's local spec otherwise,
+    with a torch RMSNorm that also runs under sequence parallel (the local spec's own norm
+    refuses it), for the layers and the final norm of this (virtual) stage."""
+    if use_transformer_engine():
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.submodules.input_layernorm = SequenceParallelRMSNorm
+    layer.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=SequenceParallelRMSNorm,
+    )
+
+
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm with megatron's norm constructor. The norm works token by token, so
+    on a sequence shard it computes what it would on the whole sequence; under sequence
+    parallel its weight is marked so that megatron all-reduces its gradient over TP."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: object):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        if config.sequence_parallel:
+            self.weight.sequence_parallel = True
+
+
 class ValueHead(torch.nn.Module):
     """Scalar head replacing the vocab output layer. Its input (after the final norm) is the
-    same on every TP rank, so every TP rank holds and trains an identical copy."""
+    same on every TP rank (gathered first under sequence parallel), so every TP rank holds
+    and trains an identical copy."""
 
-    def __init__(self, hidden_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, hidden_size: int, dtype: torch.dtype, sequence_parallel: bool) -> None:
         super().__init__()
         # zero: the critic starts at V = 0, not at noise as large as the rewards
         self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
+        self.sequence_parallel = sequence_parallel
 
     def forward(
         self, hidden: torch.Tensor, weight: torch.Tensor | None = None, **kwargs: object
     ) -> tuple[torch.Tensor, None]:
+        if self.sequence_parallel:
+            # every TP rank computes the loss on the whole sequence: its shard's gradient is
+            # its slice of the (identical) full gradient, not a reduce-scatter of copies
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         return F.linear(hidden, self.weight), None

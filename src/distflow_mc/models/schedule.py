@@ -23,15 +23,45 @@ def _forward(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
     return model(tokens, positions, attention_mask=None)
 
 
-def pad_to_length(mb: MicroBatch, length: int) -> MicroBatch:
-    """Right-pad every per-token tensor ([b, s, ...]) with zeros to `length` tokens."""
-    s = mb["input_ids"].shape[1]
-    return {
-        k: torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, length - s))
-        if v.dim() >= 2 and v.shape[1] == s
-        else v
-        for k, v in mb.items()
-    }
+def pad_to(mb: MicroBatch, rows: int, length: int) -> MicroBatch:
+    """Zero-pad per-token tensors ([b, s, ...]) to [rows, length, ...] and per-sample ones
+    ([b, ...]) to `rows`. Padded rows and tokens carry mask 0 (attention_mask False), so
+    they add nothing to any sum the losses take."""
+    b, s = mb["input_ids"].shape[:2]
+    out = {}
+    for k, v in mb.items():
+        per_token = v.dim() >= 2 and tuple(v.shape[:2]) == (b, s)
+        pad = [0, 0] * (v.dim() - (2 if per_token else 1))  # trailing dims stay
+        pad += [0, length - s, 0, rows - b] if per_token else [0, rows - b]
+        out[k] = torch.nn.functional.pad(v, pad)
+    return out
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def schedule_shapes(
+    microbatches: Sequence[MicroBatch], pp: int, interleaved: bool, seq_multiple: int
+) -> list[MicroBatch]:
+    """The shapes megatron's schedules need. Every micro-batch has at least one row and its
+    length is a multiple of `seq_multiple` (TP under sequence parallel: the sequence is
+    split over TP ranks). The interleaved schedule exchanges fixed shapes: every micro-batch
+    is padded to the largest [rows, length], and all-padding micro-batches are appended
+    until the count is a multiple of PP."""
+    sizes = [
+        (max(1, mb["input_ids"].shape[0]), max(1, mb["input_ids"].shape[1])) for mb in microbatches
+    ]
+    if not interleaved:
+        return [
+            pad_to(mb, b, _round_up(s, seq_multiple))
+            for mb, (b, s) in zip(microbatches, sizes, strict=True)
+        ]
+    rows = max(b for b, _ in sizes)
+    length = _round_up(max(s for _, s in sizes), seq_multiple)
+    shaped = [pad_to(mb, rows, length) for mb in microbatches]
+    filler = {k: torch.zeros_like(v) for k, v in shaped[0].items()}
+    return shaped + [filler] * (-len(shaped) % pp)
 
 
 def run_microbatches(
@@ -40,10 +70,15 @@ def run_microbatches(
     fn: OutputFn,
     forward_only: bool,
 ) -> list[Any]:
-    """Every rank of a model replica passes the same micro-batches. Returns fn's outputs
-    (forward-only) or the metrics dicts (training) on the last PP stage; [] elsewhere.
-    With virtual pipeline stages, fn sees micro-batches right-padded to the longest one:
-    per-token masks in them are padded with zeros."""
+    """Every rank of a model replica passes the same micro-batches (at least one; one may
+    hold no rows, so that a replica with no samples still takes part in the step's
+    collectives). Returns fn's outputs (forward-only) or the metrics dicts (training) on the
+    last PP stage, one per given micro-batch; [] elsewhere. fn may see a micro-batch padded
+    (see `schedule_shapes`); per-token tensor outputs come back cut to its own [b, s]."""
+    config = chunks[0].config
+    seq_multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    pp = config.pipeline_model_parallel_size
+    shaped = schedule_shapes(microbatches, pp, len(chunks) > 1, seq_multiple)
 
     def step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
         mb = next(data_iterator)
@@ -52,16 +87,22 @@ def run_microbatches(
             return output, lambda out, non_loss_data=True: fn(mb, out)
         return output, lambda out: fn(mb, out)
 
-    longest = max(mb["input_ids"].shape[1] for mb in microbatches)
-    if len(chunks) > 1:  # interleaved schedule: fixed shapes (see models/gpt.py)
-        microbatches = [pad_to_length(mb, longest) for mb in microbatches]
-    return get_forward_backward_func()(
+    outputs = get_forward_backward_func()(
         forward_step_func=step,
-        data_iterator=[iter(microbatches) for _ in chunks],
+        data_iterator=[iter(shaped) for _ in chunks],
         model=list(chunks),
-        num_microbatches=len(microbatches),
-        seq_length=longest,
-        micro_batch_size=microbatches[0]["input_ids"].shape[0],
+        num_microbatches=len(shaped),
+        seq_length=max(mb["input_ids"].shape[1] for mb in shaped),
+        micro_batch_size=max(mb["input_ids"].shape[0] for mb in shaped),
         forward_only=forward_only,
         collect_non_loss_data=forward_only,
     )
+    outputs = outputs[: len(microbatches)]
+    if not forward_only:
+        return outputs
+    return [
+        out[: mb["input_ids"].shape[0], : mb["input_ids"].shape[1]]
+        if isinstance(out, torch.Tensor) and out.dim() >= 2
+        else out
+        for mb, out in zip(microbatches, outputs, strict=False)
+    ]

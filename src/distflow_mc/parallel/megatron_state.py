@@ -34,6 +34,12 @@ class ModelParallel:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
+    def dp_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` summed over the data-parallel replicas, in place (batch-wide statistics)."""
+        if self.dp > 1:
+            dist.all_reduce(x, group=self.dp_group)
+        return x
+
     @property
     def emits_data(self) -> bool:
         """One rank per model replica hands results on: TP rank 0 of the last stage."""

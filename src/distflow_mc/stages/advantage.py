@@ -42,9 +42,9 @@ def compute(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
     advantages, returns = adv_fns.gae(token_rewards, dense["values"], resp, a.gamma, a.lam)
     real = dense["attention_mask"]
     flat_adv = advantages[real]
-    valid = mask.bool()
-    mean, std = flat_adv[valid].mean(), flat_adv[valid].std()
-    batch.tokens["advantages"] = ((flat_adv - mean) / (std + 1e-6)) * mask  # whitened (PPO)
+    # whitened over the whole batch (all replicas), as PPO defines it
+    mean, std = adv_fns.batch_moments(flat_adv[mask.bool()], w.mp.dp_sum)
+    batch.tokens["advantages"] = ((flat_adv - mean) / (std + 1e-6)) * mask
     batch.tokens["returns"] = returns[real]
     return batch
 

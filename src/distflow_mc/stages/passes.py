@@ -18,8 +18,12 @@ from distflow_mc.stages.workers import Workers
 
 
 def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict]]:
+    """Token-budget micro-batches, right-padded; at least one (with no rows when the batch
+    is empty: the replica still runs the step's collectives). Interleaved pipelines want a
+    count that is a multiple of PP."""
     budget = w.config.trainer.micro_batch_tokens
-    parts = split_by_token_budget(batch.lengths.tolist(), budget, multiple_of=w.mp.pp)
+    multiple = w.mp.pp if w.mp.vpp else 1
+    parts = split_by_token_budget(batch.lengths.tolist(), budget, multiple) or [[]]
     pad = w.tokenizer.pad_token_id
     return parts, [pad_microbatch(batch, p, pad_value=pad) for p in parts]
 

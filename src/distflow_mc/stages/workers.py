@@ -114,11 +114,11 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
         def policy(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor):
             return clip(logp, old, adv)  # token-level: the mask applies in aggregation
 
-    outcome = (
-        None
-        if a.adv_estimator is AdvEstimator.GAE
-        else adv_fns.OUTCOME_ESTIMATORS[a.adv_estimator.name]
-    )
+    outcome = None
+    if a.adv_estimator is AdvEstimator.REINFORCE_PP:  # its std is over the whole batch
+        outcome = partial(adv_fns.reinforce_pp_baseline, reduce=mp.dp_sum)
+    elif a.adv_estimator is not AdvEstimator.GAE:
+        outcome = adv_fns.OUTCOME_ESTIMATORS[a.adv_estimator.name]
     return Workers(
         config,
         ctx,

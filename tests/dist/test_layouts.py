@@ -1,0 +1,146 @@
+"""Every layout the schema accepts runs for a few steps through the real entrypoint on gloo,
+or is refused on every rank before any model is built, naming the setting:
+
+- rollout.tp = parallel.tp = 2 on 4 ranks (same replicas: a broadcast, not a skip);
+- PP2 x VPP2 with token-budget micro-batches of different sample counts, equal to PP1;
+- TP2 with sequence parallel, equal to TP2 (and the actor's log-probs equal the engine's,
+  which are transformers' own);
+- empty replicas: 2 groups over 4 training replicas (PPO: critic, GAE whitening over DP);
+- refusals: parallel.cp > 1, and an SGLang rollout TP group spanning two torchrun nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoConfig, LlamaForCausalLM
+
+from distflow_mc.data.tiny import make_task
+from tests.conftest import ROOT, TORCHRUN, main_cmd, run_cmd
+
+pytestmark = pytest.mark.dist
+SHORT = [
+    "trainer.total_steps=2",
+    "trainer.val_every=0",
+    "trainer.progress_bar=false",
+    "parallel.timeout_s=60",
+    "data.batch_size=4",
+    "rollout.n=4",
+    "algo.entropy_coef=0.01",  # a gradient from the first step on (rewards start near 0)
+]
+COMPARED = ("actor/grad_norm", "actor/entropy", "actor/pg_loss")
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> Path:
+    root = make_task(tmp_path_factory.mktemp("task"))
+    config = AutoConfig.from_pretrained(root / "tiny_llama")
+    config.num_hidden_layers = 4  # PP2 x VPP2 needs 4 layers
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "tiny4")
+    rows = pq.read_table(root / "tiny_task" / "train.parquet").to_pylist()[:64]
+    with (root / "half_bad.jsonl").open("w") as f:
+        for i, row in enumerate(rows):  # every other row is malformed (skipped)
+            f.write(json.dumps({**row, "data_source": None} if i % 2 else row) + "\n")
+    return root
+
+
+def train(task: Path, run_dir: Path, nproc: int, *overrides: str) -> list[dict]:
+    cmd = main_cmd(nproc, "experiment=cpu_tiny_grpo", *SHORT, f"hydra.run.dir={run_dir}", *overrides)
+    out = run_cmd(cmd, cwd=ROOT, timeout=300, env={"DISTFLOW_DATA_DIR": str(task)})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-5000:]
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_first_step(a: list[dict], b: list[dict]) -> None:
+    """Same rollout, same math: the first update agrees to float tolerance."""
+    for key in COMPARED:
+        assert a[0][key] == pytest.approx(b[0][key], rel=1e-5, abs=1e-6), key
+
+
+def test_rollout_tp_equal_to_train_tp(task, tmp_path):
+    rows = train(task, tmp_path, 4, "rollout.tp=2", "parallel.tp=2")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["rollout/logprob_gap_max"] < 1e-4 for r in rows)
+    assert all(r["actor/grad_norm"] > 0 for r in rows)
+
+
+def test_interleaved_pipeline_with_uneven_microbatches(task, tmp_path):
+    model = [f"model.path={task / 'tiny4'}", f"data.tokenizer={task / 'tiny_llama'}"]
+    small = "trainer.micro_batch_tokens=50"  # ~16 samples of ~10 tokens: uneven micro-batches
+    flat = train(task, tmp_path / "pp1", 2, *model, small)
+    piped = train(task, tmp_path / "pp2vpp2", 2, *model, small, "parallel.pp=2", "parallel.vpp=2")
+    assert_same_first_step(piped, flat)
+    assert all(r["rollout/logprob_gap_max"] < 1e-4 for r in piped)
+
+
+def test_sequence_parallel_equals_tensor_parallel(task, tmp_path):
+    tp = train(task, tmp_path / "tp2", 2, "parallel.tp=2")
+    sp = train(task, tmp_path / "sp", 2, "parallel.tp=2", "parallel.sequence_parallel=true")
+    assert_same_first_step(sp, tp)
+    assert all(r["rollout/logprob_gap_max"] < 1e-4 for r in sp)
+
+
+def test_empty_replicas_take_part(task, tmp_path):
+    """Rows alternate good/malformed and are read in order: ranks 1 and 3 get no prompt,
+    so 2 groups meet 4 training replicas; PPO whitens advantages over all of them."""
+    rows = train(
+        task,
+        tmp_path,
+        4,
+        "experiment=cpu_tiny_ppo",
+        "data.shuffle=false",
+        f"data.train_files=[{task / 'half_bad.jsonl'}]",
+        "data.val_files=[]",
+    )
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["data/malformed_rows"] == 0.5 and r["rollout/groups"] == 0.5
+        assert 0 < r["actor/grad_norm"] < float("inf") and r["critic/value_loss"] >= 0
+
+
+def test_context_parallel_is_refused_on_every_rank(tmp_path):
+    out = run_cmd(main_cmd(2, "parallel.cp=2", "parallel.timeout_s=30"), cwd=tmp_path, timeout=120)
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert text.count("parallel.cp: context parallelism is not supported") == 2, text
+
+
+def test_sglang_rollout_group_across_nodes_is_refused(tmp_path):
+    """Two torchrun agents (two 'nodes' of one rank each) meet through c10d rendezvous; a
+    rollout TP group of 2 would span them: both refuse before any collective."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agent = [
+        TORCHRUN,
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=span",
+        "-m",
+        "distflow_mc.main",
+        "rollout=sglang",
+        "rollout.tp=2",
+        "parallel.timeout_s=30",
+    ]
+    procs = [
+        subprocess.Popen(agent, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+        for _ in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode != 0 for p in procs)
+    for text in outputs:
+        assert "rollout.tp=2 would make a rollout TP group span nodes (1 ranks per node)" in text
