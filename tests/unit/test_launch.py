@@ -11,7 +11,12 @@ import pytest
 
 from tests.conftest import ROOT
 
-SCRIPTS = [ROOT / "launch" / "slurm" / "train.sbatch", ROOT / "launch" / "local.sh"]
+SCRIPTS = [
+    ROOT / "launch" / "slurm" / "train.sbatch",
+    ROOT / "launch" / "local.sh",
+    ROOT / "scripts" / "gpu_check.sh",
+    ROOT / "scripts" / "fetch_gpu_wheels.sh",
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,13 @@ def check_divisibility(arch: HFArch, mp: ModelParallel) -> None:
 
 
 def transformer_config(arch: HFArch, mp: ModelParallel, dtype: torch.dtype) -> TransformerConfig:
+    with warnings.catch_warnings():
+        # megatron's own default cuda_graph_scope trips its deprecation notice (no CUDA graphs here)
+        warnings.filterwarnings("ignore", message="full scope is deprecated")
+        return _transformer_config(arch, mp, dtype)
+
+
+def _transformer_config(arch: HFArch, mp: ModelParallel, dtype: torch.dtype) -> TransformerConfig:
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
