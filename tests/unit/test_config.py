@@ -99,6 +99,22 @@ def test_misspelled_workflow_field_names_it(tmp_path: Path):
         ("parallel.vpp=2", "parallel.vpp"),
         ("parallel.sequence_parallel=true", "parallel.sequence_parallel"),
         ("rollout.n=0", "rollout.n"),
+        ("algo.ppo_epochs=0", "algo.ppo_epochs"),
+        ("algo.mini_batches=0", "algo.mini_batches"),
+        ("algo.gamma=1.5", "algo.gamma"),
+        ("algo.lam=-0.1", "algo.lam"),
+        ("algo.clip_low=1.2", "algo.clip_low"),
+        ("algo.dual_clip=0.5", "algo.dual_clip"),
+        ("algo.dynamic_sampling_max_rounds=0", "algo.dynamic_sampling_max_rounds"),
+        ("algo.overlong_buffer=999", "algo.overlong_buffer"),
+        ("trainer.micro_batch_tokens=0", "trainer.micro_batch_tokens"),
+        ("trainer.val_n=0", "trainer.val_n"),
+        ("trainer.keep_last=0", "trainer.keep_last"),
+        ("trainer.actor_optim.decay_style=cosinus", "trainer.actor_optim.decay_style"),
+        ("trainer.critic_optim.lr=0", "trainer.critic_optim.lr"),
+        ("trainer.actor_optim.adam_beta2=1.0", "trainer.actor_optim.adam_beta2"),
+        ("data.train_files=[]", "data.train_files"),
+        ("reward.error_score=nan", "reward.error_score"),
     ],
 )
 def test_out_of_range_names_setting(override, key):
@@ -194,6 +210,24 @@ def test_unknown_architecture_is_named(tmp_path: Path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match=r"architecture \['GPT2LMHeadModel'\] is not supported"):
         read_hf_config(tmp_path)
+
+
+def test_every_problem_is_listed_at_once():
+    with pytest.raises(ValueError) as info:
+        load_config(compose_config(["algo.ppo_epochs=0", "trainer.val_n=0", "rollout.n=0"]))
+    assert all(k in str(info.value) for k in ("algo.ppo_epochs", "trainer.val_n", "rollout.n"))
+
+
+def test_gspo_gets_its_own_clip_range_by_default():
+    """GSPO's ratio is per sequence: its paper clips to [1 - 3e-4, 1 + 4e-4], not 0.2."""
+    import inspect
+
+    from distflow_mc.algos import losses
+
+    config = load_config(compose_config(["algo.policy_loss=GSPO"]))
+    assert config.algo.clip_low is None and config.algo.clip_high is None
+    defaults = inspect.signature(losses.gspo).parameters
+    assert (defaults["clip_low"].default, defaults["clip_high"].default) == (3e-4, 4e-4)
 
 
 def test_rollout_tp_with_either_engine():

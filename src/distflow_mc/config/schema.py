@@ -54,8 +54,10 @@ class AlgoConfig:
     adv_estimator: AdvEstimator = AdvEstimator.GRPO
     policy_loss: PolicyLoss = PolicyLoss.PPO
     loss_agg: LossAgg = LossAgg.TOKEN_MEAN
-    clip_low: float = 0.2
-    clip_high: float = 0.2  # DAPO's clip-higher: 0.28
+    # null: the loss's own default (PPO 0.2 / 0.2; GSPO 3e-4 / 4e-4, its paper's sequence-level
+    # range). DAPO's clip-higher: clip_high 0.28.
+    clip_low: float | None = None
+    clip_high: float | None = None
     dual_clip: float | None = None  # e.g. 3.0
     kl_coef: float = 0.0
     kl_estimator: KLEstimator = KLEstimator.K3

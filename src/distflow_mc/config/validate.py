@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from enum import Enum
 from typing import Any
@@ -10,17 +11,27 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from distflow_mc.config.schema import Config
+from distflow_mc.config.schema import (
+    AlgoConfig,
+    Config,
+    DataConfig,
+    OptimConfig,
+    ParallelConfig,
+    RewardConfig,
+    RolloutConfig,
+    TrainerConfig,
+)
+
+# megatron's OptimizerParamScheduler
+DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 
 
 def _check(ok: bool, setting: str, message: str) -> list[str]:
     return [] if ok else [f"{setting}: {message}"]
 
 
-def check_config(c: Config) -> None:
-    """Raise ValueError listing every setting out of range, each named as a dotted key."""
-    p, r, d = c.parallel, c.rollout, c.data
-    problems = [
+def _parallel(p: ParallelConfig) -> list[str]:
+    return [
         *_check(p.tp >= 1, "parallel.tp", f"must be >= 1, got {p.tp}"),
         *_check(p.pp >= 1, "parallel.pp", f"must be >= 1, got {p.pp}"),
         *_check(
@@ -41,6 +52,11 @@ def check_config(c: Config) -> None:
             "needs parallel.tp >= 2",
         ),
         *_check(p.timeout_s > 0, "parallel.timeout_s", f"must be > 0, got {p.timeout_s}"),
+    ]
+
+
+def _rollout(r: RolloutConfig) -> list[str]:
+    return [
         *_check(r.tp >= 1, "rollout.tp", f"must be >= 1, got {r.tp}"),
         *_check(r.n >= 1, "rollout.n", f"must be >= 1, got {r.n}"),
         *_check(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}"),
@@ -49,10 +65,89 @@ def check_config(c: Config) -> None:
         *_check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1"),
         *_check(0 < r.mem_fraction < 1, "rollout.mem_fraction", "must be in (0, 1)"),
         *_check(r.weight_sync_bucket_mb >= 1, "rollout.weight_sync_bucket_mb", "must be >= 1"),
+        *_check(r.logprob_gap_warn > 0, "rollout.logprob_gap_warn", "must be > 0"),
+    ]
+
+
+def _algo(a: AlgoConfig, max_new_tokens: int) -> list[str]:
+    def share(name: str, value: float) -> list[str]:
+        return _check(0 <= value <= 1, f"algo.{name}", f"must be in [0, 1], got {value}")
+
+    clip_low, clip_high = a.clip_low, a.clip_high
+    return [
+        *_check(clip_low is None or 0 < clip_low < 1, "algo.clip_low", "must be in (0, 1)"),
+        *_check(clip_high is None or clip_high > 0, "algo.clip_high", "must be > 0"),
+        *_check(
+            a.dual_clip is None or a.dual_clip > 1, "algo.dual_clip", "must be > 1 (or null: off)"
+        ),
+        *_check(a.kl_coef >= 0, "algo.kl_coef", f"must be >= 0, got {a.kl_coef}"),
+        *_check(math.isfinite(a.entropy_coef), "algo.entropy_coef", "must be finite"),
+        *share("gamma", a.gamma),
+        *share("lam", a.lam),
+        *_check(
+            a.value_clip is None or a.value_clip > 0, "algo.value_clip", "must be > 0 (or null)"
+        ),
+        *_check(a.ppo_epochs >= 1, "algo.ppo_epochs", f"must be >= 1, got {a.ppo_epochs}"),
+        *_check(a.mini_batches >= 1, "algo.mini_batches", f"must be >= 1, got {a.mini_batches}"),
+        *_check(
+            a.dynamic_sampling_max_rounds >= 1,
+            "algo.dynamic_sampling_max_rounds",
+            f"must be >= 1, got {a.dynamic_sampling_max_rounds}",
+        ),
+        *_check(
+            0 <= a.overlong_buffer < max_new_tokens,
+            "algo.overlong_buffer",
+            f"must be in [0, rollout.max_new_tokens={max_new_tokens}), got {a.overlong_buffer}",
+        ),
+        *_check(a.overlong_penalty >= 0, "algo.overlong_penalty", "must be >= 0"),
+    ]
+
+
+def _optim(o: OptimConfig, name: str) -> list[str]:
+    key = f"trainer.{name}"
+    return [
+        *_check(o.lr > 0, f"{key}.lr", f"must be > 0, got {o.lr}"),
+        *_check(0 <= o.min_lr <= o.lr, f"{key}.min_lr", f"must be in [0, lr], got {o.min_lr}"),
+        *_check(o.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0"),
+        *_check(o.decay_steps is None or o.decay_steps >= 1, f"{key}.decay_steps", "must be >= 1"),
+        *_check(
+            o.decay_style in DECAY_STYLES,
+            f"{key}.decay_style",
+            f"must be one of {', '.join(DECAY_STYLES)}, got '{o.decay_style}'",
+        ),
+        *_check(o.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0"),
+        *_check(0 <= o.adam_beta1 < 1, f"{key}.adam_beta1", "must be in [0, 1)"),
+        *_check(0 <= o.adam_beta2 < 1, f"{key}.adam_beta2", "must be in [0, 1)"),
+        *_check(o.adam_eps > 0, f"{key}.adam_eps", "must be > 0"),
+        *_check(o.clip_grad >= 0, f"{key}.clip_grad", "must be >= 0 (0: no clipping)"),
+    ]
+
+
+def _trainer_and_data(t: TrainerConfig, d: DataConfig, reward: RewardConfig) -> list[str]:
+    return [
         *_check(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}"),
         *_check(d.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1"),
-        *_check(c.reward.timeout_s > 0, "reward.timeout_s", "must be > 0"),
-        *_check(c.trainer.total_steps >= 0, "trainer.total_steps", "must be >= 0"),
+        *_check(bool(d.train_files), "data.train_files", "must list at least one file"),
+        *_check(reward.timeout_s > 0, "reward.timeout_s", "must be > 0"),
+        *_check(math.isfinite(reward.error_score), "reward.error_score", "must be finite"),
+        *_check(t.total_steps >= 0, "trainer.total_steps", "must be >= 0"),
+        *_check(t.micro_batch_tokens >= 1, "trainer.micro_batch_tokens", "must be >= 1"),
+        *_check(t.val_every >= 0, "trainer.val_every", "must be >= 0 (0: off)"),
+        *_check(t.val_n >= 1, "trainer.val_n", f"must be >= 1, got {t.val_n}"),
+        *_check(t.save_every >= 0, "trainer.save_every", "must be >= 0 (0: never)"),
+        *_check(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}"),
+    ]
+
+
+def check_config(c: Config) -> None:
+    """Raise ValueError listing every setting out of range, each named as a dotted key."""
+    problems = [
+        *_parallel(c.parallel),
+        *_rollout(c.rollout),
+        *_algo(c.algo, c.rollout.max_new_tokens),
+        *_optim(c.trainer.actor_optim, "actor_optim"),
+        *_optim(c.trainer.critic_optim, "critic_optim"),
+        *_trainer_and_data(c.trainer, c.data, c.reward),
     ]
     if problems:
         raise ValueError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))

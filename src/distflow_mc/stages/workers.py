@@ -104,12 +104,14 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
         loader = PromptLoader(config.data, tokenizer, dp, layouts.rollout.dp, t.seed)
         if t.val_every and config.data.val_files:
             val_loader = validation_loader(config, tokenizer, dp, layouts.rollout.dp)
+    loss_fn = losses.gspo if a.policy_loss is PolicyLoss.GSPO else losses.ppo_clip
+    bounds = {
+        k: v for k, v in (("clip_low", a.clip_low), ("clip_high", a.clip_high)) if v is not None
+    }
     if a.policy_loss is PolicyLoss.GSPO:
-        policy = partial(losses.gspo, clip_low=a.clip_low, clip_high=a.clip_high)
+        policy = partial(loss_fn, **bounds)
     else:
-        clip = partial(
-            losses.ppo_clip, clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip
-        )
+        clip = partial(loss_fn, dual_clip=a.dual_clip, **bounds)
 
         def policy(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor):
             return clip(logp, old, adv)  # token-level: the mask applies in aggregation
