@@ -32,7 +32,8 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--step", type=int, default=None, help="default: the latest complete")
     args = parser.parse_args()
-    step = args.step or checkpoint.latest_step(args.checkpoints)
+    init_distributed(timeout_s=600)
+    step = args.step or checkpoint.latest_intact_step(args.checkpoints)
     if step is None:
         raise SystemExit(f"no complete checkpoint in {args.checkpoints}")
     state = json.loads((args.checkpoints / f"step_{step:08d}" / "trainer_state.json").read_text())
@@ -41,7 +42,6 @@ def main() -> None:
     trainer = OmegaConf.to_object(
         OmegaConf.merge(OmegaConf.structured(Config().trainer), saved["trainer"])
     )
-    init_distributed(timeout_s=600)
     mp = init_model_parallel(ParallelConfig(), seed=0)
     arch, chunks = load_model(model.path, mp, torch.float32)
     actor = TrainableModel(chunks, trainer.actor_optim, max(trainer.total_steps, 1))

@@ -125,7 +125,21 @@ def train(model_dir: Path, mp, out: Path, distributed_optimizer: bool) -> dict:
         params.update({n: t.clone() for n, t in bucket})
     if dist.get_rank() == 0:
         torch.save(params, out / "trained.pt")
-    return {"train_updated": stats["updated"], "train_grad_norm": stats["grad_norm"]}
+
+    def poisoned(mb, out):  # a non-finite loss on one data-parallel rank only
+        loss, count, metrics = loss_fn(mb, out)
+        return loss * (float("nan") if mp.dp_rank == 0 else 1.0), count, metrics
+
+    bad = model.step(mine, poisoned)
+    after = {}
+    for bucket in export_hf([c.module for c in model.chunks], read_hf_config(model_dir), mp):
+        after.update({n: t.clone() for n, t in bucket})
+    return {
+        "train_updated": stats["updated"],
+        "train_grad_norm": stats["grad_norm"],
+        "nonfinite_skipped": bad["nonfinite"] and not bad["updated"],
+        "nonfinite_weights_kept": all(torch.equal(after[n], params[n]) for n in params),
+    }
 
 
 def schedule(model_dir: Path, mp) -> dict:

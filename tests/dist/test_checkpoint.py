@@ -93,13 +93,35 @@ def test_killed_rank_restarts_and_resumes(env, tmp_path):
 
 
 def test_half_written_checkpoints_are_ignored(tmp_path):
-    from distflow_mc.checkpoint import latest_step
+    from distflow_mc.checkpoint import complete_steps
 
     (tmp_path / "step_00000004").mkdir()
     (tmp_path / "step_00000004" / "trainer_state.json").write_text("{}")
     (tmp_path / "step_00000008").mkdir()  # interrupted before its state was written
     (tmp_path / ".step_00000012.tmp").mkdir()  # interrupted before the rename
-    assert latest_step(tmp_path) == 4
+    assert complete_steps(tmp_path) == [4]
     (tmp_path / "latest").write_text(json.dumps({"step": 8}))  # points at a broken one
-    assert latest_step(tmp_path) == 4
-    assert latest_step(tmp_path / "missing") is None
+    assert complete_steps(tmp_path) == [4]
+    assert complete_steps(tmp_path / "missing") == []
+
+
+def test_damaged_checkpoint_falls_back_to_an_intact_one(env, tmp_path):
+    """A truncated shard in the newest checkpoint: resume warns naming it and goes on from
+    the one before, every step once; when none is intact, the error names the directory."""
+    run(env, 2, tmp_path, "trainer.total_steps=4", "trainer.save_every=2")
+    newest = tmp_path / "checkpoints" / "step_00000004"
+    shard = max(newest.glob("*.distcp"), key=lambda f: f.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    run(env, 2, tmp_path, "trainer.total_steps=5", "trainer.resume=AUTO")
+    log = (tmp_path / "main_rank0.log").read_text()
+    assert f"checkpoint {newest} is damaged ({shard.name} has" in log
+    assert "resumed from" in log and "step_00000002" in log
+    assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4, 5]
+    for step_dir in (tmp_path / "checkpoints").glob("step_*"):
+        for f in step_dir.glob("*.distcp"):
+            f.write_bytes(b"")
+    cmd = main_cmd(2, *QUIET, f"hydra.run.dir={tmp_path}", "trainer.total_steps=6",
+                   "trainer.resume=AUTO")
+    out = run_cmd(cmd, cwd=ROOT, timeout=300, env=env)
+    assert out.returncode != 0
+    assert f"no intact checkpoint in {tmp_path / 'checkpoints'}" in out.stdout + out.stderr

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
 
 from distflow_mc.config.schema import RewardConfig
 from distflow_mc.rewards import fmt, gsm8k, math, tiny_copy
-from distflow_mc.rewards.compute import RewardComputer
+from distflow_mc.rewards.compute import RewardComputer, check_sources
+from tests.conftest import ROOT
 
 
 def test_gsm8k_final_answer():
@@ -56,16 +59,50 @@ def test_raising_reward_gives_error_score():
 
 
 def test_slow_reward_times_out_without_hanging():
-    computer = RewardComputer(RewardConfig(fn="tests.unit.test_rewards.sleepy", timeout_s=0.3))
+    """The stuck scorer's worker is killed; every other sample gets its own full budget
+    (a sample after the stuck one is not scored as an error for lack of waiting)."""
+    computer = RewardComputer(RewardConfig(fn="tests.unit.test_rewards.sleepy", timeout_s=1.0))
     start = time.monotonic()
-    scores = computer(["0", "30", "0"], ["d"] * 3, [""] * 3, [{}] * 3)
-    assert time.monotonic() - start < 5
-    assert scores.timeouts >= 1 and scores.rewards[1] == 0.0 and scores.rewards[0] == 1.0
+    scores = computer(["0", "30", "0.5", "0.5"], ["d"] * 4, [""] * 4, [{}] * 4)
+    assert time.monotonic() - start < 10
+    assert scores.timeouts == 1 and scores.errors == 0
+    assert scores.rewards == [1.0, 0.0, 1.0, 1.0]
     assert computer(["0"], ["d"], [""], [{}]).rewards == [1.0]  # a fresh pool afterwards
+    computer.close()
+
+
+def not_a_number(response, ground_truth, extra_info):
+    return {"nan": float("nan"), "inf": float("inf"), "text": "high"}.get(response, 1.0)
+
+
+def test_non_finite_rewards_score_as_errors(caplog):
+    computer = RewardComputer(
+        RewardConfig(fn="tests.unit.test_rewards.not_a_number", error_score=-1.0)
+    )
+    scores = computer(["nan", "inf", "text", "ok"], ["src"] * 4, [""] * 4, [{}] * 4)
+    assert scores.rewards == [-1.0, -1.0, -1.0, 1.0] and scores.errors == 3
+    assert "3 reward(s) for data_source 'src'" in caplog.text
+    computer.close()
+
+
+def test_stuck_scorer_never_keeps_the_process_alive(tmp_path):
+    """A scorer that never returns: the process still exits promptly (a thread would be
+    joined at interpreter exit and hang it)."""
+    script = (
+        "from distflow_mc.config.schema import RewardConfig\n"
+        "from distflow_mc.rewards.compute import RewardComputer\n"
+        "c = RewardComputer(RewardConfig(fn='tests.unit.test_rewards.sleepy', timeout_s=0.5))\n"
+        "print(c(['1000'], ['d'], [''], [{}]).timeouts)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "1", out.stderr
 
 
 def test_unknown_data_source_names_the_setting():
-    with pytest.raises(ValueError, match=r"no reward for data_source 'mystery'.*reward\.fn"):
-        RewardComputer(RewardConfig())(["x"], ["mystery"], [""], [{}])
+    with pytest.raises(ValueError, match=r"no reward for data_source \['mystery'\].*reward\.fn"):
+        check_sources(RewardConfig(), {"mystery", "gsm8k"}, "train.parquet")
+    check_sources(RewardConfig(fn="tests.unit.test_rewards.always_half"), {"mystery"}, "x")
     with pytest.raises(ValueError, match=r"reward\.fn: module 'nope' does not import"):
         RewardComputer(RewardConfig(fn="nope.fn"))

@@ -1,13 +1,15 @@
 """Atomic, resumable checkpoints.
 
     <checkpoint dir>/step_00000012/   model + optimizer shards (megatron dist_checkpointing)
+                                      manifest.json (size and CRC-32 of every file)
                                       trainer_state.json (step, data loader, LR schedules,
                                       resolved config), written last
     <checkpoint dir>/latest           {"step": 12}, replaced atomically after the rename
 
 A save is written to `.step_N.tmp`, renamed to `step_N` once every rank has finished, and
-only then does `latest` move: an interrupted save is never taken for a complete one.
-Loading reads tensors through dist_checkpointing and state as JSON: nothing is unpickled.
+only then does `latest` move: an interrupted save is never taken for a complete one. A
+resume verifies the manifest (the ranks split the files) and falls back to the newest
+intact checkpoint, warning about each damaged one.
 dist_checkpointing reshards, so a checkpoint resumes on another TP / PP / DP layout.
 There are no generator states to restore: every random draw derives from (seed, step).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from distflow_mc.models.train import TrainableModel
 
 log = logging.getLogger(__name__)
 STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
 
 
 def _sharded(models: dict[str, TrainableModel], is_loading: bool) -> dict[str, Any]:
@@ -44,16 +48,56 @@ def _sharded(models: dict[str, TrainableModel], is_loading: bool) -> dict[str, A
     return state
 
 
-def latest_step(root: str | Path) -> int | None:
-    """The step of the newest complete checkpoint, or None. Directories without their
-    trainer state (interrupted saves) and leftover temporaries are ignored."""
-    pointer = Path(root) / "latest"
-    if pointer.is_file():
-        step = json.loads(pointer.read_text())["step"]
-        if (Path(root) / f"step_{step:08d}" / STATE).is_file():
+def complete_steps(root: str | Path) -> list[int]:
+    """Steps of the complete checkpoints, newest first. Directories without their trainer
+    state (interrupted saves) and leftover temporaries are ignored."""
+    complete = [p for p in Path(root).glob("step_*") if (p / STATE).is_file()]
+    return sorted((int(p.name.split("_")[1]) for p in complete), reverse=True)
+
+
+def _crc(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _my_share(files: list[str]) -> list[str]:
+    return files[dist.get_rank() :: dist.get_world_size()]
+
+
+def _problem(path: Path, name: str, size: int, crc: int) -> str | None:
+    file = path / name
+    if not file.is_file():
+        return f"{name} is missing"
+    if file.stat().st_size != size:
+        return f"{name} has {file.stat().st_size} bytes, the save wrote {size}"
+    return None if _crc(file) == crc else f"{name} does not match its checksum"
+
+
+def latest_intact_step(root: str | Path) -> int | None:
+    """Collective. The newest complete checkpoint whose files match their manifest (each
+    rank checks its share; a damaged one is named in a warning and skipped), or None when
+    there is none. ValueError naming the directory when checkpoints exist but none is
+    intact."""
+    steps = complete_steps(root)
+    for step in steps:
+        path = Path(root) / f"step_{step:08d}"
+        manifest = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).is_file() else {}
+        found = [_problem(path, n, *manifest[n]) for n in _my_share(sorted(manifest))]
+        problems: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, [x for x in found if x])
+        damaged = [x for per_rank in problems for x in per_rank]
+        if not damaged:
             return step
-    complete = sorted(p for p in Path(root).glob("step_*") if (p / STATE).is_file())
-    return int(complete[-1].name.split("_")[1]) if complete else None
+        log.warning("checkpoint %s is damaged (%s): trying an older one", path, damaged[0])
+    if steps:
+        raise ValueError(
+            f"no intact checkpoint in {root} (trainer.checkpoint_dir): every one of steps"
+            f" {sorted(steps)} has damaged files; remove them or set trainer.resume=NEVER"
+        )
+    return None
 
 
 def save(
@@ -68,7 +112,13 @@ def save(
     dist.barrier()
     dist_checkpointing.save(_sharded(models, is_loading=False), str(tmp))
     dist.barrier()
+    files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
+    mine = {name: [(tmp / name).stat().st_size, _crc(tmp / name)] for name in _my_share(files)}
+    shares: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, mine)
     if dist.get_rank() == 0:
+        manifest = {k: v for share in shares for k, v in share.items()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         (tmp / STATE).write_text(json.dumps({"step": step, **state}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

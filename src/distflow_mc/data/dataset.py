@@ -76,6 +76,21 @@ class RowSource:
     def __len__(self) -> int:
         return self.num_rows
 
+    def data_sources(self) -> set[str]:
+        """Every (string) `data_source` in the files: one column of each parquet file, one
+        pass over each jsonl file. Rows without one are malformed, handled when read."""
+        found: set[str] = set()
+        for path in dict.fromkeys(part.path for part in self.parts):
+            if path.suffix == ".parquet":
+                if "data_source" in pq.ParquetFile(path).schema_arrow.names:
+                    found.update(pq.read_table(path, columns=["data_source"]).column(0).to_pylist())
+            else:
+                with path.open("rb") as fh:
+                    for i, line in enumerate(fh):
+                        row = self._parse_line(line, path, i) if line.strip() else {}
+                        found.add(row.get("data_source"))
+        return {s for s in found if isinstance(s, str)}
+
     def locate(self, index: int) -> tuple[Path, int]:
         """(file, row number within the file) of a global row, for messages."""
         part = self.parts[bisect.bisect_right(self._starts, index) - 1]

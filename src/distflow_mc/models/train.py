@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -90,12 +91,25 @@ class TrainableModel:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         metrics = run_microbatches(self.chunks, microbatches, loss_fn, forward_only=False)
-        updated, grad_norm, _ = self.optimizer.step()
+        finite = self.grads_finite()
+        updated, grad_norm = False, None
+        if finite:
+            updated, grad_norm, _ = self.optimizer.step()
         if updated:
             self.scheduler.step(increment=1)
         return {
             "updated": bool(updated),
+            "nonfinite": not finite,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": self.optimizer.param_groups[0]["lr"],
             "microbatch_metrics": metrics,
         }
+
+    def grads_finite(self) -> bool:
+        """Whether every gradient of the model (all ranks: shards differ over TP/PP, and
+        over DP with the distributed optimizer) is finite. A non-finite loss or gradient
+        skips the optimizer step on every rank alike: the weights never take it in."""
+        grads = [b.grad_data for c in self.chunks for b in c.buffers + c.expert_parallel_buffers]
+        bad = torch.stack([~torch.isfinite(g).all() for g in grads]).any().float().reshape(1)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bad.item()

@@ -1,19 +1,23 @@
-"""Score responses with time budgets: a scorer that raises or runs out of time gives that
-sample `reward.error_score` and a counted warning; it never stops the run or hangs a rank
-(a stuck scorer thread is abandoned, not waited for)."""
+"""Score responses with time budgets, in worker processes: a scorer that raises, returns
+something that is not a finite number, or runs past `reward.timeout_s` gives that sample
+`reward.error_score` and is counted; it never stops the run or hangs a rank. A stuck
+scorer's process is killed (threads could only be abandoned, and Python joins them at
+exit), and each sample gets its own budget from the moment a fresh worker can run it."""
 
 from __future__ import annotations
 
 import logging
+import math
+import multiprocessing as mp
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from multiprocessing.pool import AsyncResult, Pool
 from typing import Any
 
 from distflow_mc.config.schema import RewardConfig
 from distflow_mc.dag.validate import import_fn
-from distflow_mc.rewards import fmt, gsm8k, math, tiny_copy
+from distflow_mc.rewards import fmt, gsm8k, tiny_copy
+from distflow_mc.rewards import math as math_reward
 
 log = logging.getLogger(__name__)
 Scorer = Callable[[str, Any, dict], float]
@@ -21,9 +25,9 @@ Scorer = Callable[[str, Any, dict], float]
 BUILT_IN: dict[str, Scorer] = {
     "openai/gsm8k": gsm8k.score,
     "gsm8k": gsm8k.score,
-    "math": math.score,
-    "lighteval/MATH": math.score,
-    "DigitalLearningGmbH/MATH-lighteval": math.score,
+    "math": math_reward.score,
+    "lighteval/MATH": math_reward.score,
+    "DigitalLearningGmbH/MATH-lighteval": math_reward.score,
     "format": fmt.score,
     "tiny_copy": tiny_copy.score,
 }
@@ -32,30 +36,49 @@ BUILT_IN: dict[str, Scorer] = {
 @dataclass
 class Scores:
     rewards: list[float]
-    errors: int
+    errors: int  # raised, or not a finite number
     timeouts: int
+
+
+def _score(fn_path: str | None, data_source: str, response: str, truth: Any, info: dict) -> float:
+    """Runs in a worker process: resolve the scorer there (functions need not pickle)."""
+    fn = import_fn(fn_path) if fn_path else BUILT_IN[data_source]
+    return float(fn(response, truth, info))
+
+
+def check_sources(config: RewardConfig, data_sources: set[str], files: str) -> None:
+    """Every data_source has a scorer, or reward.fn is set; ValueError names the missing
+    ones and where they came from (checked on every rank before any model is built)."""
+    missing = sorted(data_sources - set(BUILT_IN)) if config.fn is None else []
+    if missing:
+        raise ValueError(
+            f"no reward for data_source {missing} in {files} (built in: {', '.join(BUILT_IN)});"
+            " set reward.fn to a dotted path fn(response, ground_truth, extra_info)"
+        )
 
 
 class RewardComputer:
     def __init__(self, config: RewardConfig, workers: int = 4) -> None:
         self.config, self.workers = config, workers
-        self.custom: Scorer | None = None
         if config.fn:
             try:
-                self.custom = import_fn(config.fn)
+                import_fn(config.fn)
             except ValueError as e:
                 raise ValueError(f"reward.fn: {e}") from e
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="reward")
+        self.pool: Pool | None = None
 
-    def scorer(self, data_source: str) -> Scorer:
-        if self.custom is not None:
-            return self.custom
-        if data_source not in BUILT_IN:
-            raise ValueError(
-                f"no reward for data_source '{data_source}' (built in: {', '.join(BUILT_IN)});"
-                " set reward.fn to a dotted path fn(response, ground_truth, extra_info)"
-            )
-        return BUILT_IN[data_source]
+    def _pool(self) -> Pool:
+        # forked like a data loader's workers (no imports to pay; scorers touch no torch
+        # or process-group state), daemonic: a worker never keeps the rank alive at exit
+        if self.pool is None:
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            self.pool = mp.get_context(method).Pool(self.workers)
+        return self.pool
+
+    def _kill_pool(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool = None
 
     def __call__(
         self,
@@ -64,30 +87,59 @@ class RewardComputer:
         ground_truths: Sequence[Any],
         extra_infos: Sequence[dict],
     ) -> Scores:
-        scorers = [self.scorer(ds) for ds in data_sources]
-        futures = [
-            self.pool.submit(fn, r, gt, info)
-            for fn, r, gt, info in zip(scorers, responses, ground_truths, extra_infos, strict=True)
-        ]
-        rewards, errors, timeouts = [], 0, 0
-        for future, source in zip(futures, data_sources, strict=True):
-            # after one timeout a worker may be stuck: take only what has already finished
-            wait = 0.0 if timeouts else self.config.timeout_s
-            try:
-                rewards.append(float(future.result(timeout=wait)))
-            except FutureTimeout:
-                timeouts += 1
-                rewards.append(self.config.error_score)
-            except Exception as e:  # a scorer's bug must not end the run
-                errors += 1
-                log.warning(
-                    "reward for data_source '%s' raised %s: %s", source, type(e).__name__, e
-                )
-                rewards.append(self.config.error_score)
-        if timeouts:
-            log.warning(
-                "%d reward(s) exceeded reward.timeout_s=%s", timeouts, self.config.timeout_s
+        args = [
+            (self.config.fn, source, response, truth, info)
+            for response, source, truth, info in zip(
+                responses, data_sources, ground_truths, extra_infos, strict=True
             )
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="reward")
-        return Scores(rewards, errors, timeouts)
+        ]
+        out: list[Any] = [None] * len(args)
+        timeouts = 0
+        pending = list(range(len(args)))
+        while pending:
+            pool = self._pool()
+            stuck = self._collect({i: pool.apply_async(_score, args[i]) for i in pending}, out)
+            if stuck is None:
+                break
+            timeouts += 1
+            out[stuck] = TimeoutError(f"exceeded reward.timeout_s={self.config.timeout_s}")
+            self._kill_pool()  # the stuck worker dies; the rest run again on fresh workers
+            pending = [i for i in pending if out[i] is None]
+        return self._scores(out, data_sources, timeouts)
+
+    def _collect(self, jobs: dict[int, AsyncResult], out: list) -> int | None:
+        """Results (or the exceptions raised) in order, each waited for up to the budget
+        from when its wait began while the others run. Returns the first sample that ran
+        out of time, or None."""
+        for i, job in jobs.items():
+            try:
+                out[i] = job.get(timeout=self.config.timeout_s)
+            except mp.TimeoutError:
+                return i
+            except Exception as e:  # a scorer's bug must not end the run
+                out[i] = e
+        return None
+
+    def _scores(self, out: list, data_sources: Sequence[str], timeouts: int) -> Scores:
+        """Finite numbers are rewards; anything else scores reward.error_score, with one
+        warning per data source."""
+        rewards, problems = [], {}
+        for value, source in zip(out, data_sources, strict=True):
+            if isinstance(value, float) and math.isfinite(value):
+                rewards.append(value)
+                continue
+            rewards.append(self.config.error_score)
+            what = f"{type(value).__name__}: {value}" if isinstance(value, Exception) else value
+            problems.setdefault(source, []).append(what)
+        for source, whats in problems.items():
+            log.warning(
+                "%d reward(s) for data_source '%s' scored reward.error_score=%s (e.g. %s)",
+                len(whats),
+                source,
+                self.config.error_score,
+                whats[0],
+            )
+        return Scores(rewards, sum(map(len, problems.values())) - timeouts, timeouts)
+
+    def close(self) -> None:
+        self._kill_pool()

@@ -85,7 +85,9 @@ def fit(w: Workers, plan: Plan, run_dir: str) -> list[dict[str, float]]:
     bound = bind(plan, w)
     ckpt_dir = Path(t.checkpoint_dir or Path(run_dir) / "checkpoints")
     models = {"actor": w.actor, **({"critic": w.critic} if w.critic else {})}
-    start = resume(w, ckpt_dir, models, Path(run_dir) / "metrics.jsonl")
+    start = resume(w, ckpt_dir, models)
+    if w.ctx.rank == 0:
+        keep_metrics_through(Path(run_dir) / "metrics.jsonl", start)
     bucket = w.config.rollout.weight_sync_bucket_mb << 20
     sync_weights(w.actor.modules, w.arch, w.mp, w.engine, bucket)
     sinks = None
@@ -126,31 +128,34 @@ def trainer_state(w: Workers, models: dict) -> dict:
     }
 
 
-def resume(w: Workers, ckpt_dir: Path, models: dict, metrics: Path) -> int:
+def resume(w: Workers, ckpt_dir: Path, models: dict) -> int:
     """With trainer.resume=AUTO, restore the latest complete checkpoint (if any) and
-    return its step; metrics logged after it by an interrupted attempt are dropped, so
-    every step appears once. Every rank must see the same checkpoint."""
+    return its step (0 otherwise). Every rank must see the same checkpoint."""
     if w.config.trainer.resume is not Resume.AUTO:
         return 0
     found: list = [None] * w.ctx.world_size
-    dist.all_gather_object(found, checkpoint.latest_step(ckpt_dir))
-    if len(set(found)) > 1:
+    dist.all_gather_object(found, checkpoint.complete_steps(ckpt_dir))
+    if any(f != found[0] for f in found):
         raise ValueError(
             f"ranks see different checkpoints in {ckpt_dir}: {found} (shared filesystem?)"
         )
-    if found[0] is None:
+    step = checkpoint.latest_intact_step(ckpt_dir)
+    if step is None:
         return 0
-    state = checkpoint.load(ckpt_dir, found[0], models)
+    state = checkpoint.load(ckpt_dir, step, models)
     if w.loader is not None:
         w.loader.load_state_dict(state["loader"])
     for role, model in models.items():
         model.scheduler.load_state_dict(state["schedulers"][role])
-    if w.ctx.rank == 0 and metrics.is_file():
-        kept = [
-            x for x in metrics.read_text().splitlines() if json.loads(x)["step"] <= state["step"]
-        ]
-        metrics.write_text("".join(line + "\n" for line in kept))
     return state["step"]
+
+
+def keep_metrics_through(metrics: Path, step: int) -> None:
+    """Drop the metrics an earlier attempt logged after `step` (the run goes on from
+    there, or starts over), so that every step appears once."""
+    if metrics.is_file():
+        kept = [x for x in metrics.read_text().splitlines() if json.loads(x)["step"] <= step]
+        metrics.write_text("".join(line + "\n" for line in kept))
 
 
 def derived(r: dict[str, float]) -> dict[str, float]:

@@ -28,7 +28,9 @@ def _optimize(
         for mini in np.array_split(np.arange(len(batch)), a.mini_batches):
             _, mbs = microbatches(w, batch.select(mini.tolist()))
             stats = model.step(mbs, loss_fn)
-            if w.mp.emits_data:
+            if w.ctx.rank == 0:  # the same on every rank
+                m.add_total(f"{prefix}/nonfinite_skipped_steps", float(stats["nonfinite"]))
+            if w.mp.emits_data and not stats["nonfinite"]:
                 m.add(f"{prefix}/grad_norm", stats["grad_norm"])
                 for metrics in stats["microbatch_metrics"]:
                     for name, pair in metrics.items():

@@ -25,7 +25,7 @@ from distflow_mc.models.train import TrainableModel
 from distflow_mc.parallel.dist import DistContext
 from distflow_mc.parallel.layout import Layouts
 from distflow_mc.parallel.megatron_state import ModelParallel, init_model_parallel
-from distflow_mc.rewards.compute import RewardComputer
+from distflow_mc.rewards.compute import RewardComputer, check_sources
 from distflow_mc.rollout.engine import RolloutEngine
 from distflow_mc.rollout.factory import make_engine
 
@@ -64,6 +64,7 @@ class Workers:
                 loader.close()
         if self.engine is not None:
             self.engine.shutdown()
+        self.rewards.close()
 
 
 def model_dtype(dtype: Dtype) -> torch.dtype:
@@ -82,6 +83,7 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
         if ctx.local_rank == 0:
             ensure_task(model_dir.parent)
         dist.barrier()
+    check_data_sources(config)
     dtype = model_dtype(config.model.dtype)
     tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or model_dir)
     arch, chunks = load_model(model_dir, mp, dtype)
@@ -138,6 +140,17 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
         policy,
         outcome,
     )
+
+
+def check_data_sources(config: Config) -> None:
+    """Every data_source of the training and validation files has a scorer: checked on
+    every rank, before any model is built, so no rank meets an unknown one mid-run."""
+    for key, files in (
+        ("data.train_files", config.data.train_files),
+        ("data.val_files", config.data.val_files),
+    ):
+        if files:
+            check_sources(config.reward, RowSource(files).data_sources(), f"{key} {files}")
 
 
 def validation_loader(
