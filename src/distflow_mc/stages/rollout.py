@@ -78,7 +78,7 @@ TOKEN_FIELDS = {
     "response_mask": torch.float32,
     "rollout_logprobs": torch.float32,
 }
-OBJECT_FIELDS = ("data_source", "ground_truth", "extra_info", "finish_reason")
+OBJECT_FIELDS = ("data_source", "ground_truth", "extra_info", "extra", "finish_reason")
 
 
 def _to_batch(
@@ -101,7 +101,7 @@ def _to_batch(
     index = torch.tensor(gen.prompt_index, dtype=torch.int64, device=device)
     prompt_uid = prompts.samples["uid"].to(device)[index]
     sample = torch.arange(len(index), device=device) % n
-    objects = {k: [prompts.objects[k][p] for p in gen.prompt_index] for k in OBJECT_FIELDS[:3]}
+    objects = {k: [prompts.objects[k][p] for p in gen.prompt_index] for k in OBJECT_FIELDS[:4]}
     objects["finish_reason"] = gen.finish_reasons
     samples = {"uid": prompt_uid * n + sample, "group": prompt_uid}
     return Batch.from_sequences(tokens, samples, objects)

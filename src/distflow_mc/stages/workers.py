@@ -83,7 +83,7 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
         if ctx.local_rank == 0:
             ensure_task(model_dir.parent)
         dist.barrier()
-    check_data_sources(config)
+    check_inputs(config)
     dtype = model_dtype(config.model.dtype)
     tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or model_dir)
     arch, chunks = load_model(model_dir, mp, dtype)
@@ -142,13 +142,21 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
     )
 
 
-def check_data_sources(config: Config) -> None:
-    """Every data_source of the training and validation files has a scorer: checked on
-    every rank, before any model is built, so no rank meets an unknown one mid-run."""
-    for key, files in (
-        ("data.train_files", config.data.train_files),
-        ("data.val_files", config.data.val_files),
-    ):
+def check_inputs(config: Config) -> None:
+    """The model and tokenizer directories exist, and every data_source of the training
+    and validation files has a scorer: checked on every rank before any model is built, so
+    no rank meets a missing file or an unknown source mid-run."""
+    d = config.data
+    needed = [("model.path", config.model.path, "config.json")]
+    if d.tokenizer is not None:
+        needed.append(("data.tokenizer", d.tokenizer, "tokenizer_config.json"))
+    for key, path, file in needed:
+        if not (Path(path) / file).is_file():
+            raise ValueError(
+                f"{key}={path}: no {file} there; a local Hugging Face directory is expected"
+                " (nothing is downloaded)"
+            )
+    for key, files in (("data.train_files", d.train_files), ("data.val_files", d.val_files)):
         if files:
             check_sources(config.reward, RowSource(files).data_sources(), f"{key} {files}")
 
