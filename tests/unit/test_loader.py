@@ -112,6 +112,33 @@ def test_reads_only_its_row_groups(files, tokenizer, monkeypatch):
     assert reads == [1]
 
 
+def test_one_big_row_group_is_read_once(tmp_path, files, tokenizer, monkeypatch):
+    """A file written as a single row group is decoded once and kept, not re-read every
+    step; past the cache's budget the least recently used group goes first."""
+    from distflow_mc.data import dataset
+
+    pq.write_table(pa.Table.from_pylist([row(i) for i in range(40)]), tmp_path / "one.parquet")
+    reads = []
+    original = pq.ParquetFile.read_row_group
+
+    def spy(self, i, *args, **kwargs):
+        reads.append(i)
+        return original(self, i, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    ld = loader([str(tmp_path / "one.parquet")], tokenizer, batch_size=8, prefetch=False)
+    for _ in range(4):
+        ld.next()
+    assert reads == [0]
+    for budget, expected in ((dataset.CACHE_BYTES, [0, 1]), (0, [0, 1, 0])):
+        monkeypatch.setattr(dataset, "CACHE_BYTES", budget)  # 0: only the group in use
+        reads.clear()
+        source = dataset.RowSource(files)
+        for rows in ([0], [15], [0]):  # row groups 0, 1, 0 of a.parquet
+            source.read(rows)
+        assert reads == expected
+
+
 def write_bad(tmp_path: Path) -> list[str]:
     rows = [row(i) for i in range(8)]
     rows[2] = {**rows[2], "data_source": 5}

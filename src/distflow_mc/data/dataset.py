@@ -3,19 +3,26 @@ jsonl: `prompt` (chat messages or a string), `data_source`, `reward_model.ground
 optional `extra_info`, and any other columns, carried through.
 
 Rows are addressed by a global index over all files; reading a set of rows touches only
-the parquet row groups (or jsonl lines) that hold them.
+the parquet row groups (or jsonl lines) that hold them. Decoded row groups are kept (least
+recently used first out, up to CACHE_BYTES), so a file written as one big row group is
+read once, not on every step.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+
+CACHE_BYTES = 512 << 20  # decoded parquet row groups kept per source
 
 
 class MalformedRow(ValueError):
@@ -62,6 +69,8 @@ class RowSource:
                 raise ValueError(f"data file {f}: expected .parquet or .jsonl")
         self._starts = [p.start for p in self.parts]
         self.num_rows = total
+        self._groups: OrderedDict[int, pa.Table] = OrderedDict()
+        self._lock = threading.Lock()  # the prefetch thread reads too
 
     @staticmethod
     def _index_lines(path: Path) -> list[int]:
@@ -107,7 +116,7 @@ class RowSource:
         for part_id, part_rows in wanted.items():
             part = self.parts[part_id]
             if part.row_group is not None:
-                table = pq.ParquetFile(part.path).read_row_group(part.row_group)
+                table = self._row_group(part_id)
                 local = table.take([i - part.start for i in part_rows]).to_pylist()
                 rows.update(zip(part_rows, local, strict=True))
             else:
@@ -117,6 +126,18 @@ class RowSource:
                         fh.seek(offsets[i - part.start])
                         rows[i] = self._parse_line(fh.readline(), part.path, i - part.start)
         return [rows[i] for i in indices]
+
+    def _row_group(self, part_id: int) -> pa.Table:
+        with self._lock:
+            if part_id in self._groups:
+                self._groups.move_to_end(part_id)
+                return self._groups[part_id]
+            part = self.parts[part_id]
+            table = pq.ParquetFile(part.path).read_row_group(part.row_group)
+            self._groups[part_id] = table
+            while len(self._groups) > 1 and sum(t.nbytes for t in self._groups.values()) > CACHE_BYTES:
+                self._groups.popitem(last=False)
+            return table
 
     @staticmethod
     def _parse_line(line: bytes, path: Path, row: int) -> dict[str, Any]:
