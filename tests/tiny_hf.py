@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 SIZES = dict(
     vocab_size=128,
@@ -22,11 +22,27 @@ SIZES = dict(
 def make_tiny_model(
     kind: str, path: Path, seed: int = 0, max_shard_size: str | None = None, **overrides
 ) -> Path:
-    """kind: 'llama' (untied, rope theta 5e5) or 'qwen2' (tied embeddings, qkv bias).
-    With `max_shard_size`, transformers writes shards and a safetensors index."""
+    """kind: 'llama' (untied, rope theta 5e5), 'llama3' (Llama 3.x RoPE scaling, with an
+    original context short enough that all three frequency bands occur), 'qwen2' (tied
+    embeddings, qkv bias) or 'qwen3' (q/k norms, head_dim != hidden / heads). llama3 and
+    qwen3 have an odd vocabulary (127: padded under TP, untied and tied). With
+    `max_shard_size`, transformers writes shards and a safetensors index."""
     torch.manual_seed(seed)
     if kind == "llama":
         config = LlamaConfig(**{**SIZES, "rope_theta": 500000.0, **overrides})
+    elif kind == "llama3":
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+        config = LlamaConfig(**{**SIZES, "rope_parameters": rope, "vocab_size": 127, **overrides})
+    elif kind == "qwen3":
+        odd = {"head_dim": 32, "tie_word_embeddings": True, "vocab_size": 127}
+        config = Qwen3Config(**{**SIZES, **odd, **overrides})
     else:
         config = Qwen2Config(**{**SIZES, "tie_word_embeddings": True, **overrides})
     model = AutoModelForCausalLM.from_config(config)

@@ -61,7 +61,9 @@ def equivalence(kind: str, model_dir: Path, mp) -> dict:
     assert not any(p.requires_grad for c in chunks for p in c.parameters())
 
     def fn(mb, out):
-        logp, ent = vocab_parallel_logprobs(out, mb["labels"], TEMPERATURE, with_entropy=True)
+        logp, ent = vocab_parallel_logprobs(
+            out, mb["labels"], TEMPERATURE, with_entropy=True, vocab_size=arch.vocab_size
+        )
         return gather_vocab(out), logp, ent
 
     outputs = run_microbatches(chunks, batches(), fn, forward_only=True)
@@ -71,9 +73,10 @@ def equivalence(kind: str, model_dir: Path, mp) -> dict:
         diffs = {"logits": 0.0, "logp": 0.0, "entropy": 0.0}
         for mb, (logits, logp, ent) in zip(batches(), outputs, strict=True):
             s = mb["input_ids"].shape[1]  # virtual stages pad micro-batches
-            logits, logp, ent = logits[:, :s], logp[:, :s], ent[:, :s]
             with torch.no_grad():
                 ref = hf(mb["input_ids"]).logits
+            # virtual stages pad the sequence, TP the vocabulary (to a multiple of TP)
+            logits, logp, ent = logits[:, :s, : ref.shape[-1]], logp[:, :s], ent[:, :s]
             ref_lsm = torch.log_softmax(ref / TEMPERATURE, dim=-1)
             ref_logp = ref_lsm.gather(-1, mb["labels"].unsqueeze(-1)).squeeze(-1)
             ref_ent = -(ref_lsm.exp() * ref_lsm).sum(-1)
@@ -185,14 +188,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--checks", default="equivalence,critic,train")
     parser.add_argument("--distributed-optimizer", action="store_true")
+    parser.add_argument("--first-stage-layers", type=int, default=None)
     args = parser.parse_args()
     init_distributed(timeout_s=60)
-    mp = init_model_parallel(ParallelConfig(tp=args.tp, pp=args.pp, vpp=args.vpp, timeout_s=60), seed=1)
+    parallel = ParallelConfig(
+        tp=args.tp,
+        pp=args.pp,
+        vpp=args.vpp,
+        first_stage_layers=args.first_stage_layers,
+        timeout_s=60,
+    )
+    mp = init_model_parallel(parallel, seed=1)
     result = {}
     checks = args.checks.split(",")
     if "equivalence" in checks:
-        result |= equivalence("llama", args.models / "llama", mp)
-        result |= equivalence("qwen2", args.models / "qwen2", mp)
+        for model_dir in sorted(p for p in args.models.iterdir() if p.is_dir()):
+            result |= equivalence(model_dir.name, model_dir, mp)
+            _, chunks = load_reference(model_dir, mp, torch.float32)
+            result["layers"] = [layer.layer_number for c in chunks for layer in c.decoder.layers]
     if "critic" in checks:
         result |= critic(args.models / "qwen2", mp)
     if "train" in checks:

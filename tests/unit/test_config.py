@@ -197,9 +197,28 @@ def test_model_sizes_must_divide_the_layout():
     mp = ModelParallel(4, 4, 1, 1, None, False, 0, 0, 0, None, None, None)
     with pytest.raises(ValueError, match=r"num_attention_heads=6 .* parallel\.tp=4"):
         check_divisibility(arch, mp)
-    mp = ModelParallel(2, 4, 1, 1, None, False, 0, 0, 0, None, None, None)
-    with pytest.raises(ValueError, match=r"num_hidden_layers=6 .* parallel\.pp x parallel\.vpp=4"):
+    mp = ModelParallel(2, 4, 1, 1, 2, False, 0, 0, 0, None, None, None)
+    with pytest.raises(
+        ValueError, match=r"num_hidden_layers=6 cannot be split over parallel\.pp=4"
+    ):
         check_divisibility(arch, mp)
+
+
+@pytest.mark.parametrize(
+    ("layers", "pp", "vpp", "first", "last", "split"),
+    [
+        (8, 2, None, None, None, (None, None)),  # even: megatron's default
+        (3, 2, None, None, None, (2, 1)),  # the last stage also runs the output layer
+        (3, 2, None, 1, None, (1, 2)),  # an override fixes one side
+        (6, 4, None, None, None, (1, 1)),  # middle stages 2 each
+        (10, 2, 2, None, None, (6, 4)),  # multiples of vpp
+        (7, 3, None, None, None, (3, 1)),  # stages 3, 3, 1
+    ],
+)
+def test_uneven_pipeline_split(layers, pp, vpp, first, last, split):
+    from distflow_mc.models.gpt import pipeline_split
+
+    assert pipeline_split(layers, pp, vpp, first, last) == split
 
 
 def test_unknown_architecture_is_named(tmp_path: Path):
@@ -271,3 +290,31 @@ def test_refusals_before_any_collective():
         build_layouts(small, 4)
     dapo = ["data.batch_size=2", "rollout.tp=2", "algo.dynamic_sampling=true"]
     assert build_layouts(load_config(compose_config(dapo)), 4).train.dp == 4
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path: Path):
+    """Our Llama 3.x inverse frequencies against transformers' own 'llama3' rope init,
+    with all three bands present; other scaling types are refused by name."""
+    import json
+
+    import torch
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from distflow_mc.models.gpt import llama3_inv_freq
+    from distflow_mc.models.hf_config import read_hf_config
+    from tests.tiny_hf import make_tiny_model
+
+    model = make_tiny_model("llama3", tmp_path / "llama3")
+    arch = read_hf_config(model)
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](AutoConfig.from_pretrained(model), torch.device("cpu"))
+    dim = arch.head_dim
+    base = 1.0 / arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    got = llama3_inv_freq(base, arch.rope_scaling)
+    torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=0)
+    assert not torch.allclose(got, base)  # the scaling does something here
+    raw = json.loads((model / "config.json").read_text())
+    raw["rope_parameters"] = {**raw["rope_parameters"], "rope_type": "yarn"}
+    (model / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"RoPE scaling 'yarn' is not supported"):
+        read_hf_config(model)

@@ -89,6 +89,10 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     vpp: int | None = None
+    # Layers of the first / last pipeline stage when the layer count does not split evenly
+    # (null: chosen automatically; see models/gpt.py pipeline_split)
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
     cp: int = 1
     sequence_parallel: bool = False
     timeout_s: float = 600.0  # every collective of every process group

@@ -52,6 +52,18 @@ def _parallel(p: ParallelConfig) -> list[str]:
             "needs parallel.tp >= 2",
         ),
         *_check(p.timeout_s > 0, "parallel.timeout_s", f"must be > 0, got {p.timeout_s}"),
+        *[
+            problem
+            for key, value in (
+                ("first_stage_layers", p.first_stage_layers),
+                ("last_stage_layers", p.last_stage_layers),
+            )
+            for problem in _check(
+                value is None or (value >= 1 and p.pp >= 2),
+                f"parallel.{key}",
+                f"needs parallel.pp >= 2 and a value >= 1, got pp={p.pp}, {value}",
+            )
+        ],
     ]
 
 

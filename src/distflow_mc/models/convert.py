@@ -71,7 +71,9 @@ class HFCheckpoint:
 class Rule:
     """How one Megatron parameter is made of HF tensors.
 
-    kind: "rep" replicated; "row" split over TP along dim 0; "col" along dim 1;
+    kind: "rep" replicated; "row" split over TP along dim 0; "vocab" like "row", over the
+    vocabulary padded to a multiple of TP (padding rows are zero, dropped on export); "col"
+    split along dim 1;
     "qkv" q/k/v interleaved per query group, groups split over TP; "gate_up" [gate; up],
     each split along dim 0.
     """
@@ -86,9 +88,9 @@ _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 def rule_for(name: str, layer_numbers: list[int], arch: HFArch) -> Rule | None:
     """Rule for a parameter of a model chunk; None for parameters HF does not have."""
     if name == "embedding.word_embeddings.weight":
-        return Rule("row", ("model.embed_tokens.weight",))
+        return Rule("vocab", ("model.embed_tokens.weight",))
     if name == "output_layer.weight":
-        return Rule("row", ("lm_head.weight",))
+        return Rule("vocab", ("lm_head.weight",))
     if name == "decoder.final_layernorm.weight":
         return Rule("rep", ("model.norm.weight",))
     match = _LAYER.fullmatch(name)
@@ -110,6 +112,8 @@ def rule_for(name: str, layer_numbers: list[int], arch: HFArch) -> Rule | None:
             "qkv", (f"{attn}.q_proj.bias", f"{attn}.k_proj.bias", f"{attn}.v_proj.bias")
         ),
         "self_attention.linear_proj.weight": Rule("col", (f"{attn}.o_proj.weight",)),
+        "self_attention.q_layernorm.weight": Rule("rep", (f"{attn}.q_norm.weight",)),
+        "self_attention.k_layernorm.weight": Rule("rep", (f"{attn}.k_norm.weight",)),
         "mlp.linear_fc1.weight": Rule(
             "gate_up", (f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight")
         ),
@@ -124,6 +128,8 @@ def _hf_shapes(rule: Rule, arch: HFArch, local: torch.Size, tp: int) -> list[tup
         return [tuple(local)]
     if rule.kind == "row":
         return [(local[0] * tp, *local[1:])]
+    if rule.kind == "vocab":
+        return [(arch.vocab_size, *local[1:])]
     if rule.kind == "col":
         return [(local[0], local[1] * tp)]
     if rule.kind == "gate_up":
@@ -146,6 +152,10 @@ def _load_shard(
     if rule.kind == "row":
         n = local[0]
         return ckpt.read(rule.hf[0], shapes[0], slice(r * n, (r + 1) * n))
+    if rule.kind == "vocab":
+        n, vocab = local[0], arch.vocab_size
+        rows = ckpt.read(rule.hf[0], shapes[0], slice(min(r * n, vocab), min((r + 1) * n, vocab)))
+        return torch.cat([rows, rows.new_zeros(n - len(rows), *rows.shape[1:])])
     if rule.kind == "col":
         n = local[1]
         return ckpt.read(rule.hf[0], shapes[0], slice(None), slice(r * n, (r + 1) * n))
@@ -176,7 +186,7 @@ def _params(
             if name == "output_layer.weight" and isinstance(chunk.output_layer, ValueHead):
                 yield name, param, None
             elif name == "output_layer.weight" and arch.tie_word_embeddings:
-                yield name, param, Rule("row", ("model.embed_tokens.weight",))
+                yield name, param, Rule("vocab", ("model.embed_tokens.weight",))
             else:
                 yield name, param, rule_for(name, layer_numbers, arch)
 
@@ -207,6 +217,8 @@ def _to_hf(rule: Rule, parts: list[torch.Tensor], arch: HFArch) -> list[tuple[st
         return [(rule.hf[0], parts[0])]
     if rule.kind == "row":
         return [(rule.hf[0], torch.cat(parts))]
+    if rule.kind == "vocab":
+        return [(rule.hf[0], torch.cat(parts)[: arch.vocab_size])]
     if rule.kind == "col":
         return [(rule.hf[0], torch.cat(parts, dim=1))]
     if rule.kind == "gate_up":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import warnings
 
 import torch
@@ -18,7 +19,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
-from distflow_mc.models.hf_config import HFArch
+from distflow_mc.models.hf_config import HFArch, Llama3Rope
 from distflow_mc.parallel.megatron_state import ModelParallel
 
 
@@ -26,15 +27,51 @@ def use_transformer_engine() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+def padded_vocab(vocab_size: int, tp: int) -> int:
+    """The vocabulary rounded up to a multiple of TP (each TP rank holds an equal slice);
+    the padding rows are zero, never sampled, and take no probability."""
+    return -(-vocab_size // tp) * tp
+
+
+def pipeline_split(
+    layers: int, pp: int, vpp: int | None, first: int | None, last: int | None
+) -> tuple[int | None, int | None]:
+    """Layers of the first and last pipeline stage, or (None, None) for an even split.
+    megatron needs every stage's count divisible by the virtual stages and the middle
+    stages equal; among the splits that qualify (`first` / `last` fixed when given) the
+    most even one wins, then the one with fewer layers on the last stage (it also runs
+    the output layer). ValueError names the settings when none qualifies."""
+    v = vpp or 1
+    if first is None and last is None and layers % (pp * v) == 0:
+        return None, None
+    options = []
+    for f in [first] if first is not None else range(v, layers + 1, v):
+        for lst in [last] if last is not None else range(v, layers + 1, v):
+            middle, inner = layers - f - lst, pp - 2
+            per = middle // inner if inner else 0
+            if f % v or lst % v or middle < 0 or (inner == 0 and middle):
+                continue
+            if inner and (middle % inner or per < v or per % v):
+                continue
+            options.append((max(f, lst, per), f + lst, lst, f))
+    if not options:
+        raise ValueError(
+            f"the model's num_hidden_layers={layers} cannot be split over parallel.pp={pp}"
+            f" x parallel.vpp={v} with parallel.first_stage_layers={first},"
+            f" parallel.last_stage_layers={last}: every stage needs a multiple of vpp layers"
+            " and the middle stages an equal share"
+        )
+    *_, lst, f = min(options)
+    return f, lst
+
+
 def check_divisibility(arch: HFArch, mp: ModelParallel) -> None:
     """The model's sizes against the layout; ValueError names both settings."""
-    stages = mp.pp * (mp.vpp or 1)
+    pipeline_split(arch.num_layers, mp.pp, mp.vpp, mp.first_stage_layers, mp.last_stage_layers)
     checks = [
         ("num_attention_heads", arch.num_heads, "parallel.tp", mp.tp),
         ("num_key_value_heads", arch.num_kv_heads, "parallel.tp", mp.tp),
-        ("vocab_size", arch.vocab_size, "parallel.tp", mp.tp),
         ("intermediate_size", arch.intermediate_size, "parallel.tp", mp.tp),
-        ("num_hidden_layers", arch.num_layers, "parallel.pp x parallel.vpp", stages),
     ]
     for field, value, setting, size in checks:
         if value % size:
@@ -52,7 +89,12 @@ def transformer_config(arch: HFArch, mp: ModelParallel, dtype: torch.dtype) -> T
 
 
 def _transformer_config(arch: HFArch, mp: ModelParallel, dtype: torch.dtype) -> TransformerConfig:
+    first, last = pipeline_split(
+        arch.num_layers, mp.pp, mp.vpp, mp.first_stage_layers, mp.last_stage_layers
+    )
     return TransformerConfig(
+        num_layers_in_first_pipeline_stage=first,
+        num_layers_in_last_pipeline_stage=last,
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         num_attention_heads=arch.num_heads,
@@ -65,6 +107,7 @@ def _transformer_config(arch: HFArch, mp: ModelParallel, dtype: torch.dtype) -> 
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         attention_softmax_in_fp32=True,
@@ -108,8 +151,8 @@ def build_gpt(
         vp = vp_stage if mp.vpp else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(config, vp),
-            vocab_size=arch.vocab_size,
+            transformer_layer_spec=layer_spec(config, vp, arch.qk_norm),
+            vocab_size=padded_vocab(arch.vocab_size, mp.tp),
             max_sequence_length=arch.max_position_embeddings,
             pre_process=mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
@@ -119,6 +162,9 @@ def build_gpt(
             rotary_base=arch.rope_theta,
             vp_stage=vp,
         )
+        if arch.rope_scaling is not None:
+            rope = model.rotary_pos_emb
+            rope.inv_freq = llama3_inv_freq(rope.inv_freq, arch.rope_scaling)
         if value_head and model.post_process:
             model.output_layer = ValueHead(arch.hidden_size, dtype, mp.sequence_parallel)
         if torch.cuda.is_available():
@@ -127,7 +173,24 @@ def build_gpt(
     return chunks
 
 
-def layer_spec(config: TransformerConfig, vp_stage: int | None):
+def llama3_inv_freq(inv_freq: torch.Tensor, s: Llama3Rope) -> torch.Tensor:
+    """Llama 3.x RoPE scaling (Meta's Llama 3.1 release; transformers' 'llama3' rope type):
+    wavelengths beyond original_context / low_freq_factor are slowed by `factor`, those
+    below original_context / high_freq_factor are kept, and the band between interpolates
+    smoothly between the two."""
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def layer_spec(config: TransformerConfig, vp_stage: int | None, qk_norm: bool):
     """TransformerEngine's layer spec on GPU when installed; megatron's local spec otherwise,
     with a torch RMSNorm that also runs under sequence parallel (the local spec's own norm
     refuses it), for the layers and the final norm of this (virtual) stage."""
@@ -136,10 +199,13 @@ def layer_spec(config: TransformerConfig, vp_stage: int | None):
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec()
-    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm)
     layer.submodules.input_layernorm = SequenceParallelRMSNorm
     layer.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    if qk_norm:  # per head: megatron all-reduces their gradients over TP (qk_layernorm)
+        attention = layer.submodules.self_attention.submodules
+        attention.q_layernorm = attention.k_layernorm = SequenceParallelRMSNorm
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
         layer_norm=SequenceParallelRMSNorm,

@@ -1,5 +1,6 @@
 """What we read from a Hugging Face model directory's config.json, checked against what we
-can build (Llama and Qwen2 families: GQA, RoPE, RMSNorm, SwiGLU, optional qkv bias)."""
+can build (Llama 2/3.x, Qwen2/2.5 and Qwen3 dense: GQA, RoPE with Llama 3's scaling,
+RMSNorm, SwiGLU, Qwen2's qkv bias, Qwen3's per-head q/k RMSNorm and explicit head_dim)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,18 @@ from typing import Any
 SUPPORTED = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
+
+
+@dataclass(frozen=True)
+class Llama3Rope:
+    """Llama 3.x RoPE scaling (rope_type 'llama3')."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
 
 
 @dataclass(frozen=True)
@@ -29,16 +41,31 @@ class HFArch:
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k
+    rope_scaling: Llama3Rope | None = None
 
 
-def _rope_theta(raw: dict[str, Any], where: str) -> float:
-    """transformers 5 nests it in `rope_parameters`; 4.x wrote `rope_theta` at top level."""
-    params = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-    if rope_type not in (None, "default"):
-        raise ValueError(f"{where}: RoPE scaling '{rope_type}' is not supported yet")
-    return float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+def _rope(raw: dict[str, Any], where: str) -> tuple[float, Llama3Rope | None]:
+    """(theta, Llama 3 scaling or None). transformers 5 nests both in `rope_parameters`;
+    4.x wrote `rope_theta` at top level and the scaling in `rope_scaling`."""
+    params = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise ValueError(
+            f"{where}: RoPE scaling '{rope_type}' is not supported (supported: default, llama3)"
+        )
+    try:
+        return theta, Llama3Rope(
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise ValueError(f"{where}: llama3 RoPE scaling lacks {e.args[0]}") from e
 
 
 def read_hf_config(model_dir: str | Path) -> HFArch:
@@ -63,6 +90,8 @@ def read_hf_config(model_dir: str | Path) -> HFArch:
     try:
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
+        family = SUPPORTED[archs[0]]
+        theta, scaling = _rope(raw, str(path))
         return HFArch(
             architecture=archs[0],
             vocab_size=int(raw["vocab_size"]),
@@ -73,10 +102,12 @@ def read_hf_config(model_dir: str | Path) -> HFArch:
             num_kv_heads=int(raw.get("num_key_value_heads") or heads),
             head_dim=int(raw.get("head_dim") or hidden // heads),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=_rope_theta(raw, str(path)),
+            rope_theta=theta,
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=SUPPORTED[archs[0]] == "qwen2",
+            qkv_bias=family == "qwen2",
+            qk_norm=family == "qwen3",
+            rope_scaling=scaling,
         )
     except KeyError as e:
         raise ValueError(f"{path}: missing field {e.args[0]}") from e

@@ -14,18 +14,26 @@ import torch.distributed as dist
 from megatron.core import parallel_state as mpu
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
+PADDING_LOGIT = -1e30  # exp() is exactly 0, and 0 * (PADDING_LOGIT - max) stays finite
+
 
 def vocab_parallel_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`logits` [..., V/tp] of this TP rank, `labels` [...] global token ids.
-    Returns log p(label) [...] and, if asked, the entropy [...] of softmax(logits / T)."""
+    Returns log p(label) [...] and, if asked, the entropy [...] of softmax(logits / T).
+    Columns at or past `vocab_size` (padding that makes the vocabulary divide over TP) take
+    no probability."""
     logits = logits.float() / temperature
     local_vocab = logits.shape[-1]
     start = mpu.get_tensor_model_parallel_rank() * local_vocab
+    if vocab_size is not None and start + local_vocab > vocab_size:
+        padding = torch.arange(start, start + local_vocab, device=logits.device) >= vocab_size
+        logits = logits.masked_fill(padding, PADDING_LOGIT)
     peak = logits.detach().max(dim=-1, keepdim=True).values
     if mpu.get_tensor_model_parallel_world_size() > 1:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=mpu.get_tensor_model_parallel_group())

@@ -29,6 +29,8 @@ class ModelParallel:
     tp_group: dist.ProcessGroup
     pp_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup
+    first_stage_layers: int | None = None  # parallel.first_stage_layers (null: automatic)
+    last_stage_layers: int | None = None
 
     @property
     def is_last_stage(self) -> bool:
@@ -80,4 +82,6 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> ModelParallel:
         tp_group=mpu.get_tensor_model_parallel_group(),
         pp_group=mpu.get_pipeline_model_parallel_group(),
         dp_group=mpu.get_data_parallel_group(),
+        first_stage_layers=parallel.first_stage_layers,
+        last_stage_layers=parallel.last_stage_layers,
     )

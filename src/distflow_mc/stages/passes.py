@@ -33,10 +33,13 @@ def shift_right(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
 
 
-def token_logprobs(out: torch.Tensor, mb: dict, temperature: float, entropy: bool = False):
-    """Token-aligned log-probs (and entropies) of mb's own tokens under the model."""
+def token_logprobs(
+    out: torch.Tensor, mb: dict, temperature: float, vocab_size: int, entropy: bool = False
+):
+    """Token-aligned log-probs (and entropies) of mb's own tokens under the model (whose
+    vocabulary may be padded past the tokenizer's `vocab_size`)."""
     labels = mb["input_ids"].roll(-1, dims=1)
-    logp, ent = vocab_parallel_logprobs(out, labels, temperature, with_entropy=entropy)
+    logp, ent = vocab_parallel_logprobs(out, labels, temperature, entropy, vocab_size)
     return shift_right(logp), shift_right(ent) if entropy else None
 
 
@@ -71,14 +74,15 @@ def ref_logprobs(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
             return run_microbatches(chunks, mbs, fn, forward_only=True)
 
     batch.tokens["ref_logprobs"] = _forward(
-        w, batch, run, lambda mb, out: token_logprobs(out, mb, t)[0]
+        w, batch, run, lambda mb, out: token_logprobs(out, mb, t, w.arch.vocab_size)[0]
     )
     return batch
 
 
 def old_logprobs(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
     t = w.config.rollout.temperature
-    logp = _forward(w, batch, w.actor.forward, lambda mb, out: token_logprobs(out, mb, t)[0])
+    v = w.arch.vocab_size
+    logp = _forward(w, batch, w.actor.forward, lambda mb, out: token_logprobs(out, mb, t, v)[0])
     batch.tokens["old_logprobs"] = logp
     if w.mp.emits_data:
         gap = logprob_gap(

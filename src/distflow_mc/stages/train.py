@@ -44,7 +44,7 @@ def actor(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
     kl_loss = a.kl_coef > 0 and not a.kl_in_reward and w.reference is not None
 
     def loss_fn(mb: dict, out: torch.Tensor):
-        logp, ent = token_logprobs(out, mb, t, entropy=True)
+        logp, ent = token_logprobs(out, mb, t, w.arch.vocab_size, entropy=True)
         mask = mb["response_mask"]
         pg, clipped = w.policy_loss(logp, mb["old_logprobs"], mb["advantages"], mask)
         num, den = aggregate(pg, mask, agg)
