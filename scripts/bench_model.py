@@ -2,6 +2,7 @@
 
     python scripts/bench_model.py                 # CPU: small model at TP=1 and TP=2
     python scripts/bench_model.py --size qwen0.5b --tp 1 --dtype bf16   # one GPU
+    python scripts/bench_model.py --size moe --tp 1 --ep 1 2   # MoE: EP=1 vs EP=2 (2 ranks)
 
 Each layout runs as its own torchrun job (this file with --worker); the driver prints a
 table last and writes bench_model.csv in the current directory.
@@ -22,6 +23,20 @@ from bench_common import report
 SIZES = {
     # a small Llama-style model that a 2-core CPU steps in about a second
     "small": dict(vocab=4096, hidden=256, inter=704, layers=4, heads=8, kv=4, seq=256, batch=4),
+    # a small Qwen3-MoE-style model: 8 experts, top-2 (MFU counts active parameters)
+    "moe": dict(
+        vocab=4096,
+        hidden=256,
+        inter=704,
+        layers=4,
+        heads=8,
+        kv=4,
+        seq=256,
+        batch=4,
+        experts=8,
+        top_k=2,
+        moe_inter=256,
+    ),
     # Qwen2.5-0.5B's shapes (random weights)
     "qwen0.5b": dict(
         vocab=151936, hidden=896, inter=4864, layers=24, heads=14, kv=2, seq=2048, batch=4
@@ -35,7 +50,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from distflow_mc.config.schema import OptimConfig, ParallelConfig
     from distflow_mc.models.gpt import build_gpt
-    from distflow_mc.models.hf_config import HFArch
+    from distflow_mc.models.hf_config import HFArch, Moe
     from distflow_mc.models.logprobs import vocab_parallel_logprobs
     from distflow_mc.models.train import TrainableModel
     from distflow_mc.parallel.dist import init_distributed
@@ -43,7 +58,8 @@ def worker(args: argparse.Namespace) -> None:
 
     s = SIZES[args.size]
     ctx = init_distributed(timeout_s=600)
-    mp = init_model_parallel(ParallelConfig(tp=args.tp), seed=1)
+    mp = init_model_parallel(ParallelConfig(tp=args.tp, ep=args.ep), seed=1)
+    moe = Moe(s["experts"], s["top_k"], s["moe_inter"], True) if "experts" in s else None
     arch = HFArch(
         "Qwen2ForCausalLM",
         s["vocab"],
@@ -57,11 +73,16 @@ def worker(args: argparse.Namespace) -> None:
         1e6,
         s["seq"],
         True,
-        True,
+        moe is None,
+        qk_norm=moe is not None,
+        moe=moe,
     )
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = TrainableModel(build_gpt(arch, mp, dtype), OptimConfig(lr=1e-5), total_steps=100)
     n_params = sum(p.numel() for c in model.chunks for p in c.parameters()) * mp.tp
+    if moe is not None:  # active parameters: top_k of the experts per token
+        expert = 3 * s["hidden"] * moe.intermediate_size
+        n_params -= s["layers"] * expert * (moe.num_experts // mp.ep - moe.top_k)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=g).to(ctx.device)
     mb = {"input_ids": ids, "labels": ids.roll(-1, dims=1)}
@@ -87,6 +108,7 @@ def worker(args: argparse.Namespace) -> None:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "dtype": args.dtype,
         "tp": mp.tp,
+        "ep": mp.ep,
         "dp": mp.dp,
         "params_M": round(n_params / 1e6, 1),
         "s_per_step": round(elapsed / args.steps, 3),
@@ -104,29 +126,32 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--size", default="small", choices=SIZES)
     parser.add_argument("--tp", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--ep", type=int, nargs="*", default=[1], help="MoE sizes only")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     if args.worker:
-        args.tp = args.tp[0]
+        args.tp, args.ep = args.tp[0], args.ep[0]
         worker(args)
         return
     rows = []
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    for tp in args.tp:
+    for tp, ep in [(tp, ep) for tp in args.tp for ep in args.ep]:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             cmd = [
                 torchrun,
                 "--standalone",
-                f"--nproc-per-node={tp}",
+                f"--nproc-per-node={tp * ep}",  # DP = EP: experts split over replicas
                 __file__,
                 "--worker",
                 "--size",
                 args.size,
                 "--tp",
                 str(tp),
+                "--ep",
+                str(ep),
                 "--dtype",
                 args.dtype,
                 "--steps",

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    Qwen2Config,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
 
 SIZES = dict(
     vocab_size=128,
@@ -40,6 +46,11 @@ def make_tiny_model(
             "original_max_position_embeddings": 64,
         }
         config = LlamaConfig(**{**SIZES, "rope_parameters": rope, "vocab_size": 127, **overrides})
+    elif kind == "qwen3_moe":
+        moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+        config = Qwen3MoeConfig(
+            **{**SIZES, "head_dim": 16, "norm_topk_prob": True, **moe, **overrides}
+        )
     elif kind == "qwen3":
         odd = {"head_dim": 32, "tie_word_embeddings": True, "vocab_size": 127}
         config = Qwen3Config(**{**SIZES, **odd, **overrides})

@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("--checks", default="equivalence,critic,train")
     parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--first-stage-layers", type=int, default=None)
+    parser.add_argument("--ep", type=int, default=1)
     args = parser.parse_args()
     init_distributed(timeout_s=60)
     parallel = ParallelConfig(
@@ -196,6 +197,7 @@ def main() -> None:
         pp=args.pp,
         vpp=args.vpp,
         first_stage_layers=args.first_stage_layers,
+        ep=args.ep,
         timeout_s=60,
     )
     mp = init_model_parallel(parallel, seed=1)

@@ -23,6 +23,7 @@ from transformers import AutoConfig, LlamaForCausalLM
 
 from distflow_mc.data.tiny import make_task
 from tests.conftest import ROOT, TORCHRUN, main_cmd, run_cmd
+from tests.tiny_hf import make_tiny_model
 
 pytestmark = pytest.mark.dist
 SHORT = [
@@ -44,6 +45,8 @@ def task(tmp_path_factory) -> Path:
     config.num_hidden_layers = 4  # PP2 x VPP2 needs 4 layers
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(root / "tiny4")
+    ids = {k: getattr(config, k) for k in ("vocab_size", "bos_token_id", "eos_token_id")}
+    make_tiny_model("qwen3_moe", root / "tiny_moe", pad_token_id=config.pad_token_id, **ids)
     rows = pq.read_table(root / "tiny_task" / "train.parquet").to_pylist()[:64]
     with (root / "half_bad.jsonl").open("w") as f:
         for i, row in enumerate(rows):  # every other row is malformed (skipped)
@@ -103,6 +106,27 @@ def test_empty_replicas_take_part(task, tmp_path):
     for r in rows:
         assert r["data/malformed_rows"] == 0.5 and r["rollout/groups"] == 0.5
         assert 0 < r["actor/grad_norm"] < float("inf") and r["critic/value_loss"] >= 0
+
+
+def test_moe_with_expert_parallel_trains(task, tmp_path):
+    """A tiny Qwen3-MoE, its experts split over EP=2: GRPO steps run with the router's
+    load-balancing loss on, weight sync keeps the engine exact, router statistics logged."""
+    rows = train(
+        task,
+        tmp_path,
+        2,
+        f"model.path={task / 'tiny_moe'}",
+        f"data.tokenizer={task / 'tiny_llama'}",
+        "parallel.ep=2",
+        "model.router_aux_loss_coef=0.01",
+        "trainer.total_steps=3",
+    )
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert 0 < r["actor/grad_norm"] < float("inf")
+        assert r["rollout/logprob_gap_max"] < 1e-4
+        assert r["actor/router_load_max_over_mean"] >= 1.0
+        assert 0 <= r["actor/router_idle_expert_frac"] < 1
 
 
 def test_context_parallel_is_refused_on_every_rank(tmp_path):

@@ -26,6 +26,7 @@ def models(tmp_path_factory) -> Path:
     make_tiny_model("qwen2", root / "qwen2")
     make_tiny_model("qwen3", root / "qwen3")
     make_tiny_model("llama3", root / "llama3")
+    make_tiny_model("qwen3_moe", root / "qwen3_moe")
     assert (root / "llama" / "model.safetensors.index.json").is_file()  # sharded load path
     assert (root / "qwen2" / "model.safetensors").is_file()  # single-file load path
     return root
@@ -49,7 +50,7 @@ def dp1(models, tmp_path_factory) -> tuple[list[dict], Path]:
     return launch(models, out, 1, "--checks", checks), out
 
 
-KINDS = ("llama", "llama3", "qwen2", "qwen3")
+KINDS = ("llama", "llama3", "qwen2", "qwen3", "qwen3_moe")
 
 
 def assert_equivalent(result: dict, kinds: tuple[str, ...] = KINDS) -> None:
@@ -91,6 +92,16 @@ def test_two_rank_layouts_match_transformers(models, tmp_path, dp1, layout):
     assert last["train_grad_norm"] == pytest.approx(single["train_grad_norm"], rel=1e-5)
     if layout == "tp":
         assert last["critic_same_across_tp"]
+
+
+def test_expert_parallel_matches_transformers(tmp_path):
+    """Qwen3-MoE with its 4 experts split over EP=2 (2 ranks, DP=2): tokens cross ranks in
+    megatron's all-to-all dispatcher, and export gathers every expert on every rank."""
+    models = tmp_path / "models"
+    make_tiny_model("qwen3_moe", models / "qwen3_moe")
+    results = launch(models, tmp_path / "out", 2, "--ep", "2", "--checks", "equivalence")
+    for result in results:
+        assert_equivalent(result, ("qwen3_moe",))
 
 
 @pytest.mark.parametrize("first", [None, 1])

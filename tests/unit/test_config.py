@@ -99,6 +99,9 @@ def test_misspelled_workflow_field_names_it(tmp_path: Path):
         ("parallel.vpp=2", "parallel.vpp"),
         ("parallel.sequence_parallel=true", "parallel.sequence_parallel"),
         ("rollout.n=0", "rollout.n"),
+        ("parallel.ep=0", "parallel.ep"),
+        ("model.router_aux_loss_coef=-1", "model.router_aux_loss_coef"),
+        ("parallel.first_stage_layers=2", "parallel.first_stage_layers"),
         ("algo.ppo_epochs=0", "algo.ppo_epochs"),
         ("algo.mini_batches=0", "algo.mini_batches"),
         ("algo.gamma=1.5", "algo.gamma"),
@@ -197,6 +200,9 @@ def test_model_sizes_must_divide_the_layout():
     mp = ModelParallel(4, 4, 1, 1, None, False, 0, 0, 0, None, None, None)
     with pytest.raises(ValueError, match=r"num_attention_heads=6 .* parallel\.tp=4"):
         check_divisibility(arch, mp)
+    mp = ModelParallel(2, 2, 1, 1, None, False, 0, 0, 0, None, None, None, ep=2)
+    with pytest.raises(ValueError, match=r"parallel\.ep=2 needs a MoE model"):
+        check_divisibility(arch, mp)
     mp = ModelParallel(2, 4, 1, 1, 2, False, 0, 0, 0, None, None, None)
     with pytest.raises(
         ValueError, match=r"num_hidden_layers=6 cannot be split over parallel\.pp=4"
@@ -288,6 +294,9 @@ def test_refusals_before_any_collective():
     small = load_config(compose_config(["data.batch_size=2", "rollout.tp=2"]))
     with pytest.raises(ValueError, match=r"data\.batch_size = 2 prompts \(groups\) cannot"):
         build_layouts(small, 4)
+    experts = load_config(compose_config(["parallel.ep=3"]))
+    with pytest.raises(ValueError, match=r"parallel\.ep=3 must divide the train data-parallel"):
+        build_layouts(experts, 4)
     dapo = ["data.batch_size=2", "rollout.tp=2", "algo.dynamic_sampling=true"]
     assert build_layouts(load_config(compose_config(dapo)), 4).train.dp == 4
 

@@ -89,3 +89,25 @@ def test_update_weights_rejects_unknown_and_incomplete(model_dir):
     tensors.pop("model.norm.weight")
     with pytest.raises(ValueError, match="left parameters unset"):
         fresh.update_weights([list(tensors.items())])
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen3", "llama3"])
+def test_weight_sync_in_checkpoint_names_for_every_family(tmp_path, kind):
+    """The engine takes the checkpoint's tensors (per-expert names for MoE, which
+    transformers keeps fused in memory) and then generates what transformers' own
+    from_pretrained model generates."""
+    model_dir = make_tiny_model(kind, tmp_path / kind)
+    engine = HFEngine(model_dir, pad_token_id=0, device=torch.device("cpu"))
+    engine.update_weights([list(load_tensors(model_dir).items())])
+    hf = load_hf(model_dir)
+    got = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=6))
+    for i, prompt in enumerate(PROMPTS):
+        ids = torch.tensor([prompt])
+        ref = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        assert got.response_ids[i].tolist() == ref[0, len(prompt) :].tolist(), (kind, i)

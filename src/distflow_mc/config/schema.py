@@ -80,6 +80,8 @@ class ModelConfig:
     path: str = MISSING  # local Hugging Face directory: config.json, *.safetensors, tokenizer
     dtype: Dtype = Dtype.AUTO
     embedded_task: bool = False  # the built-in CPU task: made locally on first use
+    # MoE models: weight of megatron's router load-balancing loss (0: off, as RL recipes do)
+    router_aux_loss_coef: float = 0.0
 
 
 @dataclass
@@ -95,6 +97,7 @@ class ParallelConfig:
     last_stage_layers: int | None = None
     cp: int = 1
     sequence_parallel: bool = False
+    ep: int = 1  # expert parallel (MoE models): experts split over ep data-parallel replicas
     timeout_s: float = 600.0  # every collective of every process group
 
 

@@ -15,6 +15,7 @@ from distflow_mc.config.schema import (
     AlgoConfig,
     Config,
     DataConfig,
+    ModelConfig,
     OptimConfig,
     ParallelConfig,
     RewardConfig,
@@ -52,6 +53,7 @@ def _parallel(p: ParallelConfig) -> list[str]:
             "needs parallel.tp >= 2",
         ),
         *_check(p.timeout_s > 0, "parallel.timeout_s", f"must be > 0, got {p.timeout_s}"),
+        *_check(p.ep >= 1, "parallel.ep", f"must be >= 1, got {p.ep}"),
         *[
             problem
             for key, value in (
@@ -135,13 +137,16 @@ def _optim(o: OptimConfig, name: str) -> list[str]:
     ]
 
 
-def _trainer_and_data(t: TrainerConfig, d: DataConfig, reward: RewardConfig) -> list[str]:
+def _trainer_and_data(
+    t: TrainerConfig, d: DataConfig, reward: RewardConfig, model: ModelConfig
+) -> list[str]:
     return [
         *_check(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}"),
         *_check(d.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1"),
         *_check(bool(d.train_files), "data.train_files", "must list at least one file"),
         *_check(reward.timeout_s > 0, "reward.timeout_s", "must be > 0"),
         *_check(math.isfinite(reward.error_score), "reward.error_score", "must be finite"),
+        *_check(model.router_aux_loss_coef >= 0, "model.router_aux_loss_coef", "must be >= 0"),
         *_check(t.total_steps >= 0, "trainer.total_steps", "must be >= 0"),
         *_check(t.micro_batch_tokens >= 1, "trainer.micro_batch_tokens", "must be >= 1"),
         *_check(t.val_every >= 0, "trainer.val_every", "must be >= 0 (0: off)"),
@@ -159,7 +164,7 @@ def check_config(c: Config) -> None:
         *_algo(c.algo, c.rollout.max_new_tokens),
         *_optim(c.trainer.actor_optim, "actor_optim"),
         *_optim(c.trainer.critic_optim, "critic_optim"),
-        *_trainer_and_data(c.trainer, c.data, c.reward),
+        *_trainer_and_data(c.trainer, c.data, c.reward, c.model),
     ]
     if problems:
         raise ValueError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))

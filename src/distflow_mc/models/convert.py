@@ -80,9 +80,15 @@ class Rule:
 
     kind: str
     hf: tuple[str, ...]
+    expert: int | None = None  # a MoE layer's local expert: `hf` names hold "{e}"
+
+    def for_expert(self, e: int) -> Rule:
+        """The rule with the global expert number filled in."""
+        return Rule(self.kind, tuple(h.format(e=e) for h in self.hf))
 
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+_EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight")
 
 
 def rule_for(name: str, layer_numbers: list[int], arch: HFArch) -> Rule | None:
@@ -118,7 +124,15 @@ def rule_for(name: str, layer_numbers: list[int], arch: HFArch) -> Rule | None:
             "gate_up", (f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight")
         ),
         "mlp.linear_fc2.weight": Rule("col", (f"{mlp}.down_proj.weight",)),
+        "mlp.router.weight": Rule("rep", (f"{mlp}.gate.weight",)),
     }
+    expert = _EXPERT.fullmatch(match.group(2))
+    if expert:
+        k, fc = int(expert.group(1)), expert.group(2)
+        names = f"{mlp}.experts.{{e}}"
+        if fc == "linear_fc1":
+            return Rule("gate_up", (f"{names}.gate_proj.weight", f"{names}.up_proj.weight"), k)
+        return Rule("col", (f"{names}.down_proj.weight",), k)
     return rules.get(match.group(2))
 
 
@@ -202,8 +216,23 @@ def load_hf_weights(
             if name == "output_layer.weight":
                 continue  # a critic's value head starts fresh
             raise ValueError(f"no HF tensor maps to Megatron parameter '{name}'")
+        if rule.expert is not None:
+            rule = rule.for_expert(mp.ep_rank * _local_experts(arch, mp) + rule.expert)
         shard = _load_shard(ckpt, rule, arch, param.shape, mp)
         param.copy_(shard.to(param.dtype))
+
+
+def _local_experts(arch: HFArch, mp: ModelParallel) -> int:
+    assert arch.moe is not None
+    return arch.moe.num_experts // mp.ep
+
+
+def _gather_ep(t: torch.Tensor, mp: ModelParallel) -> list[torch.Tensor]:
+    if mp.ep == 1:
+        return [t]
+    parts = [torch.empty_like(t) for _ in range(mp.ep)]
+    dist.all_gather(parts, t.contiguous(), group=mp.ep_group)
+    return parts
 
 
 def _gather_tp(t: torch.Tensor, mp: ModelParallel) -> list[torch.Tensor]:
@@ -243,7 +272,12 @@ def _stage_tensors(
             continue
         if name == "output_layer.weight" and arch.tie_word_embeddings:
             continue  # tied: HF stores only the embedding
-        yield from _to_hf(rule, _gather_tp(param.detach(), mp), arch)
+        if rule.expert is None:
+            yield from _to_hf(rule, _gather_tp(param.detach(), mp), arch)
+            continue
+        for ep_rank, shard in enumerate(_gather_ep(param.detach(), mp)):
+            e = ep_rank * _local_experts(arch, mp) + rule.expert
+            yield from _to_hf(rule.for_expert(e), _gather_tp(shard, mp), arch)
 
 
 def _buckets(tensors: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[Bucket]:

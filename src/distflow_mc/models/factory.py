@@ -14,11 +14,15 @@ from distflow_mc.parallel.megatron_state import ModelParallel
 
 
 def load_model(
-    model_dir: str | Path, mp: ModelParallel, dtype: torch.dtype, value_head: bool = False
+    model_dir: str | Path,
+    mp: ModelParallel,
+    dtype: torch.dtype,
+    value_head: bool = False,
+    router_aux_loss_coef: float = 0.0,
 ) -> tuple[HFArch, list[MegatronModule]]:
     """This rank's chunks with HF weights; a critic's value head is freshly initialised."""
     arch = read_hf_config(model_dir)
-    chunks = build_gpt(arch, mp, dtype, value_head=value_head)
+    chunks = build_gpt(arch, mp, dtype, value_head, router_aux_loss_coef)
     load_hf_weights(chunks, model_dir, arch, mp)
     return arch, chunks
 

@@ -14,6 +14,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
@@ -21,6 +22,11 @@ from megatron.core.transformer.transformer_block import (
 
 from distflow_mc.models.hf_config import HFArch, Llama3Rope
 from distflow_mc.parallel.megatron_state import ModelParallel
+
+# megatron-core 0.16 reads `te_general_gemm` in the MoE router but defines it only when
+# TransformerEngine imports: without TE the name is missing (NameError), not None.
+if not hasattr(moe_utils, "te_general_gemm"):
+    moe_utils.te_general_gemm = None
 
 
 def use_transformer_engine() -> bool:
@@ -73,6 +79,15 @@ def check_divisibility(arch: HFArch, mp: ModelParallel) -> None:
         ("num_key_value_heads", arch.num_kv_heads, "parallel.tp", mp.tp),
         ("intermediate_size", arch.intermediate_size, "parallel.tp", mp.tp),
     ]
+    if arch.moe is None and mp.ep > 1:
+        raise ValueError(
+            f"parallel.ep={mp.ep} needs a MoE model; {arch.architecture} has no experts"
+        )
+    if arch.moe is not None:
+        checks += [
+            ("num_experts", arch.moe.num_experts, "parallel.ep", mp.ep),
+            ("moe_intermediate_size", arch.moe.intermediate_size, "parallel.tp", mp.tp),
+        ]
     for field, value, setting, size in checks:
         if value % size:
             raise ValueError(
@@ -81,18 +96,42 @@ def check_divisibility(arch: HFArch, mp: ModelParallel) -> None:
             )
 
 
-def transformer_config(arch: HFArch, mp: ModelParallel, dtype: torch.dtype) -> TransformerConfig:
+def transformer_config(
+    arch: HFArch, mp: ModelParallel, dtype: torch.dtype, router_aux_loss_coef: float = 0.0
+) -> TransformerConfig:
     with warnings.catch_warnings():
         # megatron's own default cuda_graph_scope trips its deprecation notice (no CUDA graphs here)
         warnings.filterwarnings("ignore", message="full scope is deprecated")
-        return _transformer_config(arch, mp, dtype)
+        return _transformer_config(arch, mp, dtype, router_aux_loss_coef)
 
 
-def _transformer_config(arch: HFArch, mp: ModelParallel, dtype: torch.dtype) -> TransformerConfig:
+def _moe_settings(arch: HFArch, aux_loss_coef: float) -> dict:
+    """Qwen3-MoE routing in megatron's terms: softmax over the top-k logits equals the
+    softmax over all experts renormalised over the top k (norm_topk_prob); without
+    renormalisation the softmax comes first. Experts run one after another (SequentialMLP:
+    HF's per-expert tensors map one to one)."""
+    if arch.moe is None:
+        return {}
+    return dict(
+        num_moe_experts=arch.moe.num_experts,
+        moe_ffn_hidden_size=arch.moe.intermediate_size,
+        moe_router_topk=arch.moe.top_k,
+        moe_router_pre_softmax=not arch.moe.norm_topk_prob,
+        moe_router_load_balancing_type="aux_loss" if aux_loss_coef else "none",
+        moe_aux_loss_coeff=aux_loss_coef,
+        moe_grouped_gemm=False,
+    )
+
+
+def _transformer_config(
+    arch: HFArch, mp: ModelParallel, dtype: torch.dtype, router_aux_loss_coef: float
+) -> TransformerConfig:
     first, last = pipeline_split(
         arch.num_layers, mp.pp, mp.vpp, mp.first_stage_layers, mp.last_stage_layers
     )
     return TransformerConfig(
+        **_moe_settings(arch, router_aux_loss_coef),
+        expert_model_parallel_size=mp.ep,
         num_layers_in_first_pipeline_stage=first,
         num_layers_in_last_pipeline_stage=last,
         num_layers=arch.num_layers,
@@ -132,7 +171,7 @@ def _transformer_config(arch: HFArch, mp: ModelParallel, dtype: torch.dtype) -> 
         # one length (models/schedule.py) and p2p goes unbatched, one group per direction.
         variable_seq_lengths=mp.vpp is None,
         batch_p2p_comm=mp.vpp is None,
-        # No experts here; megatron rejects variable lengths with the default MoE dispatcher.
+        # megatron rejects variable lengths with the default (allgather) MoE dispatcher
         moe_token_dispatcher_type="alltoall",
         # Loss functions return (sum, count); megatron divides by the global count.
         calculate_per_token_loss=True,
@@ -140,18 +179,22 @@ def _transformer_config(arch: HFArch, mp: ModelParallel, dtype: torch.dtype) -> 
 
 
 def build_gpt(
-    arch: HFArch, mp: ModelParallel, dtype: torch.dtype, value_head: bool = False
+    arch: HFArch,
+    mp: ModelParallel,
+    dtype: torch.dtype,
+    value_head: bool = False,
+    router_aux_loss_coef: float = 0.0,
 ) -> list[MegatronModule]:
     """This rank's model chunks (one, or vpp with virtual pipeline stages). With
     `value_head`, the output layer is a scalar head (critic) and embeddings are untied."""
     check_divisibility(arch, mp)
-    config = transformer_config(arch, mp, dtype)
+    config = transformer_config(arch, mp, dtype, router_aux_loss_coef)
     chunks = []
     for vp_stage in range(mp.vpp or 1):
         vp = vp_stage if mp.vpp else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(config, vp, arch.qk_norm),
+            transformer_layer_spec=layer_spec(config, vp, arch),
             vocab_size=padded_vocab(arch.vocab_size, mp.tp),
             max_sequence_length=arch.max_position_embeddings,
             pre_process=mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
@@ -190,7 +233,7 @@ def llama3_inv_freq(inv_freq: torch.Tensor, s: Llama3Rope) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def layer_spec(config: TransformerConfig, vp_stage: int | None, qk_norm: bool):
+def layer_spec(config: TransformerConfig, vp_stage: int | None, arch: HFArch):
     """TransformerEngine's layer spec on GPU when installed; megatron's local spec otherwise,
     with a torch RMSNorm that also runs under sequence parallel (the local spec's own norm
     refuses it), for the layers and the final norm of this (virtual) stage."""
@@ -199,11 +242,15 @@ def layer_spec(config: TransformerConfig, vp_stage: int | None, qk_norm: bool):
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
-    layer = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm)
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=config.num_moe_experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_norm
+        )
+    layer = get_gpt_layer_local_spec(
+        num_experts=config.num_moe_experts, normalization="RMSNorm", qk_layernorm=arch.qk_norm
+    )
     layer.submodules.input_layernorm = SequenceParallelRMSNorm
     layer.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
-    if qk_norm:  # per head: megatron all-reduces their gradients over TP (qk_layernorm)
+    if arch.qk_norm:  # per head: megatron all-reduces their gradients over TP (qk_layernorm)
         attention = layer.submodules.self_attention.submodules
         attention.q_layernorm = attention.k_layernorm = SequenceParallelRMSNorm
     return TransformerBlockSubmodules(

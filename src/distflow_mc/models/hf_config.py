@@ -13,6 +13,7 @@ SUPPORTED = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 
 
@@ -24,6 +25,16 @@ class Llama3Rope:
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class Moe:
+    """Top-k routed experts in every layer (Qwen3-MoE): softmax router, SwiGLU experts."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    norm_topk_prob: bool  # renormalise the top-k probabilities to sum to 1
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,7 @@ class HFArch:
     qkv_bias: bool
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k
     rope_scaling: Llama3Rope | None = None
+    moe: Moe | None = None  # Qwen3-MoE: every layer's MLP is a mixture of experts
 
 
 def _rope(raw: dict[str, Any], where: str) -> tuple[float, Llama3Rope | None]:
@@ -66,6 +78,20 @@ def _rope(raw: dict[str, Any], where: str) -> tuple[float, Llama3Rope | None]:
         )
     except KeyError as e:
         raise ValueError(f"{where}: llama3 RoPE scaling lacks {e.args[0]}") from e
+
+
+def _moe(raw: dict[str, Any], where: str) -> Moe:
+    if raw.get("decoder_sparse_step", 1) != 1 or raw.get("mlp_only_layers"):
+        raise ValueError(
+            f"{where}: decoder_sparse_step/mlp_only_layers mix dense and MoE layers, which is"
+            " not supported (every layer must be MoE)"
+        )
+    return Moe(
+        num_experts=int(raw.get("num_experts") or raw["num_local_experts"]),
+        top_k=int(raw["num_experts_per_tok"]),
+        intermediate_size=int(raw["moe_intermediate_size"]),
+        norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+    )
 
 
 def read_hf_config(model_dir: str | Path) -> HFArch:
@@ -106,8 +132,9 @@ def read_hf_config(model_dir: str | Path) -> HFArch:
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=family == "qwen2",
-            qk_norm=family == "qwen3",
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             rope_scaling=scaling,
+            moe=_moe(raw, str(path)) if family == "qwen3_moe" else None,
         )
     except KeyError as e:
         raise ValueError(f"{path}: missing field {e.args[0]}") from e

@@ -18,6 +18,7 @@ from megatron.core.transformer.module import Float16Module, MegatronModule
 from megatron.core.utils import unwrap_model
 
 from distflow_mc.config.schema import OptimConfig
+from distflow_mc.models.router_stats import RouterStats
 from distflow_mc.models.schedule import MicroBatch, OutputFn, run_microbatches
 
 
@@ -68,6 +69,7 @@ class TrainableModel:
             wd_incr_steps=1,
             wd_incr_style="constant",
         )
+        self.router_stats = RouterStats(self.chunks)  # MoE models; empty otherwise
         # The schedule reduces DP gradients (and tied embeddings over PP) through this hook.
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
@@ -103,6 +105,7 @@ class TrainableModel:
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": self.optimizer.param_groups[0]["lr"],
             "microbatch_metrics": metrics,
+            "router": self.router_stats.take(),
         }
 
     def grads_finite(self) -> bool:

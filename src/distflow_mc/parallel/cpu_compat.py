@@ -13,6 +13,9 @@ shared/notes/megatron-cpu.md) and has a test in tests/unit/test_cpu_compat.py:
 6. `Tensor.type()` with no argument is compared with 'torch.cuda.FloatTensor' by
    clip_grads and the optimizers -> answers with the cuda spelling.
 7. CUDA streams and events around DDP overlap and checkpoint loading -> inert stand-ins.
+8. The MoE token dispatcher moves its split sizes "to the CPU" (as numpy) only when they
+   are CUDA tensors; on CPU they stay tensors, which `all_to_all_single` refuses as sizes
+   -> the same conversion for CPU tensors.
 """
 
 from __future__ import annotations
@@ -184,5 +187,20 @@ def apply_cpu_compat() -> bool:
     mrandom.CudaRNGStatesTracker = _cpu_rng_tracker_class()
     mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    _move_split_sizes_on_cpu()
     _applied.append(True)
     return True
+
+
+def _move_split_sizes_on_cpu() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    @functools.wraps(original)
+    def move(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = token_dispatcher.maybe_move_tensor_to_cpu = move

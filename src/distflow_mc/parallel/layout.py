@@ -126,6 +126,12 @@ def build_layouts(config: Config, world_size: int, ranks_per_node: int | None = 
             f" {rollout_dp} rollout data-parallel ranks (world {world_size} / rollout.tp {r.tp})"
         )
     train_dp = world_size // model_parallel
+    if train_dp % p.ep:
+        raise ValueError(
+            f"parallel.ep={p.ep} must divide the train data-parallel size {train_dp} (world"
+            f" {world_size} / parallel.tp x pp x cp {model_parallel}): experts are split over"
+            " data-parallel replicas"
+        )
     if config.data.batch_size < train_dp and not config.algo.dynamic_sampling:
         raise ValueError(
             f"data.batch_size = {config.data.batch_size} prompts (groups) cannot give each of the"

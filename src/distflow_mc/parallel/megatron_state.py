@@ -31,6 +31,9 @@ class ModelParallel:
     dp_group: dist.ProcessGroup
     first_stage_layers: int | None = None  # parallel.first_stage_layers (null: automatic)
     last_stage_layers: int | None = None
+    ep: int = 1  # expert parallel: experts of a MoE layer split over ep ranks
+    ep_rank: int = 0
+    ep_group: dist.ProcessGroup | None = None
 
     @property
     def is_last_stage(self) -> bool:
@@ -65,6 +68,7 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> ModelParallel:
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
         context_parallel_size=parallel.cp,
+        expert_model_parallel_size=parallel.ep,
         distributed_timeout_minutes=max(1, math.ceil(parallel.timeout_s / 60)),
     )
     torch.manual_seed(seed)
@@ -84,4 +88,7 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> ModelParallel:
         dp_group=mpu.get_data_parallel_group(),
         first_stage_layers=parallel.first_stage_layers,
         last_stage_layers=parallel.last_stage_layers,
+        ep=parallel.ep,
+        ep_rank=mpu.get_expert_model_parallel_rank(),
+        ep_group=mpu.get_expert_model_parallel_group(),
     )

@@ -6,13 +6,31 @@ KV cache (transformers' `generate`); log-probs come from the raw logits of each 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from distflow_mc.rollout.engine import Bucket, Generation, SamplingParams
+
+_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+
+
+def _target(params: dict[str, torch.Tensor], name: str) -> tuple[str, Any]:
+    """The parameter (name, index into it) that HF checkpoint tensor `name` fills."""
+    if name in params:
+        return name, slice(None)
+    match = _EXPERT.fullmatch(name)
+    if match and f"{match[1]}.gate_up_proj" in params:  # [E, 2I, h]: gate rows, then up
+        e, fused = int(match[2]), f"{match[1]}.gate_up_proj"
+        if match[3] == "down_proj":
+            return f"{match[1]}.down_proj", e
+        half = params[fused].shape[1] // 2
+        return fused, (e, slice(0, half) if match[3] == "gate_proj" else slice(half, None))
+    raise ValueError(f"weight sync: the rollout model has no parameter '{name}'")
 
 
 class HFEngine:
@@ -33,14 +51,16 @@ class HFEngine:
 
     @torch.no_grad()
     def update_weights(self, buckets: Iterable[Bucket]) -> None:
+        """Tensors in HF checkpoint names; per-expert MoE tensors also land in the fused
+        expert parameters transformers 5 keeps in memory."""
         self.wake()
         params = dict(self.model.named_parameters())
         for bucket in buckets:
             for name, tensor in bucket:
-                if name not in params:
-                    raise ValueError(f"weight sync: the rollout model has no parameter '{name}'")
-                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-                self.loaded.add(name)
+                target, where = _target(params, name)
+                param = params[target]
+                param[where].copy_(tensor.to(param.device, param.dtype))
+                self.loaded.add(target)
         tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
         missing = set(params) - self.loaded - tied
         if missing:

@@ -36,6 +36,8 @@ def _optimize(
                     for name, pair in metrics.items():
                         m.add(f"{prefix}/{name}", float(pair[0]), float(pair[1]))
             m.set(f"{prefix}/lr", stats["lr"])
+            for name, value in stats["router"].items():  # MoE: every rank's own routing
+                m.add(f"{prefix}/{name}", value)
 
 
 def actor(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:

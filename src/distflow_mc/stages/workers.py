@@ -86,12 +86,13 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
     check_inputs(config)
     dtype = model_dtype(config.model.dtype)
     tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or model_dir)
-    arch, chunks = load_model(model_dir, mp, dtype)
+    aux = config.model.router_aux_loss_coef
+    arch, chunks = load_model(model_dir, mp, dtype, router_aux_loss_coef=aux)
     actor = TrainableModel(chunks, t.actor_optim, t.total_steps * a.ppo_epochs * a.mini_batches)
     reference = load_reference(model_dir, mp, dtype)[1] if Role.REFERENCE in roles else None
     critic = None
     if Role.CRITIC in roles:
-        _, critic_chunks = load_model(model_dir, mp, dtype, value_head=True)
+        _, critic_chunks = load_model(model_dir, mp, dtype, True, aux)
         steps = t.total_steps * a.ppo_epochs * a.mini_batches
         critic = TrainableModel(critic_chunks, t.critic_optim, steps)
     if a.adv_estimator is AdvEstimator.GAE and critic is None:
