@@ -23,7 +23,7 @@ from distflow_mc.config import (
     register_resolvers,
     register_schemas,
 )
-from distflow_mc.dag import fingerprint, plan_workflow
+from distflow_mc.dag import fingerprint, plan_workflow, prune
 from distflow_mc.observability.logging import log_all_ranks
 from distflow_mc.parallel import (
     build_layouts,
@@ -34,7 +34,7 @@ from distflow_mc.parallel import (
     world_size_from_env,
 )
 from distflow_mc.rollout.sglang_engine import check_available as check_sglang
-from distflow_mc.stages.step import fit
+from distflow_mc.stages.step import fit, node_fields
 from distflow_mc.stages.workers import build_workers
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def main(cfg: DictConfig) -> None:
     layouts = build_layouts(config, world_size_from_env(), ranks_per_node_from_env())
     if config.rollout.engine is Engine.SGLANG and not config.trainer.dry_run:
         check_sglang()
-    plan = plan_workflow(config.algo.workflow)
+    plan = prune(plan_workflow(config.algo.workflow), node_fields(config))
     run_dir = HydraConfig.get().runtime.output_dir
     settings = {"config": canonical_config(config), "run_dir": run_dir}
     digest = fingerprint(plan, settings)

@@ -28,7 +28,8 @@ def test_torchrun_ppo_dry_run_prints_plan_once(workdir: Path):
         main_cmd(2, "algo=ppo", "trainer.dry_run=true", *FAST), cwd=workdir, timeout=180
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "algo=ppo, 8 nodes in 5 stages, 2 rank(s) agree on plan" in out.stdout
+    assert "algo=ppo, 6 nodes in 5 stages, 2 rank(s) agree on plan" in out.stdout
+    assert "dropped ref_log_prob: nothing reads its ref_logprobs (algo.kl_coef=0" in out.stdout
     assert out.stdout.count("stage 0:") == 1
     assert "critic_train" in out.stdout
     assert "[rank1]" not in out.stdout
@@ -74,8 +75,8 @@ def test_multirun_under_torchrun(workdir: Path):
         env={"DISTFLOW_RUN_ID": "sweep"},
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "algo=grpo, 6 nodes in 5 stages, 2 rank(s) agree" in out.stdout
-    assert "algo=ppo, 8 nodes in 5 stages, 2 rank(s) agree" in out.stdout
+    assert "algo=grpo, 4 nodes in 4 stages, 2 rank(s) agree" in out.stdout
+    assert "algo=ppo, 6 nodes in 5 stages, 2 rank(s) agree" in out.stdout
     jobs = sorted(p.name for p in (workdir / "multirun" / "sweep").iterdir() if p.is_dir())
     assert jobs == ["0", "1"]
 

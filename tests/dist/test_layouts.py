@@ -129,6 +129,20 @@ def test_moe_with_expert_parallel_trains(task, tmp_path):
         assert 0 <= r["actor/router_idle_expert_frac"] < 1
 
 
+def test_on_policy_shortcut_equals_the_separate_pass(task, tmp_path):
+    """One optimizer step per batch: the planner drops the ACTOR log-prob pass and the loss
+    takes the training forward's detached log-probs. Forcing the pass back (a node with its
+    own fn is never dropped) gives the same loss, gradient and log-prob gap."""
+    kept = "algo.workflow.3.fn=distflow_mc.stages.passes.old_logprobs"  # actor_log_prob
+    short = train(task, tmp_path / "short", 2, "trainer.total_steps=1")
+    full = train(task, tmp_path / "full", 2, "trainer.total_steps=1", kept)
+    assert "time/actor_log_prob" not in short[0] and "time/actor_log_prob" in full[0]
+    assert_same_first_step(short, full)
+    assert short[0]["actor/clip_frac"] == full[0]["actor/clip_frac"] == 0.0
+    for key in ("rollout/logprob_gap_mean", "rollout/logprob_gap_max"):
+        assert short[0][key] == pytest.approx(full[0][key], abs=1e-6)
+
+
 def test_context_parallel_is_refused_on_every_rank(tmp_path):
     out = run_cmd(main_cmd(2, "parallel.cp=2", "parallel.timeout_s=30"), cwd=tmp_path, timeout=120)
     assert out.returncode != 0

@@ -183,3 +183,67 @@ def test_order_respects_dependencies_and_depth(nodes):
         expected = 1 + max((depth[d] for d in node.deps), default=-1)
         assert node.depth == expected
     assert [n.id for s in plan.stages for n in s] == [n.id for n in plan.nodes]
+
+
+def _fields(table: dict[str, tuple[set[str], set[str]]]):
+    from distflow_mc.dag import Fields
+
+    def fields(node):
+        if node.fn:
+            return None
+        reads, writes = table[node.id]
+        return Fields(frozenset(reads), frozenset(writes), f"{node.id} unread")
+
+    return fields
+
+
+def test_liveness_drops_what_nothing_reads_and_what_only_fed_it():
+    from distflow_mc.dag import prune
+
+    def node(id_: str, role, type_, deps=(), fn=None) -> NodeSpec:
+        return NodeSpec(id=id_, type=type_, role=role, deps=list(deps), fn=fn)
+
+    nodes = [
+        node("gen", Role.ROLLOUT, NodeType.MODEL_INFERENCE),
+        node("ref", Role.REFERENCE, NodeType.MODEL_INFERENCE, ["gen"]),
+        node("kl", Role.REWARD, NodeType.COMPUTE, ["ref"]),
+        node("advantage", None, NodeType.COMPUTE, ["gen"]),
+        node("train", Role.ACTOR, NodeType.MODEL_TRAIN, ["advantage", "kl"]),
+    ]
+    table = {
+        "gen": (set(), {"tokens"}),
+        "ref": ({"tokens"}, {"ref"}),
+        "kl": ({"ref"}, {"kl"}),
+        "advantage": ({"tokens"}, {"adv"}),
+        "train": ({"adv", "tokens"}, set()),
+    }
+    plan = prune(plan_workflow(nodes), _fields(table))
+    assert [n.id for n in plan.nodes] == ["gen", "advantage", "train"]
+    assert [d[0] for d in plan.dropped] == ["ref", "kl"]  # ref only fed the dropped kl
+    assert plan.dropped[1][1] == "nothing reads its kl (kl unread)"
+    nodes[1] = node("ref", Role.REFERENCE, NodeType.MODEL_INFERENCE, ["gen"], fn="m.f")
+    kept = prune(plan_workflow(nodes, check_fn=False), _fields(table))
+    assert "ref" in [n.id for n in kept.nodes]  # an explicit fn is never dropped
+    assert [d[0] for d in kept.dropped] == ["kl"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "dropped"),
+    [
+        ([], {"ref_log_prob", "actor_log_prob"}),
+        (["algo.kl_coef=0.01"], {"actor_log_prob"}),
+        (["algo.kl_coef=0.01", "algo.kl_in_reward=true"], set()),  # KL(old || ref) in reward
+        (["algo.ppo_epochs=2"], {"ref_log_prob"}),
+        (["algo.mini_batches=2"], {"ref_log_prob"}),
+        (["algo=ppo"], {"ref_log_prob", "actor_log_prob"}),  # the critic's values feed GAE
+    ],
+)
+def test_liveness_of_the_shipped_workflows(overrides, dropped):
+    from distflow_mc.config import load_config
+    from distflow_mc.dag import prune
+    from distflow_mc.stages.step import node_fields
+    from tests.conftest import compose_config
+
+    config = load_config(compose_config(overrides))
+    plan = prune(plan_workflow(config.algo.workflow), node_fields(config))
+    assert {d[0] for d in plan.dropped} == dropped

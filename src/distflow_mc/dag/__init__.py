@@ -1,10 +1,11 @@
 """Workflow DAG: node spec, validation, deterministic planning and its fingerprint."""
 
-from distflow_mc.dag.plan import Plan, PlannedNode, fingerprint, plan_workflow
+from distflow_mc.dag.plan import Fields, Plan, PlannedNode, fingerprint, plan_workflow, prune
 from distflow_mc.dag.spec import NodeSpec, NodeType, Role
 from distflow_mc.dag.validate import WorkflowError, validate_workflow
 
 __all__ = [
+    "Fields",
     "NodeSpec",
     "NodeType",
     "Plan",
@@ -13,5 +14,6 @@ __all__ = [
     "WorkflowError",
     "fingerprint",
     "plan_workflow",
+    "prune",
     "validate_workflow",
 ]

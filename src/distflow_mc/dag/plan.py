@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
@@ -34,10 +34,21 @@ class PlannedNode:
 
 
 @dataclass(frozen=True)
+class Fields:
+    """The batch fields a node's function reads and writes (in this configuration)."""
+
+    reads: frozenset[str]
+    writes: frozenset[str]
+    unread_because: str = ""  # why nothing may read the writes here (shown when dropped)
+
+
+@dataclass(frozen=True)
 class Plan:
-    """Nodes in execution order: by depth, then by id. Equal on every rank by construction."""
+    """Nodes in execution order: by depth, then by id. Equal on every rank by construction.
+    `dropped`: (node id, reason) for the nodes liveness removed."""
 
     nodes: tuple[PlannedNode, ...]
+    dropped: tuple[tuple[str, str], ...] = ()
 
     @property
     def stages(self) -> tuple[tuple[PlannedNode, ...], ...]:
@@ -45,7 +56,7 @@ class Plan:
         return tuple(tuple(group) for _, group in groupby(self.nodes, key=lambda n: n.depth))
 
     def canonical(self) -> list[dict[str, Any]]:
-        return [n.canonical() for n in self.nodes]
+        return [n.canonical() for n in self.nodes] + [{"dropped": list(d)} for d in self.dropped]
 
 
 def _depths(nodes: Sequence[NodeSpec]) -> dict[str, int]:
@@ -76,6 +87,27 @@ def plan_workflow(nodes: Sequence[NodeSpec], check_fn: bool = True) -> Plan:
         for n in nodes
     ]
     return Plan(tuple(sorted(planned, key=lambda n: (n.depth, n.id))))
+
+
+def prune(plan: Plan, fields: Callable[[PlannedNode], Fields | None]) -> Plan:
+    """Drop the nodes whose outputs nothing reads. MODEL_TRAIN nodes are what a step is for;
+    a node with its own `fn` (fields None: it may read and write anything) is never
+    dropped and keeps everything before it alive. Walks the order backwards, so a node
+    that only fed a dropped node goes too."""
+    declared = {n.id: fields(n) for n in plan.nodes}
+    everything = frozenset(f for d in declared.values() if d for f in d.writes)
+    live: set[str] = set()
+    kept, dropped = [], []
+    for node in reversed(plan.nodes):
+        f = declared[node.id]
+        if f is None or node.type is NodeType.MODEL_TRAIN or f.writes & live:
+            kept.append(node)
+            live |= everything if f is None else f.reads
+        else:
+            unread = ", ".join(sorted(f.writes))
+            because = f" ({f.unread_because})" if f.unread_because else ""
+            dropped.append((node.id, f"nothing reads its {unread}{because}"))
+    return Plan(tuple(reversed(kept)), tuple(reversed(dropped)))
 
 
 def fingerprint(plan: Plan, config: Mapping[str, Any]) -> str:

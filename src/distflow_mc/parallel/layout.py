@@ -146,23 +146,25 @@ def build_layouts(config: Config, world_size: int, ranks_per_node: int | None = 
 
 
 def describe_plan(plan: Plan, layouts: Layouts) -> list[str]:
-    """Human-readable plan: stages, nodes, the layout each node runs in, and the points
-    where data is redistributed because the layout changes."""
-    lines = []
+    """Human-readable plan: stages, nodes, the layout each node runs in, how the batch
+    reaches a node whose layout differs from the one before it (as the step runs them),
+    and the nodes liveness dropped, with the reason."""
+    lines, before = [], layouts.rollout
     for i, stage in enumerate(plan.stages):
         lines.append(f"stage {i}:")
         for node in stage:
             role = node.role.name if node.role else "-"
             layout = layouts.for_role(node.role)
-            dep_layouts = {layouts.for_role(n.role) for n in plan.nodes if n.id in node.deps}
-            kinds = sorted({movement(d, layout).value for d in dep_layouts} - {"none"})
-            moves = f" ({', '.join(kinds)} in)" if kinds else ""
+            move = movement(before, layout) if layout != before else Move.NONE
+            moves = f" ({move.value} in)" if move is not Move.NONE else ""
+            before = layout
             deps = ", ".join(node.deps) or "-"
             fn = f" fn={node.fn}" if node.fn else ""
             lines.append(
                 f"  {node.id:<16} {role:<9} {node.type.name:<15} layout={layout.name}"
                 f" deps=[{deps}]{fn}{moves}"
             )
+    lines += [f"dropped {node_id}: {reason}" for node_id, reason in plan.dropped]
     for layout in (layouts.rollout, layouts.train):
         roles = sorted(
             {

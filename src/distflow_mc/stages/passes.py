@@ -85,15 +85,9 @@ def old_logprobs(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
     logp = _forward(w, batch, w.actor.forward, lambda mb, out: token_logprobs(out, mb, t, v)[0])
     batch.tokens["old_logprobs"] = logp
     if w.mp.emits_data:
-        gap = logprob_gap(
-            batch.tokens["rollout_logprobs"],
-            logp,
-            batch.tokens["response_mask"],
-            warn_above=w.config.rollout.logprob_gap_warn,
-        )
-        mean, tokens = gap["rollout/logprob_gap_mean"], gap["tokens"]
-        m.add("rollout/logprob_gap_mean", mean * tokens, tokens)
-        m.add_max("rollout/logprob_gap_max", gap["rollout/logprob_gap_max"])
+        gap = logprob_gap(batch.tokens["rollout_logprobs"], logp, batch.tokens["response_mask"])
+        m.add("rollout/logprob_gap_mean", float(gap["sum"]), float(gap["tokens"]))
+        m.add_max("rollout/logprob_gap_max", float(gap["max"]))
     return batch
 
 

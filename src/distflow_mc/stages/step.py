@@ -12,16 +12,18 @@ import torch.distributed as dist
 
 from distflow_mc import checkpoint
 from distflow_mc.checkpoint.hf_export import save_hf
-from distflow_mc.config.schema import Resume
+from distflow_mc.config.schema import AdvEstimator, Config, Resume
 from distflow_mc.config.validate import canonical_config
-from distflow_mc.dag import NodeType, Plan, PlannedNode, Role
+from distflow_mc.dag import Fields, NodeType, Plan, PlannedNode, Role
 from distflow_mc.dag.validate import import_fn
 from distflow_mc.data.batch import Batch
 from distflow_mc.data.redistribute import Balance, redistribute
 from distflow_mc.observability.metrics import Metrics, Sinks
 from distflow_mc.parallel.layout import Layout
+from distflow_mc.rollout.guard import warn_on_gap
 from distflow_mc.rollout.weight_sync import sync_weights
 from distflow_mc.stages import advantage, passes, rollout, train
+from distflow_mc.stages.train import on_policy
 from distflow_mc.stages.validate import validate
 from distflow_mc.stages.workers import Workers
 
@@ -36,6 +38,45 @@ DEFAULTS: dict[tuple[Role | None, NodeType], StageFn] = {
     (Role.ACTOR, NodeType.MODEL_TRAIN): train.actor,
     (Role.CRITIC, NodeType.MODEL_TRAIN): train.critic,
 }
+
+
+TOKENS = frozenset({"input_ids", "response_mask"})
+
+
+def node_fields(config: Config) -> Callable[[PlannedNode], Fields | None]:
+    """The batch fields each default stage function reads and writes under `config`, for
+    the planner's liveness pass; None for a node with its own `fn` (anything goes)."""
+    a = config.algo
+    kl = a.kl_coef > 0
+    gae = a.adv_estimator is AdvEstimator.GAE
+    f = Fields
+    actor_reads = TOKENS | {"advantages"}
+    actor_reads |= set() if on_policy(a) else {"old_logprobs", "rollout_logprobs"}
+    actor_reads |= {"ref_logprobs"} if kl and not a.kl_in_reward else set()
+    advantage_reads = {"reward", "response_mask"} | ({"values"} if gae else set())
+    advantage_reads |= {"old_logprobs", "ref_logprobs"} if kl and a.kl_in_reward else set()
+    table = {
+        (Role.ROLLOUT, NodeType.MODEL_INFERENCE): f(frozenset(), TOKENS | {"rollout_logprobs"}),
+        (Role.REWARD, NodeType.COMPUTE): f(TOKENS, frozenset({"reward"})),
+        (Role.REFERENCE, NodeType.MODEL_INFERENCE): f(
+            TOKENS, frozenset({"ref_logprobs"}), "algo.kl_coef=0: no KL term"
+        ),
+        (Role.ACTOR, NodeType.MODEL_INFERENCE): f(
+            TOKENS | {"rollout_logprobs"},
+            frozenset({"old_logprobs"}),
+            "on-policy with algo.ppo_epochs=1 and algo.mini_batches=1: the training forward's"
+            " detached log-probs are the old ones",
+        ),
+        (Role.CRITIC, NodeType.MODEL_INFERENCE): f(
+            TOKENS, frozenset({"values"}), "the advantage estimator uses no values"
+        ),
+        (None, NodeType.COMPUTE): f(
+            frozenset(advantage_reads), frozenset({"advantages"} | ({"returns"} if gae else set()))
+        ),
+        (Role.ACTOR, NodeType.MODEL_TRAIN): f(frozenset(actor_reads), frozenset()),
+        (Role.CRITIC, NodeType.MODEL_TRAIN): f(TOKENS | {"values", "returns"}, frozenset()),
+    }
+    return lambda node: None if node.fn else table.get((node.role, node.type))
 
 
 def bind(plan: Plan, w: Workers) -> list[tuple[PlannedNode, StageFn, Layout]]:
@@ -104,6 +145,8 @@ def fit(w: Workers, plan: Plan, run_dir: str) -> list[dict[str, float]]:
     history = []
     for step in range(start, t.total_steps):
         record = {"step": step + 1, **derived(run_step(w, bound, step).reduce())}
+        if w.ctx.rank == 0:
+            warn_on_gap(record, w.config.rollout.logprob_gap_warn)
         last = step + 1 == t.total_steps
         if t.val_every and ((step + 1) % t.val_every == 0 or last):
             record.update(validate(w, step))

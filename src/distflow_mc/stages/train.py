@@ -9,9 +9,11 @@ import numpy as np
 import torch
 
 from distflow_mc.algos.losses import aggregate, kl_penalty, value_loss
+from distflow_mc.config.schema import AlgoConfig
 from distflow_mc.data.batch import Batch
 from distflow_mc.models.train import TrainableModel
 from distflow_mc.observability.metrics import Metrics
+from distflow_mc.rollout.guard import logprob_gap
 from distflow_mc.stages.passes import microbatches, shift_right, token_logprobs
 from distflow_mc.stages.workers import Workers
 
@@ -34,10 +36,20 @@ def _optimize(
                 m.add(f"{prefix}/grad_norm", stats["grad_norm"])
                 for metrics in stats["microbatch_metrics"]:
                     for name, pair in metrics.items():
-                        m.add(f"{prefix}/{name}", float(pair[0]), float(pair[1]))
+                        key = name if "/" in name else f"{prefix}/{name}"
+                        if key.endswith("_max"):
+                            m.add_max(key, float(pair[0]))
+                        else:
+                            m.add(key, float(pair[0]), float(pair[1]))
             m.set(f"{prefix}/lr", stats["lr"])
             for name, value in stats["router"].items():  # MoE: every rank's own routing
                 m.add(f"{prefix}/{name}", value)
+
+
+def on_policy(a: AlgoConfig) -> bool:
+    """One optimizer step per batch: the policy that sampled is the one being trained, so
+    the old log-probs are the training forward's own (detached); no separate pass."""
+    return a.ppo_epochs == 1 and a.mini_batches == 1
 
 
 def actor(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
@@ -48,10 +60,18 @@ def actor(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
     def loss_fn(mb: dict, out: torch.Tensor):
         logp, ent = token_logprobs(out, mb, t, w.arch.vocab_size, entropy=True)
         mask = mb["response_mask"]
-        pg, clipped = w.policy_loss(logp, mb["old_logprobs"], mb["advantages"], mask)
-        num, den = aggregate(pg, mask, agg)
         tokens = mask.sum()
-        metrics = {
+        metrics = {}
+        if "old_logprobs" in mb:
+            old = mb["old_logprobs"]
+        else:  # on-policy: the liveness pass dropped the separate ACTOR forward
+            old = logp.detach()
+            gap = logprob_gap(mb["rollout_logprobs"], old, mask)
+            metrics["rollout/logprob_gap_mean"] = _pair(gap["sum"], gap["tokens"])
+            metrics["rollout/logprob_gap_max"] = _pair(gap["max"], gap["tokens"])
+        pg, clipped = w.policy_loss(logp, old, mb["advantages"], mask)
+        num, den = aggregate(pg, mask, agg)
+        metrics |= {
             "pg_loss": _pair(num, den),
             "clip_frac": _pair((clipped * mask).sum(), tokens),
             "entropy": _pair((ent * mask).sum(), tokens),
