@@ -4,8 +4,10 @@
     python scripts/bench_e2e.py --experiment cpu_tiny_ppo --steps 300
 
 Runs the real entrypoint under torchrun, then prints seconds per step, generated and
-total tokens/s (means over steps after the first 10) and the reward at the start and
-end; writes bench_e2e_<experiment>.csv (the reward curve) and .png beside it.
+total tokens/s (means over steps after the first 10), the reward at the start and end and
+our per-stage split; writes bench_e2e_<experiment>.csv (the reward curve) and .png beside
+it. For cpu_tiny_grpo the plain single-process loop (plain_grpo.py, the same math, as many
+threads as we have ranks x 1) runs in the same invocation, and the ratio is printed.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main() -> None:
     parser.add_argument("--experiment", default="cpu_tiny_grpo")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain-loop yardstick")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
@@ -67,16 +70,30 @@ def main() -> None:
         return sum(r[key] for r in part) / len(part)
 
     summary = {
-        "experiment": args.experiment,
-        "ranks": args.nproc,
-        "steps": args.steps,
+        "run": f"distflow_mc {args.nproc} ranks",
         "s_per_step": round(avg("time/step", steady), 3),
-        "gen_tokens_per_s": round(avg("throughput/generated_tokens_per_s", steady), 1),
         "total_tokens_per_s": round(avg("throughput/total_tokens_per_s", steady), 1),
         "reward_first10": round(avg("reward/mean", rows[:10]), 3),
         "reward_last50": round(avg("reward/mean", rows[-50:]), 3),
     }
-    report([summary], f"{stem}_summary.csv", width=18)
+    stages = sorted(k for k in rows[-1] if k.startswith("time/") and k != "time/step")
+    print("per-stage seconds:", {k[5:]: round(avg(k, steady), 4) for k in stages})
+    table = [summary]
+    if args.experiment == "cpu_tiny_grpo" and not args.no_plain:
+        out = work / "plain.json"
+        plain_cmd = [sys.executable, str(Path(__file__).with_name("plain_grpo.py"))]
+        plain_cmd += ["--data", env["DISTFLOW_DATA_DIR"], "--steps", str(args.steps)]
+        subprocess.run([*plain_cmd, "--threads", str(args.nproc), "--out", str(out)], check=True)
+        plain = json.loads(out.read_text())
+        table.append(
+            {
+                "run": f"plain loop, {args.nproc} threads",
+                **{k: round(v, 3 if k != "total_tokens_per_s" else 1) for k, v in plain.items()},
+            }
+        )
+        for row in table:
+            row["time_vs_plain"] = round(row["s_per_step"] / plain["s_per_step"], 2)
+    report(table, f"{stem}_summary.csv", width=18)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@
     python scripts/bench_model.py --size qwen0.5b --tp 1 --dtype bf16   # one GPU
     python scripts/bench_model.py --size moe --tp 1 --ep 1 2   # MoE: EP=1 vs EP=2 (2 ranks)
 
-Each layout runs as its own torchrun job (this file with --worker); the driver prints a
-table last and writes bench_model.csv in the current directory.
+Each layout runs as its own torchrun job (this file with --worker); for dense sizes a plain
+PyTorch reference (the same shapes as a transformers model: forward, backward, grad clip,
+torch.optim.AdamW on the same tokens, one process, the same threads) runs beside them, and
+every row gets its ratio to it. The driver prints a table last and writes bench_model.csv in
+the current directory.
 """
 
 from __future__ import annotations
@@ -121,9 +124,68 @@ def worker(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps(result))
 
 
+def reference(args: argparse.Namespace) -> None:
+    """The same training step without the framework: transformers' Qwen2 with the worker's
+    shapes, next-token log-prob loss, clip 1.0, AdamW."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    s = SIZES[args.size]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    config = Qwen2Config(
+        vocab_size=s["vocab"],
+        hidden_size=s["hidden"],
+        intermediate_size=s["inter"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv"],
+        max_position_embeddings=s["seq"],
+        tie_word_embeddings=True,
+        rope_theta=1e6,
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).train()
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=g).to(device)
+
+    def step() -> None:
+        optim.zero_grad(set_to_none=True)
+        logits = model(ids).logits.float()
+        logp = torch.log_softmax(logits, -1).gather(-1, ids.roll(-1, 1)[..., None])
+        (-logp.sum() / logp.numel()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+
+    for _ in range(args.warmup):
+        step()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    elapsed = time.perf_counter() - start
+    result = {
+        "size": args.size,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "dtype": args.dtype,
+        "tp": "plain",
+        "ep": "-",
+        "dp": 1,
+        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "s_per_step": round(elapsed / args.steps, 3),
+        "tokens_per_s": round(s["batch"] * s["seq"] * args.steps / elapsed, 1),
+        "tflops_per_gpu": None,
+        "mfu": None,
+    }
+    Path(args.out).write_text(json.dumps(result))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--reference", action="store_true", help="run the plain PyTorch step")
     parser.add_argument("--size", default="small", choices=SIZES)
     parser.add_argument("--tp", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--ep", type=int, nargs="*", default=[1], help="MoE sizes only")
@@ -132,9 +194,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    if args.worker:
+    if args.worker or args.reference:
         args.tp, args.ep = args.tp[0], args.ep[0]
-        worker(args)
+        (reference if args.reference else worker)(args)
         return
     rows = []
     torchrun = str(Path(sys.executable).with_name("torchrun"))
@@ -163,9 +225,17 @@ def main() -> None:
             ]
             subprocess.run(cmd, check=True, capture_output=True, timeout=1800)
             rows.append(json.loads(Path(f.name).read_text()))
-    base = rows[0]["tokens_per_s"]
+    if "experts" not in SIZES[args.size]:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            common = ["--size", args.size, "--dtype", args.dtype, "--steps", str(args.steps)]
+            cmd = [sys.executable, __file__, "--reference", *common, "--out", f.name]
+            subprocess.run([*cmd, "--warmup", str(args.warmup)], check=True, timeout=1800)
+            rows.append(json.loads(Path(f.name).read_text()))
+    base = rows[-1]["tokens_per_s"] if rows[-1]["tp"] == "plain" else rows[0]["tokens_per_s"]
     for row in rows:
-        row["speedup_vs_first"] = round(row["tokens_per_s"] / base, 2)
+        row["vs_plain" if rows[-1]["tp"] == "plain" else "vs_first"] = round(
+            row["tokens_per_s"] / base, 2
+        )
     report(rows, "bench_model.csv", width=14)
 
 

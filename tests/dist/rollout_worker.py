@@ -105,8 +105,8 @@ def main() -> None:
         "export_files": sorted(p.name for p in exported.iterdir()),
         "engine_equals_actor": engine_after == actor_after,
         "changed_by_training": engine_after != [r.tolist() for r in before.response_ids],
-        "gap_mean": max(g["rollout/logprob_gap_mean"] for g in gaps),
-        "gap_max": max(g["rollout/logprob_gap_max"] for g in gaps),
+        "gap_mean": max(float(g["sum"] / g["tokens"]) for g in gaps),
+        "gap_max": max(float(g["max"]) for g in gaps),
         "engine": engine_after,
         "actor": actor_after,
     }

@@ -28,20 +28,27 @@ def engine(model_dir) -> HFEngine:
     return engine
 
 
-def test_greedy_equals_transformers_generate_one_prompt_at_a_time(engine, model_dir):
+def greedy_one_at_a_time(model_dir: Path, max_new_tokens: int) -> list[list[int]]:
+    """transformers' own greedy `generate`, one prompt at a time (no padding involved)."""
     hf = load_hf(model_dir)
-    got = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=8))
-    for i, prompt in enumerate(PROMPTS):
+    out = []
+    for prompt in PROMPTS:
         ids = torch.tensor([prompt])
         ref = hf.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=8,
+            max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=0,
         )
-        assert got.response_ids[i].tolist() == ref[0, len(prompt) :].tolist()
-        assert got.finish_reasons[i] == "length"
+        out.append(ref[0, len(prompt) :].tolist())
+    return out
+
+
+def test_greedy_equals_transformers_generate_one_prompt_at_a_time(engine, model_dir):
+    got = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=8))
+    assert [r.tolist() for r in got.response_ids] == greedy_one_at_a_time(model_dir, 8)
+    assert got.finish_reasons == ["length"] * len(PROMPTS)
 
 
 def test_logprobs_equal_a_forward_pass(engine, model_dir):
@@ -99,15 +106,5 @@ def test_weight_sync_in_checkpoint_names_for_every_family(tmp_path, kind):
     model_dir = make_tiny_model(kind, tmp_path / kind)
     engine = HFEngine(model_dir, pad_token_id=0, device=torch.device("cpu"))
     engine.update_weights([list(load_tensors(model_dir).items())])
-    hf = load_hf(model_dir)
     got = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=6))
-    for i, prompt in enumerate(PROMPTS):
-        ids = torch.tensor([prompt])
-        ref = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=6,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        assert got.response_ids[i].tolist() == ref[0, len(prompt) :].tolist(), (kind, i)
+    assert [r.tolist() for r in got.response_ids] == greedy_one_at_a_time(model_dir, 6), kind

@@ -98,34 +98,32 @@ def test_prompts_are_tokenised_with_the_chat_template(files, tokenizer):
     assert jsonl["prompt"] == "plain 41"
 
 
-def test_reads_only_its_row_groups(files, tokenizer, monkeypatch):
-    reads = []
+@pytest.fixture
+def reads(monkeypatch) -> list[int]:
+    """The parquet row groups read (decoded) from now on, in order."""
+    seen: list[int] = []
     original = pq.ParquetFile.read_row_group
 
     def spy(self, i, *args, **kwargs):
-        reads.append(i)
+        seen.append(i)
         return original(self, i, *args, **kwargs)
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    return seen
+
+
+def test_reads_only_its_row_groups(files, tokenizer, reads):
     ld = loader(files, tokenizer, rank=1, size=4, shuffle=False, batch_size=40, prefetch=False)
     ld.next()  # rank 1 of 4 takes rows 10..19: row group 1 only
     assert reads == [1]
 
 
-def test_one_big_row_group_is_read_once(tmp_path, files, tokenizer, monkeypatch):
+def test_one_big_row_group_is_read_once(tmp_path, files, tokenizer, reads, monkeypatch):
     """A file written as a single row group is decoded once and kept, not re-read every
     step; past the cache's budget the least recently used group goes first."""
     from distflow_mc.data import dataset
 
     pq.write_table(pa.Table.from_pylist([row(i) for i in range(40)]), tmp_path / "one.parquet")
-    reads = []
-    original = pq.ParquetFile.read_row_group
-
-    def spy(self, i, *args, **kwargs):
-        reads.append(i)
-        return original(self, i, *args, **kwargs)
-
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
     ld = loader([str(tmp_path / "one.parquet")], tokenizer, batch_size=8, prefetch=False)
     for _ in range(4):
         ld.next()

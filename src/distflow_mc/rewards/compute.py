@@ -1,8 +1,10 @@
 """Score responses with time budgets, in worker processes: a scorer that raises, returns
 something that is not a finite number, or runs past `reward.timeout_s` gives that sample
-`reward.error_score` and is counted; it never stops the run or hangs a rank. A stuck
-scorer's process is killed (threads could only be abandoned, and Python joins them at
-exit), and each sample gets its own budget from the moment a fresh worker can run it."""
+`reward.error_score` and is counted; it never stops the run or hangs a rank. Each worker
+scores a share of the batch (one round trip each) with one budget per sample in it; when a
+share runs out of time its worker is killed (threads could only be abandoned, and Python
+joins them at exit) and the unscored samples run again one per job on fresh workers, each
+with its own budget, so only the stuck one is scored as a timeout."""
 
 from __future__ import annotations
 
@@ -44,6 +46,18 @@ def _score(fn_path: str | None, data_source: str, response: str, truth: Any, inf
     """Runs in a worker process: resolve the scorer there (functions need not pickle)."""
     fn = import_fn(fn_path) if fn_path else BUILT_IN[data_source]
     return float(fn(response, truth, info))
+
+
+def _score_many(args: list[tuple]) -> list[Any]:
+    """A worker's share, one sample after another; a scorer that raises gives its sample
+    the exception (the others keep their scores)."""
+    out: list[Any] = []
+    for a in args:
+        try:
+            out.append(_score(*a))
+        except Exception as e:  # a scorer's bug must not end the run
+            out.append(RuntimeError(f"{type(e).__name__}: {e}"))
+    return out
 
 
 def check_sources(config: RewardConfig, data_sources: set[str], files: str) -> None:
@@ -96,28 +110,34 @@ class RewardComputer:
         out: list[Any] = [None] * len(args)
         timeouts = 0
         pending = list(range(len(args)))
+        share = -(-len(pending) // self.workers)  # one job per worker while all goes well
         while pending:
             pool = self._pool()
-            stuck = self._collect({i: pool.apply_async(_score, args[i]) for i in pending}, out)
+            parts = [pending[i : i + share] for i in range(0, len(pending), share)]
+            jobs = [
+                (part, pool.apply_async(_score_many, ([args[i] for i in part],))) for part in parts
+            ]
+            stuck = self._collect(jobs, out)
             if stuck is None:
                 break
-            timeouts += 1
-            out[stuck] = TimeoutError(f"exceeded reward.timeout_s={self.config.timeout_s}")
             self._kill_pool()  # the stuck worker dies; the rest run again on fresh workers
-            pending = [i for i in pending if out[i] is None]
+            if len(stuck) == 1:
+                timeouts += 1
+                out[stuck[0]] = TimeoutError(f"exceeded reward.timeout_s={self.config.timeout_s}")
+            pending, share = [i for i in pending if out[i] is None], 1  # isolate the stuck one
         return self._scores(out, data_sources, timeouts)
 
-    def _collect(self, jobs: dict[int, AsyncResult], out: list) -> int | None:
-        """Results (or the exceptions raised) in order, each waited for up to the budget
-        from when its wait began while the others run. Returns the first sample that ran
-        out of time, or None."""
-        for i, job in jobs.items():
+    def _collect(self, jobs: list[tuple[list[int], AsyncResult]], out: list) -> list[int] | None:
+        """Results in order, each job waited for up to one budget per sample in it, from
+        when its wait began (the others run meanwhile). Returns the first job that ran out
+        of time, or None."""
+        for part, job in jobs:
             try:
-                out[i] = job.get(timeout=self.config.timeout_s)
+                results = job.get(timeout=self.config.timeout_s * len(part))
             except mp.TimeoutError:
-                return i
-            except Exception as e:  # a scorer's bug must not end the run
-                out[i] = e
+                return part
+            for i, result in zip(part, results, strict=True):
+                out[i] = result
         return None
 
     def _scores(self, out: list, data_sources: Sequence[str], timeouts: int) -> Scores:

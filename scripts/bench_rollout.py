@@ -1,0 +1,82 @@
+"""The transformers rollout engine against transformers' own `generate` on the same batch:
+the embedded task's prompts x n samples, the same sampling settings and threads. Prints
+seconds per call of both and the ratio (the engine adds its own log-probs and response
+bookkeeping; it must not cost more than that).
+
+    python scripts/bench_rollout.py [--prompts 8 --n 16 --new-tokens 4 --repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bench_common import report
+from distflow_mc.data.tiny import make_task
+from distflow_mc.rollout.engine import SamplingParams
+from distflow_mc.rollout.hf_engine import HFEngine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    root = make_task(Path(tempfile.mkdtemp(prefix="bench_rollout_")))
+    model_dir = root / "tiny_llama"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [tok(f"echo: {i % 10}")["input_ids"] for i in range(args.prompts)]
+    engine = HFEngine(model_dir, tok.pad_token_id, torch.device("cpu"))
+    engine.update_weights([list(load_file(model_dir / "model.safetensors").items())])
+    plain = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    params = SamplingParams(
+        n=args.n,
+        temperature=1.0,
+        max_new_tokens=args.new_tokens,
+        stop_token_ids=(tok.eos_token_id,),
+        seed=0,
+    )
+    rows = [torch.tensor(p) for p in prompts for _ in range(args.n)]
+    ids = torch.nn.utils.rnn.pad_sequence(rows, True, tok.pad_token_id, "left")
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], True, 0, "left")
+
+    def ours() -> None:
+        engine.generate(prompts, params)
+
+    def theirs() -> None:
+        with torch.no_grad():
+            plain.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=1.0,
+                max_new_tokens=args.new_tokens,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+                top_k=None,
+                top_p=None,
+            )
+
+    results = []
+    for name, fn in (("transformers generate", theirs), ("HFEngine.generate", ours)):
+        fn()
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            fn()
+        results.append({"run": name, "s_per_call": (time.perf_counter() - start) / args.repeats})
+    for row in results:
+        row["vs_generate"] = round(row["s_per_call"] / results[0]["s_per_call"], 2)
+        row["s_per_call"] = round(row["s_per_call"], 4)
+    report(results, "bench_rollout.csv", width=22)
+
+
+if __name__ == "__main__":
+    main()
