@@ -74,11 +74,12 @@ def worker(out: str) -> None:
 
     ctx = init_distributed(timeout_s=600)
     w, rank = ctx.world_size, ctx.rank
-    src, dst = Layout("rollout", dp=w), Layout("train", dp=w // 2, tp=2)
+    src, dst = Layout("rollout", dp=w), Layout("train", dp=w // 2, tp=2, replicated=True)
     mine = make_batch(rank, w)
     own = batch_bytes(mine)
-    received = redistribute(mine, src, dst, Balance())
-    ours = timed(lambda: redistribute(mine, src, dst, Balance()))
+    args = (Balance(), ctx.device, ctx.timeout)
+    received = redistribute(mine, src, dst, *args)
+    ours = timed(lambda: redistribute(mine, src, dst, *args))
     tokens = [0] * w
     dist.all_gather_object(tokens, received.num_tokens)
     per_replica = tokens[::2]
