@@ -17,6 +17,15 @@ from distflow_mc.config import register_resolvers, register_schemas
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+# A two-step run of the embedded task, small enough for a few seconds per launch.
+SHORT_RUN = [
+    "trainer.total_steps=2",
+    "trainer.val_every=0",
+    "trainer.progress_bar=false",
+    "parallel.timeout_s=60",
+    "data.batch_size=4",
+    "rollout.n=4",
+]
 
 register_schemas()
 register_resolvers()

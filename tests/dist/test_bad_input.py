@@ -13,18 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from distflow_mc.data.tiny import make_task
-from tests.conftest import ROOT, main_cmd, run_cmd
+from tests.conftest import ROOT, SHORT_RUN, main_cmd, run_cmd
 
 pytestmark = pytest.mark.dist
-SHORT = [
-    "experiment=cpu_tiny_grpo",
-    "trainer.total_steps=2",
-    "trainer.val_every=0",
-    "trainer.progress_bar=false",
-    "parallel.timeout_s=60",
-    "data.batch_size=4",
-    "rollout.n=4",
-]
+SHORT = ["experiment=cpu_tiny_grpo", *SHORT_RUN]
 CYCLE = (
     "algo.workflow=[{id:a,role:ROLLOUT,type:MODEL_INFERENCE,deps:[b]},"
     "{id:b,role:REWARD,type:COMPUTE,deps:[a]}]"

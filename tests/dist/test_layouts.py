@@ -22,19 +22,12 @@ import torch
 from transformers import AutoConfig, LlamaForCausalLM
 
 from distflow_mc.data.tiny import make_task
-from tests.conftest import ROOT, TORCHRUN, main_cmd, run_cmd
+from tests.conftest import ROOT, SHORT_RUN, TORCHRUN, main_cmd, run_cmd
 from tests.tiny_hf import make_tiny_model
 
 pytestmark = pytest.mark.dist
-SHORT = [
-    "trainer.total_steps=2",
-    "trainer.val_every=0",
-    "trainer.progress_bar=false",
-    "parallel.timeout_s=60",
-    "data.batch_size=4",
-    "rollout.n=4",
-    "algo.entropy_coef=0.01",  # a gradient from the first step on (rewards start near 0)
-]
+# an entropy bonus gives a gradient from the first step on (rewards start near 0)
+SHORT = [*SHORT_RUN, "algo.entropy_coef=0.01"]
 COMPARED = ("actor/grad_norm", "actor/entropy", "actor/pg_loss")
 
 
