@@ -55,18 +55,15 @@ class Batch:
 
     @classmethod
     def empty(
-        cls,
-        tokens: dict[str, torch.dtype],
-        samples: dict[str, torch.dtype],
-        objects: Sequence[str],
-        device: torch.device,
+        cls, tokens: dict[str, torch.dtype], objects: Sequence[str], device: torch.device
     ) -> Batch:
-        """No samples, with the fields (and dtypes) a full batch of this kind has: a rank
-        with nothing to contribute still takes part in every collective."""
+        """No samples, with the fields (and dtypes) a full batch of this kind has, `uid` and
+        `group` (int64) included: a rank with nothing to contribute still takes part in
+        every collective."""
         return cls(
             torch.zeros(1, dtype=torch.int64, device=device),
             {k: torch.empty(0, dtype=d, device=device) for k, d in tokens.items()},
-            {k: torch.empty(0, dtype=d, device=device) for k, d in samples.items()},
+            {k: torch.empty(0, dtype=torch.int64, device=device) for k in REQUIRED_SAMPLE_FIELDS},
             {k: [] for k in objects},
         )
 

@@ -130,8 +130,7 @@ class PromptLoader:
             "extra": [r.extra for r in rows],
         }
         if not kept:  # every row of this rank's share was skipped
-            ints = {"uid": torch.int64, "group": torch.int64}
-            return Batch.empty({"input_ids": torch.int64}, ints, list(objects), torch.device("cpu"))
+            return Batch.empty({"input_ids": torch.int64}, list(objects), torch.device("cpu"))
         uid = torch.tensor([u for u, _ in kept], dtype=torch.int64, device="cpu")
         return Batch.from_sequences({"input_ids": ids}, {"uid": uid, "group": uid.clone()}, objects)
 

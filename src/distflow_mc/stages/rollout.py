@@ -78,7 +78,7 @@ TOKEN_FIELDS = {
     "response_mask": torch.float32,
     "rollout_logprobs": torch.float32,
 }
-OBJECT_FIELDS = ("data_source", "ground_truth", "extra_info", "extra", "finish_reason")
+PROMPT_OBJECTS = ("data_source", "ground_truth", "extra_info", "extra")  # from the loader
 
 
 def _to_batch(
@@ -87,8 +87,7 @@ def _to_batch(
     """prompt + response sequences with a response mask and the engine's log-probs
     (token-aligned, 0 on prompt tokens), on `device` (the engine's output stays there)."""
     if not gen.response_ids:
-        ints = {"uid": torch.int64, "group": torch.int64}
-        return Batch.empty(TOKEN_FIELDS, ints, OBJECT_FIELDS, device)
+        return Batch.empty(TOKEN_FIELDS, (*PROMPT_OBJECTS, "finish_reason"), device)
     ids = [p.to(device) for p in prompt_ids]
     tokens: dict[str, list[torch.Tensor]] = {k: [] for k in TOKEN_FIELDS}
     for p, resp, logp in zip(gen.prompt_index, gen.response_ids, gen.logprobs, strict=True):
@@ -101,7 +100,7 @@ def _to_batch(
     index = torch.tensor(gen.prompt_index, dtype=torch.int64, device=device)
     prompt_uid = prompts.samples["uid"].to(device)[index]
     sample = torch.arange(len(index), device=device) % n
-    objects = {k: [prompts.objects[k][p] for p in gen.prompt_index] for k in OBJECT_FIELDS[:4]}
+    objects = {k: [prompts.objects[k][p] for p in gen.prompt_index] for k in PROMPT_OBJECTS}
     objects["finish_reason"] = gen.finish_reasons
     samples = {"uid": prompt_uid * n + sample, "group": prompt_uid}
     return Batch.from_sequences(tokens, samples, objects)
