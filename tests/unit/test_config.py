@@ -216,6 +216,7 @@ def test_model_sizes_must_divide_the_layout():
         (8, 2, None, None, None, (None, None)),  # even: megatron's default
         (3, 2, None, None, None, (2, 1)),  # the last stage also runs the output layer
         (3, 2, None, 1, None, (1, 2)),  # an override fixes one side
+        (5, 3, None, None, 3, (1, 3)),  # parallel.last_stage_layers set: stages 1, 1, 3
         (6, 4, None, None, None, (1, 1)),  # middle stages 2 each
         (10, 2, 2, None, None, (6, 4)),  # multiples of vpp
         (7, 3, None, None, None, (3, 1)),  # stages 3, 3, 1
