@@ -11,6 +11,11 @@ def report(rows: list[dict], csv_path: str | Path, width: int = 16) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    if len(rows[0]) > 12:  # wide: one line per column
+        name = max(len(k) for k in rows[0])
+        for k in rows[0]:
+            print(f"{k:>{name}} | " + " | ".join(f"{row[k]!s:>{width}}" for row in rows))
+        return
     print(" | ".join(f"{k:>{width}}" for k in rows[0]))
     for row in rows:
         print(" | ".join(f"{v!s:>{width}}" for v in row.values()))

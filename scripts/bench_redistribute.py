@@ -4,8 +4,11 @@ single-controller pattern (gather everything to one rank, split there, scatter).
     python scripts/bench_redistribute.py            # 2, 4 and 8 ranks
 
 ~1k samples, long-tailed lengths 64..4096, the per-token fields an RL step carries (ids,
-three log-prob fields, advantages, mask). Rollout DP=W sends to train DP=W/2 x TP=2.
-Prints a table last and writes bench_redistribute.csv in the current directory.
+three log-prob fields, advantages, mask) and per-sample strings. Rollout DP=W sends to
+train DP=W/2 x TP=2 (every rank of a TP pair holds its replica's batch, as the trainer
+needs). Ours runs with every field (like for like with raw and central: same bytes), by
+both patterns, and with only the fields the trainer reads (`keep`); its phase split is
+printed for the automatic choice. Prints tables last and writes bench_redistribute.csv.
 """
 
 from __future__ import annotations
@@ -51,7 +54,11 @@ def batch_bytes(b) -> int:
     return sum(t.numel() * t.element_size() for t in [*b.tokens.values(), *b.samples.values()])
 
 
-def timed(fn, repeats: int = 5) -> float:
+REPEATS = 5
+TRAINER_READS = ("input_ids", "response_mask", "advantages", "old_logprobs")
+
+
+def timed(fn, repeats: int = REPEATS) -> float:
     import torch.distributed as dist
 
     times = []
@@ -68,7 +75,7 @@ def worker(out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from distflow_mc.data.redistribute import Balance, redistribute
+    from distflow_mc.data.redistribute import Balance, Pattern, Transfer, redistribute
     from distflow_mc.parallel.dist import init_distributed
     from distflow_mc.parallel.layout import Layout
 
@@ -78,34 +85,49 @@ def worker(out: str) -> None:
     mine = make_batch(rank, w)
     own = batch_bytes(mine)
     args = (Balance(), ctx.device, ctx.timeout)
-    received = redistribute(mine, src, dst, *args)
+    for _ in range(3):  # AUTO measures both patterns, then keeps the faster
+        received = redistribute(mine, src, dst, *args)
     ours = timed(lambda: redistribute(mine, src, dst, *args))
+    by = {p: timed(lambda p=p: redistribute(mine, src, dst, *args, pattern=p)) for p in Pattern}
+    kept = timed(lambda: redistribute(mine, src, dst, *args, keep=TRAINER_READS))
+    phases: dict[str, float] = {}
+    for _ in range(REPEATS):
+        redistribute(mine, src, dst, *args, phases=phases)
     tokens = [0] * w
     dist.all_gather_object(tokens, received.num_tokens)
     per_replica = tokens[::2]
+    total = torch.tensor([own])
+    dist.all_reduce(total)
+    moved = int(total)
 
-    # raw: the same bytes per sender, spread over the destination leaders
-    payload = torch.zeros(own, dtype=torch.uint8)  # this rank's tensor bytes
-    leaders = [r[0] for r in dst.replicas()]
-    send = [0] * w
-    for i, leader in enumerate(leaders):
-        send[leader] = payload.numel() // len(leaders) + (i < payload.numel() % len(leaders))
-    sizes = [None] * w
-    dist.all_gather_object(sizes, send)
-    recv = [sizes[s][rank] for s in range(w)]
-    out_buf = torch.empty(sum(recv), dtype=torch.uint8)
-    raw = timed(lambda: dist.all_to_all_single(out_buf, payload, recv, send))
-    moved = [0]
-    total_bytes = torch.tensor([payload.numel()])
-    dist.all_reduce(total_bytes)
-    moved[0] = int(total_bytes)
+    # raw: one all_to_all_single of the same bytes, preallocated; "direct" delivers what
+    # ours delivers (each replica's share to both ranks of the TP pair), "leaders" only to
+    # each replica's first rank (the lower bound on bytes)
+    payload = torch.zeros(own, dtype=torch.uint8)
+    replicas = dst.replicas()
 
-    # single controller: gather every payload to rank 0, rank 0 splits, scatters back
-    longest = torch.tensor([payload.numel()])
+    def raw_for(targets: list[list[int]]) -> float:
+        send = [0] * w
+        for i, ranks in enumerate(targets):
+            piece = own // len(targets) + (i < own % len(targets))
+            for r in ranks:
+                send[r] = piece
+        sizes: list = [None] * w
+        dist.all_gather_object(sizes, send)
+        recv = [sizes[s][rank] for s in range(w)]
+        inp = torch.zeros(sum(send), dtype=torch.uint8)
+        out_buf = torch.empty(sum(recv), dtype=torch.uint8)
+        return timed(lambda: dist.all_to_all_single(out_buf, inp, recv, send))
+
+    raw_direct, raw_leaders = raw_for(replicas), raw_for([r[:1] for r in replicas])
+
+    # single controller: gather every payload to rank 0; rank 0 cuts the batch into the
+    # replicas' shares and scatters each rank its replica's share (TP peers get the same)
+    longest = torch.tensor([own])
     dist.all_reduce(longest, op=dist.ReduceOp.MAX)
     padded = torch.zeros(int(longest), dtype=torch.uint8)
-    padded[: payload.numel()] = payload
-    share = -(-moved[0] // w)
+    padded[:own] = payload
+    share = -(-moved // dst.dp)
 
     def controller() -> None:
         gathered = [torch.empty_like(padded) for _ in range(w)] if rank == 0 else None
@@ -113,29 +135,59 @@ def worker(out: str) -> None:
         chunks = None
         if rank == 0:
             whole = torch.cat(gathered)  # the driver holds the whole batch
-            chunks = list(whole[: share * w].view(w, share).clone())
+            cut = list(
+                torch.nn.functional.pad(whole, (0, share * dst.dp - len(whole))).view(dst.dp, share)
+            )
+            chunks = [cut[dst.coords(r)["dp"]].clone() for r in range(w)]
         target = torch.empty(share, dtype=torch.uint8)
         dist.scatter(target, chunks, src=0)
 
     central = timed(controller)
-    peak_ours = own + payload.numel() + sum(recv)
+
+    # overlap: the token fields leave while a reward stage (modelled as a wait the length
+    # of our redistribution: scorers run in worker processes) runs; the reward follows
+    reward_s = ours
+    no_reward = mine.only([k for k in mine.names() if k != "reward"])
+
+    def sequential() -> None:
+        time.sleep(reward_s)
+        redistribute(mine, src, dst, *args)
+
+    def overlapped() -> None:
+        transfer = Transfer(src, dst, *args)
+        transfer.send(no_reward)
+        time.sleep(reward_s)
+        transfer.send(mine)
+        transfer.finish()
+
+    hidden = (timed(sequential) - timed(overlapped)) / ours
+
+    copies = 2 if by[Pattern.DIRECT] <= by[Pattern.LEADERS] else 1  # DIRECT: one per TP peer
+    peak_ours = own + own * copies + batch_bytes(received)
     peak_central = (int(longest) * w * 2 + share * w) if rank == 0 else own + int(longest) + share
-    peaks = [None] * w
+    peaks: list = [None] * w
     dist.all_gather_object(peaks, (peak_ours, peak_central))
     if rank == 0:
         mean = sum(per_replica) / len(per_replica)
+        ms = {"ours": ours, "raw_direct": raw_direct, "raw_leaders": raw_leaders}
+        ms |= {"central": central, "direct": by[Pattern.DIRECT]}
+        ms |= {"leaders": by[Pattern.LEADERS], "kept_fields": kept}
+        ms |= {k: v / REPEATS for k, v in phases.items()}
         Path(out).write_text(
             json.dumps(
                 {
                     "ranks": w,
                     "samples": SAMPLES,
-                    "MB_moved": round(moved[0] / 1e6, 1),
-                    "ours_MB_s": round(moved[0] / ours / 1e6, 1),
-                    "raw_a2a_MB_s": round(moved[0] / raw / 1e6, 1),
-                    "ours_vs_raw": round(raw / ours, 2),
+                    "MB": round(moved / 1e6, 1),
+                    "ours_MB_s": round(moved / ours / 1e6, 1),
+                    "ours_vs_raw_direct": round(raw_direct / ours, 2),
+                    "ours_vs_raw_leaders": round(raw_leaders / ours, 2),
                     "central_vs_ours_time": round(central / ours, 2),
+                    **{f"{k}_ms": round(v * 1e3, 1) for k, v in ms.items()},
+                    "overlap_hidden": round(hidden, 2),
                     "peak_MB_ours": round(max(p[0] for p in peaks) / 1e6, 1),
                     "peak_MB_central": round(max(p[1] for p in peaks) / 1e6, 1),
+                    "peak_ours_over_share": round(max(p[0] for p in peaks) / share, 2),
                     "balance_max_mean": round(max(per_replica) / mean, 4),
                 }
             )
@@ -157,7 +209,7 @@ def main() -> None:
             cmd = [torchrun, "--standalone", f"--nproc-per-node={w}", __file__, "--worker", f.name]
             subprocess.run(cmd, check=True, capture_output=True, timeout=1800)
             rows.append(json.loads(Path(f.name).read_text()))
-    report(rows, "bench_redistribute.csv", width=20)
+    report(rows, "bench_redistribute.csv", width=12)
 
 
 if __name__ == "__main__":

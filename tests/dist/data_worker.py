@@ -19,10 +19,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from distflow_mc.data.batch import Batch  # noqa: E402
-from distflow_mc.data.redistribute import Balance, redistribute  # noqa: E402
-from distflow_mc.parallel.dist import init_distributed  # noqa: E402
-from distflow_mc.parallel.layout import Layout, Move, movement  # noqa: E402
+from distflow_mc.data.batch import Batch
+from distflow_mc.data.redistribute import Balance, Pattern, Transfer, redistribute
+from distflow_mc.parallel.dist import init_distributed
+from distflow_mc.parallel.layout import Layout, Move, movement
 
 GROUP = 3  # samples per prompt
 
@@ -56,21 +56,46 @@ def same_sample(a: Batch, i: int, b: Batch, j: int) -> bool:
     )
 
 
-def scenario(src: Layout, dst: Layout, seed: int, balance: Balance) -> dict:
+KEEP = ("input_ids", "mask", "reward", "ground_truth")  # a destination that reads only these
+
+
+def scenario(
+    src: Layout,
+    dst: Layout,
+    seed: int,
+    balance: Balance,
+    pattern: Pattern = Pattern.AUTO,
+    keep: tuple[str, ...] | None = None,
+    rounds: bool = False,
+) -> dict:
     rank = dist.get_rank()
     replica = src.coords(rank)["dp"]
     # the ranks that hold the batch in the source phase pass it (only emitters' copies are
     # read); others pass None, as a rollout TP follower would
     mine = source_batch(replica, seed) if rank in src.holders() else None
-    got = redistribute(mine, src, dst, balance, torch.device("cpu"), timedelta(seconds=60))
+    phases: dict[str, float] = {}
+    args = (balance, torch.device("cpu"), timedelta(seconds=60))
+    if rounds:  # the token fields leave first (as while a reward stage runs), the rest after
+        transfer = Transfer(src, dst, *args, pattern, phases)
+        transfer.send(mine, ("input_ids", "logprobs"))
+        transfer.send(mine)
+        got = transfer.finish()
+    else:
+        got = redistribute(mine, src, dst, *args, keep, pattern, phases)
     reference = Batch.concat([source_batch(r, seed) for r in range(src.dp)])
-    where = {int(u): i for i, u in enumerate(reference.samples["uid"])}
-    exact = all(same_sample(got, j, reference, where[int(u)]) for j, u in enumerate(got.samples["uid"]))
+    reference = reference.only(keep) if keep else reference
     views: list = [None] * dist.get_world_size()
-    uids = got.samples["uid"].tolist()
-    dist.all_gather_object(views, (dst.coords(rank)["dp"], uids, got.num_tokens))
+    view = (dst.coords(rank)["dp"], got.samples["uid"].tolist(), got.num_tokens) if got else None
+    dist.all_gather_object(views, view)
+    if got is None:  # a rank outside the destination's holders
+        return {"holds": False, "holder": rank in dst.holders()}
+    fields = sorted([*got.tokens, *got.samples, *got.objects])
+    where = {int(u): i for i, u in enumerate(reference.samples["uid"])}
+    exact = all(
+        same_sample(got, j, reference, where[int(u)]) for j, u in enumerate(got.samples["uid"])
+    )
     per_replica = {}
-    for dp, replica_uids, tokens in views:
+    for dp, replica_uids, tokens in filter(None, views):
         per_replica.setdefault(dp, []).append((replica_uids, tokens))
     replicas_agree = all(len({json.dumps(v) for v in vs}) == 1 for vs in per_replica.values())
     delivered = sorted(u for vs in per_replica.values() for u in vs[0][0])
@@ -84,6 +109,12 @@ def scenario(src: Layout, dst: Layout, seed: int, balance: Balance) -> dict:
         items = [sum(items[i : i + GROUP]) for i in range(0, len(items), GROUP)]
     counts = [len(vs[0][0]) for vs in per_replica.values()]
     return {
+        "holds": True,
+        "holder": rank in dst.holders(),
+        "fields_as_kept": fields
+        == sorted([*reference.tokens, *reference.samples, *reference.objects]),
+        "phases_timed": movement(src, dst) is Move.NONE
+        or {"meta", "exchange", "unpack"} <= set(phases),
         "exact_contents": exact,
         "exactly_once": delivered == sorted(reference.samples["uid"].tolist()),
         "replicas_agree": replicas_agree,
@@ -93,7 +124,9 @@ def scenario(src: Layout, dst: Layout, seed: int, balance: Balance) -> dict:
         "spread_within_largest_item": max(tokens) - min(tokens) <= max(items),
         "equal_counts": len(set(counts)) == 1,
         "balanced": movement(src, dst) is Move.EXCHANGE,
-        "fast_path_same_object": got is mine if movement(src, dst) is Move.NONE else None,
+        "fast_path_same_object": (
+            got is mine if movement(src, dst) is Move.NONE and keep is None else None
+        ),
     }
 
 
@@ -108,6 +141,11 @@ def main() -> None:
         f"dp{w}->dp{half}xtp2": (Layout("rollout", dp=w), Layout("train", dp=half, tp=2)),
         f"dp{half}xtp2->dp{w}": (Layout("train", dp=half, tp=2), Layout("rollout", dp=w)),
         f"dp{w}->dp{w}": (Layout("rollout", dp=w), Layout("train", dp=w, replicated=True)),
+        # the step's move: rollout engines to a replicated TP trainer
+        f"dp{w}->dp{half}xtp2 replicated": (
+            Layout("rollout", dp=w),
+            Layout("train", dp=half, tp=2, replicated=True),
+        ),
         f"dp{half}xtp2->dp{half}xtp2": (
             Layout("train", dp=half, tp=2, replicated=True),
             Layout("train", dp=half, tp=2, replicated=True),
@@ -120,9 +158,21 @@ def main() -> None:
     }
     if w == 4:
         layouts["dp4->dp1xpp2xtp2"] = (Layout("rollout", dp=4), Layout("train", dp=1, tp=2, pp=2))
+        layouts["dp4->dp1xpp2xtp2 replicated"] = (
+            Layout("rollout", dp=4),
+            Layout("train", dp=1, tp=2, pp=2, replicated=True),
+        )
     result = {}
     for seed, (name, (src, dst)) in enumerate(layouts.items()):
         result[name] = scenario(src, dst, seed, Balance())
+        for pattern in (Pattern.DIRECT, Pattern.LEADERS):
+            result[f"{name} {pattern.value}"] = scenario(src, dst, seed, Balance(), pattern)
+        result[name + " keep"] = scenario(src, dst, seed, Balance(), keep=KEEP)
+        if movement(src, dst) is not Move.NONE:
+            for pattern in (Pattern.DIRECT, Pattern.LEADERS):
+                result[f"{name} {pattern.value} rounds"] = scenario(
+                    src, dst, seed, Balance(), pattern, rounds=True
+                )
         result[name + " split groups"] = scenario(src, dst, seed, Balance(keep_groups=False))
         groups = sum(len(source_batch(r, seed)) for r in range(src.dp)) // GROUP
         if groups % dst.dp == 0:

@@ -22,16 +22,16 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from distflow_mc.config.schema import OptimConfig, ParallelConfig  # noqa: E402
-from distflow_mc.models.convert import export_hf  # noqa: E402
-from distflow_mc.models.factory import load_model, load_reference  # noqa: E402
-from distflow_mc.models.hf_config import read_hf_config  # noqa: E402
-from distflow_mc.models.logprobs import vocab_parallel_logprobs  # noqa: E402
-from distflow_mc.models.schedule import run_microbatches  # noqa: E402
-from distflow_mc.models.train import TrainableModel  # noqa: E402
-from distflow_mc.parallel.dist import init_distributed  # noqa: E402
-from distflow_mc.parallel.megatron_state import init_model_parallel  # noqa: E402
-from tests.tiny_hf import load_hf, load_tensors  # noqa: E402
+from distflow_mc.config.schema import OptimConfig, ParallelConfig
+from distflow_mc.models.convert import export_hf
+from distflow_mc.models.factory import load_model, load_reference
+from distflow_mc.models.hf_config import read_hf_config
+from distflow_mc.models.logprobs import vocab_parallel_logprobs
+from distflow_mc.models.schedule import run_microbatches
+from distflow_mc.models.train import TrainableModel
+from distflow_mc.parallel.dist import init_distributed
+from distflow_mc.parallel.megatron_state import init_model_parallel
+from tests.tiny_hf import load_hf, load_tensors
 
 TEMPERATURE = 0.7
 

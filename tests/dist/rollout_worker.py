@@ -19,18 +19,18 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from distflow_mc.checkpoint.hf_export import save_hf  # noqa: E402
-from distflow_mc.config.schema import OptimConfig, ParallelConfig, RolloutConfig  # noqa: E402
-from distflow_mc.models.factory import load_model  # noqa: E402
-from distflow_mc.models.logprobs import vocab_parallel_logprobs  # noqa: E402
-from distflow_mc.models.train import TrainableModel  # noqa: E402
-from distflow_mc.parallel.dist import init_distributed  # noqa: E402
-from distflow_mc.parallel.layout import Layout  # noqa: E402
-from distflow_mc.parallel.megatron_state import init_model_parallel  # noqa: E402
-from distflow_mc.rollout.engine import SamplingParams  # noqa: E402
-from distflow_mc.rollout.guard import logprob_gap  # noqa: E402
-from distflow_mc.rollout.factory import make_engine  # noqa: E402
-from distflow_mc.rollout.weight_sync import sync_weights  # noqa: E402
+from distflow_mc.checkpoint.hf_export import save_hf
+from distflow_mc.config.schema import OptimConfig, ParallelConfig, RolloutConfig
+from distflow_mc.models.factory import load_model
+from distflow_mc.models.logprobs import vocab_parallel_logprobs
+from distflow_mc.models.train import TrainableModel
+from distflow_mc.parallel.dist import init_distributed
+from distflow_mc.parallel.layout import Layout
+from distflow_mc.parallel.megatron_state import init_model_parallel
+from distflow_mc.rollout.engine import SamplingParams
+from distflow_mc.rollout.factory import make_engine
+from distflow_mc.rollout.guard import logprob_gap
+from distflow_mc.rollout.weight_sync import sync_weights
 
 PROMPTS = [[5, 17, 33, 2], [9, 9, 9], [40, 41, 42, 43, 44, 45, 46]]
 NEW = 8

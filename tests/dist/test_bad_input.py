@@ -59,7 +59,11 @@ FAILING = [
     ("unknown data source", ["data.train_files=[{task}/mystery.jsonl]"], "data_source ['mystery']"),
     (
         "malformed row, ERROR",
-        ["data.train_files=[{task}/bad_rows.jsonl]", "data.on_malformed=ERROR", "data.shuffle=false"],
+        [
+            "data.train_files=[{task}/bad_rows.jsonl]",
+            "data.on_malformed=ERROR",
+            "data.shuffle=false",
+        ],
         "bad_rows.jsonl row 0: 'reward_model.ground_truth' is missing",
     ),
     (
@@ -95,7 +99,9 @@ def test_finishes_with_the_bad_values_counted(task, tmp_path, case, overrides):
     assert out.returncode == 0, (case, out.stdout[-2000:] + out.stderr[-4000:])
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    assert all(math.isfinite(r["actor/grad_norm"]) and math.isfinite(r["reward/mean"]) for r in rows)
+    assert all(
+        math.isfinite(r["actor/grad_norm"]) and math.isfinite(r["reward/mean"]) for r in rows
+    )
     if case == "malformed rows skipped":
         assert all(r["data/malformed_rows"] > 0 for r in rows)
     else:

@@ -30,8 +30,12 @@ def env(tmp_path_factory) -> dict:
 
 
 def run(env: dict, nproc: int, run_dir: Path, *overrides: str) -> None:
-    out = run_cmd(main_cmd(nproc, *QUIET, f"hydra.run.dir={run_dir}", *overrides), cwd=ROOT,
-                  timeout=300, env=env)
+    out = run_cmd(
+        main_cmd(nproc, *QUIET, f"hydra.run.dir={run_dir}", *overrides),
+        cwd=ROOT,
+        timeout=300,
+        env=env,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
 
 
@@ -52,11 +56,22 @@ def test_resume_continues_exactly(env, tmp_path):
 
 
 def test_resume_on_one_rank_from_two_rank_tp2(env, tmp_path):
-    run(env, 2, tmp_path, "trainer.total_steps=3", "trainer.save_every=3", "parallel.tp=2",
-        "trainer.export_hf=true")
+    run(
+        env,
+        2,
+        tmp_path,
+        "trainer.total_steps=3",
+        "trainer.save_every=3",
+        "parallel.tp=2",
+        "trainer.export_hf=true",
+    )
     # scripts/export_hf.py turns the TP=2 checkpoint into the same HF model, in one process
-    script = [sys.executable, str(ROOT / "scripts" / "export_hf.py"), str(tmp_path / "checkpoints"),
-              str(tmp_path / "hf_script")]
+    script = [
+        sys.executable,
+        str(ROOT / "scripts" / "export_hf.py"),
+        str(tmp_path / "checkpoints"),
+        str(tmp_path / "hf_script"),
+    ]
     out = run_cmd(script, cwd=ROOT, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     at_end, from_script = load_tensors(tmp_path / "hf"), load_tensors(tmp_path / "hf_script")
@@ -70,11 +85,27 @@ def test_resume_on_one_rank_from_two_rank_tp2(env, tmp_path):
 def test_killed_rank_restarts_and_resumes(env, tmp_path):
     """SIGKILL one worker mid-run: torchrun restarts the job, it resumes from the latest
     checkpoint, and every step appears exactly once in the metrics."""
-    cmd = [TORCHRUN, "--standalone", "--nproc-per-node=2", "--max-restarts=1", "-m",
-           "distflow_mc.main", *QUIET, f"hydra.run.dir={tmp_path}", "trainer.total_steps=60",
-           "trainer.save_every=5", "trainer.resume=AUTO"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        TORCHRUN,
+        "--standalone",
+        "--nproc-per-node=2",
+        "--max-restarts=1",
+        "-m",
+        "distflow_mc.main",
+        *QUIET,
+        f"hydra.run.dir={tmp_path}",
+        "trainer.total_steps=60",
+        "trainer.save_every=5",
+        "trainer.resume=AUTO",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         metrics = tmp_path / "metrics.jsonl"
         deadline = time.monotonic() + 240
@@ -82,8 +113,11 @@ def test_killed_rank_restarts_and_resumes(env, tmp_path):
             assert time.monotonic() < deadline and proc.poll() is None, "run did not get going"
             time.sleep(0.05)
         # the ranks are the agent's own children (their reward workers are theirs)
-        workers = [p for p in psutil.Process(proc.pid).children()
-                   if "distflow_mc.main" in " ".join(p.cmdline())]
+        workers = [
+            p
+            for p in psutil.Process(proc.pid).children()
+            if "distflow_mc.main" in " ".join(p.cmdline())
+        ]
         os.kill(workers[-1].pid, signal.SIGKILL)
         _, err = proc.communicate(timeout=300)
     finally:
@@ -121,8 +155,9 @@ def test_damaged_checkpoint_falls_back_to_an_intact_one(env, tmp_path):
     for step_dir in (tmp_path / "checkpoints").glob("step_*"):
         for f in step_dir.glob("*.distcp"):
             f.write_bytes(b"")
-    cmd = main_cmd(2, *QUIET, f"hydra.run.dir={tmp_path}", "trainer.total_steps=6",
-                   "trainer.resume=AUTO")
+    cmd = main_cmd(
+        2, *QUIET, f"hydra.run.dir={tmp_path}", "trainer.total_steps=6", "trainer.resume=AUTO"
+    )
     out = run_cmd(cmd, cwd=ROOT, timeout=300, env=env)
     assert out.returncode != 0
     assert f"no intact checkpoint in {tmp_path / 'checkpoints'}" in out.stdout + out.stderr

@@ -1,6 +1,9 @@
-"""Redistribution between parallel layouts on real gloo ranks (2 and 4): every sample
+"""Redistribution between parallel layouts on real gloo ranks (2 and 4), by both patterns
+(direct all-to-all, leaders + broadcast), in one round or two (token fields first, as
+while a reward stage runs), and with a kept-field subset: every sample
 arrives exactly once with identical contents (tokens, floats, bf16, bools, strings,
-dicts), uids and groups survive, replicas agree, same layouts take the fast path."""
+dicts), uids and groups survive, replicas agree, exactly the kept fields arrive, only the
+holders get a batch, same layouts take the fast path."""
 
 from __future__ import annotations
 
@@ -20,10 +23,15 @@ def test_redistribution(tmp_path, world):
     proc = run_cmd(cmd, cwd=ROOT, timeout=180)
     assert proc.returncode == 0, proc.stderr[-5000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
-    assert len(results[0]) >= 12
+    assert len(results[0]) >= 30
     for rank, result in enumerate(results):
         for name, r in result.items():
             where = f"rank {rank}, {name}"
+            assert r["holds"] == r["holder"], where  # the holders, and only they, get a batch
+            if not r["holds"]:
+                continue
+            assert r["fields_as_kept"], where
+            assert r["phases_timed"], where
             assert r["exact_contents"], where
             assert r["exactly_once"], where
             assert r["replicas_agree"], where
@@ -32,7 +40,9 @@ def test_redistribution(tmp_path, world):
                 assert r["spread_within_largest_item"], (where, r["max_over_mean_tokens"])
             if "equal counts" in name and r["balanced"]:
                 assert r["equal_counts"], where
-            if name in (f"dp{world}->dp{world}", f"dp{world // 2}xtp2->dp{world // 2}xtp2"):
+            same = (f"dp{world}->dp{world}", f"dp{world // 2}xtp2->dp{world // 2}xtp2")
+            if name in same or name.removesuffix(" direct").removesuffix(" leaders") in same:
                 assert r["fast_path_same_object"], where
-            if "replicated" in name:  # a broadcast, not a move: each replica keeps its samples
+            # same replicas: a broadcast, not a move; each replica keeps its samples
+            if name.startswith(f"dp{world // 2}xtp2->") and "replicated" in name:
                 assert r["fast_path_same_object"] is None and not r["balanced"], where

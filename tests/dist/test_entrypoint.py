@@ -24,9 +24,7 @@ def test_plain_python_dry_run(workdir: Path):
 
 
 def test_torchrun_ppo_dry_run_prints_plan_once(workdir: Path):
-    out = run_cmd(
-        main_cmd(2, "algo=ppo", "trainer.dry_run=true", *FAST), cwd=workdir, timeout=180
-    )
+    out = run_cmd(main_cmd(2, "algo=ppo", "trainer.dry_run=true", *FAST), cwd=workdir, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "algo=ppo, 6 nodes in 5 stages, 2 rank(s) agree on plan" in out.stdout
     assert "dropped ref_log_prob: nothing reads its ref_logprobs (algo.kl_coef=0" in out.stdout

@@ -48,7 +48,9 @@ def task(tmp_path_factory) -> Path:
 
 
 def train(task: Path, run_dir: Path, nproc: int, *overrides: str) -> list[dict]:
-    cmd = main_cmd(nproc, "experiment=cpu_tiny_grpo", *SHORT, f"hydra.run.dir={run_dir}", *overrides)
+    cmd = main_cmd(
+        nproc, "experiment=cpu_tiny_grpo", *SHORT, f"hydra.run.dir={run_dir}", *overrides
+    )
     out = run_cmd(cmd, cwd=ROOT, timeout=300, env={"DISTFLOW_DATA_DIR": str(task)})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-5000:]
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -163,8 +165,9 @@ def test_sglang_rollout_group_across_nodes_is_refused(tmp_path):
         "parallel.timeout_s=30",
     ]
     procs = [
-        subprocess.Popen(agent, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True)
+        subprocess.Popen(
+            agent, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         for _ in range(2)
     ]
     try:

@@ -17,8 +17,16 @@ pytestmark = pytest.mark.dist
 def test_sync_after_training_step(tmp_path):
     model = make_tiny_model("llama", tmp_path / "llama")
     worker = str(ROOT / "tests" / "dist" / "rollout_worker.py")
-    cmd = [TORCHRUN, "--standalone", "--nproc-per-node=2", worker, "--model", str(model),
-           "--out", str(tmp_path)]
+    cmd = [
+        TORCHRUN,
+        "--standalone",
+        "--nproc-per-node=2",
+        worker,
+        "--model",
+        str(model),
+        "--out",
+        str(tmp_path),
+    ]
     proc = run_cmd(cmd, cwd=ROOT, timeout=240)
     assert proc.returncode == 0, proc.stderr[-5000:]
     for rank in range(2):

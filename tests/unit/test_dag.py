@@ -247,3 +247,43 @@ def test_liveness_of_the_shipped_workflows(overrides, dropped):
     config = load_config(compose_config(overrides))
     plan = prune(plan_workflow(config.algo.workflow), node_fields(config))
     assert {d[0] for d in plan.dropped} == dropped
+
+
+@pytest.mark.parametrize(
+    ("overrides", "moved"),
+    [
+        # on-policy GRPO: the loss reads the rollout log-probs for the gap
+        ([], {"input_ids", "response_mask", "rollout_logprobs", "reward"}),
+        # the old-log-prob pass reads them
+        (["algo.ppo_epochs=2"], {"input_ids", "response_mask", "rollout_logprobs", "reward"}),
+        (["algo=ppo"], {"input_ids", "response_mask", "rollout_logprobs", "reward"}),
+    ],
+)
+def test_moves_carry_what_later_stages_read(overrides, moved):
+    """The rollout -> train move carries only the fields the train-layout stages read (the
+    reward's strings stay behind); what is final before the reward leaves while the reward
+    is scored. A node with its own fn may read anything: then everything moves, at once."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from distflow_mc.config import load_config
+    from distflow_mc.dag import prune
+    from distflow_mc.parallel import build_layouts
+    from distflow_mc.stages.step import bind, node_fields
+    from tests.conftest import compose_config
+
+    config = load_config(compose_config([*overrides, "parallel.tp=2"]))  # rollout DP2 -> TP2
+    w = SimpleNamespace(config=config, layouts=build_layouts(config, 2))
+    bound = bind(prune(plan_workflow(config.algo.workflow), node_fields(config)), w)
+    moves = [b for b in bound if b.keep is not None]
+    assert [b.keep for b in moves] == [moved]
+    first_train = bound.index(moves[0])
+    assert [b.node.id for b in bound if b.early is not None] == [bound[first_train - 2].node.id]
+    assert bound[first_train - 2].early == moved - {"reward"}
+
+    own = [
+        replace(n, fn="distflow_mc.stages.train.actor") if n.id == "actor_train" else n
+        for n in config.algo.workflow
+    ]
+    bound = bind(prune(plan_workflow(own), node_fields(config)), w)
+    assert all(b.keep is None and b.early is None for b in bound)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 
+import numpy as np
+
 
 def _merge(a: list[tuple[int, list[int]]], b: list[tuple[int, list[int]]]) -> list:
     a = sorted(a, key=lambda part: (part[0], part[1]))
@@ -44,26 +46,43 @@ def karmarkar_karp(weights: Sequence[int], k: int, equal_counts: bool = False) -
     return sorted((sorted(items) for _, items in parts), key=lambda items: items[:1] or [n])
 
 
+def destinations(
+    lengths: Sequence[int] | np.ndarray,
+    k: int,
+    groups: Sequence[int] | np.ndarray | None = None,
+    equal_counts: bool = False,
+) -> np.ndarray:
+    """Destination (0..k-1) of every sample, token counts balanced. With `groups`, samples
+    of one group always land together (GRPO normalises within a group); with
+    `equal_counts`, every destination gets the same number of samples (or groups).
+    Vectorised over samples: only the groups (or samples) go through the partitioner."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if k == 1:
+        return np.zeros(len(lengths), dtype=np.int64)
+    if groups is None:
+        inverse, weights = np.arange(len(lengths)), lengths
+    else:
+        _, inverse, sizes = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+        if equal_counts and len(set(sizes.tolist())) > 1:
+            raise ValueError(
+                f"equal counts with whole groups needs equal group sizes, got {set(sizes.tolist())}"
+            )
+        weights = np.zeros(len(sizes), dtype=np.int64)
+        np.add.at(weights, inverse, lengths)
+    part_of = np.empty(len(weights), dtype=np.int64)
+    for d, part in enumerate(karmarkar_karp(weights.tolist(), k, equal_counts)):
+        part_of[part] = d
+    return part_of[inverse]
+
+
 def assign(
     lengths: Sequence[int],
     k: int,
     groups: Sequence[int] | None = None,
     equal_counts: bool = False,
 ) -> list[list[int]]:
-    """Sample indices for each of k destinations, token counts balanced. With `groups`,
-    samples of one group always land together (GRPO normalises within a group); with
-    `equal_counts`, every destination gets the same number of samples (or groups)."""
-    if groups is None:
-        return karmarkar_karp(list(lengths), k, equal_counts)
-    members: dict[int, list[int]] = {}
-    for i, g in enumerate(groups):
-        members.setdefault(int(g), []).append(i)
-    keys = sorted(members)
-    sizes = {len(members[g]) for g in keys}
-    if equal_counts and len(sizes) > 1:
-        raise ValueError(f"equal counts with whole groups needs equal group sizes, got {sizes}")
-    weights = [sum(lengths[i] for i in members[g]) for g in keys]
-    return [
-        sorted(i for gi in part for i in members[keys[gi]])
-        for part in karmarkar_karp(weights, k, equal_counts)
-    ]
+    """Sample indices for each of k destinations (see `destinations`), ascending."""
+    if not len(lengths):
+        return [[] for _ in range(k)]
+    dest = destinations(lengths, k, groups, equal_counts)
+    return [np.flatnonzero(dest == d).tolist() for d in range(k)]

@@ -8,7 +8,7 @@ small dicts) are JSON-able objects. Every sample carries `uid` (global, unique) 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +65,22 @@ class Batch:
             {k: torch.empty(0, dtype=d, device=device) for k, d in tokens.items()},
             {k: torch.empty(0, dtype=torch.int64, device=device) for k in REQUIRED_SAMPLE_FIELDS},
             {k: [] for k in objects},
+        )
+
+    def names(self) -> list[str]:
+        return [*self.tokens, *self.samples, *self.objects]
+
+    def only(self, names: Collection[str]) -> Batch:
+        """The fields in `names` (and `uid`, `group`), sharing their tensors; the batch
+        itself when nothing is left out."""
+        keep = {*names, *REQUIRED_SAMPLE_FIELDS}
+        if keep.issuperset(self.names()):
+            return self
+        return Batch(
+            self.offsets,
+            {k: v for k, v in self.tokens.items() if k in keep},
+            {k: v for k, v in self.samples.items() if k in keep},
+            {k: v for k, v in self.objects.items() if k in keep},
         )
 
     def __len__(self) -> int:

@@ -135,7 +135,9 @@ class RowSource:
             part = self.parts[part_id]
             table = pq.ParquetFile(part.path).read_row_group(part.row_group)
             self._groups[part_id] = table
-            while len(self._groups) > 1 and sum(t.nbytes for t in self._groups.values()) > CACHE_BYTES:
+            while (
+                len(self._groups) > 1 and sum(t.nbytes for t in self._groups.values()) > CACHE_BYTES
+            ):
                 self._groups.popitem(last=False)
             return table
 

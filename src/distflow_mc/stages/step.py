@@ -1,11 +1,14 @@
 """One RL step = the plan's stage calls in order, redistributing the batch whenever the
-layout changes (rollout -> train), then weight sync actor -> rollout engine."""
+layout changes (rollout -> train), then weight sync actor -> rollout engine. A move carries
+only the fields the stages after it read, and the fields that are final before the last
+stage of the old layout (the reward) leave while that stage runs."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
@@ -17,9 +20,9 @@ from distflow_mc.config.validate import canonical_config
 from distflow_mc.dag import Fields, NodeType, Plan, PlannedNode, Role
 from distflow_mc.dag.validate import import_fn
 from distflow_mc.data.batch import Batch
-from distflow_mc.data.redistribute import Balance, redistribute
+from distflow_mc.data.redistribute import Balance, Transfer, redistribute
 from distflow_mc.observability.metrics import Metrics, Sinks
-from distflow_mc.parallel.layout import Layout
+from distflow_mc.parallel.layout import Layout, Move, movement
 from distflow_mc.rollout.guard import warn_on_gap
 from distflow_mc.rollout.weight_sync import sync_weights
 from distflow_mc.stages import advantage, passes, rollout, train
@@ -51,7 +54,8 @@ def node_fields(config: Config) -> Callable[[PlannedNode], Fields | None]:
     gae = a.adv_estimator is AdvEstimator.GAE
     f = Fields
     actor_reads = TOKENS | {"advantages"}
-    actor_reads |= set() if on_policy(a) else {"old_logprobs", "rollout_logprobs"}
+    # on-policy, the loss measures the rollout gap itself; else the old-log-prob pass does
+    actor_reads |= {"rollout_logprobs"} if on_policy(a) else {"old_logprobs"}
     actor_reads |= {"ref_logprobs"} if kl and not a.kl_in_reward else set()
     advantage_reads = {"reward", "response_mask"} | ({"values"} if gae else set())
     advantage_reads |= {"old_logprobs", "ref_logprobs"} if kl and a.kl_in_reward else set()
@@ -79,10 +83,25 @@ def node_fields(config: Config) -> Callable[[PlannedNode], Fields | None]:
     return lambda node: None if node.fn else table.get((node.role, node.type))
 
 
-def bind(plan: Plan, w: Workers) -> list[tuple[PlannedNode, StageFn, Layout]]:
-    """Each node's function (its `fn`, else the default for its role and type) and layout."""
-    bound = []
-    for node in plan.nodes:
+@dataclass(frozen=True)
+class Bound:
+    """A plan node ready to run: its function and layout; `keep`: when the batch moves in
+    before it, the fields the nodes from here on read (None: all, a node has its own fn);
+    `early`: fields to start sending after it, final while the next node runs."""
+
+    node: PlannedNode
+    fn: StageFn
+    layout: Layout
+    keep: frozenset[str] | None = None
+    early: frozenset[str] | None = None
+
+
+def bind(plan: Plan, w: Workers) -> list[Bound]:
+    """Each node's function (its `fn`, else the default for its role and type), layout, and
+    what the moves around it carry, from the nodes' declared reads and writes."""
+    nodes, fields = plan.nodes, node_fields(w.config)
+    fns, layouts = [], []
+    for node in nodes:
         fn = import_fn(node.fn) if node.fn else DEFAULTS.get((node.role, node.type))
         if fn is None:
             role = node.role.name if node.role else "role-free"
@@ -90,32 +109,76 @@ def bind(plan: Plan, w: Workers) -> list[tuple[PlannedNode, StageFn, Layout]]:
                 f"algo.workflow: node '{node.id}' ({role} {node.type.name}) has no default"
                 " function: set its fn"
             )
-        bound.append((node, fn, w.layouts.for_role(node.role)))
-    return bound
+        fns.append(fn)
+        layouts.append(w.layouts.for_role(node.role))
+    declared = [fields(n) for n in nodes]
+    keep: list[frozenset[str] | None] = [None] * len(nodes)
+    early: list[frozenset[str] | None] = [None] * len(nodes)
+    for i in range(len(nodes)):
+        before = layouts[i - 1] if i else w.layouts.rollout
+        if layouts[i] == before or any(f is None for f in declared[i:]):
+            continue
+        live: frozenset[str] = frozenset()  # read before written, from node i on
+        for f in reversed(declared[i:]):
+            live = (live - f.writes) | f.reads
+        keep[i] = live
+        # overlap: what is final before node i-1 (the reward) leaves while it runs
+        last = declared[i - 1] if i >= 2 and layouts[i - 2] == before else None
+        if last is not None and movement(before, layouts[i]) is not Move.NONE:
+            early[i - 2] = keep[i] - last.writes
+    return [Bound(*args) for args in zip(nodes, fns, layouts, keep, early, strict=True)]
 
 
-def run_step(w: Workers, bound: list, step: int) -> Metrics:
+def run_step(w: Workers, bound: list[Bound], step: int) -> Metrics:
     m = Metrics()
     batch, layout = None, w.layouts.rollout
     colocated = w.engine is not None and w.config.rollout.colocated
+    transfer: Transfer | None = None
+    phases: dict[str, float] = {}
     start = time.perf_counter()
-    for node, fn, node_layout in bound:
+    for i, b in enumerate(bound):
         tick = time.perf_counter()
-        if node_layout != layout:
+        if b.layout != layout:
             if colocated and layout is w.layouts.rollout:
                 w.engine.sleep()  # hand the accelerator memory to the trainer
-            batch = redistribute(batch, layout, node_layout, Balance(), w.ctx.device, w.ctx.timeout)
-            layout = node_layout
+            batch = move(w, batch, layout, b, transfer, phases)
+            layout, transfer = b.layout, None
             m.set("time/redistribute", time.perf_counter() - tick)
             tick = time.perf_counter()
-        batch = fn(w, batch, m, step)
-        m.set(f"time/{node.id}", time.perf_counter() - tick)
+        batch = b.fn(w, batch, m, step)
+        m.set(f"time/{b.node.id}", time.perf_counter() - tick)
+        if b.early is not None:
+            tick = time.perf_counter()
+            transfer = Transfer(
+                layout, bound[i + 2].layout, Balance(), w.ctx.device, w.ctx.timeout, phases=phases
+            )
+            transfer.send(batch, b.early)
+            m.set("time/redistribute_early", time.perf_counter() - tick)
+    for phase, seconds in phases.items():
+        m.set(f"time/redistribute_{phase}", seconds)
     tick = time.perf_counter()
     bucket = w.config.rollout.weight_sync_bucket_mb << 20
     sync_weights(w.actor.modules, w.arch, w.mp, w.engine, bucket)  # wakes a sleeping engine
     m.set("time/weight_sync", time.perf_counter() - tick)
     m.set("time/step", time.perf_counter() - start)
     return m
+
+
+def move(
+    w: Workers,
+    batch: Batch | None,
+    layout: Layout,
+    to: Bound,
+    transfer: Transfer | None,
+    phases: dict[str, float],
+) -> Batch | None:
+    """The batch of `to`'s layout: the fields `to.keep` names (all when None), the ones a
+    transfer already under way sent included."""
+    if transfer is None:
+        args = (Balance(), w.ctx.device, w.ctx.timeout, to.keep)
+        return redistribute(batch, layout, to.layout, *args, phases=phases)
+    transfer.send(batch, to.keep)
+    return transfer.finish()
 
 
 def fit(w: Workers, plan: Plan, run_dir: str) -> list[dict[str, float]]:
