@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from distflow_mc.data.balance import assign, karmarkar_karp
 from distflow_mc.data.batch import Batch
-from distflow_mc.data.microbatch import pad_microbatch, split_by_token_budget
+from distflow_mc.data.microbatch import pad_microbatch, padded_size, split_by_token_budget
 
 lengths_st = st.lists(st.integers(1, 4096), min_size=1, max_size=200)
 
@@ -68,12 +68,21 @@ def test_equal_counts_rejects_impossible_split():
 def test_micro_batches_respect_the_budget(lengths, budget, multiple_of):
     parts = split_by_token_budget(lengths, budget, multiple_of)
     assert sorted(i for p in parts for i in p) == list(range(len(lengths)))
-    loads = [sum(lengths[i] for i in p) for p in parts]
-    for p, load in zip(parts, loads, strict=True):
-        assert load <= budget or len(p) == 1
-    assert loads == sorted(loads, reverse=True)  # heavy first
+    assert all(parts)
+    sizes = [padded_size(p, lengths) for p in parts]  # what memory and time pay for
+    for p, size in zip(parts, sizes, strict=True):
+        assert size <= budget or len(p) == 1
+    assert sizes == sorted(sizes, reverse=True)  # heavy first
     if len(parts) < len(lengths):  # long samples too: interleaved pipelines need it
         assert len(parts) % multiple_of == 0
+
+
+def test_micro_batches_group_similar_lengths():
+    """Long and short samples never share a micro-batch when they need not: no padding."""
+    lengths = [100, 1000] * 8
+    parts = split_by_token_budget(lengths, 2000)
+    assert all(len({lengths[i] for i in p}) == 1 for p in parts)
+    assert sum(padded_size(p, lengths) for p in parts) == sum(lengths)
 
 
 @settings(max_examples=150, deadline=None)

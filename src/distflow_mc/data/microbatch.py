@@ -3,42 +3,41 @@ size) and pad each micro-batch to a right-padded [b, s] layout for megatron."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
-from distflow_mc.data.balance import karmarkar_karp
 from distflow_mc.data.batch import Batch
 
 
 def split_by_token_budget(
     lengths: Sequence[int], max_tokens: int, multiple_of: int = 1
 ) -> list[list[int]]:
-    """Sample indices per micro-batch: every micro-batch holds at most `max_tokens` tokens
-    (a sample longer than the budget gets a micro-batch of its own), token counts are
-    balanced, the count is a multiple of `multiple_of` when there are enough samples
-    (interleaved pipelines need it; the schedule pads the rest), and heavier micro-batches
-    come first so the pipeline's tail runs the light ones."""
-    n = len(lengths)
-    long_ones = [[i] for i in range(n) if lengths[i] > max_tokens]
-    rest = [i for i in range(n) if lengths[i] <= max_tokens]
-    weights = [lengths[i] for i in rest]
-    count = max(1, math.ceil(sum(weights) / max_tokens)) if rest else 0
-    while rest:
-        total = len(long_ones) + count
-        if count < len(rest) and total % multiple_of:
-            count = min(len(rest), count + multiple_of - total % multiple_of)
-        parts = [p for p in karmarkar_karp(weights, count) if p]
-        if count >= len(rest) or all(sum(weights[j] for j in p) <= max_tokens for p in parts):
-            break
-        count += 1
-    inner = [[rest[j] for j in p] for p in parts] if rest else []
-    return _heavy_first(long_ones + inner, lengths)
+    """Sample indices per micro-batch. A micro-batch is padded to its longest sample, so its
+    padded size (rows x longest) is what costs memory and time: it stays within
+    `max_tokens` (a sample longer than the budget gets a micro-batch of its own). Samples
+    are taken longest first and each micro-batch is filled while it fits, so samples of
+    similar length share one and little is padding. The count is a multiple of
+    `multiple_of` when there are enough samples (interleaved pipelines need it; the
+    schedule pads the rest): the micro-batch with most rows is halved until it is. The
+    heaviest micro-batches come first, so the pipeline's tail runs the light ones."""
+    parts: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        part = parts[-1] if parts else None
+        if part is None or (len(part) + 1) * lengths[part[0]] > max_tokens:
+            parts.append([i])
+        else:
+            part.append(i)
+    while len(parts) % multiple_of and len(parts) < len(lengths):
+        widest = max(range(len(parts)), key=lambda p: (len(parts[p]), -p))
+        part = parts.pop(widest)
+        parts += [part[: len(part) // 2], part[len(part) // 2 :]]
+    return sorted(parts, key=lambda p: (-padded_size(p, lengths), p))
 
 
-def _heavy_first(parts: list[list[int]], lengths: Sequence[int]) -> list[list[int]]:
-    return sorted(parts, key=lambda p: (-sum(lengths[i] for i in p), p))
+def padded_size(part: Sequence[int], lengths: Sequence[int]) -> int:
+    """Token slots of a right-padded micro-batch: rows x its longest sample."""
+    return len(part) * max((lengths[i] for i in part), default=0)
 
 
 def pad_microbatch(batch: Batch, indices: Sequence[int], pad_value: int = 0) -> dict:

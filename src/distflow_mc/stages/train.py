@@ -29,6 +29,9 @@ def _optimize(
     for _ in range(a.ppo_epochs):
         for mini in np.array_split(np.arange(len(batch)), a.mini_batches):
             _, mbs = microbatches(w, batch.select(mini.tolist()))
+            slots = sum(mb["attention_mask"].numel() for mb in mbs)
+            real = sum(int(mb["attention_mask"].sum()) for mb in mbs)
+            m.add(f"{prefix}/microbatch_padding", slots - real, slots)  # share of the slots
             stats = model.step(mbs, loss_fn)
             if w.ctx.rank == 0:  # the same on every rank
                 m.add_total(f"{prefix}/nonfinite_skipped_steps", float(stats["nonfinite"]))
