@@ -171,7 +171,7 @@ class TrainerConfig:
     seed: int = 1
     dry_run: bool = False  # plan, agree across ranks, print the plan, exit
     log_all_ranks: bool = False
-    micro_batch_tokens: int = 4096  # token budget of one micro-batch (dynamic batch size)
+    micro_batch_tokens: int = 4096  # padded tokens (rows x longest) of one micro-batch
     val_every: int = 0  # validate on data.val_files every N steps (and at the end); 0: off
     progress_bar: bool = True  # rank 0: step, reward, tokens/s, ETA
     tensorboard: bool = True  # rank 0 writes <output dir>/tensorboard
