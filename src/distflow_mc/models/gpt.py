@@ -13,6 +13,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.transformer_block import (
@@ -250,6 +251,7 @@ def layer_spec(config: TransformerConfig, vp_stage: int | None, arch: HFArch):
     )
     layer.submodules.input_layernorm = SequenceParallelRMSNorm
     layer.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    layer.submodules.self_attention.submodules.core_attention = SDPAttention
     if arch.qk_norm:  # per head: megatron all-reduces their gradients over TP (qk_layernorm)
         attention = layer.submodules.self_attention.submodules
         attention.q_layernorm = attention.k_layernorm = SequenceParallelRMSNorm
@@ -257,6 +259,25 @@ def layer_spec(config: TransformerConfig, vp_stage: int | None, arch: HFArch):
         layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
         layer_norm=SequenceParallelRMSNorm,
     )
+
+
+class SDPAttention(DotProductAttention):
+    """The local spec's core attention through torch's fused `scaled_dot_product_attention`
+    (causal, grouped K/V heads without repeating them): softmax(Q K^T * scale) V, as
+    DotProductAttention computes it, without its [b, heads, s, s] score buffer and mask fill.
+    The models here use no attention dropout, window or softmax offset."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, **_: object):
+        # only causal self-attention over whole sequences reaches here (schedule.py)
+        assert attention_mask is None and self.softmax_offset is None
+        scale = self.softmax_scale * (
+            self.layer_number if self.config.apply_query_key_layer_scaling else 1
+        )
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, enable_gqa=q.size(1) != k.size(1)
+        )
+        return out.permute(2, 0, 1, 3).reshape(out.size(2), out.size(0), -1)  # [s, b, h]
 
 
 class SequenceParallelRMSNorm(torch.nn.RMSNorm):
