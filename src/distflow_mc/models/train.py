@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module, MegatronModule
 from megatron.core.utils import unwrap_model
@@ -93,26 +94,40 @@ class TrainableModel:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         metrics = run_microbatches(self.chunks, microbatches, loss_fn, forward_only=False)
-        finite = self.grads_finite()
-        updated, grad_norm = False, None
+        grad_norm = self.grad_norm()
+        finite = math.isfinite(grad_norm)
+        updated = False
         if finite:
-            updated, grad_norm, _ = self.optimizer.step()
+            self.clip(grad_norm)
+            updated = self.optimizer.step_with_ready_grads()
         if updated:
             self.scheduler.step(increment=1)
         return {
             "updated": bool(updated),
             "nonfinite": not finite,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "grad_norm": grad_norm,
             "lr": self.optimizer.param_groups[0]["lr"],
             "microbatch_metrics": metrics,
             "router": self.router_stats.take(),
         }
 
-    def grads_finite(self) -> bool:
-        """Whether every gradient of the model (all ranks: shards differ over TP/PP, and
-        over DP with the distributed optimizer) is finite. A non-finite loss or gradient
-        skips the optimizer step on every rank alike: the weights never take it in."""
-        grads = [b.grad_data for c in self.chunks for b in c.buffers + c.expert_parallel_buffers]
-        bad = torch.stack([~torch.isfinite(g).all() for g in grads]).any().float().reshape(1)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return not bad.item()
+    def grad_norm(self) -> float:
+        """The global gradient norm (nan when a gradient is not finite): megatron reduces it
+        over every rank holding a part of the model (TP, PP, EP; DP with the distributed
+        optimizer), and DP replicas hold all-reduced gradients, so every rank gets the same
+        value. A non-finite norm skips the optimizer step on every rank alike: the weights
+        never take it in."""
+        found_inf = self.optimizer.prepare_grads()
+        return float("nan") if found_inf else float(self.optimizer.get_grad_norm())
+
+    def clip(self, grad_norm: float) -> None:
+        """Clip by the total norm already computed (megatron's step would compute it again)."""
+        for part in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            params = part.get_parameters()
+            if params and part.config.clip_grad > 0:
+                clip_grad_by_total_norm_fp32(
+                    params,
+                    part.config.clip_grad,
+                    grad_norm,
+                    part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+                )
