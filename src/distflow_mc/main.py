@@ -34,7 +34,7 @@ from distflow_mc.parallel import (
     world_size_from_env,
 )
 from distflow_mc.rollout.sglang_engine import check_available as check_sglang
-from distflow_mc.stages.step import fit, node_fields
+from distflow_mc.stages.step import carried, fit, node_fields
 from distflow_mc.stages.workers import build_workers
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,8 @@ def main(cfg: DictConfig) -> None:
         run_dir,
     )
     if config.trainer.dry_run:
-        log.info("plan:\n%s", "\n".join(describe_plan(plan, layouts)))
+        lines = describe_plan(plan, layouts, *carried(plan, config, layouts))
+        log.info("plan:\n%s", "\n".join(lines))
         return
     workers = build_workers(config, plan, layouts, ctx)
     try:

@@ -13,6 +13,7 @@ from megatron.core.parallel_state import RankGenerator
 from distflow_mc.config import Config, Engine, canonical_config, load_config, run_id
 from distflow_mc.dag import plan_workflow
 from distflow_mc.parallel import Layout, Move, build_layouts, describe_plan, movement
+from distflow_mc.stages.step import carried
 from tests.conftest import CONF_DIR, compose_config
 
 
@@ -282,9 +283,16 @@ def test_movement_between_phases(rollout_tp, train_tp, pp, move):
     layouts = build_layouts(load_config(compose_config(overrides)), 4)
     assert movement(layouts.rollout, layouts.train) is move
     assert layouts.rollout != layouts.train  # never the same phase, whatever the sizes
-    plan = plan_workflow(load_config(compose_config(overrides)).algo.workflow)
+    config = load_config(compose_config(overrides))
+    plan = plan_workflow(config.algo.workflow)
     text = "\n".join(describe_plan(plan, layouts))
     assert (f"({move.value} in)" in text) == (move is not Move.NONE), text
+    # with what the stages read: the move lists its fields, the early round its own
+    text = "\n".join(describe_plan(plan, layouts, *carried(plan, config, layouts)))
+    moved = "input_ids, response_mask, reward, rollout_logprobs"
+    assert (f"({move.value} in: {moved})" in text) == (move is not Move.NONE), text
+    early = "(then starts sending input_ids, response_mask, rollout_logprobs)"
+    assert (early in text) == (move is not Move.NONE), text
 
 
 def test_refusals_before_any_collective():

@@ -145,11 +145,19 @@ def build_layouts(config: Config, world_size: int, ranks_per_node: int | None = 
     )
 
 
-def describe_plan(plan: Plan, layouts: Layouts) -> list[str]:
+def describe_plan(
+    plan: Plan,
+    layouts: Layouts,
+    keep: list[frozenset[str] | None] | None = None,
+    early: list[frozenset[str] | None] | None = None,
+) -> list[str]:
     """Human-readable plan: stages, nodes, the layout each node runs in, how the batch
-    reaches a node whose layout differs from the one before it (as the step runs them),
-    and the nodes liveness dropped, with the reason."""
-    lines, before = [], layouts.rollout
+    reaches a node whose layout differs from the one before it (as the step runs them) and,
+    given `keep`/`early` (per node, from stages.step.carried), which fields that move
+    carries and which leave early; then the nodes liveness dropped, with the reason."""
+    keep = keep or [None] * len(plan.nodes)
+    early = early or [None] * len(plan.nodes)
+    lines, before, index = [], layouts.rollout, {n.id: i for i, n in enumerate(plan.nodes)}
     for i, stage in enumerate(plan.stages):
         lines.append(f"stage {i}:")
         for node in stage:
@@ -157,6 +165,11 @@ def describe_plan(plan: Plan, layouts: Layouts) -> list[str]:
             layout = layouts.for_role(node.role)
             move = movement(before, layout) if layout != before else Move.NONE
             moves = f" ({move.value} in)" if move is not Move.NONE else ""
+            carries, sends = keep[index[node.id]], early[index[node.id]]
+            if moves and carries is not None:
+                moves = f" ({move.value} in: {', '.join(sorted(carries))})"
+            if sends:
+                moves += f" (then starts sending {', '.join(sorted(sends))})"
             before = layout
             deps = ", ".join(node.deps) or "-"
             fn = f" fn={node.fn}" if node.fn else ""

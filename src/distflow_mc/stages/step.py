@@ -22,7 +22,7 @@ from distflow_mc.dag.validate import import_fn
 from distflow_mc.data.batch import Batch
 from distflow_mc.data.redistribute import Balance, Transfer, redistribute
 from distflow_mc.observability.metrics import Metrics, Sinks
-from distflow_mc.parallel.layout import Layout, Move, movement
+from distflow_mc.parallel.layout import Layout, Layouts, Move, movement
 from distflow_mc.rollout.guard import warn_on_gap
 from distflow_mc.rollout.weight_sync import sync_weights
 from distflow_mc.stages import advantage, passes, rollout, train
@@ -98,10 +98,9 @@ class Bound:
 
 def bind(plan: Plan, w: Workers) -> list[Bound]:
     """Each node's function (its `fn`, else the default for its role and type), layout, and
-    what the moves around it carry, from the nodes' declared reads and writes."""
-    nodes, fields = plan.nodes, node_fields(w.config)
-    fns, layouts = [], []
-    for node in nodes:
+    what the moves around it carry (`carried`)."""
+    fns = []
+    for node in plan.nodes:
         fn = import_fn(node.fn) if node.fn else DEFAULTS.get((node.role, node.type))
         if fn is None:
             role = node.role.name if node.role else "role-free"
@@ -110,23 +109,35 @@ def bind(plan: Plan, w: Workers) -> list[Bound]:
                 " function: set its fn"
             )
         fns.append(fn)
-        layouts.append(w.layouts.for_role(node.role))
+    layouts = [w.layouts.for_role(n.role) for n in plan.nodes]
+    keep, early = carried(plan, w.config, w.layouts)
+    return [Bound(*args) for args in zip(plan.nodes, fns, layouts, keep, early, strict=True)]
+
+
+def carried(
+    plan: Plan, config: Config, layouts: Layouts
+) -> tuple[list[frozenset[str] | None], list[frozenset[str] | None]]:
+    """Per node, from the stages' declared reads and writes: `keep`, when the batch moves in
+    before it, the fields read from there on before being written (None: all, some node
+    has its own fn); `early`, the fields to start sending after it, final while the next
+    node (the reward) runs before the move."""
+    nodes, fields = plan.nodes, node_fields(config)
+    where = [layouts.for_role(n.role) for n in nodes]
     declared = [fields(n) for n in nodes]
     keep: list[frozenset[str] | None] = [None] * len(nodes)
     early: list[frozenset[str] | None] = [None] * len(nodes)
     for i in range(len(nodes)):
-        before = layouts[i - 1] if i else w.layouts.rollout
-        if layouts[i] == before or any(f is None for f in declared[i:]):
+        before = where[i - 1] if i else layouts.rollout
+        if where[i] == before or any(f is None for f in declared[i:]):
             continue
         live: frozenset[str] = frozenset()  # read before written, from node i on
         for f in reversed(declared[i:]):
             live = (live - f.writes) | f.reads
         keep[i] = live
-        # overlap: what is final before node i-1 (the reward) leaves while it runs
-        last = declared[i - 1] if i >= 2 and layouts[i - 2] == before else None
-        if last is not None and movement(before, layouts[i]) is not Move.NONE:
+        last = declared[i - 1] if i >= 2 and where[i - 2] == before else None
+        if last is not None and movement(before, where[i]) is not Move.NONE:
             early[i - 2] = keep[i] - last.writes
-    return [Bound(*args) for args in zip(nodes, fns, layouts, keep, early, strict=True)]
+    return keep, early
 
 
 def run_step(w: Workers, bound: list[Bound], step: int) -> Metrics:
