@@ -61,8 +61,8 @@ def main() -> None:
                 max_new_tokens=args.new_tokens,
                 eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id,
-                top_k=None,
-                top_p=None,
+                top_k=0,  # no top-k (None would mean transformers' default, 50)
+                top_p=1.0,
             )
 
     results = []

@@ -108,3 +108,18 @@ def test_weight_sync_in_checkpoint_names_for_every_family(tmp_path, kind):
     engine.update_weights([list(load_tensors(model_dir).items())])
     got = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=6))
     assert [r.tolist() for r in got.response_ids] == greedy_one_at_a_time(model_dir, 6), kind
+
+
+def test_sampling_is_from_the_configured_distribution(engine):
+    """Top-k and top-p apply only when set: transformers' own default (top_k=50) must not
+    narrow the sampling behind the log-probs' back. A hot temperature makes the first
+    token nearly uniform over the vocabulary, so hundreds of draws show the support."""
+    vocab = engine.model.config.vocab_size
+    assert vocab > 60
+
+    def support(**kw) -> int:
+        params = SamplingParams(n=400, temperature=20.0, max_new_tokens=1, seed=3, **kw)
+        return len({int(r[0]) for r in engine.generate(PROMPTS[:1], params).response_ids})
+
+    assert support() > 55  # no hidden top-k=50
+    assert support(top_k=20) <= 20

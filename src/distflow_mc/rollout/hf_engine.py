@@ -82,12 +82,15 @@ class HFEngine:
             [torch.ones_like(r) for r in rows], True, 0, "left"
         ).to(self.device)
         greedy = params.temperature == 0
+        # every setting that shapes the distribution is explicit: transformers fills unset
+        # ones from its global defaults (top_k=50), which would sample from another
+        # distribution than the log-probs below (and the trainer) assume
         config = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
             do_sample=not greedy,
-            temperature=None if greedy else params.temperature,
-            top_p=None if greedy else params.top_p,
-            top_k=None if greedy or params.top_k < 0 else params.top_k,
+            temperature=1.0 if greedy else params.temperature,
+            top_p=1.0 if greedy else params.top_p,
+            top_k=0 if greedy or params.top_k < 0 else params.top_k,
             eos_token_id=list(params.stop_token_ids) or None,
             pad_token_id=self.pad,
             output_logits=True,

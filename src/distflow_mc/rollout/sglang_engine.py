@@ -52,6 +52,12 @@ class SGLangEngine:
             "temperature": 0.0 if greedy else params.temperature,
             "top_p": params.top_p,
             "top_k": params.top_k,
+            # neutral, not the checkpoint's generation_config.json: the trainer assumes
+            # sampling from softmax(logits / T) (within top-p/top-k when set)
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "frequency_penalty": 0.0,
+            "presence_penalty": 0.0,
             "max_new_tokens": params.max_new_tokens,
             "stop_token_ids": list(params.stop_token_ids),
             "skip_special_tokens": False,
