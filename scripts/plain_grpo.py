@@ -60,7 +60,7 @@ def main() -> None:
                 do_sample=True,
                 temperature=1.0,
                 top_p=1.0,
-                top_k=None,
+                top_k=0,  # no top-k (None means transformers' default, 50)
                 max_new_tokens=NEW_TOKENS,
                 eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id,
