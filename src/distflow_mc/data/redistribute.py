@@ -109,40 +109,43 @@ class _Meta:
         return sum(_row_bytes(f) * (tokens if f[0] == "t" else samples) for f in self.fields)
 
 
+HEAD = 3  # count, schema bytes, this rank's time of the last AUTO call
+_widths: dict[bool, int] = {}  # payload width of the last first / later round (the same everywhere)
+
+
 def _exchange_meta(
     batch: Batch | None, senders: list[int], device: torch.device, sent: set[str]
 ) -> _Meta:
-    """Two int64 all-gathers: [count, schema bytes, time of the last AUTO call] per rank,
-    then per rank a row holding (in the first round) its lengths and groups, and its schema
-    (the fields and object names not `sent` yet, as JSON bytes)."""
+    """One int64 all-gather of a fixed-layout row per rank: [count, schema bytes, time of
+    the last AUTO call], then (in the first round) its lengths and groups, and its schema
+    (the fields and object names not `sent` yet, as JSON bytes). The payload width is the
+    last call's; when a rank's payload does not fit, every rank sees it in the heads and a
+    second all-gather at the needed width follows."""
     first = not sent
-    world, rank = dist.get_world_size(), dist.get_rank()
+    rank = dist.get_rank()
     mine = batch if rank in senders else None
-    schema = b""
+    payload = np.zeros(0, dtype=np.int64)
+    n, schema = 0, b""
     if mine is not None:
+        n = len(mine)
         fields = [f for f in _fields(mine) if f[1] not in sent]
         schema = json.dumps([fields, sorted(set(mine.objects) - sent)]).encode()
-    n = len(mine) if mine is not None else 0
-    head = torch.tensor([n, len(schema), _measured.elapsed_ns], dtype=torch.int64, device=device)
-    heads = torch.empty(world * 3, dtype=torch.int64, device=device)
-    dist.all_gather_single(heads, head)
-    counts, sizes, elapsed = heads.view(world, 3).cpu().numpy().T
+        packed = np.frombuffer(schema + bytes(-len(schema) % 8), dtype=np.int64)
+        per_sample = [mine.lengths.cpu().numpy(), mine.samples["group"].cpu().numpy()]
+        payload = np.concatenate([*(per_sample if first else []), packed])
+    head = [n, len(schema), _measured.elapsed_ns]
+    width = _widths.get(first, 0)
+    table = _all_gather_rows(np.array(head, dtype=np.int64), payload, width, device)
+    counts, sizes, elapsed = table[:, :HEAD].T
+    needed = int(max((2 * counts if first else 0) + -(-sizes // 8)))
+    if needed > width:  # someone's payload did not fit: again, wide enough
+        table = _all_gather_rows(np.array(head, dtype=np.int64), payload, needed, device)
+    _widths[first] = max(width, needed)
     if first:
         _measured.update(int(elapsed.max()))
-    per_sample = 2 if first else 0  # lengths and groups
-    skip = per_sample * counts
-    width = int(max(skip + -(-sizes // 8)))
-    row = np.zeros(width, dtype=np.int64)
-    if mine is not None:
-        if first:
-            row[:n] = mine.lengths.cpu().numpy()
-            row[n : 2 * n] = mine.samples["group"].cpu().numpy()
-        packed = np.frombuffer(schema + bytes(-len(schema) % 8), dtype=np.int64)
-        row[skip[rank] : skip[rank] + len(packed)] = packed
-    rows = torch.empty(world * width, dtype=torch.int64, device=device)
-    dist.all_gather_single(rows, torch.from_numpy(row).to(device))
-    table = rows.view(world, width).cpu().numpy()
-    schemas = {s: table[s, skip[s] :].tobytes()[: sizes[s]] for s in senders if sizes[s]}
+    rows = table[:, HEAD:]
+    skip = 2 * counts if first else np.zeros_like(counts)
+    schemas = {s: rows[s, skip[s] :].tobytes()[: sizes[s]] for s in senders if sizes[s]}
     if not schemas:
         raise ValueError("redistribute: no source replica holds a batch")
     if len(set(schemas.values())) > 1:
@@ -154,9 +157,23 @@ def _exchange_meta(
     return _Meta(
         [(k, n_, d, tuple(sh)) for k, n_, d, sh in fields],
         objects,
-        {s: table[s, : counts[s]] for s in senders} if first else {},
-        {s: table[s, counts[s] : 2 * counts[s]] for s in senders} if first else {},
+        {s: rows[s, : counts[s]] for s in senders} if first else {},
+        {s: rows[s, counts[s] : 2 * counts[s]] for s in senders} if first else {},
     )
+
+
+def _all_gather_rows(
+    head: np.ndarray, payload: np.ndarray, width: int, device: torch.device
+) -> np.ndarray:
+    """[world, HEAD + width] int64: every rank's head and payload (cut to `width`)."""
+    world = dist.get_world_size()
+    row = np.zeros(HEAD + width, dtype=np.int64)
+    row[:HEAD] = head
+    cut = payload[:width]
+    row[HEAD : HEAD + len(cut)] = cut
+    out = torch.empty(world * len(row), dtype=torch.int64, device=device)
+    dist.all_gather_single(out, torch.from_numpy(row).to(device))
+    return out.view(world, len(row)).cpu().numpy()
 
 
 @dataclass
