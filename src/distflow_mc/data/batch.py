@@ -102,10 +102,11 @@ class Batch:
         lengths = self.lengths[idx]
         offsets = torch.zeros(len(idx) + 1, dtype=torch.int64, device=idx.device)
         offsets[1:] = lengths.cumsum(0)
-        # token j of the selection comes from starts[sample(j)] + (j - offsets[sample(j)])
-        owner = torch.repeat_interleave(torch.arange(len(idx), device=idx.device), lengths)
-        within = torch.arange(int(offsets[-1]), device=idx.device) - offsets[owner]
-        return offsets, self.offsets[idx][owner] + within
+        # token j of the selection comes from j + (its sample's source start - new start)
+        total = int(offsets[-1])
+        shift = self.offsets[idx] - offsets[:-1]
+        rows = torch.repeat_interleave(shift, lengths, output_size=total)
+        return offsets, rows + torch.arange(total, device=idx.device)
 
     def select(self, indices: Sequence[int] | torch.Tensor) -> Batch:
         """Samples at `indices`, in that order (vectorised gather, no per-sample loop)."""

@@ -9,8 +9,8 @@ destination and gathers each field into its send buffer with one `index_select`;
 receiver gets each field contiguous, in source order, and keeps it as a view (no unpacking
 copy). Objects (strings, dicts), when they travel, are serialised once per destination.
 
-Two ways to reach the ranks of a destination replica, chosen per call by a byte-cost model
-(the same on every rank): DIRECT sends every rank of the replica its copy; LEADERS sends
+Two ways to reach the ranks of a destination replica, chosen by measured cost (the same
+choice on every rank): DIRECT sends every rank of the replica its copy; LEADERS sends
 the replica's first rank and broadcasts inside the replica. When both layouts have the
 same replicas, samples stay in their replica: nothing moves if every rank that needs the
 batch holds it (`Move.NONE`), else each replica's copy reaches its other ranks.
@@ -48,7 +48,7 @@ class Balance:
 
 
 class Pattern(Enum):
-    AUTO = "auto"  # the cheaper of the two below by the byte-cost model
+    AUTO = "auto"  # the faster of the two below, as measured (`_Measured`)
     DIRECT = "direct"  # one all-to-all to every rank of each destination replica
     LEADERS = "leaders"  # all-to-all to each replica's first rank, then a broadcast
 
@@ -261,10 +261,7 @@ def _send_buffers(
     in_order = bool((perm == np.arange(len(perm))).all())
     if not in_order:
         idx = torch.from_numpy(perm).to(batch.offsets.device)
-        lens = batch.lengths[idx]
-        starts = batch.offsets[idx] - (torch.cumsum(lens, 0) - lens)  # source minus target
-        rows = torch.repeat_interleave(starts, lens, output_size=batch.num_tokens)
-        rows += torch.arange(len(rows), device=rows.device)
+        _, rows = batch.token_index(idx)
     # the destinations in rank order, each once: then the sorted rows are the buffer itself
     used = [d for d in replica_of_rank if d is not None and n_of[d]]
     once = used == sorted(set(used))
@@ -307,12 +304,10 @@ def _exchange_objects(blobs: list[bytes], device: torch.device) -> list[bytes]:
     recv_sizes = torch.empty(world, dtype=torch.int64, device=device)
     dist.all_to_all_single(recv_sizes, send_sizes)
     sizes = recv_sizes.tolist()
-    raw = b"".join(blobs)
-    inp = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0)
     out = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
-    dist.all_to_all_single(
-        out, inp.to(device=device, dtype=torch.uint8), sizes, [len(b) for b in blobs]
-    )
+    raw = b"".join(blobs)
+    inp = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device) if raw else out[:0]
+    dist.all_to_all_single(out, inp, sizes, [len(b) for b in blobs])
     data = bytes(out.cpu().numpy())
     pieces, pos = [], 0
     for size in sizes:
@@ -406,11 +401,7 @@ class Transfer:
         for f in fields:  # every field in flight at once: the backend pipelines them
             per_sender = self.tokens if f[0] == "t" else self.counts
             in_splits = [per_sender.get(s, 0) if receiving else 0 for s in range(world)]
-            out_t, out_splits = (
-                send[f[1]]
-                if rank in senders
-                else (torch.empty(0, _row_bytes(f), dtype=torch.uint8), [0] * world)
-            )
+            out_t, out_splits = send[f[1]] if rank in senders else (views[f[1]][:0], [0] * world)
             target = views[f[1]] if receiving else views[f[1]][:0]
             self.works.append(
                 dist.all_to_all_single(

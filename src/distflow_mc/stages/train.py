@@ -28,10 +28,10 @@ def _optimize(
     a = w.config.algo
     for _ in range(a.ppo_epochs):
         for mini in np.array_split(np.arange(len(batch)), a.mini_batches):
-            _, mbs = microbatches(w, batch.select(mini.tolist()))
+            sub = batch.select(mini.tolist())
+            _, mbs = microbatches(w, sub)
             slots = sum(mb["attention_mask"].numel() for mb in mbs)
-            real = sum(int(mb["attention_mask"].sum()) for mb in mbs)
-            m.add(f"{prefix}/microbatch_padding", slots - real, slots)  # share of the slots
+            m.add(f"{prefix}/microbatch_padding", slots - sub.num_tokens, slots)  # share of slots
             stats = model.step(mbs, loss_fn)
             if w.ctx.rank == 0:  # the same on every rank
                 m.add_total(f"{prefix}/nonfinite_skipped_steps", float(stats["nonfinite"]))
