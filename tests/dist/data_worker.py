@@ -23,6 +23,7 @@ from distflow_mc.data.batch import Batch
 from distflow_mc.data.redistribute import Balance, Pattern, Transfer, redistribute
 from distflow_mc.parallel.dist import init_distributed
 from distflow_mc.parallel.layout import Layout, Move, movement
+from tests.dist.factory_devices import FactoryDevices
 
 GROUP = 3  # samples per prompt
 
@@ -163,6 +164,14 @@ def main() -> None:
             Layout("train", dp=1, tp=2, pp=2, replicated=True),
         )
     result = {}
+    mode = FactoryDevices()  # the placement rule holds on the exchange path too
+    with mode:
+        run_scenarios(layouts, result)
+    result["factories without a device"] = sorted(mode.missing)
+    (args.out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result, indent=1))
+
+
+def run_scenarios(layouts: dict, result: dict) -> None:
     for seed, (name, (src, dst)) in enumerate(layouts.items()):
         result[name] = scenario(src, dst, seed, Balance())
         for pattern in (Pattern.DIRECT, Pattern.LEADERS):
@@ -177,7 +186,6 @@ def main() -> None:
         groups = sum(len(source_batch(r, seed)) for r in range(src.dp)) // GROUP
         if groups % dst.dp == 0:
             result[name + " equal counts"] = scenario(src, dst, seed, Balance(equal_counts=True))
-    (args.out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
