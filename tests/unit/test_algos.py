@@ -56,6 +56,17 @@ def test_gae_by_hand():
     torch.testing.assert_close(ret, torch.tensor([[0.5, 0.75, 1.0, 0.0]]))
 
 
+def test_gae_steps_over_tool_tokens():
+    # an agent trajectory: turn 1 (2 tokens), a tool result (2 tokens, mask 0), turn 2 (1
+    # token): the tool tokens are not steps, so it equals GAE on the 3 generated tokens
+    rewards = torch.tensor([[0.0, 0.0, 7.0, 7.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.25, 9.0, 9.0, 0.5, 9.0]])
+    mask = torch.tensor([[1, 1, 0, 0, 1, 0]])
+    a, ret = adv.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    torch.testing.assert_close(a, torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.5, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.5, 0.75, 0.0, 0.0, 1.0, 0.0]]))
+
+
 def test_aggregation_modes():
     loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])

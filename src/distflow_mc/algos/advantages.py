@@ -72,11 +72,17 @@ def gae(
     gamma: float = 1.0,
     lam: float = 0.95,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE (Schulman et al. 2015, arXiv 1506.02438) over right-padded [B, T] responses:
-    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}, with V and A
-    zero past each response's end. Returns (advantages, returns = A + V)."""
-    mask = mask.to(values.dtype)
-    values = values * mask
+    """GAE (Schulman et al. 2015, arXiv 1506.02438) over [B, T] rows whose steps are the
+    masked tokens: delta_t = r_t + gamma V_{t'} - V_t, A_t = delta_t + gamma lam A_{t'},
+    where t' is the next masked token of the row (V and A zero past the last). Tokens
+    between (an agent's tool results) are not steps: the masked tokens are gathered to the
+    front of each row, run, and scattered back. Returns (advantages, returns = A + V),
+    zero off the mask."""
+    keep = mask.bool()
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # masked first, in order
+    mask = keep.gather(1, order).to(values.dtype)
+    values = values.gather(1, order) * mask
+    token_rewards = token_rewards.gather(1, order)
     advantages = torch.zeros_like(values)
     running = values.new_zeros(values.shape[0])
     for t in reversed(range(values.shape[1])):
@@ -84,7 +90,13 @@ def gae(
         delta = token_rewards[:, t] + gamma * next_value - values[:, t]
         running = (delta + gamma * lam * running) * mask[:, t]
         advantages[:, t] = running
-    return advantages, (advantages + values) * mask
+    returns = (advantages + values) * mask
+    return _unsort(advantages, order), _unsort(returns, order)
+
+
+def _unsort(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Each row's values back at the positions `order` took them from."""
+    return torch.empty_like(x).scatter(1, order, x)
 
 
 # REINFORCE_PP is bound with its batch-wide reduction when the workers are built.

@@ -119,6 +119,18 @@ class OptimConfig:
 
 
 @dataclass
+class AgentConfig:
+    """Multi-turn, tool-calling rollouts (agent/loop.py); single-turn while `tools` is empty."""
+
+    tools: list[str] = field(default_factory=list)  # dotted paths: tools, or tool sets
+    parser: str = "hermes"  # tool-call format: <tool_call>{json}</tool_call> (Qwen), or a path
+    max_turns: int = 4  # model turns per trajectory
+    max_total_tokens: int = 1024  # prompt + turns + tool results, per trajectory
+    tool_timeout_s: float = 10.0  # per call
+    max_tool_output_chars: int = 2000  # a longer result is cut
+
+
+@dataclass
 class RolloutConfig:
     """Rollout layout and sampling. Rollout data parallel size is world / tp."""
 
@@ -133,6 +145,7 @@ class RolloutConfig:
     colocated: bool = True  # shares GPUs with training: sleep/wake around each step
     logprob_gap_warn: float = 0.05  # warn when engine/actor log-probs differ more (mean)
     weight_sync_bucket_mb: int = 256
+    agent: AgentConfig = field(default_factory=AgentConfig)
 
 
 class Resume(Enum):

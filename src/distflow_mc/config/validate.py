@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from distflow_mc.config.schema import (
+    AgentConfig,
     AlgoConfig,
     Config,
     DataConfig,
@@ -80,6 +81,21 @@ def _rollout(r: RolloutConfig) -> list[str]:
         *_check(0 < r.mem_fraction < 1, "rollout.mem_fraction", "must be in (0, 1)"),
         *_check(r.weight_sync_bucket_mb >= 1, "rollout.weight_sync_bucket_mb", "must be >= 1"),
         *_check(r.logprob_gap_warn > 0, "rollout.logprob_gap_warn", "must be > 0"),
+    ]
+
+
+def _agent(g: AgentConfig, max_prompt_length: int) -> list[str]:
+    return [
+        *_check(g.max_turns >= 1, "rollout.agent.max_turns", f"must be >= 1, got {g.max_turns}"),
+        *_check(
+            g.max_total_tokens > max_prompt_length,
+            "rollout.agent.max_total_tokens",
+            f"must be > data.max_prompt_length={max_prompt_length}, got {g.max_total_tokens}",
+        ),
+        *_check(g.tool_timeout_s > 0, "rollout.agent.tool_timeout_s", "must be > 0"),
+        *_check(
+            g.max_tool_output_chars >= 1, "rollout.agent.max_tool_output_chars", "must be >= 1"
+        ),
     ]
 
 
@@ -161,6 +177,7 @@ def check_config(c: Config) -> None:
     problems = [
         *_parallel(c.parallel),
         *_rollout(c.rollout),
+        *_agent(c.rollout.agent, c.data.max_prompt_length),
         *_algo(c.algo, c.rollout.max_new_tokens),
         *_optim(c.trainer.actor_optim, "actor_optim"),
         *_optim(c.trainer.critic_optim, "critic_optim"),

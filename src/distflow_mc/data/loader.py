@@ -12,11 +12,14 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from distflow_mc.agent.loop import row_tools
+from distflow_mc.agent.tools import Tool, schema
 from distflow_mc.config.schema import DataConfig, OnBadRow
 from distflow_mc.data.batch import Batch
 from distflow_mc.data.dataset import MalformedRow, PromptRow, RowSource, validate_row
@@ -38,12 +41,17 @@ class PromptBatch:
 
 
 def encode_prompt(
-    tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict[str, str]]
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str | list[dict[str, str]],
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """Chat template for messages (with the generation prompt), plain text otherwise.
-    Rendering to text first works alike on transformers 4.x and 5.x."""
+    """Chat template for messages (with the generation prompt and the offered tools'
+    schemas), plain text otherwise. Rendering to text first works alike on transformers
+    4.x and 5.x."""
     if isinstance(prompt, list):
-        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            prompt, tools=tools, tokenize=False, add_generation_prompt=True
+        )
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
@@ -56,8 +64,12 @@ class PromptLoader:
         dp_size: int,
         seed: int,
         state: LoaderState | None = None,
+        tools: dict[str, Tool] | None = None,
     ) -> None:
+        """`tools`: agent rollouts' tools; a row's `tools` column may offer some of them
+        (all when it has none), and the prompt renders their schemas."""
         self.config, self.tokenizer, self.seed = config, tokenizer, seed
+        self.tools = tools
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.source = RowSource(config.train_files)
         if config.batch_size % dp_size:
@@ -100,13 +112,14 @@ class PromptLoader:
             where = f"{path} row {row}"
             try:
                 parsed = validate_row(raw, where)
+                schemas = self._schemas(parsed, where)
             except MalformedRow as e:
                 if self.config.on_malformed is OnBadRow.ERROR:
                     raise
                 log.warning("skipping malformed row (data.on_malformed=SKIP): %s", e)
                 bad += 1
                 continue
-            tokens = encode_prompt(self.tokenizer, parsed.prompt)
+            tokens = encode_prompt(self.tokenizer, parsed.prompt, schemas)
             if len(tokens) > self.config.max_prompt_length:
                 if self.config.on_overlong is OnBadRow.ERROR:
                     raise ValueError(
@@ -118,6 +131,24 @@ class PromptLoader:
             ids.append(torch.tensor(tokens, dtype=torch.int64, device="cpu"))
             kept.append((state.epoch * len(self.source) + index, parsed))
         return PromptBatch(self._to_batch(ids, kept), bad, overlong)
+
+    def _schemas(self, row: PromptRow, where: str) -> list[dict[str, Any]] | None:
+        """The tool schemas the row's prompt renders: its `tools` column, else every tool."""
+        if self.tools is None:
+            return None
+        try:
+            offered = row_tools(row.extra)
+        except ValueError as e:
+            raise MalformedRow(f"{where}: {e}") from e
+        if offered is None:
+            return [schema(t) for t in self.tools.values()]
+        unknown = sorted({s["function"]["name"] for s in offered} - set(self.tools))
+        if unknown:
+            raise MalformedRow(
+                f"{where}: 'tools' offers {unknown}, not in rollout.agent.tools"
+                f" ({', '.join(self.tools)})"
+            )
+        return offered
 
     @staticmethod
     def _to_batch(ids: list[torch.Tensor], kept: list[tuple[int, PromptRow]]) -> Batch:

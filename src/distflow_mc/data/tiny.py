@@ -6,12 +6,15 @@ hundred GRPO steps on CPU: repeat the digit that ends the prompt."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
 import string
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,9 +31,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """Write the tokenizer to `path` (save_pretrained) and return it."""
-    tokens = SPECIAL + CHARS
+def make_tokenizer(path: str | Path, extra: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """Write the tokenizer to `path` (save_pretrained) and return it; `extra` tokens are
+    single tokens too."""
+    tokens = SPECIAL + list(extra) + CHARS
     tokens += [f"<unused{i}>" for i in range(VOCAB_SIZE - len(tokens))]
     core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="?"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -40,7 +44,7 @@ def make_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
         pad_token="<pad>",
         bos_token="<bos>",
         eos_token="<eos>",
-        additional_special_tokens=SPECIAL[3:],
+        additional_special_tokens=SPECIAL[3:] + list(extra),
         chat_template=CHAT_TEMPLATE,
     )
     tok.save_pretrained(path)
@@ -72,7 +76,7 @@ def ensure_task(root: str | Path) -> Path:
     """Make the task under `root` unless it is there. Built aside and renamed into place,
     so concurrent callers and interrupted runs never leave a half-made task behind."""
     root = Path(root)
-    parts = ("tiny_llama", "tiny_task")
+    parts = ("tiny_llama", "tiny_task", "tiny_agent_llama", "tiny_agent_task")
     if all((root / p).is_dir() for p in parts):
         return root
     root.mkdir(parents=True, exist_ok=True)
@@ -86,11 +90,22 @@ def ensure_task(root: str | Path) -> Path:
 
 
 def make_task(root: str | Path, seed: int = 0) -> Path:
-    """`root`/tiny_llama (model + tokenizer) and `root`/tiny_task/{train,val}.parquet."""
+    """`root`/tiny_llama (model + tokenizer) and `root`/tiny_task/{train,val}.parquet; the
+    agent task's `root`/tiny_agent_llama and `root`/tiny_agent_task likewise."""
     root = Path(root)
-    model_dir, task_dir = root / "tiny_llama", root / "tiny_task"
-    task_dir.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(model_dir)
+    make_model(root / "tiny_llama", make_tokenizer(root / "tiny_llama"), seed)
+    (root / "tiny_task").mkdir(parents=True, exist_ok=True)
+    make_dataset(root / "tiny_task" / "train.parquet", 4096, seed)
+    make_dataset(root / "tiny_task" / "val.parquet", 128, seed + 1)
+    agent_tok = make_tokenizer(root / "tiny_agent_llama", AGENT_TOKENS)
+    make_model(root / "tiny_agent_llama", agent_tok, seed)
+    (root / "tiny_agent_task").mkdir(parents=True, exist_ok=True)
+    make_agent_dataset(root / "tiny_agent_task" / "train.parquet", 4096, seed)
+    make_agent_dataset(root / "tiny_agent_task" / "val.parquet", 128, seed + 1)
+    return root
+
+
+def make_model(model_dir: Path, tok: PreTrainedTokenizerFast, seed: int) -> None:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB_SIZE,
@@ -106,6 +121,52 @@ def make_task(root: str | Path, seed: int = 0) -> Path:
         pad_token_id=tok.pad_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(model_dir)
-    make_dataset(task_dir / "train.parquet", 4096, seed)
-    make_dataset(task_dir / "val.parquet", 128, seed + 1)
-    return root
+
+
+# The agent task: the answer to "key: 3" is a secret only the `lookup` tool knows. The
+# tokenizer has the call's fixed text as two tokens (as a BPE trained on tool-call data
+# would merge it), so a tiny random model can find the call: open, the key, close. The
+# call is parsed from text by the Hermes parser, like any Qwen model's.
+CALL_OPEN = '<tool_call>{"name": "lookup", "arguments": {"key": "'
+CALL_CLOSE = '"}}</tool_call>'
+AGENT_TOKENS = ("<|tool|>", CALL_OPEN, CALL_CLOSE)
+
+
+def secret(key: str) -> str:
+    """The lookup table: a digit for a digit, not guessable from the key."""
+    return str((7 * int(key) + 3) % 10)
+
+
+class Lookup:
+    """The agent task's tool."""
+
+    name = "lookup"
+    description = "The secret digit for a key."
+    parameters: ClassVar[dict[str, Any]] = {
+        "type": "object",
+        "properties": {"key": {"type": "string", "pattern": "^[0-9]$"}},
+        "required": ["key"],
+    }
+
+    def __call__(self, arguments: dict[str, Any], budget_s: float) -> str:
+        return secret(arguments["key"])
+
+
+def make_agent_dataset(path: str | Path, rows: int, seed: int) -> None:
+    """Prompts 'key: 3' offering the lookup tool (a `tools` column, as agent datasets
+    carry), data_source tiny_lookup, ground truth the secret."""
+    rng = random.Random(seed)
+    tools = json.dumps([{"type": "function", "function": {"name": "lookup"}}])
+    table = []
+    for i in range(rows):
+        key = str(rng.randrange(10))
+        table.append(
+            {
+                "prompt": [{"role": "user", "content": f"key: {key}"}],
+                "data_source": "tiny_lookup",
+                "reward_model": {"ground_truth": secret(key)},
+                "extra_info": {"index": i, "key": key},
+                "tools": tools,
+            }
+        )
+    pq.write_table(pa.Table.from_pylist(table), path, row_group_size=256)

@@ -18,7 +18,7 @@ from typing import Any
 
 from distflow_mc.config.schema import RewardConfig
 from distflow_mc.dag.validate import import_fn
-from distflow_mc.rewards import fmt, gsm8k, tiny_copy
+from distflow_mc.rewards import fmt, gsm8k, tiny_copy, tiny_lookup
 from distflow_mc.rewards import math as math_reward
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ BUILT_IN: dict[str, Scorer] = {
     "DigitalLearningGmbH/MATH-lighteval": math_reward.score,
     "format": fmt.score,
     "tiny_copy": tiny_copy.score,
+    "tiny_lookup": tiny_lookup.score,
 }
 
 

@@ -7,6 +7,7 @@ import itertools
 import torch
 import torch.distributed as dist
 
+from distflow_mc.agent.loop import Trajectory, row_tools
 from distflow_mc.algos.dapo import informative_groups, overlong_penalty
 from distflow_mc.data.batch import Batch
 from distflow_mc.data.loader import PromptBatch
@@ -68,9 +69,7 @@ def _sample(w: Workers, got: PromptBatch, m: Metrics, step: int, round_: int) ->
         stop_token_ids=(w.tokenizer.eos_token_id,),
         seed=((w.config.trainer.seed * 1_000_003 + step) * 17 + round_) * 4099 + w.rollout_rank,
     )
-    host = [prompts.token_slice("input_ids", i) for i in range(len(prompts))]
-    gen = w.engine.generate([p.tolist() for p in host], params)
-    return _to_batch(gen, host, prompts, r.n, w.ctx.device)
+    return rollouts(w, prompts, params, m)
 
 
 TOKEN_FIELDS = {
@@ -79,6 +78,21 @@ TOKEN_FIELDS = {
     "rollout_logprobs": torch.float32,
 }
 PROMPT_OBJECTS = ("data_source", "ground_truth", "extra_info", "extra")  # from the loader
+
+
+def rollouts(w: Workers, prompts: Batch, params: SamplingParams, m: Metrics | None = None) -> Batch:
+    """`params.n` samples per prompt: single completions, or agent trajectories when
+    `rollout.agent.tools` is set (then `m` gets the agent metrics)."""
+    host = [prompts.token_slice("input_ids", i) for i in range(len(prompts))]
+    if w.agent is None:
+        gen = w.engine.generate([p.tolist() for p in host], params)
+        return _to_batch(gen, host, prompts, params.n, w.ctx.device)
+    extras = prompts.objects["extra"]
+    offered = [w.agent.offered(row_tools(e)) for e in extras]
+    done = w.agent.run(w.engine, [p.tolist() for p in host], offered, params)
+    if m is not None:
+        _agent_metrics(done, m)
+    return _agent_batch(done, prompts, params.n, w.ctx.device)
 
 
 def _to_batch(
@@ -97,17 +111,58 @@ def _to_batch(
             torch.cat([prompt_zeros, torch.ones(len(resp), device=device)])
         )
         tokens["rollout_logprobs"].append(torch.cat([prompt_zeros, logp.to(device).float()]))
-    index = torch.tensor(gen.prompt_index, dtype=torch.int64, device=device)
+    return _with_samples(tokens, gen.prompt_index, gen.finish_reasons, prompts, n, device)
+
+
+def _agent_batch(done: list[Trajectory], prompts: Batch, n: int, device: torch.device) -> Batch:
+    """Trajectories as they were built: ids, generated-token mask, engine log-probs."""
+    if not done:
+        objects = (*PROMPT_OBJECTS, "finish_reason", "trajectory")
+        return Batch.empty(TOKEN_FIELDS, objects, device)
+    tokens = {
+        "input_ids": [torch.tensor(t.ids, dtype=torch.int64, device=device) for t in done],
+        "response_mask": [torch.tensor(t.mask, device=device) for t in done],
+        "rollout_logprobs": [torch.tensor(t.logprobs, device=device) for t in done],
+    }
+    index = [t.prompt for t in done]
+    batch = _with_samples(tokens, index, [t.finish for t in done], prompts, n, device)
+    batch.objects["trajectory"] = [t.summary() for t in done]
+    return batch
+
+
+def _with_samples(
+    tokens: dict[str, list[torch.Tensor]],
+    prompt_index: list[int],
+    finish_reasons: list[str],
+    prompts: Batch,
+    n: int,
+    device: torch.device,
+) -> Batch:
+    """uid (prompt uid * n + sample), group (the prompt), and the prompt's objects."""
+    index = torch.tensor(prompt_index, dtype=torch.int64, device=device)
     prompt_uid = prompts.samples["uid"].to(device)[index]
     sample = torch.arange(len(index), device=device) % n
-    objects = {k: [prompts.objects[k][p] for p in gen.prompt_index] for k in PROMPT_OBJECTS}
-    objects["finish_reason"] = gen.finish_reasons
+    objects = {k: [prompts.objects[k][p] for p in prompt_index] for k in PROMPT_OBJECTS}
+    objects["finish_reason"] = finish_reasons
     samples = {"uid": prompt_uid * n + sample, "group": prompt_uid}
     return Batch.from_sequences(tokens, samples, objects)
 
 
+def _agent_metrics(done: list[Trajectory], m: Metrics) -> None:
+    k = len(done)
+    m.add("agent/turns", sum(t.turns for t in done), k)
+    m.add("agent/tool_calls", sum(t.tool_calls for t in done), k)
+    m.add("agent/tool_call_rate", sum(t.tool_calls > 0 for t in done), k)
+    m.add("agent/tool_errors", sum(t.tool_errors for t in done), k)
+    m.add("agent/tool_timeouts", sum(t.tool_timeouts for t in done), k)
+    m.add("agent/truncated_frac", sum(t.finish != "stop" for t in done), k)
+
+
 def responses(w: Workers, batch: Batch) -> list[str]:
-    """Response texts (strings live on the host)."""
+    """What the reward judges: the response text, or an agent's last turn (strings live on
+    the host)."""
+    if "trajectory" in batch.objects:
+        return [t["messages"][-1]["content"] for t in batch.objects["trajectory"]]
     ids = batch.tokens["input_ids"].cpu()
     mask = batch.tokens["response_mask"].bool().cpu()
     offsets = batch.offsets.tolist()
@@ -117,11 +172,20 @@ def responses(w: Workers, batch: Batch) -> list[str]:
     ]
 
 
+def infos(batch: Batch) -> list[dict]:
+    """extra_info per sample; an agent's trajectory (messages, tool calls and results,
+    turns) rides along as extra_info["trajectory"]."""
+    o = batch.objects
+    if "trajectory" not in o:
+        return o["extra_info"]
+    return [{**i, "trajectory": t} for i, t in zip(o["extra_info"], o["trajectory"], strict=True)]
+
+
 def score(w: Workers, batch: Batch, m: Metrics) -> Batch:
     """Rewards (plus DAPO's overlong penalty when configured) into samples["reward"]."""
     a = w.config.algo
     o = batch.objects
-    scores = w.rewards(responses(w, batch), o["data_source"], o["ground_truth"], o["extra_info"])
+    scores = w.rewards(responses(w, batch), o["data_source"], o["ground_truth"], infos(batch))
     mask = batch.tokens["response_mask"]
     rewards = torch.tensor(scores.rewards, dtype=torch.float32, device=mask.device)
     owner = torch.repeat_interleave(torch.arange(len(batch), device=mask.device), batch.lengths)

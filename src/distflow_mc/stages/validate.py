@@ -6,6 +6,7 @@ from __future__ import annotations
 from distflow_mc.data.loader import LoaderState
 from distflow_mc.observability.metrics import Metrics
 from distflow_mc.rollout.engine import SamplingParams
+from distflow_mc.stages.rollout import infos, responses, rollouts
 from distflow_mc.stages.workers import Workers
 
 
@@ -23,11 +24,9 @@ def validate(w: Workers, step: int) -> dict[str, float]:
             stop_token_ids=(w.tokenizer.eos_token_id,),
             seed=t.seed + step,
         )
-        ids = [prompts.token_slice("input_ids", i).tolist() for i in range(len(prompts))]
-        gen = w.engine.generate(ids, params)
-        texts = [w.tokenizer.decode(x.tolist(), skip_special_tokens=True) for x in gen.response_ids]
-        o = {k: [prompts.objects[k][p] for p in gen.prompt_index] for k in prompts.objects}
-        scores = w.rewards(texts, o["data_source"], o["ground_truth"], o["extra_info"])
+        batch = rollouts(w, prompts, params)
+        o = batch.objects
+        scores = w.rewards(responses(w, batch), o["data_source"], o["ground_truth"], infos(batch))
         for source, value in zip(o["data_source"], scores.rewards, strict=True):
             m.add(f"val/{source}/reward", value)
     return m.reduce()

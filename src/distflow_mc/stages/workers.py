@@ -12,6 +12,9 @@ import torch.distributed as dist
 from megatron.core.transformer.module import MegatronModule
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from distflow_mc.agent.loop import AgentLoop
+from distflow_mc.agent.parser import get_parser
+from distflow_mc.agent.tools import Tool, load_tools
 from distflow_mc.algos import advantages as adv_fns
 from distflow_mc.algos import losses
 from distflow_mc.config.schema import AdvEstimator, Config, Dtype, PolicyLoss
@@ -42,6 +45,7 @@ class Workers:
     reference: list[MegatronModule] | None
     critic: TrainableModel | None
     engine: RolloutEngine | None
+    agent: AgentLoop | None  # on rollout emitters, when rollout.agent.tools is set
     loader: PromptLoader | None  # on rollout emitters
     val_loader: PromptLoader | None  # on rollout emitters, when validation is on
     rewards: RewardComputer
@@ -83,7 +87,7 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
         if ctx.local_rank == 0:
             ensure_task(model_dir.parent)
         dist.barrier()
-    check_inputs(config)
+    tools = check_inputs(config)
     dtype = model_dtype(config.model.dtype)
     tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or model_dir)
     aux = config.model.router_aux_loss_coef
@@ -101,12 +105,14 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
         config.rollout, model_dir, layouts.rollout, tokenizer.pad_token_id, t.seed, ctx.device
     )
     emitter = ctx.rank in layouts.rollout.emitters()
-    loader = val_loader = None
+    loader = val_loader = agent = None
     if emitter:
         dp = layouts.rollout.coords(ctx.rank)["dp"]
-        loader = PromptLoader(config.data, tokenizer, dp, layouts.rollout.dp, t.seed)
+        loader = PromptLoader(config.data, tokenizer, dp, layouts.rollout.dp, t.seed, tools=tools)
         if t.val_every and config.data.val_files:
-            val_loader = validation_loader(config, tokenizer, dp, layouts.rollout.dp)
+            val_loader = validation_loader(config, tokenizer, dp, layouts.rollout.dp, tools)
+        if tools is not None:
+            agent = AgentLoop(config.rollout.agent, tokenizer, tools)
     loss_fn = losses.gspo if a.policy_loss is PolicyLoss.GSPO else losses.ppo_clip
     bounds = {
         k: v for k, v in (("clip_low", a.clip_low), ("clip_high", a.clip_high)) if v is not None
@@ -135,6 +141,7 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
         reference,
         critic,
         engine,
+        agent,
         loader,
         val_loader,
         RewardComputer(config.reward),
@@ -143,10 +150,11 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
     )
 
 
-def check_inputs(config: Config) -> None:
-    """The model and tokenizer directories exist, and every data_source of the training
-    and validation files has a scorer: checked on every rank before any model is built, so
-    no rank meets a missing file or an unknown source mid-run."""
+def check_inputs(config: Config) -> dict[str, Tool] | None:
+    """The model and tokenizer directories exist, every data_source of the training and
+    validation files has a scorer, and the agent's tools and parser load: checked on every
+    rank before any model is built, so no rank meets a missing file or an unknown source
+    mid-run. Returns the agent's tools (None: single-turn rollouts)."""
     d = config.data
     needed = [("model.path", config.model.path, "config.json")]
     if d.tokenizer is not None:
@@ -160,10 +168,19 @@ def check_inputs(config: Config) -> None:
     for key, files in (("data.train_files", d.train_files), ("data.val_files", d.val_files)):
         if files:
             check_sources(config.reward, RowSource(files).data_sources(), f"{key} {files}")
+    agent = config.rollout.agent
+    if not agent.tools:
+        return None
+    get_parser(agent.parser)
+    return load_tools(agent.tools)
 
 
 def validation_loader(
-    config: Config, tokenizer: PreTrainedTokenizerBase, dp_rank: int, dp_size: int
+    config: Config,
+    tokenizer: PreTrainedTokenizerBase,
+    dp_rank: int,
+    dp_size: int,
+    tools: dict[str, Tool] | None = None,
 ) -> PromptLoader:
     """The whole held-out set as one step, in file order, split over the rollout ranks."""
     rows = RowSource(config.data.val_files).num_rows
@@ -174,4 +191,4 @@ def validation_loader(
         shuffle=False,
         prefetch=False,
     )
-    return PromptLoader(val, tokenizer, dp_rank, dp_size, config.trainer.seed)
+    return PromptLoader(val, tokenizer, dp_rank, dp_size, config.trainer.seed, tools=tools)

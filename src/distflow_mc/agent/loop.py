@@ -1,0 +1,216 @@
+"""Multi-turn, tool-calling rollouts, token in and token out.
+
+Every turn, all active trajectories of the rank generate in one batched engine call; each
+turn's text is parsed for tool calls, the calls of all trajectories run concurrently with
+their budgets, and the results are appended through the chat template. A trajectory is
+one token sequence that only ever grows: generated tokens go in as the engine returned
+them (with their log-probs, loss mask 1) and template and tool tokens as the template
+renders them (mask 0); nothing is re-tokenized from text, which would shift tokens and
+break the match between the engine's and the trainer's log-probs. A trajectory ends when
+a turn makes no call ("stop"), at `max_total_tokens` or a turn's `max_new_tokens`
+("length"), or after `max_turns` turns that all called tools ("turns").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from distflow_mc.agent.parser import get_parser
+from distflow_mc.agent.tools import Call, Tool, run_calls
+from distflow_mc.config.schema import AgentConfig
+from distflow_mc.rollout.engine import RolloutEngine, SamplingParams
+
+MARK = "\x00distflow-assistant-turn\x00"
+
+
+class ToolTurns:
+    """The tokens between the end of a generated assistant turn and the start of the next:
+    the template's end of the assistant message, the tool messages, the generation prompt.
+    Rendered after a fixed conversation and cut after the assistant's content, so the
+    sequence so far is never rendered again. When the turn ended with the stop token the
+    template itself writes there (Qwen's <|im_end|>), it is not written twice."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.head = [{"role": "user", "content": "?"}, {"role": "assistant", "content": MARK}]
+        self.render([{"role": "tool", "content": "probe"}])  # a template that cannot: now
+
+    def render(self, tool_messages: list[dict[str, str]]) -> str:
+        text = self.tokenizer.apply_chat_template(
+            self.head + tool_messages, tokenize=False, add_generation_prompt=True
+        )
+        cut = text.rfind(MARK)
+        if cut < 0:
+            raise ValueError("the tokenizer's chat template does not render assistant content")
+        return text[cut + len(MARK) :]
+
+    def tokens(self, tool_messages: list[dict[str, str]], stop_text: str) -> list[int]:
+        text = self.render(tool_messages)
+        if stop_text and text.startswith(stop_text):
+            text = text[len(stop_text) :]
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+@dataclass
+class Trajectory:
+    prompt: int  # its prompt's index in the rank's batch
+    ids: list[int]  # prompt, then every turn and tool result
+    logprobs: list[float]  # the engine's, on generated tokens; 0 elsewhere
+    mask: list[float]  # 1 on generated tokens
+    tools: dict[str, Tool]  # what its prompt offers
+    messages: list[dict[str, str]] = field(default_factory=list)  # assistant and tool turns
+    turns: int = 0
+    tool_calls: int = 0
+    tool_errors: int = 0  # unparsable calls and failed ones (timeouts included)
+    tool_timeouts: int = 0
+    finish: str = "stop"  # stop | length | turns
+
+    def summary(self) -> dict[str, Any]:
+        """What the reward function sees of it (as extra_info["trajectory"])."""
+        return {
+            "messages": self.messages,
+            "turns": self.turns,
+            "tool_calls": self.tool_calls,
+            "tool_errors": self.tool_errors,
+            "finish": self.finish,
+        }
+
+
+@dataclass
+class _Pending:
+    trajectory: Trajectory
+    stop_text: str
+    calls: list[Call]
+    errors: list[str]
+
+
+class AgentLoop:
+    def __init__(
+        self, config: AgentConfig, tokenizer: PreTrainedTokenizerBase, tools: dict[str, Tool]
+    ) -> None:
+        self.config, self.tokenizer, self.tools = config, tokenizer, tools
+        self.parse = get_parser(config.parser)
+        self.turns = ToolTurns(tokenizer)
+
+    def offered(self, row_tools: list[dict[str, Any]] | None) -> dict[str, Tool]:
+        """The tools a prompt offers: those its `tools` column names, else all."""
+        if row_tools is None:
+            return self.tools
+        return {s["function"]["name"]: self.tools[s["function"]["name"]] for s in row_tools}
+
+    def run(
+        self,
+        engine: RolloutEngine,
+        prompts: list[list[int]],
+        tools: list[dict[str, Tool]],
+        params: SamplingParams,
+    ) -> list[Trajectory]:
+        """`params.n` trajectories per prompt (prompt i's at [i*n, (i+1)*n)); `params`
+        applies per turn, its seed moved on every turn."""
+        c = self.config
+        trajectories = [
+            Trajectory(i, list(p), [0.0] * len(p), [0.0] * len(p), tools[i])
+            for i, p in enumerate(prompts)
+            for _ in range(params.n)
+        ]
+        active = trajectories
+        for turn in range(c.max_turns):
+            room = [c.max_total_tokens - len(t.ids) for t in active]
+            for t in [t for t, r in zip(active, room, strict=True) if r <= 0]:
+                t.finish = "length"
+            active, room = [t for t in active if t.finish != "length"], [r for r in room if r > 0]
+            if not active:
+                break
+            step = replace(
+                params,
+                n=1,
+                max_new_tokens=min(params.max_new_tokens, max(room)),
+                seed=params.seed + 1_000_003 * turn,
+            )
+            gen = engine.generate([t.ids for t in active], step)
+            pending = []
+            for t, r, ids, logp, finish in zip(
+                active, room, gen.response_ids, gen.logprobs, gen.finish_reasons, strict=True
+            ):
+                pending += self._turn(t, ids.tolist(), logp.tolist(), finish, r, turn)
+            active = self._answer(pending)
+        return trajectories
+
+    def _turn(
+        self, t: Trajectory, ids: list[int], logp: list[float], finish: str, room: int, turn: int
+    ) -> list[_Pending]:
+        """Append one generated turn; a _Pending when it calls tools and may go on."""
+        if len(ids) > room:  # past the trajectory's budget: cut, as a stop there would
+            ids, logp, finish = ids[:room], logp[:room], "length"
+        t.ids += ids
+        t.logprobs += logp
+        t.mask += [1.0] * len(ids)
+        t.turns += 1
+        stopped = finish == "stop"
+        text = self.tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=False)
+        t.messages.append({"role": "assistant", "content": text})
+        if not stopped:
+            t.finish = "length"
+            return []
+        calls, errors = self.parse(text)
+        if not calls and not errors:
+            t.finish = "stop"
+            return []
+        t.tool_calls += len(calls) + len(errors)
+        t.tool_errors += len(errors)
+        if turn == self.config.max_turns - 1:
+            t.finish = "turns"
+            return []
+        return [_Pending(t, self.tokenizer.decode(ids[-1:]), calls, errors)]
+
+    def _answer(self, pending: list[_Pending]) -> list[Trajectory]:
+        """Run every pending call at once, append the results; the trajectories that go on."""
+        c = self.config
+        flat = [(call, p.trajectory.tools) for p in pending for call in p.calls]
+        results = iter(run_calls(flat, c.tool_timeout_s, c.max_tool_output_chars))
+        going = []
+        for p in pending:
+            t = p.trajectory
+            texts = [f"error: {e}" for e in p.errors]
+            for _ in p.calls:
+                result = next(results)
+                t.tool_errors += result.error is not None
+                t.tool_timeouts += result.timed_out
+                texts.append(result.text)
+            messages = [{"role": "tool", "content": text} for text in texts]
+            t.messages += messages
+            delta = self.turns.tokens(messages, p.stop_text)
+            if len(t.ids) + len(delta) >= c.max_total_tokens:  # no room left to answer in
+                t.finish = "length"
+                continue
+            t.ids += delta
+            t.logprobs += [0.0] * len(delta)
+            t.mask += [0.0] * len(delta)
+            going.append(t)
+        return going
+
+
+def row_tools(extra: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A dataset row's `tools` column (OpenAI function schemas, as a list or a JSON string;
+    None when the row has none). ValueError says what is wrong with it."""
+    value = extra.get("tools")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"'tools' is not valid JSON ({e.msg})") from e
+    ok = isinstance(value, list) and all(
+        isinstance(s, dict)
+        and isinstance(s.get("function"), dict)
+        and isinstance(s["function"].get("name"), str)
+        for s in value
+    )
+    if not ok:
+        raise ValueError("'tools' must be a list of {type: function, function: {name, ...}}")
+    return value

@@ -1,0 +1,297 @@
+"""The agent loop's bookkeeping with scripted token sequences (masks, log-probs, turn and
+token limits, parse failures, tool errors and timeouts), the chat-template join checked
+against the template's own rendering of the whole conversation, the tools and parser,
+and the loop on the real transformers engine: every generated token's log-prob equals a
+forward pass over the finished trajectory."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+
+from distflow_mc.agent.loop import AgentLoop, row_tools
+from distflow_mc.agent.parser import get_parser, hermes
+from distflow_mc.agent.tools import Calculator, Call, load_tools, run_calls
+from distflow_mc.config.schema import AgentConfig
+from distflow_mc.data.tiny import AGENT_TOKENS, CALL_CLOSE, CALL_OPEN, Lookup, make_tokenizer
+from distflow_mc.rollout.engine import Generation, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"), AGENT_TOKENS)
+
+
+class Scripted:
+    """An engine that answers each call with the next scripted turn of each row, and
+    records what it was asked (the loop's view of the engine protocol)."""
+
+    def __init__(self, turns: list[list[list[int]]], stop: int) -> None:
+        self.turns, self.stop, self.seen = list(turns), stop, []
+
+    def generate(self, prompts, params: SamplingParams) -> Generation:
+        self.seen.append(([list(p) for p in prompts], params))
+        rows = self.turns.pop(0)
+        assert len(rows) == len(prompts) and params.n == 1
+        gen = Generation()
+        for i, ids in enumerate(rows):
+            ids = ids[: params.max_new_tokens]
+            gen.prompt_index.append(i)
+            gen.response_ids.append(torch.tensor(ids))
+            gen.logprobs.append(-torch.arange(1, len(ids) + 1, dtype=torch.float32) / 10)
+            gen.finish_reasons.append("stop" if ids[-1] == self.stop else "length")
+        return gen
+
+
+def enc(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
+
+
+def lookup_call(tok, key: str) -> list[int]:
+    return [*enc(tok, f"{CALL_OPEN}{key}{CALL_CLOSE}"), tok.eos_token_id]
+
+
+def loop_with(tok, tools=None, **config) -> AgentLoop:
+    return AgentLoop(AgentConfig(**config), tok, tools or {"lookup": Lookup()})
+
+
+PARAMS = SamplingParams(n=1, max_new_tokens=1024)
+
+
+def test_trajectory_is_the_sequence_the_engine_saw(tok):
+    eos = tok.eos_token_id
+    prompts = [enc(tok, "<|user|>key: 3\n<|assistant|>"), enc(tok, "<|user|>key: 5\n<|assistant|>")]
+    call = lookup_call(tok, "3")
+    assert len(call) == 4  # open, key, close, eos
+    engine = Scripted([[call, [*enc(tok, "7"), eos]], [[*enc(tok, "4"), eos]]], eos)
+    loop = loop_with(tok, max_turns=4, max_total_tokens=64)
+    a, b = loop.run(engine, prompts, [loop.tools] * 2, PARAMS)
+    tool_part = enc(tok, "\n<|tool|>4\n<|assistant|>")  # the tiny template's tool turn
+    assert a.ids == prompts[0] + call + tool_part + [*enc(tok, "4"), eos]
+    assert a.mask == [0.0] * len(prompts[0]) + [1.0] * 4 + [0.0] * len(tool_part) + [1.0] * 2
+    generated = [x for x, m in zip(a.logprobs, a.mask, strict=True) if m]
+    assert generated == pytest.approx([-0.1, -0.2, -0.3, -0.4, -0.1, -0.2])
+    assert all(x == 0 for x, m in zip(a.logprobs, a.mask, strict=True) if not m)
+    assert (a.turns, a.tool_calls, a.tool_errors, a.finish) == (2, 1, 0, "stop")
+    assert [m["role"] for m in a.messages] == ["assistant", "tool", "assistant"]
+    assert a.messages[1]["content"] == "4" and a.messages[2]["content"] == "4"
+    assert b.ids == prompts[1] + [*enc(tok, "7"), eos] and b.turns == 1 and b.tool_calls == 0
+    # the second turn generated for the one trajectory still going, from its whole sequence
+    assert engine.seen[1][0] == [prompts[0] + call + tool_part]
+    assert engine.seen[0][1].seed != engine.seen[1][1].seed
+
+
+def test_turn_limit(tok):
+    eos = tok.eos_token_id
+    prompt = enc(tok, "key: 1")
+    loop = loop_with(tok, max_turns=1)
+    (t,) = loop.run(Scripted([[lookup_call(tok, "1")]], eos), [prompt], [loop.tools], PARAMS)
+    assert t.finish == "turns" and t.tool_calls == 1 and len(t.messages) == 1
+    assert t.ids == prompt + lookup_call(tok, "1")  # no tool result after the last turn
+
+
+def test_token_limit_cuts_the_turn_and_the_engine_is_asked_for_no_more(tok):
+    eos = tok.eos_token_id
+    prompt = enc(tok, "key: 1")
+    loop = loop_with(tok, max_turns=3, max_total_tokens=len(prompt) + 3)
+    engine = Scripted([[[*enc(tok, "12345"), eos]]], eos)
+    (t,) = loop.run(engine, [prompt], [loop.tools], PARAMS)
+    assert engine.seen[0][1].max_new_tokens == 3
+    assert len(t.ids) == len(prompt) + 3 and t.finish == "length" and sum(t.mask) == 3
+
+
+def test_no_room_for_the_tool_result_ends_the_trajectory(tok):
+    eos = tok.eos_token_id
+    prompt = enc(tok, "key: 1")
+    loop = loop_with(tok, max_turns=3, max_total_tokens=len(prompt) + 6)
+    (t,) = loop.run(Scripted([[lookup_call(tok, "1")]], eos), [prompt], [loop.tools], PARAMS)
+    assert t.finish == "length" and t.ids == prompt + lookup_call(tok, "1")
+
+
+def test_parse_failures_and_failing_tools_answer_in_the_conversation(tok):
+    eos = tok.eos_token_id
+
+    class Boom:
+        name, description = "boom", "raises"
+        parameters: ClassVar[dict] = {"type": "object", "properties": {}}
+
+        def __call__(self, arguments, budget_s):
+            raise RuntimeError("kaput")
+
+    class Hang:
+        name, description = "hang", "never returns in time"
+        parameters: ClassVar[dict] = {"type": "object", "properties": {}}
+
+        async def __call__(self, arguments, budget_s):
+            await asyncio.sleep(60)
+
+    class Stuck(Hang):
+        name = "stuck"
+
+        def __call__(self, arguments, budget_s):  # a plain tool that hangs: abandoned
+            time.sleep(60)
+
+    tools = {"boom": Boom(), "hang": Hang(), "stuck": Stuck(), "lookup": Lookup()}
+    turn = (
+        '<tool_call>{"name": "boom", "arguments": {}}</tool_call>'
+        '<tool_call>{"name": "hang", "arguments": {}}</tool_call>'
+        '<tool_call>{"name": "stuck", "arguments": {}}</tool_call>'
+        '<tool_call>{"name": "lookup", "arguments": {"key": "x"}}</tool_call>'
+        '<tool_call>{"name": "nope", "arguments": {}}</tool_call>'
+        "<tool_call>{oops</tool_call><tool_call>"
+    )
+    engine = Scripted([[[*enc(tok, turn), eos]], [[*enc(tok, "9"), eos]]], eos)
+    loop = loop_with(tok, tools, max_total_tokens=2048, tool_timeout_s=0.5)
+    start = time.perf_counter()
+    (t,) = loop.run(engine, [enc(tok, "go")], [tools], PARAMS)
+    assert time.perf_counter() - start < 20  # the budget, not the tools' 60 s
+    said = [m["content"] for m in t.messages if m["role"] == "tool"]
+    assert len(said) == 7 and all(s.startswith("error") for s in said)
+    joined = "\n".join(said)
+    for words in ("not valid JSON", "not closed", "kaput", "budget", "bad arguments", "unknown"):
+        assert words in joined
+    assert (t.tool_calls, t.tool_errors, t.tool_timeouts) == (7, 7, 2)
+    assert t.finish == "stop" and t.turns == 2  # and the trajectory went on
+
+
+CHATML = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m['content'] }}\n"
+    "</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_chatml_join_equals_the_templates_own_rendering(tmp_path):
+    """Qwen's format: the turn's stop token <|im_end|> is the template's own end of the
+    assistant message, so the join does not write it twice; the finished sequence reads
+    exactly as the template renders the whole conversation."""
+    tok = make_tokenizer(tmp_path, ("<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"))
+    tok.chat_template = CHATML
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    messages = [{"role": "user", "content": "key: 3"}]
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    call = '<tool_call>{"name": "lookup", "arguments": {"key": "3"}}</tool_call>'
+    engine = Scripted([[[*enc(tok, call), end]], [[*enc(tok, "4"), end]]], end)
+    loop = loop_with(tok, max_total_tokens=512)
+    (t,) = loop.run(engine, [enc(tok, prompt)], [loop.tools], PARAMS)
+    whole = messages + t.messages
+    assert [m["role"] for m in whole] == ["user", "assistant", "tool", "assistant"]
+    want = tok.apply_chat_template(whole, tokenize=False).removesuffix("\n")
+    assert tok.decode(t.ids, skip_special_tokens=False) == want
+
+
+def test_hermes_parser():
+    calls, errors = hermes(
+        'x <tool_call>\n{"name": "a", "arguments": {"k": 1}}\n</tool_call> y '
+        '<tool_call>{"name": "b", "arguments": "{\\"q\\": 2}"}</tool_call>'
+    )
+    assert [(c.name, c.arguments) for c in calls] == [("a", {"k": 1}), ("b", {"q": 2})]
+    assert errors == []
+    for bad in ("<tool_call>[1]</tool_call>", '<tool_call>{"arguments": {}}</tool_call>'):
+        assert hermes(bad)[0] == [] and len(hermes(bad)[1]) == 1
+    assert hermes("no calls") == ([], [])
+    assert get_parser("hermes") is hermes
+    with pytest.raises(ValueError, match=r"rollout\.agent\.parser"):
+        get_parser("nosuch")
+
+
+def test_calculator_and_tool_runner():
+    calc = {"calculator": Calculator()}
+    results = run_calls(
+        [
+            (Call("calculator", {"expression": "(17 + 4) * 3"}), calc),
+            (Call("calculator", {"expression": "2 ** 0.5"}), calc),
+            (Call("calculator", {"expression": "9 ** 9 ** 9"}), calc),
+            (Call("calculator", {"expression": "__import__('os')"}), calc),
+            (Call("calculator", {"expression": "1 / 0"}), calc),
+            (Call("calculator", {"expr": "1"}), calc),
+        ],
+        budget_s=2.0,
+        max_chars=100,
+    )
+    texts = [r.text for r in results]
+    assert texts[:2] == ["63", str(2**0.5)]
+    assert all(t.startswith("error") for t in texts[2:])
+    assert results[5].error == "bad_arguments" and results[2].error is None
+
+
+def test_tools_run_concurrently_and_outputs_are_cut():
+    class Slow:
+        name, description = "slow", "sleeps"
+        parameters: ClassVar[dict] = {"type": "object", "properties": {}}
+
+        def __call__(self, arguments, budget_s):
+            time.sleep(0.5)
+            return {"many": "x" * 500}
+
+    tools = {"slow": Slow()}
+    start = time.perf_counter()
+    results = run_calls([(Call("slow", {}), tools)] * 8, budget_s=10.0, max_chars=50)
+    assert time.perf_counter() - start < 0.5 * 8 / 2  # not one after another
+    assert all(r.error is None and r.text.endswith("(cut)") for r in results)
+
+
+def test_load_tools_names_what_is_wrong():
+    tools = load_tools(["distflow_mc.agent.tools.Calculator", "distflow_mc.data.tiny.Lookup"])
+    assert set(tools) == {"calculator", "lookup"}
+    with pytest.raises(ValueError, match=r"rollout\.agent\.tools"):
+        load_tools(["distflow_mc.agent.tools.NoSuch"])
+    with pytest.raises(ValueError, match="made no tool"):
+        load_tools(["distflow_mc.agent.tools.schema"])  # a function that is not a tool
+    with pytest.raises(ValueError, match="two tools"):
+        load_tools(["distflow_mc.data.tiny.Lookup"] * 2)
+
+
+def test_row_tools_column():
+    assert row_tools({}) is None
+    assert row_tools({"tools": '[{"type": "function", "function": {"name": "a"}}]'})[0]["type"]
+    for bad in ("not json", "[1]", '{"function": {}}'):
+        with pytest.raises(ValueError, match="tools"):
+            row_tools({"tools": bad})
+
+
+def always_lookup(text: str):
+    """A parser for the test below: every turn calls the tool (a random model would not)."""
+    return [Call("lookup", {"key": "1"})], []
+
+
+def test_real_engine_logprobs_match_a_forward_of_the_trajectory(tmp_path: Path):
+    """Turns generated in left-padded batches of different lengths, with tool results
+    between: a forward pass over each finished trajectory gives the engine's log-probs at
+    every generated token (the sequence is what the engine saw, token for token)."""
+    from distflow_mc.data.tiny import make_model
+    from distflow_mc.rollout.hf_engine import HFEngine
+    from tests.tiny_hf import load_hf, load_tensors
+
+    model_dir = tmp_path / "m"
+    tok = make_tokenizer(model_dir, AGENT_TOKENS)
+    make_model(model_dir, tok, seed=3)
+    engine = HFEngine(model_dir, tok.pad_token_id, torch.device("cpu"))
+    engine.update_weights([list(load_tensors(model_dir).items())])
+    loop = AgentLoop(
+        AgentConfig(parser=f"{__name__}.always_lookup", max_turns=3, max_total_tokens=60),
+        tok,
+        {"lookup": Lookup()},
+    )
+    stops = tuple(range(10, 128))  # most tokens end a turn: several turns within budget
+    params = SamplingParams(n=3, max_new_tokens=5, stop_token_ids=stops, seed=1)
+    prompts = [enc(tok, "<|user|>key: 1\n<|assistant|>"), enc(tok, "key: 22")]
+    done = loop.run(engine, prompts, [loop.tools] * 2, params)
+    assert max(t.turns for t in done) >= 2
+    hf = load_hf(model_dir)
+    for t in done:
+        ids = torch.tensor([t.ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(ids).logits[0, :-1].float(), -1)
+        want = logp.gather(-1, ids[0, 1:, None])[:, 0]
+        mask = torch.tensor(t.mask[1:]).bool()
+        torch.testing.assert_close(
+            torch.tensor(t.logprobs[1:])[mask], want[mask], atol=2e-5, rtol=0
+        )
