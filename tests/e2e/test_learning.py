@@ -100,3 +100,19 @@ def test_dapo_extras_and_gspo_run(task, tmp_path):
     assert any((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert all(1 <= r["rollout/dynamic_rounds"] <= 4 for r in rows)
     assert all(r["rollout/groups"] <= 8 for r in rows)
+
+
+def test_agent_learns_to_call_its_tool(task, tmp_path):
+    """The agent preset with tool calls, trajectories moved from the rollout layout (DP=2)
+    to the training layout (TP=2): the tool-call rate and the reward rise, and the engine's
+    log-probs of multi-turn trajectories equal the actor's (token in, token out)."""
+    rows = train(task, tmp_path, "cpu_tiny_agent", 30, "parallel=tp2", "trainer.val_every=15")
+    calls = mean(rows[:5], "agent/tool_call_rate"), mean(rows[-5:], "agent/tool_call_rate")
+    assert calls[1] > calls[0] + 0.3, calls
+    first, last = mean(rows[:5], "reward/mean"), mean(rows[-5:], "reward/mean")
+    assert last > first + 0.15, (first, last)
+    assert mean(rows[-5:], "agent/turns") > 1.5
+    for key in ("agent/tool_errors", "agent/tool_timeouts", "agent/truncated_frac"):
+        assert key in rows[-1], key
+    assert max(r["rollout/logprob_gap_mean"] for r in rows) < 1e-4
+    assert [r["step"] for r in rows if "val/tiny_lookup/reward" in r] == [15, 30]

@@ -18,7 +18,7 @@ from distflow_mc.agent.loop import AgentLoop, row_tools
 from distflow_mc.agent.parser import get_parser, hermes
 from distflow_mc.agent.tools import Calculator, Call, load_tools, run_calls
 from distflow_mc.config.schema import AgentConfig
-from distflow_mc.data.tiny import AGENT_TOKENS, CALL_CLOSE, CALL_OPEN, Lookup, make_tokenizer
+from distflow_mc.data.tiny import AGENT_TOKENS, CALLS, Lookup, make_tokenizer
 from distflow_mc.rollout.engine import Generation, SamplingParams
 
 
@@ -31,8 +31,8 @@ class Scripted:
     """An engine that answers each call with the next scripted turn of each row, and
     records what it was asked (the loop's view of the engine protocol)."""
 
-    def __init__(self, turns: list[list[list[int]]], stop: int) -> None:
-        self.turns, self.stop, self.seen = list(turns), stop, []
+    def __init__(self, turns: list[list[list[int]]]) -> None:
+        self.turns, self.seen = list(turns), []
 
     def generate(self, prompts, params: SamplingParams) -> Generation:
         self.seen.append(([list(p) for p in prompts], params))
@@ -44,7 +44,7 @@ class Scripted:
             gen.prompt_index.append(i)
             gen.response_ids.append(torch.tensor(ids))
             gen.logprobs.append(-torch.arange(1, len(ids) + 1, dtype=torch.float32) / 10)
-            gen.finish_reasons.append("stop" if ids[-1] == self.stop else "length")
+            gen.finish_reasons.append("stop" if ids[-1] in params.stop_token_ids else "length")
         return gen
 
 
@@ -53,29 +53,30 @@ def enc(tok, text: str) -> list[int]:
 
 
 def lookup_call(tok, key: str) -> list[int]:
-    return [*enc(tok, f"{CALL_OPEN}{key}{CALL_CLOSE}"), tok.eos_token_id]
+    return [*enc(tok, CALLS[int(key)]), tok.eos_token_id]
+
+
+def params(stop: int) -> SamplingParams:
+    return SamplingParams(n=1, max_new_tokens=1024, stop_token_ids=(stop,))
 
 
 def loop_with(tok, tools=None, **config) -> AgentLoop:
     return AgentLoop(AgentConfig(**config), tok, tools or {"lookup": Lookup()})
 
 
-PARAMS = SamplingParams(n=1, max_new_tokens=1024)
-
-
 def test_trajectory_is_the_sequence_the_engine_saw(tok):
     eos = tok.eos_token_id
     prompts = [enc(tok, "<|user|>key: 3\n<|assistant|>"), enc(tok, "<|user|>key: 5\n<|assistant|>")]
     call = lookup_call(tok, "3")
-    assert len(call) == 4  # open, key, close, eos
-    engine = Scripted([[call, [*enc(tok, "7"), eos]], [[*enc(tok, "4"), eos]]], eos)
+    assert len(call) == 2  # the call, eos
+    engine = Scripted([[call, [*enc(tok, "7"), eos]], [[*enc(tok, "4"), eos]]])
     loop = loop_with(tok, max_turns=4, max_total_tokens=64)
-    a, b = loop.run(engine, prompts, [loop.tools] * 2, PARAMS)
+    a, b = loop.run(engine, prompts, [loop.tools] * 2, params(eos))
     tool_part = enc(tok, "\n<|tool|>4\n<|assistant|>")  # the tiny template's tool turn
     assert a.ids == prompts[0] + call + tool_part + [*enc(tok, "4"), eos]
-    assert a.mask == [0.0] * len(prompts[0]) + [1.0] * 4 + [0.0] * len(tool_part) + [1.0] * 2
+    assert a.mask == [0.0] * len(prompts[0]) + [1.0] * 2 + [0.0] * len(tool_part) + [1.0] * 2
     generated = [x for x, m in zip(a.logprobs, a.mask, strict=True) if m]
-    assert generated == pytest.approx([-0.1, -0.2, -0.3, -0.4, -0.1, -0.2])
+    assert generated == pytest.approx([-0.1, -0.2, -0.1, -0.2])
     assert all(x == 0 for x, m in zip(a.logprobs, a.mask, strict=True) if not m)
     assert (a.turns, a.tool_calls, a.tool_errors, a.finish) == (2, 1, 0, "stop")
     assert [m["role"] for m in a.messages] == ["assistant", "tool", "assistant"]
@@ -90,7 +91,7 @@ def test_turn_limit(tok):
     eos = tok.eos_token_id
     prompt = enc(tok, "key: 1")
     loop = loop_with(tok, max_turns=1)
-    (t,) = loop.run(Scripted([[lookup_call(tok, "1")]], eos), [prompt], [loop.tools], PARAMS)
+    (t,) = loop.run(Scripted([[lookup_call(tok, "1")]]), [prompt], [loop.tools], params(eos))
     assert t.finish == "turns" and t.tool_calls == 1 and len(t.messages) == 1
     assert t.ids == prompt + lookup_call(tok, "1")  # no tool result after the last turn
 
@@ -99,8 +100,8 @@ def test_token_limit_cuts_the_turn_and_the_engine_is_asked_for_no_more(tok):
     eos = tok.eos_token_id
     prompt = enc(tok, "key: 1")
     loop = loop_with(tok, max_turns=3, max_total_tokens=len(prompt) + 3)
-    engine = Scripted([[[*enc(tok, "12345"), eos]]], eos)
-    (t,) = loop.run(engine, [prompt], [loop.tools], PARAMS)
+    engine = Scripted([[[*enc(tok, "12345"), eos]]])
+    (t,) = loop.run(engine, [prompt], [loop.tools], params(eos))
     assert engine.seen[0][1].max_new_tokens == 3
     assert len(t.ids) == len(prompt) + 3 and t.finish == "length" and sum(t.mask) == 3
 
@@ -109,7 +110,7 @@ def test_no_room_for_the_tool_result_ends_the_trajectory(tok):
     eos = tok.eos_token_id
     prompt = enc(tok, "key: 1")
     loop = loop_with(tok, max_turns=3, max_total_tokens=len(prompt) + 6)
-    (t,) = loop.run(Scripted([[lookup_call(tok, "1")]], eos), [prompt], [loop.tools], PARAMS)
+    (t,) = loop.run(Scripted([[lookup_call(tok, "1")]]), [prompt], [loop.tools], params(eos))
     assert t.finish == "length" and t.ids == prompt + lookup_call(tok, "1")
 
 
@@ -145,10 +146,10 @@ def test_parse_failures_and_failing_tools_answer_in_the_conversation(tok):
         '<tool_call>{"name": "nope", "arguments": {}}</tool_call>'
         "<tool_call>{oops</tool_call><tool_call>"
     )
-    engine = Scripted([[[*enc(tok, turn), eos]], [[*enc(tok, "9"), eos]]], eos)
+    engine = Scripted([[[*enc(tok, turn), eos]], [[*enc(tok, "9"), eos]]])
     loop = loop_with(tok, tools, max_total_tokens=2048, tool_timeout_s=0.5)
     start = time.perf_counter()
-    (t,) = loop.run(engine, [enc(tok, "go")], [tools], PARAMS)
+    (t,) = loop.run(engine, [enc(tok, "go")], [tools], params(eos))
     assert time.perf_counter() - start < 20  # the budget, not the tools' 60 s
     said = [m["content"] for m in t.messages if m["role"] == "tool"]
     assert len(said) == 7 and all(s.startswith("error") for s in said)
@@ -168,19 +169,22 @@ CHATML = (
 )
 
 
-def test_chatml_join_equals_the_templates_own_rendering(tmp_path):
+@pytest.mark.parametrize("stop", [[], ["</tool_call>"]])
+def test_chatml_join_equals_the_templates_own_rendering(tmp_path, stop):
     """Qwen's format: the turn's stop token <|im_end|> is the template's own end of the
-    assistant message, so the join does not write it twice; the finished sequence reads
-    exactly as the template renders the whole conversation."""
+    assistant message, so the join does not write it twice (or, stopping at </tool_call>,
+    the join writes it); the finished sequence reads exactly as the template renders the
+    whole conversation."""
     tok = make_tokenizer(tmp_path, ("<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"))
     tok.chat_template = CHATML
     end = tok.convert_tokens_to_ids("<|im_end|>")
     messages = [{"role": "user", "content": "key: 3"}]
     prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    call = '<tool_call>{"name": "lookup", "arguments": {"key": "3"}}</tool_call>'
-    engine = Scripted([[[*enc(tok, call), end]], [[*enc(tok, "4"), end]]], end)
-    loop = loop_with(tok, max_total_tokens=512)
-    (t,) = loop.run(engine, [enc(tok, prompt)], [loop.tools], PARAMS)
+    call = enc(tok, '<tool_call>{"name": "lookup", "arguments": {"key": "3"}}</tool_call>')
+    turn = call if stop else [*call, end]
+    engine = Scripted([[turn], [[*enc(tok, "4"), end]]])
+    loop = loop_with(tok, max_total_tokens=512, stop=stop)
+    (t,) = loop.run(engine, [enc(tok, prompt)], [loop.tools], params(end))
     whole = messages + t.messages
     assert [m["role"] for m in whole] == ["user", "assistant", "tool", "assistant"]
     want = tok.apply_chat_template(whole, tokenize=False).removesuffix("\n")

@@ -6,8 +6,9 @@ their budgets, and the results are appended through the chat template. A traject
 one token sequence that only ever grows: generated tokens go in as the engine returned
 them (with their log-probs, loss mask 1) and template and tool tokens as the template
 renders them (mask 0); nothing is re-tokenized from text, which would shift tokens and
-break the match between the engine's and the trainer's log-probs. A trajectory ends when
-a turn makes no call ("stop"), at `max_total_tokens` or a turn's `max_new_tokens`
+break the match between the engine's and the trainer's log-probs. A turn ends at the end
+of sequence, or at a `rollout.agent.stop` token. A trajectory ends when a turn makes no
+call ("stop"), at `max_total_tokens` or a turn's `max_new_tokens`
 ("length"), or after `max_turns` turns that all called tools ("turns").
 """
 
@@ -95,6 +96,7 @@ class AgentLoop:
         self.config, self.tokenizer, self.tools = config, tokenizer, tools
         self.parse = get_parser(config.parser)
         self.turns = ToolTurns(tokenizer)
+        self.stop_ids = stop_ids(tokenizer, config.stop)
 
     def offered(self, row_tools: list[dict[str, Any]] | None) -> dict[str, Tool]:
         """The tools a prompt offers: those its `tools` column names, else all."""
@@ -129,6 +131,7 @@ class AgentLoop:
                 params,
                 n=1,
                 max_new_tokens=min(params.max_new_tokens, max(room)),
+                stop_token_ids=(*params.stop_token_ids, *self.stop_ids),
                 seed=params.seed + 1_000_003 * turn,
             )
             gen = engine.generate([t.ids for t in active], step)
@@ -151,7 +154,10 @@ class AgentLoop:
         t.mask += [1.0] * len(ids)
         t.turns += 1
         stopped = finish == "stop"
-        text = self.tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=False)
+        # an end-of-sequence stop closes the message (the template may write it itself); a
+        # stop string (</tool_call>) is part of the message and the template closes it
+        eos = stopped and ids[-1] not in self.stop_ids
+        text = self.tokenizer.decode(ids[:-1] if eos else ids, skip_special_tokens=False)
         t.messages.append({"role": "assistant", "content": text})
         if not stopped:
             t.finish = "length"
@@ -165,7 +171,7 @@ class AgentLoop:
         if turn == self.config.max_turns - 1:
             t.finish = "turns"
             return []
-        return [_Pending(t, self.tokenizer.decode(ids[-1:]), calls, errors)]
+        return [_Pending(t, self.tokenizer.decode(ids[-1:]) if eos else "", calls, errors)]
 
     def _answer(self, pending: list[_Pending]) -> list[Trajectory]:
         """Run every pending call at once, append the results; the trajectories that go on."""
@@ -192,6 +198,18 @@ class AgentLoop:
             t.mask += [0.0] * len(delta)
             going.append(t)
         return going
+
+
+def stop_ids(tokenizer: PreTrainedTokenizerBase, stops: list[str]) -> tuple[int, ...]:
+    """The ids of every token whose text ends with one of `stops`."""
+    if not stops:
+        return ()
+    vocab = range(len(tokenizer))
+    texts = tokenizer.batch_decode([[i] for i in vocab], skip_special_tokens=False)
+    found = tuple(i for i, text in zip(vocab, texts, strict=True) if text.endswith(tuple(stops)))
+    if not found:
+        raise ValueError(f"rollout.agent.stop={stops}: no token of the tokenizer ends with it")
+    return found
 
 
 def row_tools(extra: dict[str, Any]) -> list[dict[str, Any]] | None:

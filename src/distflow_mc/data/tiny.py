@@ -124,12 +124,15 @@ def make_model(model_dir: Path, tok: PreTrainedTokenizerFast, seed: int) -> None
 
 
 # The agent task: the answer to "key: 3" is a secret only the `lookup` tool knows. The
-# tokenizer has the call's fixed text as two tokens (as a BPE trained on tool-call data
-# would merge it), so a tiny random model can find the call: open, the key, close. The
-# call is parsed from text by the Hermes parser, like any Qwen model's.
-CALL_OPEN = '<tool_call>{"name": "lookup", "arguments": {"key": "'
-CALL_CLOSE = '"}}</tool_call>'
-AGENT_TOKENS = ("<|tool|>", CALL_OPEN, CALL_CLOSE)
+# tokenizer has each key's whole call as one token (as a BPE trained on tool-call data
+# would merge such frequent text), so a tiny random model can find the call; the turn ends
+# at it (rollout.agent.stop: </tool_call>), and the Hermes parser reads it from the text
+# like any Qwen model's.
+CALLS = tuple(
+    f'<tool_call>{{"name": "lookup", "arguments": {{"key": "{k}"}}}}</tool_call>'
+    for k in string.digits
+)
+AGENT_TOKENS = ("<|tool|>", *CALLS)
 
 
 def secret(key: str) -> str:

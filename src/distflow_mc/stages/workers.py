@@ -45,7 +45,7 @@ class Workers:
     reference: list[MegatronModule] | None
     critic: TrainableModel | None
     engine: RolloutEngine | None
-    agent: AgentLoop | None  # on rollout emitters, when rollout.agent.tools is set
+    agent: AgentLoop | None  # when rollout.agent.tools is set
     loader: PromptLoader | None  # on rollout emitters
     val_loader: PromptLoader | None  # on rollout emitters, when validation is on
     rewards: RewardComputer
@@ -90,6 +90,8 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
     tools = check_inputs(config)
     dtype = model_dtype(config.model.dtype)
     tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or model_dir)
+    # on every rank, before any model: a setting it refuses stops them all
+    agent = AgentLoop(config.rollout.agent, tokenizer, tools) if tools is not None else None
     aux = config.model.router_aux_loss_coef
     arch, chunks = load_model(model_dir, mp, dtype, router_aux_loss_coef=aux)
     actor = TrainableModel(chunks, t.actor_optim, t.total_steps * a.ppo_epochs * a.mini_batches)
@@ -105,14 +107,12 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
         config.rollout, model_dir, layouts.rollout, tokenizer.pad_token_id, t.seed, ctx.device
     )
     emitter = ctx.rank in layouts.rollout.emitters()
-    loader = val_loader = agent = None
+    loader = val_loader = None
     if emitter:
         dp = layouts.rollout.coords(ctx.rank)["dp"]
         loader = PromptLoader(config.data, tokenizer, dp, layouts.rollout.dp, t.seed, tools=tools)
         if t.val_every and config.data.val_files:
             val_loader = validation_loader(config, tokenizer, dp, layouts.rollout.dp, tools)
-        if tools is not None:
-            agent = AgentLoop(config.rollout.agent, tokenizer, tools)
     loss_fn = losses.gspo if a.policy_loss is PolicyLoss.GSPO else losses.ppo_clip
     bounds = {
         k: v for k, v in (("clip_low", a.clip_low), ("clip_high", a.clip_high)) if v is not None
