@@ -99,10 +99,13 @@ class Sinks:
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
         if self.bar is not None:
-            self.bar.set_postfix(
-                reward=f"{record.get('reward/mean', float('nan')):.3f}",
-                tok_s=f"{record.get('throughput/total_tokens_per_s', float('nan')):.0f}",
-            )
+            shown = {
+                "reward": f"{record.get('reward/mean', float('nan')):.3f}",
+                "tok_s": f"{record.get('throughput/total_tokens_per_s', float('nan')):.0f}",
+            }
+            if "agent/tool_call_rate" in record:  # agent rollouts
+                shown["calls"] = f"{record['agent/tool_call_rate']:.2f}"
+            self.bar.set_postfix(shown)
             self.bar.update(1)
 
     def close(self) -> None:

@@ -85,12 +85,16 @@ class HFEngine:
         # every setting that shapes the distribution is explicit: transformers fills unset
         # ones from its global defaults (top_k=50), which would sample from another
         # distribution than the log-probs below (and the trainer) assume
+        # (greedy decoding reads none of them, and transformers warns when they are set)
+        sampling = {
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": 0 if params.top_k < 0 else params.top_k,
+        }
         config = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
             do_sample=not greedy,
-            temperature=1.0 if greedy else params.temperature,
-            top_p=1.0 if greedy else params.top_p,
-            top_k=0 if greedy or params.top_k < 0 else params.top_k,
+            **({} if greedy else sampling),
             eos_token_id=list(params.stop_token_ids) or None,
             pad_token_id=self.pad,
             output_logits=True,
