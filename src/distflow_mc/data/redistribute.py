@@ -4,11 +4,10 @@
 
 One rank per source replica (its emitter) sends. Every rank learns every sample's length
 and group from one fixed-layout integer all-gather, computes the same balanced assignment,
-and the fields move as records in one `all_to_all_single` per kind (per token, per
-sample): the sender gathers each field, in destination order, into its column of a
-[rows, stride] byte buffer; the receiver keeps each field as a strided view of its column
-(no unpacking copy). Objects (strings, dicts), when they travel, are serialised once per
-destination.
+and each field moves in one `all_to_all_single`: the sender orders its samples by
+destination and gathers each field into its send buffer with one `index_select`; the
+receiver gets each field contiguous, in source order, and keeps it as a view (no unpacking
+copy). Objects (strings, dicts), when they travel, are serialised once per destination.
 
 Two ways to reach the ranks of a destination replica, chosen by measured cost (the same
 choice on every rank): DIRECT sends every rank of the replica its copy; LEADERS sends
@@ -36,7 +35,7 @@ from distflow_mc.data.balance import destinations
 from distflow_mc.data.batch import Batch
 from distflow_mc.parallel.layout import Layout, Move, movement
 
-ALIGN = 8  # record rows are padded to 8 bytes, so every column can be viewed in place
+ALIGN = 8  # every field starts 8-byte aligned in the buffers so it can be viewed in place
 
 
 @dataclass(frozen=True)
@@ -240,19 +239,7 @@ class _Measured:
 _measured = _Measured()
 
 
-def _columns(fields: list[Field], kind: str) -> tuple[list[tuple[Field, int]], int]:
-    """The record layout of one kind's fields: each field's byte offset in a row and the
-    row stride. Widest element type first, so every column starts aligned to its type and
-    can be viewed in place as it."""
-    mine = sorted((f for f in fields if f[0] == kind), key=lambda f: -getattr(torch, f[2]).itemsize)
-    columns, pos = [], 0
-    for f in mine:
-        columns.append((f, pos))
-        pos += _row_bytes(f)
-    return columns, _aligned(pos)
-
-
-def _send_records(
+def _send_buffers(
     batch: Batch,
     dest: np.ndarray,
     replica_of_rank: list[int | None],
@@ -260,45 +247,41 @@ def _send_records(
     fields: list[Field],
     device: torch.device,
 ) -> dict[str, tuple[torch.Tensor, list[int]]]:
-    """Per kind ("t" per token, "s" per sample): a [rows, stride] uint8 record buffer, every
-    field a column, with the rows for each rank in rank order (rank r gets the samples
-    whose destination is its replica, none when it receives nothing), and the row count
-    per rank. Each field is gathered into its column in destination order with one
-    index_select (a plain copy when the samples already are in order); a replica that
-    several ranks receive directly is repeated for each of them."""
+    """Per field: [rows, row bytes] uint8 rows for each rank in rank order (rank r gets the
+    samples whose destination is its replica, none when it receives nothing), and the row
+    count per rank. The samples are ordered by destination with one index_select per
+    field (none when they already are); a replica that several ranks receive directly is
+    repeated for each of them."""
     perm = np.argsort(dest, kind="stable")
     lengths = batch.lengths.cpu().numpy()
     n_of = np.bincount(dest, minlength=replicas)
     tok_of = np.bincount(dest, weights=lengths, minlength=len(n_of)).astype(np.int64)
+    n_per_rank = [int(n_of[d]) if d is not None else 0 for d in replica_of_rank]
+    tok_per_rank = [int(tok_of[d]) if d is not None else 0 for d in replica_of_rank]
     in_order = bool((perm == np.arange(len(perm))).all())
-    index = {}
     if not in_order:
         idx = torch.from_numpy(perm).to(batch.offsets.device)
-        index = {"t": batch.token_index(idx)[1], "s": idx}
+        _, rows = batch.token_index(idx)
     # the destinations in rank order, each once: then the sorted rows are the buffer itself
     used = [d for d in replica_of_rank if d is not None and n_of[d]]
     once = used == sorted(set(used))
     out = {}
-    for kind, per_dest in (("t", tok_of), ("s", n_of)):
-        columns, stride = _columns(fields, kind)
-        if not columns:
-            continue
-        rows = int(per_dest.sum())
-        records = torch.empty(rows, stride, dtype=torch.uint8, device=device)
-        for f, pos in columns:
-            src = _as_rows((batch.tokens if kind == "t" else batch.samples)[f[1]])
-            picked = src if in_order else src.index_select(0, index[kind])
-            records[:, pos : pos + _row_bytes(f)].copy_(picked)
+    for f in fields:
+        kind, name = f[0], f[1]
+        src = batch.tokens[name] if kind == "t" else batch.samples[name]
+        sorted_rows = src if in_order else src[rows if kind == "t" else idx]
+        counts = tok_per_rank if kind == "t" else n_per_rank
         if not once:
-            parts = records.split(per_dest.tolist())
-            records = torch.cat([parts[d] for d in used])
-        counts = [int(per_dest[d]) if d is not None else 0 for d in replica_of_rank]
-        out[kind] = (records, counts)
+            per_dest = sorted_rows.split((tok_of if kind == "t" else n_of).tolist())
+            sorted_rows = torch.cat(
+                [per_dest[d] for d in replica_of_rank if d is not None and n_of[d]]
+            )
+        out[name] = (_as_rows(sorted_rows.to(device)), counts)
     return out
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """[rows, row bytes] uint8 view of a contiguous tensor."""
+    """[rows, row bytes] uint8 view of a contiguous tensor (what all_to_all_single splits)."""
     return t.contiguous().reshape(len(t), -1).view(torch.uint8)
 
 
@@ -368,7 +351,7 @@ class Transfer:
         self.device, self.timeout, self.clock = device, timeout, _Clock(phases, device)
         self.rank, self.senders = dist.get_rank(), src.emitters()
         self.sent: set[str] = set()
-        self.rounds: list[tuple[list[Field], dict[str, torch.Tensor], list[torch.Tensor]]] = []
+        self.rounds: list[tuple[list[Field], dict[str, torch.Tensor], torch.Tensor]] = []
         self.works: list = []
         self.objects: dict[str, list] = {}
         self.busy_ns = 0
@@ -395,9 +378,17 @@ class Transfer:
         self.sent |= {f[1] for f in fields} | set(meta.objects)
         if rank in senders and fields:
             order = [self.replica_of.get(r) for r in range(world)]
-            send = _send_records(batch, plan.dest[rank], order, self.dst.dp, fields, self.device)
+            send = _send_buffers(batch, plan.dest[rank], order, self.dst.dp, fields, self.device)
         self.clock("pack")
-        if meta.objects:  # small, synchronous, first: then nothing waits behind the records
+        totals = (int(self.lengths.sum()), len(self.lengths))
+        sizes = [_aligned(totals[f[0] == "s"] * _row_bytes(f)) for f in fields]
+        recv = torch.empty(sum(sizes) if self.holding else 0, dtype=torch.uint8, device=self.device)
+        views, pos = {}, 0
+        for f, size in zip(fields, sizes, strict=True):
+            rows = totals[f[0] == "s"]
+            views[f[1]] = recv[pos : pos + rows * _row_bytes(f)].view(rows, _row_bytes(f))
+            pos += size
+        if meta.objects:  # small, synchronous, first: then nothing waits behind the fields
             blobs = [b""] * world
             if rank in senders:
                 to_holders = [self._samples_for(rank, r, self.holder_of) for r in range(world)]
@@ -407,24 +398,17 @@ class Transfer:
                 k: [x for p in pieces for x in p[j]] for j, k in enumerate(meta.objects)
             }
         receiving = rank in self.replica_of
-        recvs, views = [], {}
-        totals = {"t": int(self.lengths.sum()), "s": len(self.lengths)}
-        for kind, per_sender in (("t", self.tokens), ("s", self.counts)):
-            columns, stride = _columns(fields, kind)
-            if not columns:
-                continue
-            rows = totals[kind] if self.holding else 0
-            recv = torch.empty(rows, stride, dtype=torch.uint8, device=self.device)
-            for f, pos in columns:
-                views[f[1]] = recv[:, pos : pos + _row_bytes(f)]
+        for f in fields:  # every field in flight at once: the backend pipelines them
+            per_sender = self.tokens if f[0] == "t" else self.counts
             in_splits = [per_sender.get(s, 0) if receiving else 0 for s in range(world)]
-            out_t, out_splits = send[kind] if rank in senders else (recv[:0], [0] * world)
-            target = recv if receiving else recv[:0]
+            out_t, out_splits = send[f[1]] if rank in senders else (views[f[1]][:0], [0] * world)
+            target = views[f[1]] if receiving else views[f[1]][:0]
             self.works.append(
-                dist.all_to_all_single(target, out_t, in_splits, out_splits, async_op=True)
+                dist.all_to_all_single(
+                    target, out_t.to(self.device), in_splits, out_splits, async_op=True
+                )
             )
-            recvs.append(recv)
-        self.rounds.append((fields, views, recvs))
+        self.rounds.append((fields, views, recv))
         self.clock("exchange")
         self.busy_ns += time.perf_counter_ns() - begin
 
@@ -462,10 +446,8 @@ class Transfer:
             holders = self.plan.holders
             groups = [_group(h, self.timeout) if len(h) > 1 else None for h in holders]
             if self.holding and groups[self.d] is not None:
-                leader = self.plan.recipients[self.d][0]
-                for _, _, recvs in self.rounds:
-                    for recv in recvs:
-                        dist.broadcast(recv, src=leader, group=groups[self.d])
+                for _, _, recv in self.rounds:
+                    dist.broadcast(recv, src=self.plan.recipients[self.d][0], group=groups[self.d])
         self.clock("broadcast")
         out = None
         if self.holding:
