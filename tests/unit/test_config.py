@@ -119,6 +119,10 @@ def test_misspelled_workflow_field_names_it(tmp_path: Path):
         ("trainer.actor_optim.adam_beta2=1.0", "trainer.actor_optim.adam_beta2"),
         ("data.train_files=[]", "data.train_files"),
         ("reward.error_score=nan", "reward.error_score"),
+        ("rollout.agent.max_turns=0", "rollout.agent.max_turns"),
+        ("rollout.agent.max_total_tokens=10", "rollout.agent.max_total_tokens"),
+        ("rollout.agent.tool_timeout_s=0", "rollout.agent.tool_timeout_s"),
+        ("rollout.agent.max_tool_output_chars=0", "rollout.agent.max_tool_output_chars"),
     ],
 )
 def test_out_of_range_names_setting(override, key):

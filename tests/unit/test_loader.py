@@ -4,6 +4,7 @@ shards, epochs, resume on another rank count, malformed and overlong rows, prefe
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -187,3 +188,40 @@ def test_locate_names_file_and_row(files, tokenizer):
         ("b.jsonl", 0),
         ("b.jsonl", 11),
     ]
+
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|system|>tools: {{ tools | map(attribute='function.name') | join(',') }}\n"
+    "{% endif %}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_tools_column_offers_tools_and_bad_ones_are_malformed_rows(tmp_path):
+    """Agent datasets: a row's `tools` (OpenAI function schemas, here as JSON text) are
+    rendered into its prompt; a row without them offers every tool; a row naming a tool
+    the run does not have, or with unreadable `tools`, is a malformed row (file and row)."""
+    from distflow_mc.agent.tools import Calculator
+    from distflow_mc.data.tiny import Lookup
+
+    calc = json.dumps([{"type": "function", "function": {"name": "calculator"}}])
+    rows = [
+        {**row(0), "tools": calc},
+        {**row(1), "tools": None},
+        {**row(2), "tools": json.dumps([{"type": "function", "function": {"name": "web"}}])},
+        {**row(3), "tools": "[{oops"},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    config = DataConfig(train_files=[str(tmp_path / "t.parquet")], batch_size=4, shuffle=False)
+    tools = {"calculator": Calculator(), "lookup": Lookup()}
+    got = PromptLoader(config, tokenizer, 0, 1, seed=0, tools=tools).next()
+    assert got.malformed == 2
+    prompts = [tokenizer.decode(got.batch.token_slice("input_ids", i)) for i in range(2)]
+    assert prompts[0].startswith("<|system|>tools: calculator\n")
+    assert prompts[1].startswith("<|system|>tools: calculator,lookup\n")
+    with pytest.raises(MalformedRow, match=r"t\.parquet row 2: 'tools' offers \['web'\]"):
+        PromptLoader(
+            replace(config, on_malformed=OnBadRow.ERROR), tokenizer, 0, 1, seed=0, tools=tools
+        ).next()
