@@ -2,6 +2,7 @@
 
     python scripts/bench_e2e.py                       # cpu_tiny_grpo, 2 ranks, 300 steps
     python scripts/bench_e2e.py --experiment cpu_tiny_ppo --steps 300
+    python scripts/bench_e2e.py --experiment cpu_tiny_agent --steps 200 --no-plain
 
 Runs the real entrypoint under torchrun, then prints seconds per step, generated and
 total tokens/s (means over steps after the first 10), the reward at the start and end and
@@ -59,6 +60,7 @@ def main() -> None:
             "reward/std",
             "response/length_mean",
             "actor/entropy",
+            "agent/tool_call_rate",
             "time/step",
         ]
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -76,6 +78,15 @@ def main() -> None:
         "reward_first10": round(avg("reward/mean", rows[:10]), 3),
         "reward_last50": round(avg("reward/mean", rows[-50:]), 3),
     }
+    if "agent/tool_call_rate" in rows[-1]:  # agent rollouts: do they learn to call?
+        summary["tool_calls_first10"] = round(avg("agent/tool_call_rate", rows[:10]), 3)
+        summary["tool_calls_last50"] = round(avg("agent/tool_call_rate", rows[-50:]), 3)
+        summary["turns_last50"] = round(avg("agent/turns", rows[-50:]), 2)
+    validated = [r for r in rows if any(k.startswith("val/") for k in r)]
+    if validated:
+        val = next(k for k in validated[-1] if k.startswith("val/"))
+        summary["val_first"] = round(validated[0][val], 3)
+        summary["val_last"] = round(validated[-1][val], 3)
     stages = sorted(k for k in rows[-1] if k.startswith("time/") and k != "time/step")
     print("per-stage seconds:", {k[5:]: round(avg(k, steady), 4) for k in stages})
     table = [summary]

@@ -1,8 +1,9 @@
-"""Make the embedded CPU task: tokenizer, tiny random Llama-style model, parquet dataset.
+"""Make the embedded CPU tasks: tokenizers, tiny random Llama-style models, parquet data.
 
     python scripts/make_tiny_task.py [ROOT]     # default: data/ (DISTFLOW_DATA_DIR)
 
-Deterministic: the same files every time. experiment=cpu_tiny_grpo / cpu_tiny_ppo use them.
+Deterministic: the same files every time. experiment=cpu_tiny_grpo / cpu_tiny_ppo use the
+copy task, experiment=cpu_tiny_agent the agent task.
 """
 
 from __future__ import annotations

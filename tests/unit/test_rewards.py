@@ -106,3 +106,14 @@ def test_unknown_data_source_names_the_setting():
     check_sources(RewardConfig(fn="tests.unit.test_rewards.always_half"), {"mystery"}, "x")
     with pytest.raises(ValueError, match=r"reward\.fn: module 'nope' does not import"):
         RewardComputer(RewardConfig(fn="nope.fn"))
+
+
+def test_tiny_lookup_reads_the_trajectory():
+    from distflow_mc.rewards import tiny_lookup
+
+    looked = {"trajectory": {"messages": [{"role": "tool", "content": "7"}]}}
+    failed = {"trajectory": {"messages": [{"role": "tool", "content": "error: bad key"}]}}
+    assert tiny_lookup.score("7", "7", {}) == 1.0
+    assert tiny_lookup.score("3", "7", looked) == 0.5
+    assert tiny_lookup.score("3", "7", failed) == 0.2
+    assert tiny_lookup.score("x", "7", looked) == 0.3

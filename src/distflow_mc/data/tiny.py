@@ -1,7 +1,9 @@
 """The embedded CPU task, made locally and deterministically (no hub): a character-level
 Hugging Face tokenizer with a chat template, a tiny random Llama-style model saved with
 safetensors, and a parquet dataset whose reward a random model learns within a few
-hundred GRPO steps on CPU: repeat the digit that ends the prompt."""
+hundred GRPO steps on CPU: repeat the digit that ends the prompt. The agent task beside it
+(its own tokenizer and model) needs a tool call: answer a key's secret digit, which only
+the `lookup` tool knows."""
 
 from __future__ import annotations
 
