@@ -299,3 +299,13 @@ def test_real_engine_logprobs_match_a_forward_of_the_trajectory(tmp_path: Path):
         torch.testing.assert_close(
             torch.tensor(t.logprobs[1:])[mask], want[mask], atol=2e-5, rtol=0
         )
+
+
+def test_a_template_without_tool_messages_is_refused_by_name(tmp_path):
+    tok = make_tokenizer(tmp_path)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'tool' %}"
+        "{{ raise_exception('unknown role') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    with pytest.raises(ValueError, match="cannot render tool results"):
+        loop_with(tok)

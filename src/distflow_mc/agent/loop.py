@@ -38,7 +38,13 @@ class ToolTurns:
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
         self.head = [{"role": "user", "content": "?"}, {"role": "assistant", "content": MARK}]
-        self.render([{"role": "tool", "content": "probe"}])  # a template that cannot: now
+        try:  # a template that cannot: now, on every rank, before any model
+            self.render([{"role": "tool", "content": "probe"}])
+        except Exception as e:
+            raise ValueError(
+                "rollout.agent: the tokenizer's chat template cannot render tool results"
+                f" ({type(e).__name__}: {e}); use a tokenizer whose template has a tool role"
+            ) from e
 
     def render(self, tool_messages: list[dict[str, str]]) -> str:
         text = self.tokenizer.apply_chat_template(
