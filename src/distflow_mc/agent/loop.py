@@ -127,12 +127,10 @@ class AgentLoop:
         ]
         active = trajectories
         for turn in range(c.max_turns):
-            room = [c.max_total_tokens - len(t.ids) for t in active]
-            for t in [t for t, r in zip(active, room, strict=True) if r <= 0]:
-                t.finish = "length"
-            active, room = [t for t in active if t.finish != "length"], [r for r in room if r > 0]
             if not active:
                 break
+            # > 0: prompts are shorter (checked), and _answer ends those left without room
+            room = [c.max_total_tokens - len(t.ids) for t in active]
             step = replace(
                 params,
                 n=1,
