@@ -147,7 +147,9 @@ def test_parse_failures_and_failing_tools_answer_in_the_conversation(tok):
         "<tool_call>{oops</tool_call><tool_call>"
     )
     engine = Scripted([[[*enc(tok, turn), eos]], [[*enc(tok, "9"), eos]]])
-    loop = loop_with(tok, tools, max_total_tokens=2048, tool_timeout_s=0.5)
+    # the default would wait 30 s for each hanging tool: their own budgets apply
+    budgets = {"hang": 0.5, "stuck": 0.5}
+    loop = loop_with(tok, tools, max_total_tokens=2048, tool_timeout_s=30, tool_timeouts=budgets)
     start = time.perf_counter()
     (t,) = loop.run(engine, [enc(tok, "go")], [tools], params(eos))
     assert time.perf_counter() - start < 20  # the budget, not the tools' 60 s
@@ -309,3 +311,21 @@ def test_a_template_without_tool_messages_is_refused_by_name(tmp_path):
     )
     with pytest.raises(ValueError, match="cannot render tool results"):
         loop_with(tok)
+
+
+def test_agent_settings_are_checked_on_every_rank_before_any_model(tmp_path, monkeypatch):
+    from distflow_mc.config.validate import load_config
+    from distflow_mc.data.tiny import make_task
+    from distflow_mc.stages.workers import check_inputs
+    from tests.conftest import compose_config
+
+    monkeypatch.setenv("DISTFLOW_DATA_DIR", str(make_task(tmp_path)))
+    base = ["experiment=cpu_tiny_agent"]
+    assert set(check_inputs(load_config(compose_config(base)))) == {"lookup"}
+    for override, message in (
+        ("+rollout.agent.tool_timeouts.web=5", r"tool_timeouts names \['web'\]"),
+        ("rollout.agent.tools=[distflow_mc.nosuch.Tool]", r"rollout\.agent\.tools"),
+        ("rollout.agent.parser=nosuch", r"rollout\.agent\.parser"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            check_inputs(load_config(compose_config([*base, override])))

@@ -123,6 +123,7 @@ def test_misspelled_workflow_field_names_it(tmp_path: Path):
         ("rollout.agent.max_total_tokens=10", "rollout.agent.max_total_tokens"),
         ("rollout.agent.tool_timeout_s=0", "rollout.agent.tool_timeout_s"),
         ("rollout.agent.max_tool_output_chars=0", "rollout.agent.max_tool_output_chars"),
+        ("+rollout.agent.tool_timeouts.python=0", "rollout.agent.tool_timeouts.python"),
     ],
 )
 def test_out_of_range_names_setting(override, key):

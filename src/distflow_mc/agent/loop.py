@@ -181,7 +181,7 @@ class AgentLoop:
         """Run every pending call at once, append the results; the trajectories that go on."""
         c = self.config
         flat = [(call, p.trajectory.tools) for p in pending for call in p.calls]
-        results = iter(run_calls(flat, c.tool_timeout_s, c.max_tool_output_chars))
+        results = iter(run_calls(flat, c.tool_timeout_s, c.max_tool_output_chars, c.tool_timeouts))
         going = []
         for p in pending:
             t = p.trajectory

@@ -12,7 +12,7 @@ import json
 import math
 import operator
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -97,13 +97,20 @@ def load_tools(paths: Sequence[str]) -> dict[str, Tool]:
 
 
 def run_calls(
-    calls: Sequence[tuple[Call, dict[str, Tool]]], budget_s: float, max_chars: int
+    calls: Sequence[tuple[Call, dict[str, Tool]]],
+    budget_s: float,
+    max_chars: int,
+    budgets: Mapping[str, float] | None = None,
 ) -> list[Result]:
     """Run every call (with the tools its trajectory was offered) concurrently, each with
-    `budget_s` seconds; results in order, each cut to `max_chars`."""
+    its tool's entry in `budgets`, else `budget_s` seconds; results in order, each cut to
+    `max_chars`."""
+    budgets = budgets or {}
 
     async def all_of() -> list[Result]:
-        return await asyncio.gather(*(_run(c, tools, budget_s, max_chars) for c, tools in calls))
+        return await asyncio.gather(
+            *(_run(c, tools, budgets.get(c.name, budget_s), max_chars) for c, tools in calls)
+        )
 
     return asyncio.run(all_of()) if calls else []
 

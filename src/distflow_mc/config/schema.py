@@ -127,6 +127,7 @@ class AgentConfig:
     max_turns: int = 4  # model turns per trajectory
     max_total_tokens: int = 1024  # prompt + turns + tool results, per trajectory
     tool_timeout_s: float = 10.0  # per call
+    tool_timeouts: dict[str, float] = field(default_factory=dict)  # per tool name, overrides
     max_tool_output_chars: int = 2000  # a longer result is cut
     # a turn also ends at a token whose text ends with one of these (e.g. "</tool_call>":
     # one call per turn, the template closes the message); default: at end of sequence

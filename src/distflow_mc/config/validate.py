@@ -93,6 +93,11 @@ def _agent(g: AgentConfig, max_prompt_length: int) -> list[str]:
             f"must be > data.max_prompt_length={max_prompt_length}, got {g.max_total_tokens}",
         ),
         *_check(g.tool_timeout_s > 0, "rollout.agent.tool_timeout_s", "must be > 0"),
+        *[
+            problem
+            for name, value in g.tool_timeouts.items()
+            for problem in _check(value > 0, f"rollout.agent.tool_timeouts.{name}", "must be > 0")
+        ],
         *_check(
             g.max_tool_output_chars >= 1, "rollout.agent.max_tool_output_chars", "must be >= 1"
         ),

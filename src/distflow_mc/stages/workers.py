@@ -172,7 +172,14 @@ def check_inputs(config: Config) -> dict[str, Tool] | None:
     if not agent.tools:
         return None
     get_parser(agent.parser)
-    return load_tools(agent.tools)
+    tools = load_tools(agent.tools)
+    unknown = sorted(set(agent.tool_timeouts) - set(tools))
+    if unknown:
+        raise ValueError(
+            f"rollout.agent.tool_timeouts names {unknown}, not tools of rollout.agent.tools"
+            f" ({', '.join(tools)})"
+        )
+    return tools
 
 
 def validation_loader(
