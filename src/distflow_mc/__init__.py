@@ -15,3 +15,11 @@ if not torch.cuda.is_available():
         r" CUDA_DEVICE_MAX_CONNECTIONS",
     ):
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
+
+# megatron-core 0.16 still calls the collectives torch 2.13 renamed (all_gather_single,
+# reduce_scatter_single); the old names work and warn on every call from its MoE dispatch.
+warnings.filterwarnings(
+    "ignore",
+    message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+    category=FutureWarning,
+)
