@@ -52,7 +52,7 @@ def generate(w: Workers, batch: Batch | None, m: Metrics, step: int) -> Batch | 
     batch = Batch.concat(pieces)
     keep_samples = min(len(batch), target * w.config.rollout.n)
     m.add("rollout/groups", keep_samples // w.config.rollout.n)
-    return batch.select(list(range(keep_samples)))
+    return batch if keep_samples == len(batch) else batch.select(list(range(keep_samples)))
 
 
 def _sample(w: Workers, got: PromptBatch, m: Metrics, step: int, round_: int) -> Batch:
@@ -99,19 +99,27 @@ def _to_batch(
     gen: Generation, prompt_ids: list[torch.Tensor], prompts: Batch, n: int, device: torch.device
 ) -> Batch:
     """prompt + response sequences with a response mask and the engine's log-probs
-    (token-aligned, 0 on prompt tokens), on `device` (the engine's output stays there)."""
+    (token-aligned, 0 on prompt tokens), on `device` (the engine's output stays there).
+    Packed with one concatenation per field, not one per sample."""
     if not gen.response_ids:
         return Batch.empty(TOKEN_FIELDS, (*PROMPT_OBJECTS, "finish_reason"), device)
     ids = [p.to(device) for p in prompt_ids]
-    tokens: dict[str, list[torch.Tensor]] = {k: [] for k in TOKEN_FIELDS}
-    for p, resp, logp in zip(gen.prompt_index, gen.response_ids, gen.logprobs, strict=True):
-        prompt_zeros = torch.zeros(len(ids[p]), device=device)
-        tokens["input_ids"].append(torch.cat([ids[p], resp.to(device)]))
-        tokens["response_mask"].append(
-            torch.cat([prompt_zeros, torch.ones(len(resp), device=device)])
-        )
-        tokens["rollout_logprobs"].append(torch.cat([prompt_zeros, logp.to(device).float()]))
-    return _with_samples(tokens, gen.prompt_index, gen.finish_reasons, prompts, n, device)
+    pieces = [
+        x for p, r in zip(gen.prompt_index, gen.response_ids, strict=True) for x in (ids[p], r)
+    ]
+    input_ids = torch.cat(pieces).to(device)
+    parts = torch.tensor([len(x) for x in pieces], dtype=torch.int64, device=device)
+    is_response = torch.arange(len(pieces), device=device) % 2
+    response_mask = torch.repeat_interleave(is_response, parts, output_size=len(input_ids))
+    logprobs = torch.zeros(len(input_ids), device=device)
+    logprobs[response_mask.bool()] = torch.cat(gen.logprobs).to(device).float()
+    tokens = {
+        "input_ids": input_ids,
+        "response_mask": response_mask.float(),
+        "rollout_logprobs": logprobs,
+    }
+    lengths = parts.view(-1, 2).sum(1)
+    return _with_samples(tokens, lengths, gen.prompt_index, gen.finish_reasons, prompts, n)
 
 
 def _agent_batch(done: list[Trajectory], prompts: Batch, n: int, device: torch.device) -> Batch:
@@ -119,33 +127,39 @@ def _agent_batch(done: list[Trajectory], prompts: Batch, n: int, device: torch.d
     if not done:
         objects = (*PROMPT_OBJECTS, "finish_reason", "trajectory")
         return Batch.empty(TOKEN_FIELDS, objects, device)
+    flat = {k: [x for t in done for x in getattr(t, k)] for k in ("ids", "mask", "logprobs")}
     tokens = {
-        "input_ids": [torch.tensor(t.ids, dtype=torch.int64, device=device) for t in done],
-        "response_mask": [torch.tensor(t.mask, device=device) for t in done],
-        "rollout_logprobs": [torch.tensor(t.logprobs, device=device) for t in done],
+        "input_ids": torch.tensor(flat["ids"], dtype=torch.int64, device=device),
+        "response_mask": torch.tensor(flat["mask"], device=device),
+        "rollout_logprobs": torch.tensor(flat["logprobs"], device=device),
     }
-    index = [t.prompt for t in done]
-    batch = _with_samples(tokens, index, [t.finish for t in done], prompts, n, device)
+    lengths = torch.tensor([len(t.ids) for t in done], device=device)
+    index, finish = [t.prompt for t in done], [t.finish for t in done]
+    batch = _with_samples(tokens, lengths, index, finish, prompts, n)
     batch.objects["trajectory"] = [t.summary() for t in done]
     return batch
 
 
 def _with_samples(
-    tokens: dict[str, list[torch.Tensor]],
+    tokens: dict[str, torch.Tensor],
+    lengths: torch.Tensor,
     prompt_index: list[int],
     finish_reasons: list[str],
     prompts: Batch,
     n: int,
-    device: torch.device,
 ) -> Batch:
-    """uid (prompt uid * n + sample), group (the prompt), and the prompt's objects."""
+    """The packed sequences (of `lengths`) with uid (prompt uid * n + sample), group (the
+    prompt), and the prompt's objects."""
+    device = lengths.device
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=device)
+    offsets[1:] = lengths.cumsum(0)
     index = torch.tensor(prompt_index, dtype=torch.int64, device=device)
     prompt_uid = prompts.samples["uid"].to(device)[index]
     sample = torch.arange(len(index), device=device) % n
     objects = {k: [prompts.objects[k][p] for p in prompt_index] for k in PROMPT_OBJECTS}
     objects["finish_reason"] = finish_reasons
     samples = {"uid": prompt_uid * n + sample, "group": prompt_uid}
-    return Batch.from_sequences(tokens, samples, objects)
+    return Batch(offsets, tokens, samples, objects)
 
 
 def _agent_metrics(done: list[Trajectory], m: Metrics) -> None:

@@ -28,7 +28,7 @@ def _optimize(
     a = w.config.algo
     for _ in range(a.ppo_epochs):
         for mini in np.array_split(np.arange(len(batch)), a.mini_batches):
-            sub = batch.select(mini.tolist())
+            sub = batch if a.mini_batches == 1 else batch.select(mini.tolist())
             _, mbs = microbatches(w, sub)
             slots = sum(mb["attention_mask"].numel() for mb in mbs)
             m.add(f"{prefix}/microbatch_padding", slots - sub.num_tokens, slots)  # share of slots
