@@ -75,9 +75,9 @@ class Sinks:
         self.jsonl.parent.mkdir(parents=True, exist_ok=True)
         self.tb = self.wandb = self.bar = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard.writer import FileWriter
 
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.tb = FileWriter(str(Path(run_dir) / "tensorboard"))
         if wandb_project:
             import wandb
 
@@ -92,9 +92,11 @@ class Sinks:
             f.write(json.dumps(record, sort_keys=True) + "\n")
         step = record["step"]
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
-        if self.tb is not None:
-            for key, value in scalars.items():
-                self.tb.add_scalar(key, value, step)
+        if self.tb is not None:  # one event per step (one per scalar costs 10x the time)
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            values = [Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
+            self.tb.add_summary(Summary(value=values), step)
             self.tb.flush()
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.distributed as dist
 
@@ -177,13 +175,11 @@ def responses(w: Workers, batch: Batch) -> list[str]:
     the host)."""
     if "trajectory" in batch.objects:
         return [t["messages"][-1]["content"] for t in batch.objects["trajectory"]]
-    ids = batch.tokens["input_ids"].cpu()
-    mask = batch.tokens["response_mask"].bool().cpu()
-    offsets = batch.offsets.tolist()
-    return [
-        w.tokenizer.decode(ids[a:b][mask[a:b]], skip_special_tokens=True)
-        for a, b in itertools.pairwise(offsets)
-    ]
+    mask = batch.tokens["response_mask"].bool()
+    owner = torch.repeat_interleave(torch.arange(len(batch), device=mask.device), batch.lengths)
+    counts = torch.bincount(owner[mask], minlength=len(batch)).tolist()
+    pieces = batch.tokens["input_ids"][mask].cpu().split(counts)
+    return w.tokenizer.batch_decode([p.tolist() for p in pieces], skip_special_tokens=True)
 
 
 def infos(batch: Batch) -> list[dict]:
