@@ -1,4 +1,4 @@
-"""Step metrics: every rank adds (sum, count) pairs; one all-reduce per step turns them
+"""Step metrics: every rank adds (sum, count) pairs; one all-gather per step turns them
 into global means; rank 0 appends them to a JSONL file."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 
@@ -34,26 +33,22 @@ class Metrics:
         self.local[name] = float(value)
 
     def reduce(self) -> dict[str, float]:
-        """Global means, totals and maxima over all ranks: one all_gather_object of the
-        names (ranks may hold different ones), then one all_reduce per reduction."""
-        names: list = [None] * dist.get_world_size()
-        dist.all_gather_object(names, (sorted(self.sums), sorted(self.totals), sorted(self.maxima)))
-        means, totals, maxima = (sorted({n for kinds in names for n in kinds[k]}) for k in range(3))
-        rows = [[self.sums.get(n, 0.0), self.counts.get(n, 0.0)] for n in means]
-        rows += [[self.totals.get(n, 0.0), 0.0] for n in totals]
-        # metrics stay on the host (gloo beside NCCL on GPU)
-        packed = torch.tensor(rows, dtype=torch.float64, device="cpu").reshape(-1, 2)
-        peak = torch.tensor(
-            [self.maxima.get(n, -math.inf) for n in maxima], dtype=torch.float64, device="cpu"
-        )
-        if dist.get_world_size() > 1:
-            dist.all_reduce(packed)
-            if maxima:
-                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        values = packed.tolist()
-        out = {n: (s / c if c else float("nan")) for n, (s, c) in zip(means, values, strict=False)}
-        out.update({n: s for n, (s, _) in zip(totals, values[len(means) :], strict=True)})
-        out.update(zip(maxima, peak.tolist(), strict=True))
+        """Global means, totals and maxima over all ranks, from one all_gather_object of
+        every rank's (ranks may hold different names), summed in rank order."""
+        mine = (dict(self.sums), dict(self.counts), dict(self.totals), dict(self.maxima))
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        sums, counts, totals = defaultdict(float), defaultdict(float), defaultdict(float)
+        maxima: dict[str, float] = {}
+        for rank_sums, rank_counts, rank_totals, rank_maxima in every:
+            for into, part in ((sums, rank_sums), (counts, rank_counts), (totals, rank_totals)):
+                for name, value in part.items():
+                    into[name] += value
+            for name, value in rank_maxima.items():
+                maxima[name] = max(maxima.get(name, -math.inf), value)
+        out = {n: (sums[n] / counts[n] if counts[n] else float("nan")) for n in sorted(sums)}
+        out.update(sorted(totals.items()))
+        out.update(sorted(maxima.items()))
         return {**out, **self.local}
 
 

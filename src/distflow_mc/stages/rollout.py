@@ -178,8 +178,9 @@ def responses(w: Workers, batch: Batch) -> list[str]:
     mask = batch.tokens["response_mask"].bool()
     owner = torch.repeat_interleave(torch.arange(len(batch), device=mask.device), batch.lengths)
     counts = torch.bincount(owner[mask], minlength=len(batch)).tolist()
-    pieces = batch.tokens["input_ids"][mask].cpu().split(counts)
-    return w.tokenizer.batch_decode([p.tolist() for p in pieces], skip_special_tokens=True)
+    pieces = [p.tolist() for p in batch.tokens["input_ids"][mask].cpu().split(counts)]
+    # (transformers takes an empty list for one empty sequence)
+    return w.tokenizer.batch_decode(pieces, skip_special_tokens=True) if pieces else []
 
 
 def infos(batch: Batch) -> list[dict]:
