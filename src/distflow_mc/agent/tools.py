@@ -46,6 +46,11 @@ def schema(tool: Tool) -> dict[str, Any]:
     }
 
 
+def arguments_schema(**properties: dict[str, Any]) -> dict[str, Any]:
+    """The JSON schema of an arguments object with these properties, all required."""
+    return {"type": "object", "properties": properties, "required": list(properties)}
+
+
 @dataclass
 class Call:
     name: str
@@ -186,11 +191,9 @@ _LARGEST = 10**100
 class Calculator:
     name = "calculator"
     description = "Evaluate an arithmetic expression: numbers, + - * / // % ** and parentheses."
-    parameters: ClassVar[dict[str, Any]] = {
-        "type": "object",
-        "properties": {"expression": {"type": "string", "description": "e.g. (17 + 4) * 3"}},
-        "required": ["expression"],
-    }
+    parameters: ClassVar[dict[str, Any]] = arguments_schema(
+        expression={"type": "string", "description": "e.g. (17 + 4) * 3"}
+    )
 
     def __call__(self, arguments: dict[str, Any], budget_s: float) -> str:
         try:
@@ -224,11 +227,9 @@ class PythonExecutor:
 
     name = "python"
     description = "Run a Python program and return what it prints. No network, no files kept."
-    parameters: ClassVar[dict[str, Any]] = {
-        "type": "object",
-        "properties": {"code": {"type": "string", "description": "a complete program"}},
-        "required": ["code"],
-    }
+    parameters: ClassVar[dict[str, Any]] = arguments_schema(
+        code={"type": "string", "description": "a complete program"}
+    )
 
     def __init__(self, memory_mb: int = 512) -> None:
         self.memory_mb = memory_mb

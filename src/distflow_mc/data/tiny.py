@@ -24,6 +24,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from distflow_mc.agent.tools import arguments_schema
+
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHARS = list(string.digits + string.ascii_letters + " +-*/=?.,:;!()[]{}<>'\"\\_#%&|^~@$\n")
 VOCAB_SIZE = 128  # padded with unused tokens: divisible by any TP size up to 128
@@ -147,11 +149,9 @@ class Lookup:
 
     name = "lookup"
     description = "The secret digit for a key."
-    parameters: ClassVar[dict[str, Any]] = {
-        "type": "object",
-        "properties": {"key": {"type": "string", "pattern": "^[0-9]$"}},
-        "required": ["key"],
-    }
+    parameters: ClassVar[dict[str, Any]] = arguments_schema(
+        key={"type": "string", "pattern": "^[0-9]$"}
+    )
 
     def __call__(self, arguments: dict[str, Any], budget_s: float) -> str:
         return secret(arguments["key"])
