@@ -43,6 +43,7 @@ class Outcome:
     stderr: str
     exit_code: int | None  # None: killed at the wall clock
     timed_out: bool
+    network_namespace: bool  # the kernel gave it one (else only the audit hook guards)
 
     @property
     def ok(self) -> bool:
@@ -55,8 +56,9 @@ import ctypes, json, os, resource, signal, sys
 lim = json.load(open(sys.argv[1]))
 libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET, CLONE_NEWUSER = 0x40000000, 0x10000000
-if libc.unshare(CLONE_NEWNET) != 0:  # no interfaces: as root, or in a user namespace
-    libc.unshare(CLONE_NEWUSER | CLONE_NEWNET)
+# no interfaces: as root, or in a user namespace; the parent learns which from a file
+isolated = libc.unshare(CLONE_NEWNET) == 0 or libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0
+open("netns", "w").write(str(int(isolated)))
 mb = 1 << 20
 for name, value in (
     ("RLIMIT_CPU", (lim["cpu_s"], lim["cpu_s"] + 1)),
@@ -130,6 +132,7 @@ def run_python(code: str, limits: Limits = Limits()) -> Outcome:
             _head(work / "stderr", limits.output_bytes),
             code_,
             timed_out,
+            (work / "netns").is_file() and (work / "netns").read_text() == "1",
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
