@@ -92,7 +92,7 @@ def load_tools(paths: Sequence[str]) -> dict[str, Tool]:
             if tool.name in tools:
                 raise ValueError(f"rollout.agent.tools: two tools are named '{tool.name}'")
             try:
-                jsonschema.Draft202012Validator.check_schema(tool.parameters)
+                jsonschema.validators.validator_for(tool.parameters).check_schema(tool.parameters)
             except jsonschema.SchemaError as e:
                 raise ValueError(
                     f"rollout.agent.tools: '{tool.name}' parameters: {e.message}"
@@ -125,10 +125,11 @@ async def _run(call: Call, tools: dict[str, Tool], budget_s: float, max_chars: i
     if tool is None:
         have = ", ".join(tools)
         return Result(f"error: unknown tool '{call.name}' (have: {have})", "unknown_tool")
-    try:
-        jsonschema.validate(call.arguments, tool.parameters)
-    except jsonschema.ValidationError as e:
-        return Result(f"error: bad arguments for {call.name}: {e.message}", "bad_arguments")
+    # what jsonschema.validate does, less its check of the schema (done once, at load)
+    validator = jsonschema.validators.validator_for(tool.parameters)(tool.parameters)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(call.arguments))
+    if error is not None:
+        return Result(f"error: bad arguments for {call.name}: {error.message}", "bad_arguments")
     try:
         if inspect.iscoroutinefunction(tool.__call__):
             coro = tool(call.arguments, budget_s)

@@ -94,6 +94,11 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.offsets[-1])
 
+    def token_owner(self) -> torch.Tensor:
+        """For every packed token, the index of its sample (on the offsets' device)."""
+        index = torch.arange(len(self), device=self.offsets.device)
+        return torch.repeat_interleave(index, self.lengths, output_size=self.num_tokens)
+
     def token_slice(self, name: str, i: int) -> torch.Tensor:
         return self.tokens[name][self.offsets[i] : self.offsets[i + 1]]
 

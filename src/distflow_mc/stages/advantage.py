@@ -16,7 +16,7 @@ def compute(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
     a = w.config.algo
     n = len(batch)
     mask = batch.tokens["response_mask"]
-    owner = torch.repeat_interleave(torch.arange(n, device=mask.device), batch.lengths)
+    owner = batch.token_owner()
     kl_tok = torch.zeros_like(mask)
     if a.kl_in_reward and "ref_logprobs" in batch.tokens:
         kl_tok = (

@@ -103,14 +103,16 @@ def _to_batch(
         return Batch.empty(TOKEN_FIELDS, (*PROMPT_OBJECTS, "finish_reason"), device)
     ids = [p.to(device) for p in prompt_ids]
     pieces = [
-        x for p, r in zip(gen.prompt_index, gen.response_ids, strict=True) for x in (ids[p], r)
+        x
+        for p, r in zip(gen.prompt_index, gen.response_ids, strict=True)
+        for x in (ids[p], r.to(device))  # SGLang's responses are on the host
     ]
-    input_ids = torch.cat(pieces).to(device)
+    input_ids = torch.cat(pieces)
     parts = torch.tensor([len(x) for x in pieces], dtype=torch.int64, device=device)
     is_response = torch.arange(len(pieces), device=device) % 2
     response_mask = torch.repeat_interleave(is_response, parts, output_size=len(input_ids))
     logprobs = torch.zeros(len(input_ids), device=device)
-    logprobs[response_mask.bool()] = torch.cat(gen.logprobs).to(device).float()
+    logprobs[response_mask.bool()] = torch.cat([lp.to(device) for lp in gen.logprobs]).float()
     tokens = {
         "input_ids": input_ids,
         "response_mask": response_mask.float(),
@@ -176,8 +178,7 @@ def responses(w: Workers, batch: Batch) -> list[str]:
     if "trajectory" in batch.objects:
         return [t["messages"][-1]["content"] for t in batch.objects["trajectory"]]
     mask = batch.tokens["response_mask"].bool()
-    owner = torch.repeat_interleave(torch.arange(len(batch), device=mask.device), batch.lengths)
-    counts = torch.bincount(owner[mask], minlength=len(batch)).tolist()
+    counts = torch.bincount(batch.token_owner()[mask], minlength=len(batch)).tolist()
     pieces = [p.tolist() for p in batch.tokens["input_ids"][mask].cpu().split(counts)]
     # (transformers takes an empty list for one empty sequence)
     return w.tokenizer.batch_decode(pieces, skip_special_tokens=True) if pieces else []
@@ -199,8 +200,7 @@ def score(w: Workers, batch: Batch, m: Metrics) -> Batch:
     scores = w.rewards(responses(w, batch), o["data_source"], o["ground_truth"], infos(batch))
     mask = batch.tokens["response_mask"]
     rewards = torch.tensor(scores.rewards, dtype=torch.float32, device=mask.device)
-    owner = torch.repeat_interleave(torch.arange(len(batch), device=mask.device), batch.lengths)
-    lengths = mask.new_zeros(len(batch)).index_add_(0, owner, mask)
+    lengths = mask.new_zeros(len(batch)).index_add_(0, batch.token_owner(), mask)
     if a.overlong_buffer:
         max_len = w.config.rollout.max_new_tokens
         rewards = rewards + overlong_penalty(
