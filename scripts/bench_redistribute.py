@@ -54,21 +54,24 @@ def batch_bytes(b) -> int:
     return sum(t.numel() * t.element_size() for t in [*b.tokens.values(), *b.samples.values()])
 
 
-REPEATS = 5
+REPEATS = 15
 TRAINER_READS = ("input_ids", "response_mask", "advantages", "old_logprobs")
 
 
-def timed(fn, repeats: int = REPEATS) -> float:
+def interleaved(fns: dict, repeats: int = REPEATS) -> dict[str, float]:
+    """Median seconds of each function, run in turns (one call of each per round, between
+    barriers), so that the machine's drifting load falls on all of them alike."""
     import torch.distributed as dist
 
-    times = []
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        dist.barrier()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            dist.barrier()
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def worker(out: str) -> None:
@@ -87,26 +90,20 @@ def worker(out: str) -> None:
     args = (Balance(), ctx.device, ctx.timeout)
     for _ in range(3):  # AUTO measures both patterns, then keeps the faster
         received = redistribute(mine, src, dst, *args)
-    ours = timed(lambda: redistribute(mine, src, dst, *args))
-    by = {p: timed(lambda p=p: redistribute(mine, src, dst, *args, pattern=p)) for p in Pattern}
-    kept = timed(lambda: redistribute(mine, src, dst, *args, keep=TRAINER_READS))
-    phases: dict[str, float] = {}
-    for _ in range(REPEATS):
-        redistribute(mine, src, dst, *args, phases=phases)
     tokens = [0] * w
     dist.all_gather_object(tokens, received.num_tokens)
     per_replica = tokens[::2]
     total = torch.tensor([own])
     dist.all_reduce(total)
     moved = int(total)
+    phases: dict[str, float] = {}
 
     # raw: one all_to_all_single of the same bytes, preallocated; "direct" delivers what
     # ours delivers (each replica's share to both ranks of the TP pair), "leaders" only to
     # each replica's first rank (the lower bound on bytes)
-    payload = torch.zeros(own, dtype=torch.uint8)
     replicas = dst.replicas()
 
-    def raw_for(targets: list[list[int]]) -> float:
+    def raw_for(targets: list[list[int]]):
         send = [0] * w
         for i, ranks in enumerate(targets):
             piece = own // len(targets) + (i < own % len(targets))
@@ -117,16 +114,14 @@ def worker(out: str) -> None:
         recv = [sizes[s][rank] for s in range(w)]
         inp = torch.zeros(sum(send), dtype=torch.uint8)
         out_buf = torch.empty(sum(recv), dtype=torch.uint8)
-        return timed(lambda: dist.all_to_all_single(out_buf, inp, recv, send))
-
-    raw_direct, raw_leaders = raw_for(replicas), raw_for([r[:1] for r in replicas])
+        return lambda: dist.all_to_all_single(out_buf, inp, recv, send)
 
     # single controller: gather every payload to rank 0; rank 0 cuts the batch into the
-    # replicas' shares and scatters each rank its replica's share (TP peers get the same)
+    # replicas' shares and scatters each rank its replica's share (TP peers get the same).
+    # Its sizes are exchanged once, outside the timing: a lower bound on the pattern.
     longest = torch.tensor([own])
     dist.all_reduce(longest, op=dist.ReduceOp.MAX)
     padded = torch.zeros(int(longest), dtype=torch.uint8)
-    padded[:own] = payload
     share = -(-moved // dst.dp)
 
     def controller() -> None:
@@ -142,11 +137,9 @@ def worker(out: str) -> None:
         target = torch.empty(share, dtype=torch.uint8)
         dist.scatter(target, chunks, src=0)
 
-    central = timed(controller)
-
-    # overlap: the token fields leave while a reward stage (modelled as a wait the length
-    # of our redistribution: scorers run in worker processes) runs; the reward follows
-    reward_s = ours
+    # overlap: the token fields leave while a reward stage (modelled as a wait of 20 ms:
+    # scorers run in worker processes) runs; the reward follows
+    reward_s = 0.02
     no_reward = mine.only([k for k in mine.names() if k != "reward"])
 
     def sequential() -> None:
@@ -160,18 +153,34 @@ def worker(out: str) -> None:
         transfer.send(mine)
         transfer.finish()
 
-    hidden = (timed(sequential) - timed(overlapped)) / ours
+    t = interleaved(
+        {
+            "ours": lambda: redistribute(mine, src, dst, *args, phases=phases),
+            **{
+                p.value: lambda p=p: redistribute(mine, src, dst, *args, pattern=p)
+                for p in (Pattern.DIRECT, Pattern.LEADERS)
+            },
+            "kept_fields": lambda: redistribute(mine, src, dst, *args, keep=TRAINER_READS),
+            "raw_direct": raw_for(replicas),
+            "raw_leaders": raw_for([r[:1] for r in replicas]),
+            "central": controller,
+            "sequential": sequential,
+            "overlapped": overlapped,
+        }
+    )
+    ours = t["ours"]
+    hidden = (t["sequential"] - t["overlapped"]) / (t["sequential"] - reward_s)
 
-    copies = 2 if by[Pattern.DIRECT] <= by[Pattern.LEADERS] else 1  # DIRECT: one per TP peer
-    peak_ours = own + own * copies + batch_bytes(received)
+    # what the busiest rank holds at once: its batch, the send buffer (DIRECT: one copy per
+    # TP peer) and the receive buffer, then the receive buffer and the unpacked batch
+    copies = 2 if t["direct"] <= t["leaders"] else 1
+    peak_ours = own + max(own * copies, batch_bytes(received)) + batch_bytes(received)
     peak_central = (int(longest) * w * 2 + share * w) if rank == 0 else own + int(longest) + share
     peaks: list = [None] * w
     dist.all_gather_object(peaks, (peak_ours, peak_central))
     if rank == 0:
         mean = sum(per_replica) / len(per_replica)
-        ms = {"ours": ours, "raw_direct": raw_direct, "raw_leaders": raw_leaders}
-        ms |= {"central": central, "direct": by[Pattern.DIRECT]}
-        ms |= {"leaders": by[Pattern.LEADERS], "kept_fields": kept}
+        ms = {k: v for k, v in t.items() if k not in ("sequential", "overlapped")}
         ms |= {k: v / REPEATS for k, v in phases.items()}
         Path(out).write_text(
             json.dumps(
@@ -180,9 +189,9 @@ def worker(out: str) -> None:
                     "samples": SAMPLES,
                     "MB": round(moved / 1e6, 1),
                     "ours_MB_s": round(moved / ours / 1e6, 1),
-                    "ours_vs_raw_direct": round(raw_direct / ours, 2),
-                    "ours_vs_raw_leaders": round(raw_leaders / ours, 2),
-                    "central_vs_ours_time": round(central / ours, 2),
+                    "ours_vs_raw_direct": round(t["raw_direct"] / ours, 2),
+                    "ours_vs_raw_leaders": round(t["raw_leaders"] / ours, 2),
+                    "central_vs_ours_time": round(t["central"] / ours, 2),
                     **{f"{k}_ms": round(v * 1e3, 1) for k, v in ms.items()},
                     "overlap_hidden": round(hidden, 2),
                     "peak_MB_ours": round(max(p[0] for p in peaks) / 1e6, 1),

@@ -3,11 +3,15 @@
     rollout DP=4 x TP=1  ->  train DP=2 x TP=2
 
 One rank per source replica (its emitter) sends. Every rank learns every sample's length
-and group from one fixed-layout integer all-gather, computes the same balanced assignment,
-and each field moves in one `all_to_all_single`: the sender orders its samples by
-destination and gathers each field into its send buffer with one `index_select`; the
-receiver gets each field contiguous, in source order, and keeps it as a view (no unpacking
-copy). Objects (strings, dicts), when they travel, are serialised once per destination.
+and group (and, when objects travel, each sample's encoded size) from one fixed-layout
+integer all-gather and computes the same balanced assignment; then each round moves in one
+`all_to_all_single`. A sender's chunk for a destination replica holds that replica's
+samples field after field (each 8-byte aligned, gathered in place with one `index_select`);
+the chunk a rank keeps for itself never travels but is written into its receive buffer.
+The receiver makes each field contiguous in the senders' rank order: a view when one
+sender sent it, else one concatenation. Objects (strings, dicts) are JSON-encoded per
+sample (one C call each, so that their sizes ride in the metadata and they need no
+exchange of their own) and decoded once per batch.
 
 Two ways to reach the ranks of a destination replica, chosen by measured cost (the same
 choice on every rank): DIRECT sends every rank of the replica its copy; LEADERS sends
@@ -99,8 +103,9 @@ class _Meta:
 
     fields: list[Field]
     objects: list[str]
-    lengths: dict[int, np.ndarray]  # sender -> per-sample token counts
-    groups: dict[int, np.ndarray]  # sender -> per-sample group ids
+    lengths: dict[int, np.ndarray]  # sender -> per-sample token counts (first round)
+    groups: dict[int, np.ndarray]  # sender -> per-sample group ids (first round)
+    object_bytes: dict[int, np.ndarray]  # sender -> per-sample encoded object bytes
 
     def nbytes(self) -> int:
         """Bytes of the tensor fields of all senders' batches."""
@@ -109,43 +114,58 @@ class _Meta:
         return sum(_row_bytes(f) * (tokens if f[0] == "t" else samples) for f in self.fields)
 
 
-HEAD = 3  # count, schema bytes, this rank's time of the last AUTO call
+HEAD = 4  # count, schema bytes, this rank's time of the last AUTO call, object entries
 _widths: dict[bool, int] = {}  # payload width of the last first / later round (the same everywhere)
 
 
+def _encode_objects(batch: Batch, names: list[str]) -> list[bytes]:
+    """Each sample's object columns as one JSON array with a trailing comma: a run of them
+    for any samples, wrapped in brackets, is one JSON document (one decode per batch)."""
+    columns = [batch.objects[k] for k in names]
+    return [(json.dumps(row) + ",").encode() for row in zip(*columns, strict=True)]
+
+
 def _exchange_meta(
-    batch: Batch | None, senders: list[int], device: torch.device, sent: set[str]
+    batch: Batch | None,
+    encoded: list[bytes],
+    senders: list[int],
+    device: torch.device,
+    sent: set[str],
 ) -> _Meta:
     """One int64 all-gather of a fixed-layout row per rank: [count, schema bytes, time of
-    the last AUTO call], then (in the first round) its lengths and groups, and its schema
-    (the fields and object names not `sent` yet, as JSON bytes). The payload width is the
-    last call's; when a rank's payload does not fit, every rank sees it in the heads and a
+    the last AUTO call, object entries], then (in the first round) its lengths and groups,
+    the encoded object bytes of each sample (when objects travel), and its schema (the
+    fields and object names not `sent` yet, as JSON bytes). The payload width is the last
+    call's; when a rank's payload does not fit, every rank sees it in the heads and a
     second all-gather at the needed width follows."""
     first = not sent
     rank = dist.get_rank()
     mine = batch if rank in senders else None
     payload = np.zeros(0, dtype=np.int64)
-    n, schema = 0, b""
+    n, schema, n_obj = 0, b"", 0
     if mine is not None:
         n = len(mine)
         fields = [f for f in _fields(mine) if f[1] not in sent]
         schema = json.dumps([fields, sorted(set(mine.objects) - sent)]).encode()
         packed = np.frombuffer(schema + bytes(-len(schema) % 8), dtype=np.int64)
         per_sample = [mine.lengths.cpu().numpy(), mine.samples["group"].cpu().numpy()]
-        payload = np.concatenate([*(per_sample if first else []), packed])
-    head = [n, len(schema), _measured.elapsed_ns]
+        sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        n_obj = len(sizes)
+        payload = np.concatenate([*(per_sample if first else []), sizes, packed])
+    head = [n, len(schema), _measured.elapsed_ns, n_obj]
     width = _widths.get(first, 0)
     table = _all_gather_rows(np.array(head, dtype=np.int64), payload, width, device)
-    counts, sizes, elapsed = table[:, :HEAD].T
-    needed = int(max((2 * counts if first else 0) + -(-sizes // 8)))
+    counts, sizes_, elapsed, n_objs = table[:, :HEAD].T
+    per = 2 * counts if first else np.zeros_like(counts)
+    needed = int(max(per + n_objs + -(-sizes_ // 8)))
     if needed > width:  # someone's payload did not fit: again, wide enough
         table = _all_gather_rows(np.array(head, dtype=np.int64), payload, needed, device)
     _widths[first] = max(width, needed)
     if first:
         _measured.update(int(elapsed.max()))
     rows = table[:, HEAD:]
-    skip = 2 * counts if first else np.zeros_like(counts)
-    schemas = {s: rows[s, skip[s] :].tobytes()[: sizes[s]] for s in senders if sizes[s]}
+    skip = per + n_objs
+    schemas = {s: rows[s, skip[s] :].tobytes()[: sizes_[s]] for s in senders if sizes_[s]}
     if not schemas:
         raise ValueError("redistribute: no source replica holds a batch")
     if len(set(schemas.values())) > 1:
@@ -159,6 +179,7 @@ def _exchange_meta(
         objects,
         {s: rows[s, : counts[s]] for s in senders} if first else {},
         {s: rows[s, counts[s] : 2 * counts[s]] for s in senders} if first else {},
+        {s: rows[s, per[s] : per[s] + n_objs[s]] for s in senders},
     )
 
 
@@ -239,81 +260,104 @@ class _Measured:
 _measured = _Measured()
 
 
-def _send_buffers(
+def _pack(
     batch: Batch,
-    dest: np.ndarray,
-    replica_of_rank: list[int | None],
-    replicas: int,
+    encoded: list[bytes],
     fields: list[Field],
-    device: torch.device,
-) -> dict[str, tuple[torch.Tensor, list[int]]]:
-    """Per field: [rows, row bytes] uint8 rows for each rank in rank order (rank r gets the
-    samples whose destination is its replica, none when it receives nothing), and the row
-    count per rank. The samples are ordered by destination with one index_select per
-    field (none when they already are); a replica that several ranks receive directly is
-    repeated for each of them."""
+    dest: np.ndarray,
+    sizes: np.ndarray,
+    order: list[int | None],
+    own: torch.Tensor,
+) -> tuple[torch.Tensor, list[int]]:
+    """The send buffer and the bytes per rank: in rank order, each receiving rank's chunk
+    (its replica's samples, field after field, then their objects, each 8-byte aligned:
+    `sizes` is [fields + 1, replicas]). The chunk this rank receives from itself is
+    written straight into `own` (its place in the receive buffer) and not sent. Each field
+    lands in place with one index_select (a copy when the samples are already in
+    destination order); a replica that several ranks receive is packed once and copied."""
+    chunk = sizes.sum(0)
+    me = dist.get_rank()
+    splits = [int(chunk[d]) if d is not None and r != me else 0 for r, d in enumerate(order)]
+    buf = torch.empty(sum(splits), dtype=torch.uint8, device=own.device)
     perm = np.argsort(dest, kind="stable")
     lengths = batch.lengths.cpu().numpy()
-    n_of = np.bincount(dest, minlength=replicas)
-    tok_of = np.bincount(dest, weights=lengths, minlength=len(n_of)).astype(np.int64)
-    n_per_rank = [int(n_of[d]) if d is not None else 0 for d in replica_of_rank]
-    tok_per_rank = [int(tok_of[d]) if d is not None else 0 for d in replica_of_rank]
+    n_at = np.zeros(len(chunk) + 1, dtype=np.int64)
+    t_at = np.zeros(len(chunk) + 1, dtype=np.int64)
+    n_at[1:] = np.bincount(dest, minlength=len(chunk)).cumsum()
+    t_at[1:] = np.bincount(dest, weights=lengths, minlength=len(chunk)).astype(np.int64).cumsum()
     in_order = bool((perm == np.arange(len(perm))).all())
     if not in_order:
-        idx = torch.from_numpy(perm).to(batch.offsets.device)
+        idx = torch.from_numpy(perm).to(own.device)
         _, rows = batch.token_index(idx)
-    # the destinations in rank order, each once: then the sorted rows are the buffer itself
-    used = [d for d in replica_of_rank if d is not None and n_of[d]]
-    once = used == sorted(set(used))
-    out = {}
-    for f in fields:
-        kind, name = f[0], f[1]
-        src = batch.tokens[name] if kind == "t" else batch.samples[name]
-        sorted_rows = src if in_order else src[rows if kind == "t" else idx]
-        counts = tok_per_rank if kind == "t" else n_per_rank
-        if not once:
-            per_dest = sorted_rows.split((tok_of if kind == "t" else n_of).tolist())
-            sorted_rows = torch.cat(
-                [per_dest[d] for d in replica_of_rank if d is not None and n_of[d]]
-            )
-        out[name] = (_as_rows(sorted_rows.to(device)), counts)
-    return out
+    starts = np.cumsum(sizes, axis=0) - sizes  # where each field begins in a chunk
+
+    def fill(out: torch.Tensor, d: int) -> None:
+        for j, (kind, name, dtype, shape) in enumerate(fields):
+            lo, hi = (t_at if kind == "t" else n_at)[d : d + 2]
+            at = int(starts[j, d])
+            region = out[at : at + (hi - lo) * _row_bytes(fields[j])]
+            region = region.view(getattr(torch, dtype)).view(int(hi - lo), *shape)
+            src = (batch.tokens if kind == "t" else batch.samples)[name].to(own.device)
+            if in_order:
+                region.copy_(src[lo:hi])
+            else:
+                torch.index_select(src, 0, (rows if kind == "t" else idx)[lo:hi], out=region)
+        if encoded:
+            blob = b"".join(encoded[i] for i in perm[n_at[d] : n_at[d + 1]])
+            at = int(starts[-1, d])
+            out[at : at + len(blob)].copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+
+    packed: dict[int, torch.Tensor] = {}  # replica -> its chunk, once packed
+    pos = 0
+    for r, d in enumerate(order):
+        if d is None or not chunk[d]:
+            continue
+        out = own if r == me else buf[pos : pos + splits[r]]
+        pos += splits[r]
+        if d in packed:
+            out.copy_(packed[d])
+        else:
+            fill(out, d)
+            packed[d] = out
+    return buf, splits
 
 
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """[rows, row bytes] uint8 view of a contiguous tensor (what all_to_all_single splits)."""
-    return t.contiguous().reshape(len(t), -1).view(torch.uint8)
+@dataclass
+class _Round:
+    """One round as this rank receives it: its fields and object names, the aligned bytes
+    each field (then the objects) takes in each sender's chunk ([fields + 1, senders]),
+    the objects' exact bytes per sender, the receive buffer, and where each sender's
+    chunk begins in it."""
 
+    fields: list[Field]
+    objects: list[str]
+    sizes: np.ndarray
+    object_bytes: np.ndarray
+    recv: torch.Tensor
+    begin: np.ndarray
 
-def _send_objects(batch: Batch, order: list[np.ndarray], names: list[str]) -> list[bytes]:
-    """One JSON document per receiving rank: each object column for its samples."""
-    blobs, cache = [], {}
-    for o in order:
-        key = o.tobytes()
-        if key not in cache:
-            index = o.tolist()
-            cache[key] = json.dumps([[batch.objects[k][i] for i in index] for k in names]).encode()
-        blobs.append(cache[key] if len(o) else b"")
-    return blobs
-
-
-def _exchange_objects(blobs: list[bytes], device: torch.device) -> list[bytes]:
-    """Variable-size byte strings, one per peer, both ways: sizes first, then the bytes."""
-    world = dist.get_world_size()
-    send_sizes = torch.tensor([len(b) for b in blobs], dtype=torch.int64, device=device)
-    recv_sizes = torch.empty(world, dtype=torch.int64, device=device)
-    dist.all_to_all_single(recv_sizes, send_sizes)
-    sizes = recv_sizes.tolist()
-    out = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
-    raw = b"".join(blobs)
-    inp = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device) if raw else out[:0]
-    dist.all_to_all_single(out, inp, sizes, [len(b) for b in blobs])
-    data = bytes(out.cpu().numpy())
-    pieces, pos = [], 0
-    for size in sizes:
-        pieces.append(data[pos : pos + size])
-        pos += size
-    return pieces
+    def unpack(
+        self, n: np.ndarray, t: np.ndarray
+    ) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
+        """The fields, each contiguous across senders in rank order (a view when one
+        sender sent it, else one concatenation), and the object columns (one JSON
+        decode); `n` and `t` are the samples and tokens per sender."""
+        starts = self.begin + np.cumsum(self.sizes, axis=0) - self.sizes
+        out = {}
+        for j, f in enumerate(self.fields):
+            kind, name, dtype, shape = f
+            rows = t if kind == "t" else n
+            size = rows * _row_bytes(f)
+            pieces = [self.recv[a : a + b] for a, b in zip(starts[j], size, strict=True) if b]
+            flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else self.recv[:0]
+            out[name] = flat.view(getattr(torch, dtype)).view(int(rows.sum()), *shape)
+        data = b"".join(
+            self.recv[a : a + b].cpu().numpy().tobytes()
+            for a, b in zip(starts[-1], self.object_bytes, strict=True)
+            if b
+        )
+        rows_ = json.loads(b"[" + data[:-1] + b"]") if data else []
+        return out, {k: [r[j] for r in rows_] for j, k in enumerate(self.objects)}
 
 
 _groups: dict[tuple[tuple[int, ...], timedelta], dist.ProcessGroup] = {}
@@ -331,9 +375,10 @@ def _group(ranks: list[int], timeout: timedelta) -> dist.ProcessGroup:
 class Transfer:
     """One redistribution, sent in rounds: fields that are final can leave (asynchronously)
     while a later stage still writes others; `finish` waits and returns the destination
-    batch. The first round learns the lengths and groups and plans; every
-    round agrees on its fields' schema. Every rank makes the same calls in the same order
-    (a rank without a batch passes None). `redistribute` is one round, then finish."""
+    batch. The first round learns the lengths and groups and plans; every round agrees on
+    its fields' schema and moves them in one all-to-all. Every rank makes the same calls in
+    the same order (a rank without a batch passes None). `redistribute` is one round, then
+    finish."""
 
     def __init__(
         self,
@@ -351,9 +396,8 @@ class Transfer:
         self.device, self.timeout, self.clock = device, timeout, _Clock(phases, device)
         self.rank, self.senders = dist.get_rank(), src.emitters()
         self.sent: set[str] = set()
-        self.rounds: list[tuple[list[Field], dict[str, torch.Tensor], torch.Tensor]] = []
+        self.rounds: list[_Round] = []
         self.works: list = []
-        self.objects: dict[str, list] = {}
         self.busy_ns = 0
 
     def send(self, batch: Batch | None, names: Collection[str] | None = None) -> None:
@@ -363,10 +407,13 @@ class Transfer:
         first = not self.rounds
         self.clock.restart()
         begin = time.perf_counter_ns()
+        encoded: list[bytes] = []
         if batch is not None:
             wanted = set(names if names is not None else batch.names()) - self.sent
             batch = batch.only(wanted)
-        meta = _exchange_meta(batch, senders, self.device, self.sent)
+            if rank in senders:
+                encoded = _encode_objects(batch, sorted(set(batch.objects) - self.sent))
+        meta = _exchange_meta(batch, encoded, senders, self.device, self.sent)
         self.clock("meta")
         if first:
             begin = time.perf_counter_ns()  # the ranks are in step from here
@@ -374,62 +421,59 @@ class Transfer:
             self.plan = _plan(meta, senders, self.src, self.dst, self.balance, self.pattern)
             self._receive_plan()
             self.clock("plan")
-        plan, fields = self.plan, meta.fields
-        self.sent |= {f[1] for f in fields} | set(meta.objects)
-        if rank in senders and fields:
+        self.sent |= {f[1] for f in meta.fields} | set(meta.objects)
+        # bytes of each field (then the objects) in each sender's chunk for each replica
+        objects = np.zeros_like(self.n)
+        if meta.objects:
+            for i, s in enumerate(senders):
+                objects[i] = np.bincount(self.plan.dest[s], meta.object_bytes[s], self.dst.dp)
+        rows = [(self.t if f[0] == "t" else self.n) * _row_bytes(f) for f in meta.fields]
+        sizes = -(-np.stack([*rows, objects]) // ALIGN) * ALIGN  # [fields + 1, senders, dp]
+        d, receiving = self.d, rank in self.replica_of
+        chunks = sizes[:, :, d].sum(0)
+        # the receive buffer: the senders' chunks in rank order, the buffer's owner's own
+        # chunk last (it never travels); a LEADERS follower's is its leader's buffer
+        owner = rank if receiving else self.plan.recipients[d][0]
+        placed = [i for i, s in enumerate(senders) if s != owner]
+        placed += [i for i, s in enumerate(senders) if s == owner]
+        where = np.zeros(len(senders), dtype=np.int64)
+        where[placed] = np.cumsum(chunks[placed]) - chunks[placed]
+        size = int(chunks.sum()) if self.holding else 0
+        recv = torch.empty(size, dtype=torch.uint8, device=self.device)
+        send, out_splits, kept = recv[:0], [0] * world, 0
+        if rank in senders:
             order = [self.replica_of.get(r) for r in range(world)]
-            send = _send_buffers(batch, plan.dest[rank], order, self.dst.dp, fields, self.device)
+            me, dest = senders.index(rank), self.plan.dest[rank]
+            kept = int(chunks[me]) if receiving else 0
+            own = recv[size - kept :]
+            send, out_splits = _pack(batch, encoded, meta.fields, dest, sizes[:, me], order, own)
         self.clock("pack")
-        totals = (int(self.lengths.sum()), len(self.lengths))
-        sizes = [_aligned(totals[f[0] == "s"] * _row_bytes(f)) for f in fields]
-        recv = torch.empty(sum(sizes) if self.holding else 0, dtype=torch.uint8, device=self.device)
-        views, pos = {}, 0
-        for f, size in zip(fields, sizes, strict=True):
-            rows = totals[f[0] == "s"]
-            views[f[1]] = recv[pos : pos + rows * _row_bytes(f)].view(rows, _row_bytes(f))
-            pos += size
-        if meta.objects:  # small, synchronous, first: then nothing waits behind the fields
-            blobs = [b""] * world
-            if rank in senders:
-                to_holders = [self._samples_for(rank, r, self.holder_of) for r in range(world)]
-                blobs = _send_objects(batch, to_holders, meta.objects)
-            pieces = [json.loads(p) for p in _exchange_objects(blobs, self.device) if p]
-            self.objects |= {
-                k: [x for p in pieces for x in p[j]] for j, k in enumerate(meta.objects)
-            }
-        receiving = rank in self.replica_of
-        for f in fields:  # every field in flight at once: the backend pipelines them
-            per_sender = self.tokens if f[0] == "t" else self.counts
-            in_splits = [per_sender.get(s, 0) if receiving else 0 for s in range(world)]
-            out_t, out_splits = send[f[1]] if rank in senders else (views[f[1]][:0], [0] * world)
-            target = views[f[1]] if receiving else views[f[1]][:0]
-            self.works.append(
-                dist.all_to_all_single(
-                    target, out_t.to(self.device), in_splits, out_splits, async_op=True
-                )
-            )
-        self.rounds.append((fields, views, recv))
+        in_splits = [0] * world
+        if receiving:
+            for i, s in enumerate(senders):
+                in_splits[s] = int(chunks[i]) if s != rank else 0
+        target = recv[: size - kept] if receiving else recv[:0]
+        work = dist.all_to_all_single(target, send, in_splits, out_splits, async_op=True)
+        self.works.append(work)
+        self.rounds.append(
+            _Round(meta.fields, meta.objects, sizes[:, :, d], objects[:, d], recv, where)
+        )
         self.clock("exchange")
         self.busy_ns += time.perf_counter_ns() - begin
 
-    def _samples_for(self, s: int, r: int, to: dict[int, int]) -> np.ndarray:
-        """Sender s's samples for rank r, in the sender's order."""
-        return np.flatnonzero(self.plan.dest[s] == to[r]) if r in to else np.zeros(0, np.int64)
-
     def _receive_plan(self) -> None:
-        """What this rank receives: per sender, its samples for this rank's replica."""
-        plan, meta, rank = self.plan, self.meta, self.rank
+        """Samples and tokens from every sender to every replica, and what this rank holds:
+        per sender, its samples for this rank's replica, in the sender's order."""
+        plan, meta, rank, dp = self.plan, self.meta, self.rank, self.dst.dp
         self.replica_of = {r: d for d, rs in enumerate(plan.recipients) for r in rs}
-        self.holder_of = {r: d for d, rs in enumerate(plan.holders) for r in rs}
-        incoming = {s: self._samples_for(s, rank, self.replica_of) for s in self.senders}
-        self.counts = {s: len(incoming[s]) for s in self.senders}
-        self.tokens = {s: int(meta.lengths[s][incoming[s]].sum()) for s in self.senders}
+        self.n = np.stack([np.bincount(plan.dest[s], minlength=dp) for s in self.senders])
+        self.t = np.stack(
+            [np.bincount(plan.dest[s], meta.lengths[s], dp).astype(np.int64) for s in self.senders]
+        )
         self.d = self.dst.coords(rank)["dp"]
         self.holding = rank in plan.holders[self.d]
-        # a LEADERS follower learns its replica's samples from the leader's view
-        view = plan.recipients[self.d][0] if self.holding else rank
         self.lengths = np.concatenate(
-            [meta.lengths[s][self._samples_for(s, view, self.replica_of)] for s in self.senders]
+            [meta.lengths[s][plan.dest[s] == self.d] for s in self.senders]
         )
 
     def finish(self) -> Batch | None:
@@ -439,6 +483,7 @@ class Transfer:
         begin = time.perf_counter_ns()
         for work in self.works:
             work.wait()
+        self.works = []  # the send buffers go
         self.clock("exchange")
         if self.plan.pattern is Pattern.LEADERS:
             # every rank makes every replica's group, in the same order (new_group is
@@ -446,19 +491,23 @@ class Transfer:
             holders = self.plan.holders
             groups = [_group(h, self.timeout) if len(h) > 1 else None for h in holders]
             if self.holding and groups[self.d] is not None:
-                for _, _, recv in self.rounds:
-                    dist.broadcast(recv, src=self.plan.recipients[self.d][0], group=groups[self.d])
+                for r in self.rounds:
+                    leader = self.plan.recipients[self.d][0]
+                    dist.broadcast(r.recv, src=leader, group=groups[self.d])
         self.clock("broadcast")
         out = None
         if self.holding:
             offsets = torch.zeros(len(self.lengths) + 1, dtype=torch.int64, device=self.device)
             offsets[1:] = torch.from_numpy(self.lengths).to(self.device).cumsum(0)
             fields: dict[str, dict[str, torch.Tensor]] = {"t": {}, "s": {}}
-            for round_fields, views, _ in self.rounds:
-                for kind, name, dtype, shape in round_fields:
-                    rows = views[name].view(getattr(torch, dtype))
-                    fields[kind][name] = rows.view(len(rows), *shape)
-            out = Batch(offsets, fields["t"], fields["s"], self.objects)
+            objects: dict[str, list] = {}
+            n, t = self.n[:, self.d], self.t[:, self.d]
+            for r in self.rounds:
+                tensors, columns = r.unpack(n, t)
+                for kind, name, _, _ in r.fields:
+                    fields[kind][name] = tensors[name]
+                objects |= columns
+            out = Batch(offsets, fields["t"], fields["s"], objects)
         self.clock("unpack")
         # AUTO's measure: the time spent in this transfer's calls (a stage running between
         # them hides the rest), on this rank
