@@ -7,7 +7,8 @@
 Each layout runs as its own torchrun job (this file with --worker); for dense sizes a plain
 PyTorch reference (the same shapes as a transformers model: forward, backward, grad clip,
 torch.optim.AdamW on the same tokens, one process, the same threads) runs beside them, and
-every row gets its ratio to it. The driver prints a table last and writes bench_model.csv in
+every row gets its ratio to it. Each job runs `--repeats` times, the jobs in turns, and
+its median run is reported. The driver prints a table last and writes bench_model.csv in
 the current directory.
 """
 
@@ -192,45 +193,35 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each job, in turns")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     if args.worker or args.reference:
         args.tp, args.ep = args.tp[0], args.ep[0]
         (reference if args.reference else worker)(args)
         return
-    rows = []
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    for tp, ep in [(tp, ep) for tp in args.tp for ep in args.ep]:
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            cmd = [
-                torchrun,
-                "--standalone",
-                f"--nproc-per-node={tp * ep}",  # DP = EP: experts split over replicas
-                __file__,
-                "--worker",
-                "--size",
-                args.size,
-                "--tp",
-                str(tp),
-                "--ep",
-                str(ep),
-                "--dtype",
-                args.dtype,
-                "--steps",
-                str(args.steps),
-                "--warmup",
-                str(args.warmup),
-                "--out",
-                f.name,
-            ]
-            subprocess.run(cmd, check=True, capture_output=True, timeout=1800)
-            rows.append(json.loads(Path(f.name).read_text()))
+    common = ["--size", args.size, "--dtype", args.dtype, "--steps", str(args.steps)]
+    common += ["--warmup", str(args.warmup)]
+    jobs = [  # DP = EP: experts split over replicas
+        [
+            *(torchrun, "--standalone", f"--nproc-per-node={tp * ep}", __file__, "--worker"),
+            *(*common, "--tp", str(tp), "--ep", str(ep)),
+        ]
+        for tp in args.tp
+        for ep in args.ep
+    ]
     if "experts" not in SIZES[args.size]:
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            common = ["--size", args.size, "--dtype", args.dtype, "--steps", str(args.steps)]
-            cmd = [sys.executable, __file__, "--reference", *common, "--out", f.name]
-            subprocess.run([*cmd, "--warmup", str(args.warmup)], check=True, timeout=1800)
-            rows.append(json.loads(Path(f.name).read_text()))
+        jobs.append([sys.executable, __file__, "--reference", *common])
+    runs: list[list[dict]] = [[] for _ in jobs]
+    for _ in range(args.repeats):  # in turns, so the machine's drifting load hits all alike
+        for job, out in zip(jobs, runs, strict=True):
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                cmd = [*job, "--out", f.name]
+                subprocess.run(cmd, check=True, capture_output=True, timeout=1800)
+                out.append(json.loads(Path(f.name).read_text()))
+    # each job's median run (by step time)
+    rows = [sorted(r, key=lambda x: x["s_per_step"])[len(r) // 2] for r in runs]
     base = rows[-1]["tokens_per_s"] if rows[-1]["tp"] == "plain" else rows[0]["tokens_per_s"]
     for row in rows:
         row["vs_plain" if rows[-1]["tp"] == "plain" else "vs_first"] = round(

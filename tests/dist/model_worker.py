@@ -126,6 +126,9 @@ def train(model_dir: Path, mp, out: Path, distributed_optimizer: bool) -> dict:
     params = {}
     for bucket in export_hf([c.module for c in model.chunks], read_hf_config(model_dir), mp):
         params.update({n: t.clone() for n, t in bucket})
+    result = {}
+    if dist.get_world_size() == 1:  # the same step by transformers and torch's own AdamW
+        result = torch_step(model_dir, mine, optim, params)
     if dist.get_rank() == 0:
         torch.save(params, out / "trained.pt")
 
@@ -137,12 +140,35 @@ def train(model_dir: Path, mp, out: Path, distributed_optimizer: bool) -> dict:
     after = {}
     for bucket in export_hf([c.module for c in model.chunks], read_hf_config(model_dir), mp):
         after.update({n: t.clone() for n, t in bucket})
-    return {
+    return result | {
         "train_updated": stats["updated"],
         "train_grad_norm": stats["grad_norm"],
         "nonfinite_skipped": bad["nonfinite"] and not bad["updated"],
         "nonfinite_weights_kept": all(torch.equal(after[n], params[n]) for n in params),
     }
+
+
+def torch_step(model_dir: Path, mbs: list[dict], optim: OptimConfig, ours: dict) -> dict:
+    """One step of transformers' model with torch.optim.AdamW (weight decay on matrices
+    only, as megatron groups it) and clip_grad_norm_: its largest difference from ours."""
+    hf = load_hf(model_dir).train()
+    named = list(hf.named_parameters())
+    groups = [
+        {"params": [p for _, p in named if p.dim() > 1], "weight_decay": optim.weight_decay},
+        {"params": [p for _, p in named if p.dim() <= 1], "weight_decay": 0.0},
+    ]
+    betas = (optim.adam_beta1, optim.adam_beta2)
+    adam = torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.adam_eps)
+    count = sum(mb["loss_mask"].sum() for mb in mbs)
+    for mb in mbs:
+        logits = hf(mb["input_ids"]).logits
+        logp = torch.log_softmax(logits, -1).gather(-1, mb["labels"][..., None]).squeeze(-1)
+        (-(logp * mb["loss_mask"]).sum() / count).backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(hf.parameters(), optim.clip_grad))
+    adam.step()
+    state = hf.state_dict()
+    diff = max(float((ours[n] - state[n]).abs().max()) for n in ours)
+    return {"torch_step_maxdiff": diff, "torch_grad_norm": norm}
 
 
 def schedule(model_dir: Path, mp) -> dict:

@@ -211,10 +211,29 @@ def build_gpt(
             rope.inv_freq = llama3_inv_freq(rope.inv_freq, arch.rope_scaling)
         if value_head and model.post_process:
             model.output_layer = ValueHead(arch.hidden_size, dtype, mp.sequence_parallel)
+        elif model.post_process and not mp.sequence_parallel:
+            batch_major_logits(model.output_layer)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
     return chunks
+
+
+def batch_major_logits(output_layer: torch.nn.Module) -> None:
+    """The output layer computes on [b, s, h], so its logits come out in the [b, s, V]
+    order GPTModel returns them in: GPTModel's [s, b, V] -> [b, s, V] copy of the logits,
+    and megatron's copy of their transposed gradient in the layer's backward, become views
+    (the copy moves to the hidden states, V / h times smaller). Every shape megatron sees is
+    unchanged. Not under sequence parallelism, whose gather runs along the sequence dim."""
+
+    def before(_: torch.nn.Module, args: tuple) -> tuple:
+        return (args[0].transpose(0, 1).contiguous(), *args[1:])
+
+    def after(_: torch.nn.Module, __: tuple, out: tuple) -> tuple:
+        return (out[0].transpose(0, 1), *out[1:])
+
+    output_layer.register_forward_pre_hook(before)
+    output_layer.register_forward_hook(after)
 
 
 def llama3_inv_freq(inv_freq: torch.Tensor, s: Llama3Rope) -> torch.Tensor:

@@ -13,10 +13,9 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module, MegatronModule
-from megatron.core.utils import unwrap_model
+from megatron.core.utils import to_local_if_dtensor, unwrap_model
 
 from distflow_mc.config.schema import OptimConfig
 from distflow_mc.models.router_stats import RouterStats
@@ -121,13 +120,17 @@ class TrainableModel:
         return float("nan") if found_inf else float(self.optimizer.get_grad_norm())
 
     def clip(self, grad_norm: float) -> None:
-        """Clip by the total norm already computed (megatron's step would compute it again)."""
+        """Clip by the total norm already computed (megatron's step would compute it again),
+        as megatron's clip_grad_by_total_norm_fp32 does, but each gradient scaled in place
+        by torch's fused foreach (megatron's fallback without apex or TE allocates and copies
+        every gradient)."""
         for part in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            params = part.get_parameters()
-            if params and part.config.clip_grad > 0:
-                clip_grad_by_total_norm_fp32(
-                    params,
-                    part.config.clip_grad,
-                    grad_norm,
-                    part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
-                )
+            coeff = part.config.clip_grad / (grad_norm + 1.0e-6)
+            if part.config.clip_grad <= 0 or coeff >= 1.0:
+                continue
+            decoupled = part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+            name = "decoupled_grad" if decoupled else "grad"
+            grads = [getattr(p, name, None) for p in part.get_parameters()]
+            grads = [to_local_if_dtensor(g).detach() for g in grads if g is not None]
+            if grads:
+                torch._foreach_mul_(grads, coeff)
