@@ -8,7 +8,9 @@ Runs the real entrypoint under torchrun, then prints seconds per step, generated
 total tokens/s (means over steps after the first 10), the reward at the start and end and
 our per-stage split; writes bench_e2e_<experiment>.csv (the reward curve) and .png beside
 it. For cpu_tiny_grpo the plain single-process loop (plain_grpo.py, the same math, as many
-threads as we have ranks x 1) runs in the same invocation, and the ratio is printed.
+threads as we have ranks x 1) runs in the same invocation right after each of ours
+(`--repeats`, 3 by default): the pair with the median ratio is reported, with its
+per-stage split beside the plain loop's, and every pair's ratio.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,6 +36,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--no-plain", action="store_true", help="skip the plain-loop yardstick")
+    parser.add_argument("--repeats", type=int, default=3, help="runs (each with its plain loop)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
@@ -49,8 +53,31 @@ def main() -> None:
         f"hydra.run.dir={work / 'run'}",
         *args.overrides,
     ]
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-    rows = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    plain_cmd = [sys.executable, str(Path(__file__).with_name("plain_grpo.py"))]
+    plain_cmd += ["--data", env["DISTFLOW_DATA_DIR"], "--steps", str(args.steps)]
+    plain_cmd += ["--threads", str(args.nproc), "--out", str(work / "plain.json")]
+    with_plain = args.experiment == "cpu_tiny_grpo" and not args.no_plain
+
+    def avg(key: str, part: list[dict]) -> float:
+        return sum(r[key] for r in part) / len(part)
+
+    runs, plains = [], []
+    for _ in range(args.repeats):  # ours, then the plain loop: each pair on the same load
+        shutil.rmtree(work / "run", ignore_errors=True)
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        kept = shutil.copy(work / "run" / "metrics.jsonl", work / f"metrics{len(runs)}.jsonl")
+        runs.append([json.loads(x) for x in Path(kept).read_text().splitlines()])
+        if with_plain:
+            subprocess.run(plain_cmd, check=True)
+            plains.append(json.loads((work / "plain.json").read_text()))
+    # the median run (by step time) is reported; with the plain loop, the median pair's ratio
+    times = [avg("time/step", r[10:] or r) for r in runs]
+    if with_plain:
+        ratios = [t / p["s_per_step"] for t, p in zip(times, plains, strict=True)]
+        pick = sorted(range(len(runs)), key=ratios.__getitem__)[len(runs) // 2]
+    else:
+        pick = sorted(range(len(runs)), key=times.__getitem__)[len(runs) // 2]
+    rows = runs[pick]
     steady = rows[10:] or rows
     stem = f"bench_e2e_{args.experiment}"
     with open(f"{stem}.csv", "w", newline="") as f:
@@ -66,10 +93,7 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    plot(work / "run" / "metrics.jsonl", Path(f"{stem}.png"))
-
-    def avg(key: str, part: list[dict]) -> float:
-        return sum(r[key] for r in part) / len(part)
+    plot(work / f"metrics{pick}.jsonl", Path(f"{stem}.png"))
 
     summary = {
         "run": f"distflow_mc {args.nproc} ranks",
@@ -90,12 +114,10 @@ def main() -> None:
     stages = sorted(k for k in rows[-1] if k.startswith("time/") and k != "time/step")
     print("per-stage seconds:", {k[5:]: round(avg(k, steady), 4) for k in stages})
     table = [summary]
-    if args.experiment == "cpu_tiny_grpo" and not args.no_plain:
-        out = work / "plain.json"
-        plain_cmd = [sys.executable, str(Path(__file__).with_name("plain_grpo.py"))]
-        plain_cmd += ["--data", env["DISTFLOW_DATA_DIR"], "--steps", str(args.steps)]
-        subprocess.run([*plain_cmd, "--threads", str(args.nproc), "--out", str(out)], check=True)
-        plain = json.loads(out.read_text())
+    if with_plain:
+        plain = plains[pick]
+        print("plain loop seconds:", {k: round(v, 4) for k, v in plain.pop("phases").items()})
+        print("time vs plain, each pair:", [round(r, 2) for r in ratios])
         table.append(
             {
                 "run": f"plain loop, {args.nproc} threads",

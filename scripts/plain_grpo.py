@@ -41,8 +41,16 @@ def main() -> None:
     rows = pq.read_table(args.data / "tiny_task" / "train.parquet").to_pylist()
     order = torch.randperm(len(rows)).tolist()
     times, rewards, tokens = [], [], []
+    phases: dict[str, list[float]] = {"rollout": [], "reward": [], "ref": [], "train": []}
+    last = [0.0]
+
+    def lap(phase: str) -> None:  # the seconds since the last lap go to `phase`
+        now = time.perf_counter()
+        phases[phase].append(now - last[0])
+        last[0] = now
+
     for step in range(args.steps):
-        start = time.perf_counter()
+        start = last[0] = time.perf_counter()
         batch = [rows[order[(step * PROMPTS + i) % len(rows)]] for i in range(PROMPTS)]
         texts = [
             tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
@@ -66,6 +74,7 @@ def main() -> None:
                 pad_token_id=tok.pad_token_id,
             )
         new = out[:, width:]
+        lap("rollout")
         stop = (new == tok.eos_token_id).int().cumsum(1)
         resp_mask = ((stop == 0) | ((stop == 1) & (new == tok.eos_token_id))).float()
         texts = [
@@ -78,12 +87,14 @@ def main() -> None:
         adv = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-6)
         adv = adv.reshape(-1, 1)
         full_mask = torch.cat([mask.float(), resp_mask], 1)
-        model.train()
-        logits = model(out, attention_mask=full_mask.long()).logits[:, width - 1 : -1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, new[..., None]).squeeze(-1)
+        lap("reward")
         with torch.no_grad():
             ref_logits = ref(out, attention_mask=full_mask.long()).logits[:, width - 1 : -1]
             ref_logp = torch.log_softmax(ref_logits.float(), -1).gather(-1, new[..., None])
+        lap("ref")
+        model.train()
+        logits = model(out, attention_mask=full_mask.long()).logits[:, width - 1 : -1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, new[..., None]).squeeze(-1)
         ratio = torch.exp(logp - logp.detach())
         pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - CLIP, 1 + CLIP))
         log_r = logp - ref_logp.squeeze(-1)
@@ -94,6 +105,7 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
+        lap("train")
         times.append(time.perf_counter() - start)
         rewards.append(float(reward.mean()))
         tokens.append(float(full_mask.sum()))
@@ -106,6 +118,7 @@ def main() -> None:
                 "total_tokens_per_s": sum(tokens[steady]) / sum(times[steady]),
                 "reward_first10": sum(rewards[:10]) / len(rewards[:10]),
                 "reward_last50": sum(rewards[-50:]) / len(rewards[-50:]),
+                "phases": {k: sum(v[steady]) / len(v[steady]) for k, v in phases.items()},
             }
         )
     )

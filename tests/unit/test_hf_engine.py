@@ -123,3 +123,23 @@ def test_sampling_is_from_the_configured_distribution(engine):
 
     assert support() > 55  # no hidden top-k=50
     assert support(top_k=20) <= 20
+
+
+def test_update_weights_adopts_whole_tensors_and_copies_the_rest(model_dir):
+    """A tensor of the parameter's shape, dtype and device becomes the parameter (the
+    engine reads the actor's weights without a copy); another dtype is copied in, never
+    into a tensor the engine was given before."""
+    tensors = load_tensors(model_dir)
+    given = {n: t.clone() for n, t in tensors.items()}
+    engine = HFEngine(model_dir, pad_token_id=0, device=torch.device("cpu"))
+    engine.update_weights([list(tensors.items())])
+    params = dict(engine.model.named_parameters())
+    shared = [n for n in params if n in tensors]
+    assert shared and all(params[n].data_ptr() == tensors[n].data_ptr() for n in shared)
+    doubled = {n: t.double() * 2 for n, t in tensors.items()}
+    engine.update_weights([list(doubled.items())])
+    for n in shared:
+        assert params[n].dtype == torch.float32
+        assert params[n].data_ptr() != doubled[n].data_ptr()
+        torch.testing.assert_close(params[n], (given[n] * 2).float())
+        assert torch.equal(tensors[n], given[n])

@@ -49,8 +49,8 @@ def save_hf(
     for i, bucket in enumerate(export_hf(chunks, arch, mp, shard_bytes)):
         if writer:
             name = f"model-{i + 1:05d}.safetensors"
-            save_file(
-                {n: t.contiguous().cpu() for n, t in bucket},
+            save_file(  # copies: the bucket may hold views of the model's own weights
+                {n: t.to("cpu", copy=True).contiguous() for n, t in bucket},
                 partial / name,
                 metadata={"format": "pt"},
             )

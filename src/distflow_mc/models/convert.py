@@ -236,27 +236,36 @@ def _gather_ep(t: torch.Tensor, mp: ModelParallel) -> list[torch.Tensor]:
 
 
 def _gather_tp(t: torch.Tensor, mp: ModelParallel) -> list[torch.Tensor]:
+    if mp.tp == 1:
+        return [t]
     parts = [torch.empty_like(t) for _ in range(mp.tp)]
     dist.all_gather(parts, t.contiguous(), group=mp.tp_group)
     return parts
 
 
+def _cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """The TP shards joined; the one shard itself (a view, no copy) without TP."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 def _to_hf(rule: Rule, parts: list[torch.Tensor], arch: HFArch) -> list[tuple[str, torch.Tensor]]:
+    """HF tensors from the TP shards of one parameter: views of it where the layouts agree
+    (without TP), so an engine that adopts them reads the actor's own weights."""
     if rule.kind == "rep":
         return [(rule.hf[0], parts[0])]
     if rule.kind == "row":
-        return [(rule.hf[0], torch.cat(parts))]
+        return [(rule.hf[0], _cat(parts))]
     if rule.kind == "vocab":
-        return [(rule.hf[0], torch.cat(parts)[: arch.vocab_size])]
+        return [(rule.hf[0], _cat(parts)[: arch.vocab_size])]
     if rule.kind == "col":
-        return [(rule.hf[0], torch.cat(parts, dim=1))]
+        return [(rule.hf[0], _cat(parts, dim=1))]
     if rule.kind == "gate_up":
         halves = [p.chunk(2) for p in parts]
         return [
-            (rule.hf[0], torch.cat([h[0] for h in halves])),
-            (rule.hf[1], torch.cat([h[1] for h in halves])),
+            (rule.hf[0], _cat([h[0] for h in halves])),
+            (rule.hf[1], _cat([h[1] for h in halves])),
         ]
-    full = torch.cat(parts)
+    full = _cat(parts)
     hpg = arch.num_heads // arch.num_kv_heads
     grouped = full.reshape(arch.num_kv_heads, hpg + 2, arch.head_dim, *full.shape[1:])
     q, k, v = grouped.split([hpg, 1, 1], dim=1)

@@ -47,18 +47,37 @@ class HFEngine:
         self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
         self.device, self.pad = device, pad_token_id
         self.loaded: set[str] = set()
+        self.adopted: set[str] = set()  # parameters that are a tensor given to update_weights
         self.asleep = False
 
     @torch.no_grad()
     def update_weights(self, buckets: Iterable[Bucket]) -> None:
         """Tensors in HF checkpoint names; per-expert MoE tensors also land in the fused
-        expert parameters transformers 5 keeps in memory."""
+        expert parameters transformers 5 keeps in memory. A whole, contiguous tensor of the
+        parameter's shape, dtype and device is adopted, not copied: the engine then reads
+        the actor's own weights where the layouts agree (TP=1 on this rank: all but the
+        split QKV), and keeps the rest without a second copy. Until the next update the
+        engine reads those tensors as they are; the step syncs right after the optimizer,
+        before anything generates."""
         self.wake()
         params = dict(self.model.named_parameters())
         for bucket in buckets:
             for name, tensor in bucket:
                 target, where = _target(params, name)
                 param = params[target]
+                whole = where == slice(None) and tensor.is_contiguous()
+                if whole and (tensor.shape, tensor.dtype, tensor.device) == (
+                    param.shape,
+                    param.dtype,
+                    param.device,
+                ):
+                    param.data = tensor
+                    self.loaded.add(target)
+                    self.adopted.add(target)
+                    continue
+                if target in self.adopted:  # never write into a tensor it was given
+                    param.data = param.data.clone()
+                    self.adopted.discard(target)
                 param[where].copy_(tensor.to(param.device, param.dtype))
                 self.loaded.add(target)
         tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
