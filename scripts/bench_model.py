@@ -25,6 +25,8 @@ from pathlib import Path
 from bench_common import report
 
 SIZES = {
+    # the embedded task's model (data/tiny.py) at one rank's share of its GRPO batch
+    "tiny": dict(vocab=128, hidden=64, inter=128, layers=2, heads=4, kv=2, seq=32, batch=128),
     # a small Llama-style model that a 2-core CPU steps in about a second
     "small": dict(vocab=4096, hidden=256, inter=704, layers=4, heads=8, kv=4, seq=256, batch=4),
     # a small Qwen3-MoE-style model: 8 experts, top-2 (MFU counts active parameters)
