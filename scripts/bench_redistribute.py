@@ -7,8 +7,9 @@ single-controller pattern (gather everything to one rank, split there, scatter).
 three log-prob fields, advantages, mask) and per-sample strings. Rollout DP=W sends to
 train DP=W/2 x TP=2 (every rank of a TP pair holds its replica's batch, as the trainer
 needs). Ours runs with every field (like for like with raw and central: same bytes), by
-both patterns, and with only the fields the trainer reads (`keep`); its phase split is
-printed for the automatic choice. Prints tables last and writes bench_redistribute.csv.
+both patterns, both packings (one all-to-all per round or per field), and with only the
+fields the trainer reads (`keep`); its phase split is printed for the automatic choice.
+Prints tables last and writes bench_redistribute.csv.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def worker(out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from distflow_mc.data.redistribute import Balance, Pattern, Transfer, redistribute
+    from distflow_mc.data.redistribute import Balance, Packing, Pattern, Transfer, redistribute
     from distflow_mc.parallel.dist import init_distributed
     from distflow_mc.parallel.layout import Layout
 
@@ -88,7 +89,7 @@ def worker(out: str) -> None:
     mine = make_batch(rank, w)
     own = batch_bytes(mine)
     args = (Balance(), ctx.device, ctx.timeout)
-    for _ in range(3):  # AUTO measures both patterns, then keeps the faster
+    for _ in range(6):  # AUTO measures each pattern x packing, then keeps the fastest
         received = redistribute(mine, src, dst, *args)
     tokens = [0] * w
     dist.all_gather_object(tokens, received.num_tokens)
@@ -159,6 +160,10 @@ def worker(out: str) -> None:
             **{
                 p.value: lambda p=p: redistribute(mine, src, dst, *args, pattern=p)
                 for p in (Pattern.DIRECT, Pattern.LEADERS)
+            },
+            **{
+                k.value: lambda k=k: redistribute(mine, src, dst, *args, packing=k)
+                for k in (Packing.CHUNKS, Packing.FIELDS)
             },
             "kept_fields": lambda: redistribute(mine, src, dst, *args, keep=TRAINER_READS),
             "raw_direct": raw_for(replicas),

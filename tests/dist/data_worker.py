@@ -20,7 +20,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from distflow_mc.data.batch import Batch
-from distflow_mc.data.redistribute import Balance, Pattern, Transfer, redistribute
+from distflow_mc.data.redistribute import Balance, Packing, Pattern, Transfer, redistribute
 from distflow_mc.parallel.dist import init_distributed
 from distflow_mc.parallel.layout import Layout, Move, movement
 from tests.dist.factory_devices import FactoryDevices
@@ -57,6 +57,7 @@ def same_sample(a: Batch, i: int, b: Batch, j: int) -> bool:
     )
 
 
+PACKINGS = (Packing.CHUNKS, Packing.FIELDS)
 KEEP = ("input_ids", "mask", "reward", "ground_truth")  # a destination that reads only these
 
 
@@ -68,6 +69,7 @@ def scenario(
     pattern: Pattern = Pattern.AUTO,
     keep: tuple[str, ...] | None = None,
     rounds: bool = False,
+    packing: Packing = Packing.AUTO,
 ) -> dict:
     rank = dist.get_rank()
     replica = src.coords(rank)["dp"]
@@ -77,12 +79,12 @@ def scenario(
     phases: dict[str, float] = {}
     args = (balance, torch.device("cpu"), timedelta(seconds=60))
     if rounds:  # the token fields leave first (as while a reward stage runs), the rest after
-        transfer = Transfer(src, dst, *args, pattern, phases)
+        transfer = Transfer(src, dst, *args, pattern, phases, packing)
         transfer.send(mine, ("input_ids", "logprobs"))
         transfer.send(mine)
         got = transfer.finish()
     else:
-        got = redistribute(mine, src, dst, *args, keep, pattern, phases)
+        got = redistribute(mine, src, dst, *args, keep, pattern, phases, packing)
     reference = Batch.concat([source_batch(r, seed) for r in range(src.dp)])
     reference = reference.only(keep) if keep else reference
     views: list = [None] * dist.get_world_size()
@@ -109,6 +111,7 @@ def scenario(
     if balance.keep_groups:
         items = [sum(items[i : i + GROUP]) for i in range(0, len(items), GROUP)]
     counts = [len(vs[0][0]) for vs in per_replica.values()]
+    tensors = [*got.tokens.values(), *got.samples.values()]
     return {
         "holds": True,
         "holder": rank in dst.holders(),
@@ -128,6 +131,8 @@ def scenario(
         "fast_path_same_object": (
             got is mine if movement(src, dst) is Move.NONE and keep is None else None
         ),
+        # received fields that share one buffer: views, no unpacking copy
+        "buffers": len({t.untyped_storage().data_ptr() for t in tensors}),
     }
 
 
@@ -174,13 +179,16 @@ def main() -> None:
 def run_scenarios(layouts: dict, result: dict) -> None:
     for seed, (name, (src, dst)) in enumerate(layouts.items()):
         result[name] = scenario(src, dst, seed, Balance())
-        for pattern in (Pattern.DIRECT, Pattern.LEADERS):
-            result[f"{name} {pattern.value}"] = scenario(src, dst, seed, Balance(), pattern)
+        options = [(p, k) for p in (Pattern.DIRECT, Pattern.LEADERS) for k in PACKINGS]
+        for pattern, packing in options:
+            result[f"{name} {pattern.value} {packing.value}"] = scenario(
+                src, dst, seed, Balance(), pattern, packing=packing
+            )
         result[name + " keep"] = scenario(src, dst, seed, Balance(), keep=KEEP)
         if movement(src, dst) is not Move.NONE:
-            for pattern in (Pattern.DIRECT, Pattern.LEADERS):
-                result[f"{name} {pattern.value} rounds"] = scenario(
-                    src, dst, seed, Balance(), pattern, rounds=True
+            for pattern, packing in options:
+                result[f"{name} {pattern.value} {packing.value} rounds"] = scenario(
+                    src, dst, seed, Balance(), pattern, rounds=True, packing=packing
                 )
         result[name + " split groups"] = scenario(src, dst, seed, Balance(keep_groups=False))
         groups = sum(len(source_batch(r, seed)) for r in range(src.dp)) // GROUP

@@ -23,6 +23,7 @@ Only the fields named in `keep` travel. Works on NCCL and gloo through the same 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -55,6 +56,12 @@ class Pattern(Enum):
     AUTO = "auto"  # the faster of the two below, as measured (`_Measured`)
     DIRECT = "direct"  # one all-to-all to every rank of each destination replica
     LEADERS = "leaders"  # all-to-all to each replica's first rank, then a broadcast
+
+
+class Packing(Enum):
+    AUTO = "auto"  # the faster of the two below, as measured (`_Measured`)
+    CHUNKS = "chunks"  # one all-to-all per round; the receiver concatenates each field
+    FIELDS = "fields"  # one all-to-all per field; the received fields are views, no copy
 
 
 # (kind, name, dtype, trailing shape); kind "t" per token, "s" per sample; sorted by kind+name
@@ -203,6 +210,7 @@ class _Plan:
     recipients: list[list[int]]  # destination replica -> the ranks the all-to-all reaches
     holders: list[list[int]]  # destination replica -> every rank that ends up holding it
     pattern: Pattern
+    packing: Packing
 
 
 def _plan(
@@ -212,6 +220,7 @@ def _plan(
     dst: Layout,
     balance: Balance,
     pattern: Pattern,
+    packing: Packing,
 ) -> _Plan:
     if movement(src, dst) is not Move.EXCHANGE:  # same replicas: each keeps its samples
         dest = {s: np.full(len(meta.lengths[s]), dst.coords(s)["dp"]) for s in senders}
@@ -222,39 +231,60 @@ def _plan(
         bounds = np.cumsum([0] + [len(meta.lengths[s]) for s in senders])
         dest = {s: flat[bounds[i] : bounds[i + 1]] for i, s in enumerate(senders)}
     holders = [sorted(set(ranks) & dst.holders()) for ranks in dst.replicas()]
-    if pattern is Pattern.AUTO:  # the same on one-rank holder sets: nothing to measure
-        multi = any(len(h) > 1 for h in holders)
-        pattern = _measured.choose((src, dst), meta.nbytes()) if multi else Pattern.DIRECT
+    multi = any(len(h) > 1 for h in holders)  # else both patterns are the same
+    patterns = [Pattern.DIRECT, Pattern.LEADERS] if multi else [Pattern.DIRECT]
+    if pattern is not Pattern.AUTO:
+        patterns = [pattern]
+    packings = [Packing.CHUNKS, Packing.FIELDS] if packing is Packing.AUTO else [packing]
+    options = [(p, k) for p in patterns for k in packings]
+    pattern, packing = _measured.choose((src, dst), meta.nbytes(), options)
     recipients = holders if pattern is Pattern.DIRECT else [h[:1] for h in holders]
-    return _Plan(dest, recipients, holders, pattern)
+    return _Plan(dest, recipients, holders, pattern, packing)
 
 
 class _Measured:
-    """AUTO's choice by measured cost: each pattern is tried once per (source, destination)
-    layout pair, then the one with fewer seconds per byte (the slowest rank's, from the
-    metadata exchange on) runs, its cost updated by every call. Every rank reports its time
-    of the last AUTO call in the next call's metadata header, so all ranks hold the same
-    numbers and make the same choice."""
+    """AUTO's choice by measured cost: each option (pattern, packing) is tried once per
+    (source, destination) layout pair, then the one with fewer seconds per byte (the
+    slowest rank's, from the metadata exchange on) runs, its cost updated by every call;
+    every `REVISIT`-th call re-measures the option measured longest ago, so one unlucky
+    first measurement does not decide for good. Every rank reports its time of the last
+    measured call in the next call's metadata header, so all ranks hold the same numbers
+    and make the same choice."""
+
+    REVISIT = 16
 
     def __init__(self) -> None:
-        self.cost: dict[tuple[Layout, Layout], dict[Pattern, float]] = {}
-        self.last: tuple[tuple[Layout, Layout], Pattern, int] | None = None
-        self.elapsed_ns = 0  # this rank's, for the last AUTO call
+        self.cost: dict[tuple[Layout, Layout], dict[tuple[Pattern, Packing], float]] = {}
+        self.seen: dict[tuple[Layout, Layout], dict[tuple[Pattern, Packing], int]] = {}
+        self.calls: dict[tuple[Layout, Layout], int] = {}
+        self.last: tuple[tuple[Layout, Layout], tuple[Pattern, Packing], int] | None = None
+        self.elapsed_ns = 0  # this rank's, for the last measured call
 
     def update(self, slowest_ns: int) -> None:
         if self.last is not None:
-            key, pattern, nbytes = self.last
+            key, option, nbytes = self.last
             costs = self.cost.setdefault(key, {})
             value = slowest_ns / max(nbytes, 1)
-            costs[pattern] = value if pattern not in costs else (costs[pattern] + value) / 2
+            costs[option] = value if option not in costs else (costs[option] + value) / 2
         self.last, self.elapsed_ns = None, 0
 
-    def choose(self, key: tuple[Layout, Layout], nbytes: int) -> Pattern:
-        costs = self.cost.get(key, {})
-        untried = [p for p in (Pattern.DIRECT, Pattern.LEADERS) if p not in costs]
-        pattern = untried[0] if untried else min(costs, key=costs.__getitem__)
-        self.last = (key, pattern, nbytes)
-        return pattern
+    def choose(
+        self, key: tuple[Layout, Layout], nbytes: int, options: list[tuple[Pattern, Packing]]
+    ) -> tuple[Pattern, Packing]:
+        if len(options) == 1:  # nothing to choose: nothing to measure
+            return options[0]
+        costs, seen = self.cost.get(key, {}), self.seen.setdefault(key, {})
+        calls = self.calls[key] = self.calls.get(key, 0) + 1
+        untried = [o for o in options if o not in costs]
+        if untried:
+            option = untried[0]
+        elif calls % self.REVISIT == 0:
+            option = min(options, key=seen.__getitem__)
+        else:
+            option = min(options, key=costs.__getitem__)
+        seen[option] = calls
+        self.last = (key, option, nbytes)
+        return option
 
 
 _measured = _Measured()
@@ -322,42 +352,85 @@ def _pack(
     return buf, splits
 
 
+def _pack_fields(
+    batch: Batch,
+    encoded: list[bytes],
+    fields: list[Field],
+    dest: np.ndarray,
+    order: list[int | None],
+    replicas: int,
+    device: torch.device,
+) -> list[tuple[torch.Tensor, list[int]]]:
+    """FIELDS: per field (then the objects' bytes), the send buffer holding each receiving
+    rank's rows in rank order, and the bytes per rank. One index_select per field, none
+    when the samples are in destination order and each replica is sent once."""
+    perm = np.argsort(dest, kind="stable")
+    n_of = np.bincount(dest, minlength=replicas)
+    t_of = np.bincount(dest, weights=batch.lengths.cpu().numpy(), minlength=replicas)
+    t_of = t_of.astype(np.int64)
+    n_at, t_at = np.cumsum(n_of) - n_of, np.cumsum(t_of) - t_of
+    targets = [d for d in order if d is not None and n_of[d]]
+    as_is = bool((perm == np.arange(len(perm))).all()) and targets == sorted(set(targets))
+    if not as_is:
+        idx = torch.from_numpy(perm).to(device)
+        rows = {"t": batch.token_index(idx)[1], "s": idx}
+        for kind, at, of in (("t", t_at, t_of), ("s", n_at, n_of)):
+            ranges = [torch.arange(at[d], at[d] + of[d], device=device) for d in targets]
+            rows[kind] = rows[kind][torch.cat(ranges)] if ranges else rows[kind][:0]
+    out = []
+    for f in fields:
+        kind, name = f[0], f[1]
+        src = (batch.tokens if kind == "t" else batch.samples)[name].to(device)
+        sent = src if as_is else src.index_select(0, rows[kind])
+        per = t_of if kind == "t" else n_of
+        splits = [int(per[d]) * _row_bytes(f) if d is not None else 0 for d in order]
+        out.append((sent.contiguous().reshape(len(sent), -1).view(torch.uint8).reshape(-1), splits))
+    blobs = [
+        b"".join(encoded[i] for i in perm[n_at[d] : n_at[d] + n_of[d]])
+        if encoded and d is not None
+        else b""
+        for d in order
+    ]
+    raw = bytearray(b"".join(blobs))
+    empty = torch.empty(0, dtype=torch.uint8, device=device)
+    objects = torch.frombuffer(raw, dtype=torch.uint8).to(device) if raw else empty
+    out.append((objects, [len(x) for x in blobs]))
+    return out
+
+
 @dataclass
 class _Round:
-    """One round as this rank receives it: its fields and object names, the aligned bytes
-    each field (then the objects) takes in each sender's chunk ([fields + 1, senders]),
-    the objects' exact bytes per sender, the receive buffer, and where each sender's
-    chunk begins in it."""
+    """One round as this rank receives it: its fields and object names, where each field
+    (then the objects) from each sender begins in the receive buffer and how many bytes it
+    has ([fields + 1, senders]), and the buffer."""
 
     fields: list[Field]
     objects: list[str]
-    sizes: np.ndarray
-    object_bytes: np.ndarray
+    starts: np.ndarray
+    nbytes: np.ndarray
     recv: torch.Tensor
-    begin: np.ndarray
 
-    def unpack(
-        self, n: np.ndarray, t: np.ndarray
-    ) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
-        """The fields, each contiguous across senders in rank order (a view when one
-        sender sent it, else one concatenation), and the object columns (one JSON
-        decode); `n` and `t` are the samples and tokens per sender."""
-        starts = self.begin + np.cumsum(self.sizes, axis=0) - self.sizes
+    def _span(self, j: int) -> torch.Tensor:
+        """Field j's bytes from every sender, in rank order: a view when they lie end to
+        end in the buffer (FIELDS, or one sender), else one concatenation."""
+        pieces = [(int(a), int(b)) for a, b in zip(self.starts[j], self.nbytes[j], strict=True)]
+        pieces = [(a, b) for a, b in pieces if b]
+        if not pieces:
+            return self.recv[:0]
+        if all(a + b == c for (a, b), (c, _) in itertools.pairwise(pieces)):
+            return self.recv[pieces[0][0] : pieces[-1][0] + pieces[-1][1]]
+        return torch.cat([self.recv[a : a + b] for a, b in pieces])
+
+    def unpack(self) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
+        """The fields, each contiguous across senders in rank order, and the object columns
+        (one JSON decode)."""
         out = {}
-        for j, f in enumerate(self.fields):
-            kind, name, dtype, shape = f
-            rows = t if kind == "t" else n
-            size = rows * _row_bytes(f)
-            pieces = [self.recv[a : a + b] for a, b in zip(starts[j], size, strict=True) if b]
-            flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else self.recv[:0]
-            out[name] = flat.view(getattr(torch, dtype)).view(int(rows.sum()), *shape)
-        data = b"".join(
-            self.recv[a : a + b].cpu().numpy().tobytes()
-            for a, b in zip(starts[-1], self.object_bytes, strict=True)
-            if b
-        )
-        rows_ = json.loads(b"[" + data[:-1] + b"]") if data else []
-        return out, {k: [r[j] for r in rows_] for j, k in enumerate(self.objects)}
+        for j, (_, name, dtype, shape) in enumerate(self.fields):
+            flat = self._span(j).view(getattr(torch, dtype))
+            out[name] = flat.view(flat.numel() // math.prod(shape), *shape)
+        data = self._span(len(self.fields)).cpu().numpy().tobytes()
+        rows = json.loads(b"[" + data[:-1] + b"]") if data else []
+        return out, {k: [r[j] for r in rows] for j, k in enumerate(self.objects)}
 
 
 _groups: dict[tuple[tuple[int, ...], timedelta], dist.ProcessGroup] = {}
@@ -389,10 +462,12 @@ class Transfer:
         timeout: timedelta,
         pattern: Pattern = Pattern.AUTO,
         phases: dict[str, float] | None = None,
+        packing: Packing = Packing.AUTO,
     ) -> None:
         assert src.world_size == dst.world_size == dist.get_world_size(), (src, dst)
         assert movement(src, dst) is not Move.NONE, "nothing moves: no transfer needed"
-        self.src, self.dst, self.balance, self.pattern = src, dst, balance, pattern
+        self.src, self.dst, self.balance = src, dst, balance
+        self.pattern, self.packing = pattern, packing
         self.device, self.timeout, self.clock = device, timeout, _Clock(phases, device)
         self.rank, self.senders = dist.get_rank(), src.emitters()
         self.sent: set[str] = set()
@@ -403,7 +478,7 @@ class Transfer:
     def send(self, batch: Batch | None, names: Collection[str] | None = None) -> None:
         """Start moving the fields of `batch` in `names` (all when None) not sent yet;
         `uid` and `group` go in the first round."""
-        rank, world, senders = self.rank, dist.get_world_size(), self.senders
+        rank, senders = self.rank, self.senders
         first = not self.rounds
         self.clock.restart()
         begin = time.perf_counter_ns()
@@ -418,7 +493,8 @@ class Transfer:
         if first:
             begin = time.perf_counter_ns()  # the ranks are in step from here
             self.meta = meta
-            self.plan = _plan(meta, senders, self.src, self.dst, self.balance, self.pattern)
+            args = (self.src, self.dst, self.balance, self.pattern, self.packing)
+            self.plan = _plan(meta, senders, *args)
             self._receive_plan()
             self.clock("plan")
         self.sent |= {f[1] for f in meta.fields} | set(meta.objects)
@@ -428,8 +504,22 @@ class Transfer:
             for i, s in enumerate(senders):
                 objects[i] = np.bincount(self.plan.dest[s], meta.object_bytes[s], self.dst.dp)
         rows = [(self.t if f[0] == "t" else self.n) * _row_bytes(f) for f in meta.fields]
-        sizes = -(-np.stack([*rows, objects]) // ALIGN) * ALIGN  # [fields + 1, senders, dp]
-        d, receiving = self.d, rank in self.replica_of
+        nbytes = np.stack([*rows, objects])  # [fields + 1, senders, dp]
+        args = (batch, encoded, meta.fields, nbytes)
+        chunked = self.plan.packing is Packing.CHUNKS
+        recv, starts = self._send_chunks(*args) if chunked else self._send_fields(*args)
+        self.rounds.append(_Round(meta.fields, meta.objects, starts, nbytes[:, :, self.d], recv))
+        self.clock("exchange")
+        self.busy_ns += time.perf_counter_ns() - begin
+
+    def _send_chunks(
+        self, batch: Batch | None, encoded: list[bytes], fields: list[Field], nbytes: np.ndarray
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """CHUNKS: one all-to-all; this rank's receive buffer and where each field from each
+        sender begins in it."""
+        rank, world, senders, d = self.rank, dist.get_world_size(), self.senders, self.d
+        receiving = rank in self.replica_of
+        sizes = -(-nbytes // ALIGN) * ALIGN
         chunks = sizes[:, :, d].sum(0)
         # the receive buffer: the senders' chunks in rank order, the buffer's owner's own
         # chunk last (it never travels); a LEADERS follower's is its leader's buffer
@@ -446,20 +536,53 @@ class Transfer:
             me, dest = senders.index(rank), self.plan.dest[rank]
             kept = int(chunks[me]) if receiving else 0
             own = recv[size - kept :]
-            send, out_splits = _pack(batch, encoded, meta.fields, dest, sizes[:, me], order, own)
+            send, out_splits = _pack(batch, encoded, fields, dest, sizes[:, me], order, own)
         self.clock("pack")
         in_splits = [0] * world
         if receiving:
             for i, s in enumerate(senders):
                 in_splits[s] = int(chunks[i]) if s != rank else 0
         target = recv[: size - kept] if receiving else recv[:0]
-        work = dist.all_to_all_single(target, send, in_splits, out_splits, async_op=True)
-        self.works.append(work)
-        self.rounds.append(
-            _Round(meta.fields, meta.objects, sizes[:, :, d], objects[:, d], recv, where)
+        self.works.append(
+            dist.all_to_all_single(target, send, in_splits, out_splits, async_op=True)
         )
-        self.clock("exchange")
-        self.busy_ns += time.perf_counter_ns() - begin
+        field_at = np.cumsum(sizes[:, :, d], axis=0) - sizes[:, :, d]
+        return recv, where + field_at
+
+    def _send_fields(
+        self, batch: Batch | None, encoded: list[bytes], fields: list[Field], nbytes: np.ndarray
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """FIELDS: one all-to-all per field (and one for the objects when they travel), each
+        into its own 8-byte aligned region of the receive buffer, the senders end to end:
+        every field arrives contiguous. This rank's receive buffer and where each field from
+        each sender begins in it."""
+        rank, world, senders, d = self.rank, dist.get_world_size(), self.senders, self.d
+        receiving = rank in self.replica_of
+        mine = nbytes[:, :, d]  # [fields + 1, senders]
+        total = mine.sum(1)
+        region = -(-total // ALIGN) * ALIGN
+        region_at = np.cumsum(region) - region
+        size = int(region.sum()) if self.holding else 0
+        recv = torch.empty(size, dtype=torch.uint8, device=self.device)
+        parts = [(recv[:0], [0] * world)] * len(mine)
+        if rank in senders:
+            order = [self.replica_of.get(r) for r in range(world)]
+            dest = self.plan.dest[rank]
+            parts = _pack_fields(batch, encoded, fields, dest, order, self.dst.dp, self.device)
+        self.clock("pack")
+        for j, (send, out_splits) in enumerate(parts):
+            if j == len(fields) and not nbytes[j].any():
+                break  # no objects in this round (every rank knows every sender's sizes)
+            in_splits = [0] * world
+            if receiving:
+                for i, s in enumerate(senders):
+                    in_splits[s] = int(mine[j, i])
+            lo = int(region_at[j])
+            target = recv[lo : lo + int(total[j])] if receiving else recv[:0]
+            self.works.append(
+                dist.all_to_all_single(target, send, in_splits, out_splits, async_op=True)
+            )
+        return recv, region_at[:, None] + np.cumsum(mine, axis=1) - mine
 
     def _receive_plan(self) -> None:
         """Samples and tokens from every sender to every replica, and what this rank holds:
@@ -501,9 +624,8 @@ class Transfer:
             offsets[1:] = torch.from_numpy(self.lengths).to(self.device).cumsum(0)
             fields: dict[str, dict[str, torch.Tensor]] = {"t": {}, "s": {}}
             objects: dict[str, list] = {}
-            n, t = self.n[:, self.d], self.t[:, self.d]
             for r in self.rounds:
-                tensors, columns = r.unpack(n, t)
+                tensors, columns = r.unpack()
                 for kind, name, _, _ in r.fields:
                     fields[kind][name] = tensors[name]
                 objects |= columns
@@ -525,19 +647,21 @@ def redistribute(
     keep: Collection[str] | None = None,
     pattern: Pattern = Pattern.AUTO,
     phases: dict[str, float] | None = None,
+    packing: Packing = Packing.AUTO,
 ) -> Batch | None:
     """Called on every rank. `batch` is this rank's source-replica batch (only the
     replica's emitter's copy is read; other ranks may pass None). Returns this rank's
     destination-replica batch on `device`, the same on every rank of the replica (None on
     a rank that holds none). Only the fields in `keep` (all when None; `uid` and `group`
     always) arrive. New process groups get `timeout`; `phases` collects seconds per phase
-    (meta, plan, pack, exchange, broadcast, unpack)."""
+    (meta, plan, pack, exchange, broadcast, unpack). `pattern` and `packing` left AUTO are
+    chosen by measured cost."""
     if movement(src, dst) is Move.NONE:
         rank = dist.get_rank()
         assert batch is not None or rank not in dst.holders(), "holders hold their batch"
         if batch is None or rank not in dst.holders():
             return None
         return batch if keep is None else batch.only(keep)
-    transfer = Transfer(src, dst, balance, device, timeout, pattern, phases)
+    transfer = Transfer(src, dst, balance, device, timeout, pattern, phases, packing)
     transfer.send(batch, keep)
     return transfer.finish()
