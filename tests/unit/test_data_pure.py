@@ -147,3 +147,23 @@ def test_schedule_shapes_for_interleaved_pipelines():
     torch.testing.assert_close(shaped[0]["input_ids"][:, :7], mbs[0]["input_ids"])
     plain = schedule_shapes(mbs, pp=2, interleaved=False, seq_multiple=2)
     assert [tuple(mb["input_ids"].shape) for mb in plain] == [(3, 8), (1, 10), (1, 2)]
+
+
+def test_measured_choice_tries_each_option_keeps_the_cheapest_and_revisits():
+    from distflow_mc.data.redistribute import Packing, Pattern, _Measured
+    from distflow_mc.parallel.layout import Layout
+
+    key = (Layout("rollout", dp=2), Layout("train", dp=1, tp=2, replicated=True))
+    packings = (Packing.CHUNKS, Packing.FIELDS)
+    options = [(p, k) for p in (Pattern.DIRECT, Pattern.LEADERS) for k in packings]
+    cost_ns = dict(zip(options, (40, 10, 30, 20), strict=True))  # per byte
+    measured, chosen = _Measured(), []
+    for _ in range(2 * _Measured.REVISIT):
+        option = measured.choose(key, 1, options)
+        chosen.append(option)
+        measured.update(cost_ns[option])  # the next call's metadata brings the time
+    assert chosen[:4] == options  # each tried once, in order
+    cheapest = options[1]
+    revisits = [i for i, o in enumerate(chosen[4:], start=5) if o != cheapest]
+    assert revisits and all(i % _Measured.REVISIT == 0 for i in revisits)
+    assert measured.choose(key, 1, options[:1]) == options[0]  # one option: no measuring
