@@ -4,16 +4,18 @@
 
 One rank per source replica (its emitter) sends. Every rank learns every sample's length
 and group (and, when objects travel, each sample's encoded size) from one fixed-layout
-integer all-gather and computes the same balanced assignment; then each round moves in one
-`all_to_all_single`. A sender's chunk for a destination replica holds that replica's
-samples field after field (each 8-byte aligned, gathered in place with one `index_select`);
-the chunk a rank keeps for itself never travels but is written into its receive buffer.
-The receiver makes each field contiguous in the senders' rank order: a view when one
-sender sent it, else one concatenation. Objects (strings, dicts) are JSON-encoded per
-sample (one C call each, so that their sizes ride in the metadata and they need no
-exchange of their own) and decoded once per batch.
+integer all-gather and computes the same balanced assignment. Two packings, chosen by
+measured cost: CHUNKS moves a round in one `all_to_all_single` (a sender's chunk for a
+destination replica holds its samples field after field, each 8-byte aligned and gathered
+in place with one `index_select`; the chunk a rank keeps for itself never travels but is
+written into its receive buffer; the receiver concatenates each field across senders, a
+view when one sender sent it). FIELDS moves each field in its own all-to-all into its own
+region of one receive buffer, so every field arrives contiguous and stays a view (no
+unpacking copy). Objects (strings, dicts) are JSON-encoded per sample (one C call each,
+so that their sizes ride in the metadata and they need no exchange of their own) and
+decoded once per batch.
 
-Two ways to reach the ranks of a destination replica, chosen by measured cost (the same
+Two ways to reach the ranks of a destination replica, chosen by measured cost too (the same
 choice on every rank): DIRECT sends every rank of the replica its copy; LEADERS sends
 the replica's first rank and broadcasts inside the replica. When both layouts have the
 same replicas, samples stay in their replica: nothing moves if every rank that needs the
