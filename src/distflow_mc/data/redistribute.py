@@ -292,11 +292,24 @@ class _Measured:
 _measured = _Measured()
 
 
+def _by_destination(
+    batch: Batch, dest: np.ndarray, device: torch.device
+) -> tuple[np.ndarray, dict[str, torch.Tensor] | None]:
+    """A sender's samples ordered by destination (stable): the order, and the packed token
+    rows ("t") and samples ("s") read in that order; None when they already are in it."""
+    perm = np.argsort(dest, kind="stable")
+    if (perm == np.arange(len(perm))).all():
+        return perm, None
+    idx = torch.from_numpy(perm).to(device)
+    return perm, {"t": batch.token_index(idx)[1], "s": idx}
+
+
 def _pack(
     batch: Batch,
     encoded: list[bytes],
     fields: list[Field],
     dest: np.ndarray,
+    counts: tuple[np.ndarray, np.ndarray],
     sizes: np.ndarray,
     order: list[int | None],
     own: torch.Tensor,
@@ -311,16 +324,8 @@ def _pack(
     me = dist.get_rank()
     splits = [int(chunk[d]) if d is not None and r != me else 0 for r, d in enumerate(order)]
     buf = torch.empty(sum(splits), dtype=torch.uint8, device=own.device)
-    perm = np.argsort(dest, kind="stable")
-    lengths = batch.lengths.cpu().numpy()
-    n_at = np.zeros(len(chunk) + 1, dtype=np.int64)
-    t_at = np.zeros(len(chunk) + 1, dtype=np.int64)
-    n_at[1:] = np.bincount(dest, minlength=len(chunk)).cumsum()
-    t_at[1:] = np.bincount(dest, weights=lengths, minlength=len(chunk)).astype(np.int64).cumsum()
-    in_order = bool((perm == np.arange(len(perm))).all())
-    if not in_order:
-        idx = torch.from_numpy(perm).to(own.device)
-        _, rows = batch.token_index(idx)
+    perm, rows = _by_destination(batch, dest, own.device)
+    n_at, t_at = (np.concatenate([[0], np.cumsum(c)]) for c in counts)
     starts = np.cumsum(sizes, axis=0) - sizes  # where each field begins in a chunk
 
     def fill(out: torch.Tensor, d: int) -> None:
@@ -330,10 +335,10 @@ def _pack(
             region = out[at : at + (hi - lo) * _row_bytes(fields[j])]
             region = region.view(getattr(torch, dtype)).view(int(hi - lo), *shape)
             src = (batch.tokens if kind == "t" else batch.samples)[name].to(own.device)
-            if in_order:
+            if rows is None:
                 region.copy_(src[lo:hi])
             else:
-                torch.index_select(src, 0, (rows if kind == "t" else idx)[lo:hi], out=region)
+                torch.index_select(src, 0, rows[kind][lo:hi], out=region)
         if encoded:
             blob = b"".join(encoded[i] for i in perm[n_at[d] : n_at[d + 1]])
             at = int(starts[-1, d])
@@ -359,23 +364,21 @@ def _pack_fields(
     encoded: list[bytes],
     fields: list[Field],
     dest: np.ndarray,
+    counts: tuple[np.ndarray, np.ndarray],
     order: list[int | None],
-    replicas: int,
     device: torch.device,
 ) -> list[tuple[torch.Tensor, list[int]]]:
     """FIELDS: per field (then the objects' bytes), the send buffer holding each receiving
     rank's rows in rank order, and the bytes per rank. One index_select per field, none
     when the samples are in destination order and each replica is sent once."""
-    perm = np.argsort(dest, kind="stable")
-    n_of = np.bincount(dest, minlength=replicas)
-    t_of = np.bincount(dest, weights=batch.lengths.cpu().numpy(), minlength=replicas)
-    t_of = t_of.astype(np.int64)
+    n_of, t_of = counts
     n_at, t_at = np.cumsum(n_of) - n_of, np.cumsum(t_of) - t_of
     targets = [d for d in order if d is not None and n_of[d]]
-    as_is = bool((perm == np.arange(len(perm))).all()) and targets == sorted(set(targets))
-    if not as_is:
-        idx = torch.from_numpy(perm).to(device)
-        rows = {"t": batch.token_index(idx)[1], "s": idx}
+    perm, rows = _by_destination(batch, dest, device)
+    as_is = rows is None and targets == sorted(set(targets))
+    if not as_is:  # in order, but a replica goes to several ranks: rows read as they are
+        every = {"t": batch.num_tokens, "s": len(batch)}
+        rows = rows or {k: torch.arange(n, device=device) for k, n in every.items()}
         for kind, at, of in (("t", t_at, t_of), ("s", n_at, n_of)):
             ranges = [torch.arange(at[d], at[d] + of[d], device=device) for d in targets]
             rows[kind] = rows[kind][torch.cat(ranges)] if ranges else rows[kind][:0]
@@ -538,7 +541,8 @@ class Transfer:
             me, dest = senders.index(rank), self.plan.dest[rank]
             kept = int(chunks[me]) if receiving else 0
             own = recv[size - kept :]
-            send, out_splits = _pack(batch, encoded, fields, dest, sizes[:, me], order, own)
+            counts = (self.n[me], self.t[me])
+            send, out_splits = _pack(batch, encoded, fields, dest, counts, sizes[:, me], order, own)
         self.clock("pack")
         in_splits = [0] * world
         if receiving:
@@ -569,8 +573,9 @@ class Transfer:
         parts = [(recv[:0], [0] * world)] * len(mine)
         if rank in senders:
             order = [self.replica_of.get(r) for r in range(world)]
-            dest = self.plan.dest[rank]
-            parts = _pack_fields(batch, encoded, fields, dest, order, self.dst.dp, self.device)
+            me, dest = senders.index(rank), self.plan.dest[rank]
+            counts = (self.n[me], self.t[me])
+            parts = _pack_fields(batch, encoded, fields, dest, counts, order, self.device)
         self.clock("pack")
         for j, (send, out_splits) in enumerate(parts):
             if j == len(fields) and not nbytes[j].any():
