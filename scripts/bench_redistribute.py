@@ -9,6 +9,8 @@ train DP=W/2 x TP=2 (every rank of a TP pair holds its replica's batch, as the t
 needs). Ours runs with every field (like for like with raw and central: same bytes), by
 both patterns, both packings (one all-to-all per round or per field), and with only the
 fields the trainer reads (`keep`); its phase split is printed for the automatic choice.
+Then rollout DP=W to a pipeline (PP=min(W, 4)): every stage getting every field, against
+each stage getting what it reads (the first the tokens, the middle ones none, the last all).
 Prints tables last and writes bench_redistribute.csv.
 """
 
@@ -154,6 +156,17 @@ def worker(out: str) -> None:
         transfer.send(mine)
         transfer.finish()
 
+    # a pipeline: each stage gets every field, or only what it reads
+    pp = min(w, 4)
+    piped = Layout("train", dp=w // pp, pp=pp, replicated=True)
+    views = (("input_ids",), *[()] * (pp - 2), None)
+    for _ in range(6):  # past AUTO's measuring, for both
+        redistribute(mine, src, piped, *args)
+        staged = redistribute(mine, src, piped, *args, stages=views)
+    full = redistribute(mine, src, piped, *args)
+    got: list = [None] * w
+    dist.all_gather_object(got, (batch_bytes(full), batch_bytes(staged)))
+
     t = interleaved(
         {
             "ours": lambda: redistribute(mine, src, dst, *args, phases=phases),
@@ -166,6 +179,8 @@ def worker(out: str) -> None:
                 for k in (Packing.CHUNKS, Packing.FIELDS)
             },
             "kept_fields": lambda: redistribute(mine, src, dst, *args, keep=TRAINER_READS),
+            "pp_all": lambda: redistribute(mine, src, piped, *args),
+            "pp_views": lambda: redistribute(mine, src, piped, *args, stages=views),
             "raw_direct": raw_for(replicas),
             "raw_leaders": raw_for([r[:1] for r in replicas]),
             "central": controller,
@@ -203,6 +218,10 @@ def worker(out: str) -> None:
                     "peak_MB_central": round(max(p[1] for p in peaks) / 1e6, 1),
                     "peak_ours_over_share": round(max(p[0] for p in peaks) / share, 2),
                     "balance_max_mean": round(max(per_replica) / mean, 4),
+                    "pp": pp,
+                    "pp_all_MB_per_rank": round(sum(g[0] for g in got) / w / 1e6, 1),
+                    "pp_views_MB_per_rank": round(sum(g[1] for g in got) / w / 1e6, 1),
+                    "pp_views_vs_all_time": round(t["pp_views"] / t["pp_all"], 2),
                 }
             )
         )

@@ -34,7 +34,8 @@ from distflow_mc.parallel import (
     world_size_from_env,
 )
 from distflow_mc.rollout.sglang_engine import check_available as check_sglang
-from distflow_mc.stages.step import carried, fit, node_fields
+from distflow_mc.stages.fields import node_fields, stage_reads
+from distflow_mc.stages.step import carried, fit
 from distflow_mc.stages.workers import build_workers
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def main(cfg: DictConfig) -> None:
         run_dir,
     )
     if config.trainer.dry_run:
-        lines = describe_plan(plan, layouts, *carried(plan, config, layouts))
+        views = stage_reads(plan, config, layouts.train.pp)
+        lines = describe_plan(plan, layouts, *carried(plan, config, layouts), views)
         log.info("plan:\n%s", "\n".join(lines))
         return
     workers = build_workers(config, plan, layouts, ctx)

@@ -70,6 +70,7 @@ def scenario(
     keep: tuple[str, ...] | None = None,
     rounds: bool = False,
     packing: Packing = Packing.AUTO,
+    stages: tuple | None = None,
 ) -> dict:
     rank = dist.get_rank()
     replica = src.coords(rank)["dp"]
@@ -79,17 +80,19 @@ def scenario(
     phases: dict[str, float] = {}
     args = (balance, torch.device("cpu"), timedelta(seconds=60))
     if rounds:  # the token fields leave first (as while a reward stage runs), the rest after
-        transfer = Transfer(src, dst, *args, pattern, phases, packing)
+        transfer = Transfer(src, dst, *args, pattern, phases, packing, stages)
         transfer.send(mine, ("input_ids", "logprobs"))
         transfer.send(mine)
         got = transfer.finish()
     else:
-        got = redistribute(mine, src, dst, *args, keep, pattern, phases, packing)
+        got = redistribute(mine, src, dst, *args, keep, pattern, phases, packing, stages)
     reference = Batch.concat([source_batch(r, seed) for r in range(src.dp)])
     reference = reference.only(keep) if keep else reference
+    view = stages[dst.coords(rank)["pp"]] if stages else None
+    reference = reference.only(view) if view is not None else reference  # its stage's fields
     views: list = [None] * dist.get_world_size()
-    view = (dst.coords(rank)["dp"], got.samples["uid"].tolist(), got.num_tokens) if got else None
-    dist.all_gather_object(views, view)
+    seen = (dst.coords(rank)["dp"], got.samples["uid"].tolist(), got.num_tokens) if got else None
+    dist.all_gather_object(views, seen)
     if got is None:  # a rank outside the destination's holders
         return {"holds": False, "holder": rank in dst.holders()}
     fields = sorted([*got.tokens, *got.samples, *got.objects])
@@ -115,6 +118,7 @@ def scenario(
     return {
         "holds": True,
         "holder": rank in dst.holders(),
+        "fields": fields,
         "fields_as_kept": fields
         == sorted([*reference.tokens, *reference.samples, *reference.objects]),
         "phases_timed": movement(src, dst) is Move.NONE
@@ -162,7 +166,19 @@ def main() -> None:
             Layout("train", dp=half, tp=2, replicated=True),
         ),
     }
+    # per pipeline stage, the fields it reads: the first the inputs, middle ones none
+    first, middle = ("input_ids", "mask"), ()
+    layouts[f"dp{w}->pp{w} views"] = (
+        Layout("rollout", dp=w),
+        Layout("train", dp=1, pp=w, replicated=True),
+        (first, *[middle] * (w - 2), None),
+    )
     if w == 4:
+        layouts["dp4->dp1xpp2xtp2 replicated views"] = (
+            Layout("rollout", dp=4),
+            Layout("train", dp=1, tp=2, pp=2, replicated=True),
+            (first, None),
+        )
         layouts["dp4->dp1xpp2xtp2"] = (Layout("rollout", dp=4), Layout("train", dp=1, tp=2, pp=2))
         layouts["dp4->dp1xpp2xtp2 replicated"] = (
             Layout("rollout", dp=4),
@@ -177,19 +193,22 @@ def main() -> None:
 
 
 def run_scenarios(layouts: dict, result: dict) -> None:
-    for seed, (name, (src, dst)) in enumerate(layouts.items()):
-        result[name] = scenario(src, dst, seed, Balance())
+    for seed, (name, (src, dst, *views)) in enumerate(layouts.items()):
+        stages = views[0] if views else None
+        result[name] = scenario(src, dst, seed, Balance(), stages=stages)
         options = [(p, k) for p in (Pattern.DIRECT, Pattern.LEADERS) for k in PACKINGS]
         for pattern, packing in options:
             result[f"{name} {pattern.value} {packing.value}"] = scenario(
-                src, dst, seed, Balance(), pattern, packing=packing
+                src, dst, seed, Balance(), pattern, packing=packing, stages=stages
             )
-        result[name + " keep"] = scenario(src, dst, seed, Balance(), keep=KEEP)
+        result[name + " keep"] = scenario(src, dst, seed, Balance(), keep=KEEP, stages=stages)
         if movement(src, dst) is not Move.NONE:
             for pattern, packing in options:
                 result[f"{name} {pattern.value} {packing.value} rounds"] = scenario(
-                    src, dst, seed, Balance(), pattern, rounds=True, packing=packing
+                    src, dst, seed, Balance(), pattern, rounds=True, packing=packing, stages=stages
                 )
+        if stages:
+            continue
         result[name + " split groups"] = scenario(src, dst, seed, Balance(keep_groups=False))
         groups = sum(len(source_batch(r, seed)) for r in range(src.dp)) // GROUP
         if groups % dst.dp == 0:

@@ -3,8 +3,9 @@
 per field), in one round or two (token fields first, as
 while a reward stage runs), and with a kept-field subset: every sample
 arrives exactly once with identical contents (tokens, floats, bf16, bools, strings,
-dicts), uids and groups survive, replicas agree, exactly the kept fields arrive, only the
-holders get a batch, same layouts take the fast path."""
+dicts), uids and groups survive, replicas agree, exactly the kept fields arrive (with
+per-stage views: the first pipeline stage gets the inputs, the middle ones no fields, the
+last all), only the holders get a batch, same layouts take the fast path."""
 
 from __future__ import annotations
 
@@ -42,6 +43,16 @@ def test_redistribution(tmp_path, world):
                 assert r["spread_within_largest_item"], (where, r["max_over_mean_tokens"])
             if "equal counts" in name and r["balanced"]:
                 assert r["equal_counts"], where
+            if "views" in name:  # a stage gets what it reads: the first the inputs, middle none
+                stage = rank // 2 if "tp2" in name else rank
+                last = (world // 2 if "tp2" in name else world) - 1
+                want = {0: ["group", "input_ids", "mask", "uid"], last: None}.get(stage)
+                if want is None and stage != last:
+                    want = ["group", "uid"]
+                if want is not None:
+                    assert r["fields"] == want, where
+                else:
+                    assert {"logprobs", "reward"} <= set(r["fields"]) or "keep" in name, where
             same = (f"dp{world}->dp{world}", f"dp{world // 2}xtp2->dp{world // 2}xtp2")
             if name.endswith(" fields") and r["balanced"]:  # one round: fields are views
                 assert r["buffers"] == 1, where

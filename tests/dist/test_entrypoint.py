@@ -24,9 +24,12 @@ def test_plain_python_dry_run(workdir: Path):
 
 
 def test_torchrun_ppo_dry_run_prints_plan_once(workdir: Path):
-    out = run_cmd(main_cmd(2, "algo=ppo", "trainer.dry_run=true", *FAST), cwd=workdir, timeout=180)
+    cmd = main_cmd(2, "algo=ppo", "parallel.pp=2", "trainer.dry_run=true", *FAST)
+    out = run_cmd(cmd, cwd=workdir, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "algo=ppo, 6 nodes in 5 stages, 2 rank(s) agree on plan" in out.stdout
+    assert "train pipeline stage 0 receives input_ids (and the lengths" in out.stdout
+    assert "train pipeline stage 1 receives all it carries" in out.stdout
     assert "dropped ref_log_prob: nothing reads its ref_logprobs (algo.kl_coef=0" in out.stdout
     assert out.stdout.count("stage 0:") == 1
     assert "critic_train" in out.stdout

@@ -3,6 +3,7 @@ or is refused on every rank before any model is built, naming the setting:
 
 - rollout.tp = parallel.tp = 2 on 4 ranks (same replicas: a broadcast, not a skip);
 - PP2 x VPP2 with token-budget micro-batches of different sample counts, equal to PP1;
+- PP4 under PPO, each stage getting only the fields it reads, equal to DP4;
 - TP2 with sequence parallel, equal to TP2 (and the actor's log-probs equal the engine's,
   which are transformers' own);
 - empty replicas: 2 groups over 4 training replicas (PPO: critic, GAE whitening over DP);
@@ -76,6 +77,18 @@ def test_interleaved_pipeline_with_uneven_microbatches(task, tmp_path):
     piped = train(task, tmp_path / "pp2vpp2", 2, *model, small, "parallel.pp=2", "parallel.vpp=2")
     assert_same_first_step(piped, flat)
     assert all(r["rollout/logprob_gap_max"] < 1e-4 for r in piped)
+
+
+def test_pipeline_stages_get_only_what_they_read(task, tmp_path):
+    """PPO (reference, critic, GAE whitened over DP, old log-probs for several epochs) on
+    PP=4: the first stage receives the tokens only, the middle stages no fields, and only
+    the last holds the passes' outputs and the advantages; the first update equals DP=4's."""
+    model = [f"model.path={task / 'tiny4'}", f"data.tokenizer={task / 'tiny_llama'}"]
+    ppo = ["experiment=cpu_tiny_ppo", "data.val_files=[]", "trainer.total_steps=1"]
+    flat = train(task, tmp_path / "dp4", 4, *model, *ppo)
+    piped = train(task, tmp_path / "pp4", 4, *model, *ppo, "parallel.pp=4")
+    assert_same_first_step(piped, flat)
+    assert piped[0]["critic/value_loss"] == pytest.approx(flat[0]["critic/value_loss"], rel=1e-5)
 
 
 def test_sequence_parallel_equals_tensor_parallel(task, tmp_path):

@@ -241,7 +241,7 @@ def test_liveness_drops_what_nothing_reads_and_what_only_fed_it():
 def test_liveness_of_the_shipped_workflows(overrides, dropped):
     from distflow_mc.config import load_config
     from distflow_mc.dag import prune
-    from distflow_mc.stages.step import node_fields
+    from distflow_mc.stages.fields import node_fields
     from tests.conftest import compose_config
 
     config = load_config(compose_config(overrides))
@@ -269,7 +269,8 @@ def test_moves_carry_what_later_stages_read(overrides, moved):
     from distflow_mc.config import load_config
     from distflow_mc.dag import prune
     from distflow_mc.parallel import build_layouts
-    from distflow_mc.stages.step import bind, node_fields
+    from distflow_mc.stages.fields import node_fields
+    from distflow_mc.stages.step import bind
     from tests.conftest import compose_config
 
     config = load_config(compose_config([*overrides, "parallel.tp=2"]))  # rollout DP2 -> TP2
@@ -287,3 +288,25 @@ def test_moves_carry_what_later_stages_read(overrides, moved):
     ]
     bound = bind(prune(plan_workflow(own), node_fields(config)), w)
     assert all(b.keep is None and b.early is None for b in bound)
+
+
+def test_pipeline_stages_read_their_part():
+    """With every node's reads declared, a pipeline's first stage reads the tokens, the
+    middle ones nothing, the last the rest; without a pipeline, or with a node of its own
+    fn (it may read anything anywhere), every stage reads everything."""
+    from dataclasses import replace
+
+    from distflow_mc.config import load_config
+    from distflow_mc.dag import prune
+    from distflow_mc.stages.fields import node_fields, stage_reads
+    from tests.conftest import compose_config
+
+    config = load_config(compose_config(["algo=ppo"]))
+    plan = prune(plan_workflow(config.algo.workflow), node_fields(config))
+    assert stage_reads(plan, config, 1) is None
+    assert stage_reads(plan, config, 3) == (frozenset({"input_ids"}), frozenset(), None)
+    own = [
+        replace(n, fn="distflow_mc.stages.advantage.compute") if n.id == "advantage" else n
+        for n in config.algo.workflow
+    ]
+    assert stage_reads(prune(plan_workflow(own), node_fields(config)), config, 3) is None

@@ -20,7 +20,10 @@ choice on every rank): DIRECT sends every rank of the replica its copy; LEADERS 
 the replica's first rank and broadcasts inside the replica. When both layouts have the
 same replicas, samples stay in their replica: nothing moves if every rank that needs the
 batch holds it (`Move.NONE`), else each replica's copy reaches its other ranks.
-Only the fields named in `keep` travel. Works on NCCL and gloo through the same code.
+Only the fields named in `keep` travel, and with `stages` a rank gets only the fields its
+pipeline stage reads (a middle stage reads none: it gets the lengths, uids and groups; the
+first reads the model's inputs); under LEADERS each set of ranks reading the same fields
+has its own leader. Works on NCCL and gloo through the same code.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
@@ -39,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from distflow_mc.data.balance import destinations
-from distflow_mc.data.batch import Batch
+from distflow_mc.data.batch import REQUIRED_SAMPLE_FIELDS, Batch
 from distflow_mc.parallel.layout import Layout, Move, movement
 
 ALIGN = 8  # every field starts 8-byte aligned in the buffers so it can be viewed in place
@@ -206,13 +209,22 @@ def _all_gather_rows(
     return out.view(world, len(row)).cpu().numpy()
 
 
+View = frozenset[str] | None  # the fields a rank reads (None: all that travel)
+
+
 @dataclass
 class _Plan:
     dest: dict[int, np.ndarray]  # sender -> destination replica of each of its samples
     recipients: list[list[int]]  # destination replica -> the ranks the all-to-all reaches
-    holders: list[list[int]]  # destination replica -> every rank that ends up holding it
+    # destination replica -> its holders, in sets reading the same fields (a LEADERS
+    # leader, the set's first rank, broadcasts to the rest of its set)
+    classes: list[list[list[int]]]
     pattern: Pattern
     packing: Packing
+
+    def owner(self, rank: int) -> int:
+        """The rank whose receive buffer `rank` ends up with: its own, or its leader's."""
+        return next((c[0] for cs in self.classes for c in cs if rank in c), rank)
 
 
 def _plan(
@@ -223,6 +235,7 @@ def _plan(
     balance: Balance,
     pattern: Pattern,
     packing: Packing,
+    view: Callable[[int], View],
 ) -> _Plan:
     if movement(src, dst) is not Move.EXCHANGE:  # same replicas: each keeps its samples
         dest = {s: np.full(len(meta.lengths[s]), dst.coords(s)["dp"]) for s in senders}
@@ -233,20 +246,26 @@ def _plan(
         bounds = np.cumsum([0] + [len(meta.lengths[s]) for s in senders])
         dest = {s: flat[bounds[i] : bounds[i + 1]] for i, s in enumerate(senders)}
     holders = [sorted(set(ranks) & dst.holders()) for ranks in dst.replicas()]
-    multi = any(len(h) > 1 for h in holders)  # else both patterns are the same
+    classes = [
+        [[r for r in h if view(r) == v] for v in dict.fromkeys(map(view, h))] for h in holders
+    ]
+    multi = any(len(c) > 1 for cs in classes for c in cs)  # else both patterns are the same
     patterns = [Pattern.DIRECT, Pattern.LEADERS] if multi else [Pattern.DIRECT]
     if pattern is not Pattern.AUTO:
         patterns = [pattern]
     packings = [Packing.CHUNKS, Packing.FIELDS] if packing is Packing.AUTO else [packing]
     options = [(p, k) for p in patterns for k in packings]
-    pattern, packing = _measured.choose((src, dst), meta.nbytes(), options)
-    recipients = holders if pattern is Pattern.DIRECT else [h[:1] for h in holders]
-    return _Plan(dest, recipients, holders, pattern, packing)
+    views = tuple(map(view, range(dst.world_size)))
+    pattern, packing = _measured.choose((src, dst, views), meta.nbytes(), options)
+    if pattern is Pattern.DIRECT:
+        return _Plan(dest, holders, [[[r] for r in h] for h in holders], pattern, packing)
+    recipients = [[c[0] for c in cs] for cs in classes]
+    return _Plan(dest, recipients, classes, pattern, packing)
 
 
 class _Measured:
     """AUTO's choice by measured cost: each option (pattern, packing) is tried once per
-    (source, destination) layout pair, then the one with fewer seconds per byte (the
+    (source, destination, per-rank views) key, then the one with fewer seconds per byte (the
     slowest rank's, from the metadata exchange on) runs, its cost updated by every call;
     every `REVISIT`-th call re-measures the option measured longest ago, so one unlucky
     first measurement does not decide for good. Every rank reports its time of the last
@@ -256,10 +275,10 @@ class _Measured:
     REVISIT = 16
 
     def __init__(self) -> None:
-        self.cost: dict[tuple[Layout, Layout], dict[tuple[Pattern, Packing], float]] = {}
-        self.seen: dict[tuple[Layout, Layout], dict[tuple[Pattern, Packing], int]] = {}
-        self.calls: dict[tuple[Layout, Layout], int] = {}
-        self.last: tuple[tuple[Layout, Layout], tuple[Pattern, Packing], int] | None = None
+        self.cost: dict[tuple, dict[tuple[Pattern, Packing], float]] = {}
+        self.seen: dict[tuple, dict[tuple[Pattern, Packing], int]] = {}
+        self.calls: dict[tuple, int] = {}
+        self.last: tuple[tuple, tuple[Pattern, Packing], int] | None = None
         self.elapsed_ns = 0  # this rank's, for the last measured call
 
     def update(self, slowest_ns: int) -> None:
@@ -271,7 +290,7 @@ class _Measured:
         self.last, self.elapsed_ns = None, 0
 
     def choose(
-        self, key: tuple[Layout, Layout], nbytes: int, options: list[tuple[Pattern, Packing]]
+        self, key: tuple, nbytes: int, options: list[tuple[Pattern, Packing]]
     ) -> tuple[Pattern, Packing]:
         if len(options) == 1:  # nothing to choose: nothing to measure
             return options[0]
@@ -304,6 +323,9 @@ def _by_destination(
     return perm, {"t": batch.token_index(idx)[1], "s": idx}
 
 
+Target = tuple[int, np.ndarray] | None  # per rank: its replica and which fields it gets
+
+
 def _pack(
     batch: Batch,
     encoded: list[bytes],
@@ -311,27 +333,29 @@ def _pack(
     dest: np.ndarray,
     counts: tuple[np.ndarray, np.ndarray],
     sizes: np.ndarray,
-    order: list[int | None],
+    order: list[Target],
     own: torch.Tensor,
 ) -> tuple[torch.Tensor, list[int]]:
     """The send buffer and the bytes per rank: in rank order, each receiving rank's chunk
-    (its replica's samples, field after field, then their objects, each 8-byte aligned:
-    `sizes` is [fields + 1, replicas]). The chunk this rank receives from itself is
-    written straight into `own` (its place in the receive buffer) and not sent. Each field
-    lands in place with one index_select (a copy when the samples are already in
-    destination order); a replica that several ranks receive is packed once and copied."""
-    chunk = sizes.sum(0)
+    (its replica's samples, the fields it gets one after another, then their objects, each
+    8-byte aligned: `sizes` is [fields + 1, replicas]). The chunk this rank receives from
+    itself is written straight into `own` (its place in the receive buffer) and not sent.
+    Each field lands in place with one index_select (a copy when the samples are already
+    in destination order); a chunk that several ranks receive is packed once and copied."""
     me = dist.get_rank()
-    splits = [int(chunk[d]) if d is not None and r != me else 0 for r, d in enumerate(order)]
+    chunk = [None if o is None else sizes[:, o[0]] * o[1] for o in order]
+    splits = [int(c.sum()) if c is not None and r != me else 0 for r, c in enumerate(chunk)]
     buf = torch.empty(sum(splits), dtype=torch.uint8, device=own.device)
     perm, rows = _by_destination(batch, dest, own.device)
     n_at, t_at = (np.concatenate([[0], np.cumsum(c)]) for c in counts)
-    starts = np.cumsum(sizes, axis=0) - sizes  # where each field begins in a chunk
 
-    def fill(out: torch.Tensor, d: int) -> None:
+    def fill(out: torch.Tensor, d: int, wanted: np.ndarray, sized: np.ndarray) -> None:
+        starts = np.cumsum(sized) - sized  # where each field begins in the chunk
         for j, (kind, name, dtype, shape) in enumerate(fields):
+            if not wanted[j]:
+                continue
             lo, hi = (t_at if kind == "t" else n_at)[d : d + 2]
-            at = int(starts[j, d])
+            at = int(starts[j])
             region = out[at : at + (hi - lo) * _row_bytes(fields[j])]
             region = region.view(getattr(torch, dtype)).view(int(hi - lo), *shape)
             src = (batch.tokens if kind == "t" else batch.samples)[name].to(own.device)
@@ -339,23 +363,24 @@ def _pack(
                 region.copy_(src[lo:hi])
             else:
                 torch.index_select(src, 0, rows[kind][lo:hi], out=region)
-        if encoded:
+        if encoded and wanted[-1]:
             blob = b"".join(encoded[i] for i in perm[n_at[d] : n_at[d + 1]])
-            at = int(starts[-1, d])
+            at = int(starts[-1])
             out[at : at + len(blob)].copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
 
-    packed: dict[int, torch.Tensor] = {}  # replica -> its chunk, once packed
+    packed: dict[tuple[int, bytes], torch.Tensor] = {}  # (replica, fields) -> its chunk
     pos = 0
-    for r, d in enumerate(order):
-        if d is None or not chunk[d]:
+    for r, (o, sized) in enumerate(zip(order, chunk, strict=True)):
+        if o is None or not sized.sum():
             continue
         out = own if r == me else buf[pos : pos + splits[r]]
         pos += splits[r]
-        if d in packed:
-            out.copy_(packed[d])
+        key = (o[0], o[1].tobytes())
+        if key in packed:
+            out.copy_(packed[key])
         else:
-            fill(out, d)
-            packed[d] = out
+            fill(out, o[0], o[1], sized)
+            packed[key] = out
     return buf, splits
 
 
@@ -365,36 +390,44 @@ def _pack_fields(
     fields: list[Field],
     dest: np.ndarray,
     counts: tuple[np.ndarray, np.ndarray],
-    order: list[int | None],
+    order: list[Target],
     device: torch.device,
 ) -> list[tuple[torch.Tensor, list[int]]]:
-    """FIELDS: per field (then the objects' bytes), the send buffer holding each receiving
-    rank's rows in rank order, and the bytes per rank. One index_select per field, none
-    when the samples are in destination order and each replica is sent once."""
+    """FIELDS: per field (then the objects' bytes), the send buffer holding the rows of
+    each rank that gets it, in rank order, and the bytes per rank. One index_select per
+    field, none when the samples are in destination order and each replica gets it once."""
     n_of, t_of = counts
     n_at, t_at = np.cumsum(n_of) - n_of, np.cumsum(t_of) - t_of
-    targets = [d for d in order if d is not None and n_of[d]]
     perm, rows = _by_destination(batch, dest, device)
-    as_is = rows is None and targets == sorted(set(targets))
-    if not as_is:  # in order, but a replica goes to several ranks: rows read as they are
-        every = {"t": batch.num_tokens, "s": len(batch)}
-        rows = rows or {k: torch.arange(n, device=device) for k, n in every.items()}
-        for kind, at, of in (("t", t_at, t_of), ("s", n_at, n_of)):
-            ranges = [torch.arange(at[d], at[d] + of[d], device=device) for d in targets]
-            rows[kind] = rows[kind][torch.cat(ranges)] if ranges else rows[kind][:0]
+    every = [d for d in range(len(n_of)) if n_of[d]]
+    picked: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+
+    def pick(kind: str, targets: list[int]) -> torch.Tensor:
+        """This sender's rows of `kind` for `targets` (replicas), in that order."""
+        key = (kind, tuple(targets))
+        if key not in picked:
+            at, of = (t_at, t_of) if kind == "t" else (n_at, n_of)
+            spans = [torch.arange(at[d], at[d] + of[d], device=device) for d in targets]
+            index = torch.cat(spans) if spans else torch.empty(0, dtype=torch.int64, device=device)
+            picked[key] = index if rows is None else rows[kind][index]
+        return picked[key]
+
     out = []
-    for f in fields:
+    for j, f in enumerate(fields):
         kind, name = f[0], f[1]
+        targets = [o[0] for o in order if o is not None and o[1][j] and n_of[o[0]]]
         src = (batch.tokens if kind == "t" else batch.samples)[name].to(device)
-        sent = src if as_is else src.index_select(0, rows[kind])
+        sent = (
+            src if rows is None and targets == every else src.index_select(0, pick(kind, targets))
+        )
         per = t_of if kind == "t" else n_of
-        splits = [int(per[d]) * _row_bytes(f) if d is not None else 0 for d in order]
+        splits = [int(per[o[0]]) * _row_bytes(f) if o is not None and o[1][j] else 0 for o in order]
         out.append((sent.contiguous().reshape(len(sent), -1).view(torch.uint8).reshape(-1), splits))
     blobs = [
-        b"".join(encoded[i] for i in perm[n_at[d] : n_at[d] + n_of[d]])
-        if encoded and d is not None
+        b"".join(encoded[i] for i in perm[n_at[o[0]] : n_at[o[0]] + n_of[o[0]]])
+        if encoded and o is not None and o[1][-1]
         else b""
-        for d in order
+        for o in order
     ]
     raw = bytearray(b"".join(blobs))
     empty = torch.empty(0, dtype=torch.uint8, device=device)
@@ -438,6 +471,24 @@ class _Round:
         return out, {k: [r[j] for r in rows] for j, k in enumerate(self.objects)}
 
 
+def _views(dst: Layout, stages: Sequence[Collection[str] | None] | None) -> Callable[[int], View]:
+    """Per rank, the fields it reads: its pipeline stage's entry of `stages` (None: all)."""
+    if stages is None:
+        return lambda rank: None
+    assert len(stages) == dst.pp, (stages, dst)
+    frozen = [None if s is None else frozenset(s) | set(REQUIRED_SAMPLE_FIELDS) for s in stages]
+    return lambda rank: frozen[dst.coords(rank)["pp"]]
+
+
+def _wanted(view: View, meta: _Meta) -> np.ndarray:
+    """Which of a round's fields (then its objects, all or none) a rank with `view` gets."""
+    names = [f[1] for f in meta.fields]
+    if view is None:
+        return np.ones(len(names) + 1, dtype=bool)
+    objects = bool(meta.objects) and not view.isdisjoint(meta.objects)
+    return np.array([n in view for n in names] + [objects])
+
+
 _groups: dict[tuple[tuple[int, ...], timedelta], dist.ProcessGroup] = {}
 
 
@@ -468,9 +519,11 @@ class Transfer:
         pattern: Pattern = Pattern.AUTO,
         phases: dict[str, float] | None = None,
         packing: Packing = Packing.AUTO,
+        stages: Sequence[Collection[str] | None] | None = None,
     ) -> None:
         assert src.world_size == dst.world_size == dist.get_world_size(), (src, dst)
         assert movement(src, dst) is not Move.NONE, "nothing moves: no transfer needed"
+        self.view = _views(dst, stages)
         self.src, self.dst, self.balance = src, dst, balance
         self.pattern, self.packing = pattern, packing
         self.device, self.timeout, self.clock = device, timeout, _Clock(phases, device)
@@ -498,7 +551,7 @@ class Transfer:
         if first:
             begin = time.perf_counter_ns()  # the ranks are in step from here
             self.meta = meta
-            args = (self.src, self.dst, self.balance, self.pattern, self.packing)
+            args = (self.src, self.dst, self.balance, self.pattern, self.packing, self.view)
             self.plan = _plan(meta, senders, *args)
             self._receive_plan()
             self.clock("plan")
@@ -510,10 +563,17 @@ class Transfer:
                 objects[i] = np.bincount(self.plan.dest[s], meta.object_bytes[s], self.dst.dp)
         rows = [(self.t if f[0] == "t" else self.n) * _row_bytes(f) for f in meta.fields]
         nbytes = np.stack([*rows, objects])  # [fields + 1, senders, dp]
+        # which fields (then the objects) each rank gets: those its view names
+        self.wants = {r: _wanted(self.view(r), meta) for r in range(dist.get_world_size())}
         args = (batch, encoded, meta.fields, nbytes)
         chunked = self.plan.packing is Packing.CHUNKS
         recv, starts = self._send_chunks(*args) if chunked else self._send_fields(*args)
-        self.rounds.append(_Round(meta.fields, meta.objects, starts, nbytes[:, :, self.d], recv))
+        got = self.wants[rank]
+        fields = [f for f, w in zip(meta.fields, got, strict=False) if w]
+        objects = meta.objects if got[-1] else []
+        kept = np.append(got[:-1], True)  # the objects' row stays (empty when not wanted)
+        mine = (nbytes[:, :, self.d] * got[:, None])[kept]
+        self.rounds.append(_Round(fields, objects, starts[kept], mine, recv))
         self.clock("exchange")
         self.busy_ns += time.perf_counter_ns() - begin
 
@@ -525,10 +585,11 @@ class Transfer:
         rank, world, senders, d = self.rank, dist.get_world_size(), self.senders, self.d
         receiving = rank in self.replica_of
         sizes = -(-nbytes // ALIGN) * ALIGN
-        chunks = sizes[:, :, d].sum(0)
+        mine = sizes[:, :, d] * self.wants[rank][:, None]
+        chunks = mine.sum(0)
         # the receive buffer: the senders' chunks in rank order, the buffer's owner's own
         # chunk last (it never travels); a LEADERS follower's is its leader's buffer
-        owner = rank if receiving else self.plan.recipients[d][0]
+        owner = self.plan.owner(rank)
         placed = [i for i, s in enumerate(senders) if s != owner]
         placed += [i for i, s in enumerate(senders) if s == owner]
         where = np.zeros(len(senders), dtype=np.int64)
@@ -537,11 +598,11 @@ class Transfer:
         recv = torch.empty(size, dtype=torch.uint8, device=self.device)
         send, out_splits, kept = recv[:0], [0] * world, 0
         if rank in senders:
-            order = [self.replica_of.get(r) for r in range(world)]
             me, dest = senders.index(rank), self.plan.dest[rank]
             kept = int(chunks[me]) if receiving else 0
             own = recv[size - kept :]
             counts = (self.n[me], self.t[me])
+            order = self._targets()
             send, out_splits = _pack(batch, encoded, fields, dest, counts, sizes[:, me], order, own)
         self.clock("pack")
         in_splits = [0] * world
@@ -552,7 +613,7 @@ class Transfer:
         self.works.append(
             dist.all_to_all_single(target, send, in_splits, out_splits, async_op=True)
         )
-        field_at = np.cumsum(sizes[:, :, d], axis=0) - sizes[:, :, d]
+        field_at = np.cumsum(mine, axis=0) - mine
         return recv, where + field_at
 
     def _send_fields(
@@ -564,7 +625,7 @@ class Transfer:
         each sender begins in it."""
         rank, world, senders, d = self.rank, dist.get_world_size(), self.senders, self.d
         receiving = rank in self.replica_of
-        mine = nbytes[:, :, d]  # [fields + 1, senders]
+        mine = nbytes[:, :, d] * self.wants[rank][:, None]  # [fields + 1, senders]
         total = mine.sum(1)
         region = -(-total // ALIGN) * ALIGN
         region_at = np.cumsum(region) - region
@@ -572,10 +633,9 @@ class Transfer:
         recv = torch.empty(size, dtype=torch.uint8, device=self.device)
         parts = [(recv[:0], [0] * world)] * len(mine)
         if rank in senders:
-            order = [self.replica_of.get(r) for r in range(world)]
             me, dest = senders.index(rank), self.plan.dest[rank]
             counts = (self.n[me], self.t[me])
-            parts = _pack_fields(batch, encoded, fields, dest, counts, order, self.device)
+            parts = _pack_fields(batch, encoded, fields, dest, counts, self._targets(), self.device)
         self.clock("pack")
         for j, (send, out_splits) in enumerate(parts):
             if j == len(fields) and not nbytes[j].any():
@@ -591,6 +651,14 @@ class Transfer:
             )
         return recv, region_at[:, None] + np.cumsum(mine, axis=1) - mine
 
+    def _targets(self) -> list[Target]:
+        """Per rank: the replica it receives for and the fields it gets (None: not reached)."""
+        world = dist.get_world_size()
+        return [
+            (self.replica_of[r], self.wants[r]) if r in self.replica_of else None
+            for r in range(world)
+        ]
+
     def _receive_plan(self) -> None:
         """Samples and tokens from every sender to every replica, and what this rank holds:
         per sender, its samples for this rank's replica, in the sender's order."""
@@ -601,7 +669,7 @@ class Transfer:
             [np.bincount(plan.dest[s], meta.lengths[s], dp).astype(np.int64) for s in self.senders]
         )
         self.d = self.dst.coords(rank)["dp"]
-        self.holding = rank in plan.holders[self.d]
+        self.holding = any(rank in c for c in plan.classes[self.d])
         self.lengths = np.concatenate(
             [meta.lengths[s][plan.dest[s] == self.d] for s in self.senders]
         )
@@ -616,14 +684,14 @@ class Transfer:
         self.works = []  # the send buffers go
         self.clock("exchange")
         if self.plan.pattern is Pattern.LEADERS:
-            # every rank makes every replica's group, in the same order (new_group is
-            # collective); the leader's buffers reach the rest of its replica
-            holders = self.plan.holders
-            groups = [_group(h, self.timeout) if len(h) > 1 else None for h in holders]
-            if self.holding and groups[self.d] is not None:
-                for r in self.rounds:
-                    leader = self.plan.recipients[self.d][0]
-                    dist.broadcast(r.recv, src=leader, group=groups[self.d])
+            # every rank makes every set's group, in the same order (new_group is
+            # collective); a leader's buffers reach the rest of its set
+            for cs in self.plan.classes:
+                for c in cs:
+                    group = _group(c, self.timeout) if len(c) > 1 else None
+                    if group is not None and self.rank in c:
+                        for r in self.rounds:
+                            dist.broadcast(r.recv, src=c[0], group=group)
         self.clock("broadcast")
         out = None
         if self.holding:
@@ -655,20 +723,25 @@ def redistribute(
     pattern: Pattern = Pattern.AUTO,
     phases: dict[str, float] | None = None,
     packing: Packing = Packing.AUTO,
+    stages: Sequence[Collection[str] | None] | None = None,
 ) -> Batch | None:
     """Called on every rank. `batch` is this rank's source-replica batch (only the
     replica's emitter's copy is read; other ranks may pass None). Returns this rank's
     destination-replica batch on `device`, the same on every rank of the replica (None on
     a rank that holds none). Only the fields in `keep` (all when None; `uid` and `group`
-    always) arrive. New process groups get `timeout`; `phases` collects seconds per phase
-    (meta, plan, pack, exchange, broadcast, unpack). `pattern` and `packing` left AUTO are
-    chosen by measured cost."""
+    always) arrive, and with `stages` (per pipeline stage of `dst`: the fields its ranks
+    read, None: all) only those of them a rank's stage reads. New process groups get
+    `timeout`; `phases` collects seconds per phase (meta, plan, pack, exchange, broadcast,
+    unpack). `pattern` and `packing` left AUTO are chosen by measured cost."""
     if movement(src, dst) is Move.NONE:
         rank = dist.get_rank()
         assert batch is not None or rank not in dst.holders(), "holders hold their batch"
         if batch is None or rank not in dst.holders():
             return None
-        return batch if keep is None else batch.only(keep)
-    transfer = Transfer(src, dst, balance, device, timeout, pattern, phases, packing)
+        view = _views(dst, stages)(rank)
+        if keep is None and view is None:
+            return batch
+        return batch.only(set(keep or batch.names()) & (view or set(batch.names())))
+    transfer = Transfer(src, dst, balance, device, timeout, pattern, phases, packing, stages)
     transfer.send(batch, keep)
     return transfer.finish()

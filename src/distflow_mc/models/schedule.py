@@ -16,18 +16,24 @@ MicroBatch = dict[str, torch.Tensor]
 OutputFn = Callable[[MicroBatch, torch.Tensor], Any]
 
 
+def _rows(mb: MicroBatch) -> torch.Tensor:
+    """A [b, s] tensor of the micro-batch: its tokens, or its attention mask on a pipeline
+    stage after the first (it reads the hidden states the schedule hands it, no tokens)."""
+    return mb["input_ids"] if "input_ids" in mb else mb["attention_mask"]
+
+
 def _forward(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
     """Right-padded [b, s] tokens under the causal mask: padding never reaches real tokens."""
-    tokens = mb["input_ids"]
-    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    return model(tokens, positions, attention_mask=None)
+    rows = _rows(mb)
+    positions = torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
+    return model(mb.get("input_ids"), positions, attention_mask=None)
 
 
 def pad_to(mb: MicroBatch, rows: int, length: int) -> MicroBatch:
     """Zero-pad per-token tensors ([b, s, ...]) to [rows, length, ...] and per-sample ones
     ([b, ...]) to `rows`. Padded rows and tokens carry mask 0 (attention_mask False), so
     they add nothing to any sum the losses take."""
-    b, s = mb["input_ids"].shape[:2]
+    b, s = _rows(mb).shape[:2]
     out = {}
     for k, v in mb.items():
         per_token = v.dim() >= 2 and tuple(v.shape[:2]) == (b, s)
@@ -49,9 +55,7 @@ def schedule_shapes(
     split over TP ranks). The interleaved schedule exchanges fixed shapes: every micro-batch
     is padded to the largest [rows, length], and all-padding micro-batches are appended
     until the count is a multiple of PP."""
-    sizes = [
-        (max(1, mb["input_ids"].shape[0]), max(1, mb["input_ids"].shape[1])) for mb in microbatches
-    ]
+    sizes = [(max(1, _rows(mb).shape[0]), max(1, _rows(mb).shape[1])) for mb in microbatches]
     if not interleaved:
         return [
             pad_to(mb, b, _round_up(s, seq_multiple))
@@ -92,8 +96,8 @@ def run_microbatches(
         data_iterator=[iter(shaped) for _ in chunks],
         model=list(chunks),
         num_microbatches=len(shaped),
-        seq_length=max(mb["input_ids"].shape[1] for mb in shaped),
-        micro_batch_size=max(mb["input_ids"].shape[0] for mb in shaped),
+        seq_length=max(_rows(mb).shape[1] for mb in shaped),
+        micro_batch_size=max(_rows(mb).shape[0] for mb in shaped),
         forward_only=forward_only,
         collect_non_loss_data=forward_only,
     )
@@ -101,7 +105,7 @@ def run_microbatches(
     if not forward_only:
         return outputs
     return [
-        out[: mb["input_ids"].shape[0], : mb["input_ids"].shape[1]]
+        out[: _rows(mb).shape[0], : _rows(mb).shape[1]]
         if isinstance(out, torch.Tensor) and out.dim() >= 2
         else out
         for mb, out in zip(microbatches, outputs, strict=False)

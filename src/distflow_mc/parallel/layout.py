@@ -150,11 +150,13 @@ def describe_plan(
     layouts: Layouts,
     keep: list[frozenset[str] | None] | None = None,
     early: list[frozenset[str] | None] | None = None,
+    stage_reads: tuple[frozenset[str] | None, ...] | None = None,
 ) -> list[str]:
     """Human-readable plan: stages, nodes, the layout each node runs in, how the batch
     reaches a node whose layout differs from the one before it (as the step runs them) and,
     given `keep`/`early` (per node, from stages.step.carried), which fields that move
-    carries and which leave early; then the nodes liveness dropped, with the reason."""
+    carries and which leave early; then the nodes liveness dropped, with the reason, and
+    what each pipeline stage of the train layout receives (`stage_reads`)."""
     keep = keep or [None] * len(plan.nodes)
     early = early or [None] * len(plan.nodes)
     lines, before, index = [], layouts.rollout, {n.id: i for i, n in enumerate(plan.nodes)}
@@ -178,6 +180,9 @@ def describe_plan(
                 f" deps=[{deps}]{fn}{moves}"
             )
     lines += [f"dropped {node_id}: {reason}" for node_id, reason in plan.dropped]
+    for pp, reads in enumerate(stage_reads or ()):
+        got = "all it carries" if reads is None else ", ".join(sorted(reads)) or "no fields"
+        lines.append(f"train pipeline stage {pp} receives {got} (and the lengths, uid, group)")
     for layout in (layouts.rollout, layouts.train):
         roles = sorted(
             {

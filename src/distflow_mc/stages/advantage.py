@@ -13,6 +13,8 @@ from distflow_mc.stages.workers import Workers
 
 
 def compute(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
+    if not w.reads_all:  # an earlier pipeline stage: only the losses' stage reads advantages
+        return batch
     a = w.config.algo
     n = len(batch)
     mask = batch.tokens["response_mask"]

@@ -45,24 +45,31 @@ def token_logprobs(
 
 def pack(
     w: Workers, batch: Batch, parts: list[list[int]], mbs: list[dict], dense: list
-) -> torch.Tensor:
-    """Dense per-micro-batch outputs (last PP stage) -> packed [tokens], on every rank of
-    the replica."""
+) -> torch.Tensor | None:
+    """Dense per-micro-batch outputs (last PP stage) -> packed [tokens], on the ranks of
+    the replica that read it: the last stage's, or every stage's when some node has its
+    own fn (None elsewhere)."""
     device = batch.offsets.device
+    shared = w.mp.pp > 1 and w.stage_reads is None
+    if not (w.mp.is_last_stage or shared):
+        return None
     packed = torch.zeros(batch.num_tokens, dtype=torch.float32, device=device)
     if w.mp.is_last_stage:
         for part, mb, values in zip(parts, mbs, dense, strict=True):
             _, rows = batch.token_index(torch.tensor(part, dtype=torch.int64, device=device))
             packed[rows] = values[mb["attention_mask"]].float()
-    if w.mp.pp > 1:
+    if shared:
         last = dist.get_process_group_ranks(w.mp.pp_group)[-1]
         dist.broadcast(packed, src=last, group=w.mp.pp_group)
     return packed
 
 
-def _forward(w: Workers, batch: Batch, run: Callable, fn: Callable) -> torch.Tensor:
+def _forward(w: Workers, batch: Batch, run: Callable, fn: Callable, name: str) -> None:
+    """batch.tokens[name]: fn's per-token values on the ranks that read them."""
     parts, mbs = microbatches(w, batch)
-    return pack(w, batch, parts, mbs, run(mbs, fn))
+    packed = pack(w, batch, parts, mbs, run(mbs, fn))
+    if packed is not None:
+        batch.tokens[name] = packed
 
 
 def ref_logprobs(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
@@ -73,18 +80,18 @@ def ref_logprobs(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
         with torch.no_grad():
             return run_microbatches(chunks, mbs, fn, forward_only=True)
 
-    batch.tokens["ref_logprobs"] = _forward(
-        w, batch, run, lambda mb, out: token_logprobs(out, mb, t, w.arch.vocab_size)[0]
-    )
+    v = w.arch.vocab_size
+    _forward(w, batch, run, lambda mb, out: token_logprobs(out, mb, t, v)[0], "ref_logprobs")
     return batch
 
 
 def old_logprobs(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
     t = w.config.rollout.temperature
     v = w.arch.vocab_size
-    logp = _forward(w, batch, w.actor.forward, lambda mb, out: token_logprobs(out, mb, t, v)[0])
-    batch.tokens["old_logprobs"] = logp
+    run = w.actor.forward
+    _forward(w, batch, run, lambda mb, out: token_logprobs(out, mb, t, v)[0], "old_logprobs")
     if w.mp.emits_data:
+        logp = batch.tokens["old_logprobs"]
         gap = logprob_gap(batch.tokens["rollout_logprobs"], logp, batch.tokens["response_mask"])
         m.add("rollout/logprob_gap_mean", float(gap["sum"]), float(gap["tokens"]))
         m.add_max("rollout/logprob_gap_max", float(gap["max"]))
@@ -92,6 +99,5 @@ def old_logprobs(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
 
 
 def values(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
-    v = _forward(w, batch, w.critic.forward, lambda mb, out: shift_right(out[..., 0]))
-    batch.tokens["values"] = v
+    _forward(w, batch, w.critic.forward, lambda mb, out: shift_right(out[..., 0]), "values")
     return batch

@@ -15,9 +15,9 @@ import torch.distributed as dist
 
 from distflow_mc import checkpoint
 from distflow_mc.checkpoint.hf_export import save_hf
-from distflow_mc.config.schema import AdvEstimator, Config, Resume
+from distflow_mc.config.schema import Config, Resume
 from distflow_mc.config.validate import canonical_config
-from distflow_mc.dag import Fields, NodeType, Plan, PlannedNode, Role
+from distflow_mc.dag import NodeType, Plan, PlannedNode, Role
 from distflow_mc.dag.validate import import_fn
 from distflow_mc.data.batch import Batch
 from distflow_mc.data.redistribute import Balance, Transfer, redistribute
@@ -26,7 +26,7 @@ from distflow_mc.parallel.layout import Layout, Layouts, Move, movement
 from distflow_mc.rollout.guard import warn_on_gap
 from distflow_mc.rollout.weight_sync import sync_weights
 from distflow_mc.stages import advantage, passes, rollout, train
-from distflow_mc.stages.train import on_policy
+from distflow_mc.stages.fields import node_fields
 from distflow_mc.stages.validate import validate
 from distflow_mc.stages.workers import Workers
 
@@ -41,46 +41,6 @@ DEFAULTS: dict[tuple[Role | None, NodeType], StageFn] = {
     (Role.ACTOR, NodeType.MODEL_TRAIN): train.actor,
     (Role.CRITIC, NodeType.MODEL_TRAIN): train.critic,
 }
-
-
-TOKENS = frozenset({"input_ids", "response_mask"})
-
-
-def node_fields(config: Config) -> Callable[[PlannedNode], Fields | None]:
-    """The batch fields each default stage function reads and writes under `config`, for
-    the planner's liveness pass; None for a node with its own `fn` (anything goes)."""
-    a = config.algo
-    kl = a.kl_coef > 0
-    gae = a.adv_estimator is AdvEstimator.GAE
-    f = Fields
-    actor_reads = TOKENS | {"advantages"}
-    # on-policy, the loss measures the rollout gap itself; else the old-log-prob pass does
-    actor_reads |= {"rollout_logprobs"} if on_policy(a) else {"old_logprobs"}
-    actor_reads |= {"ref_logprobs"} if kl and not a.kl_in_reward else set()
-    advantage_reads = {"reward", "response_mask"} | ({"values"} if gae else set())
-    advantage_reads |= {"old_logprobs", "ref_logprobs"} if kl and a.kl_in_reward else set()
-    table = {
-        (Role.ROLLOUT, NodeType.MODEL_INFERENCE): f(frozenset(), TOKENS | {"rollout_logprobs"}),
-        (Role.REWARD, NodeType.COMPUTE): f(TOKENS, frozenset({"reward"})),
-        (Role.REFERENCE, NodeType.MODEL_INFERENCE): f(
-            TOKENS, frozenset({"ref_logprobs"}), "algo.kl_coef=0: no KL term"
-        ),
-        (Role.ACTOR, NodeType.MODEL_INFERENCE): f(
-            TOKENS | {"rollout_logprobs"},
-            frozenset({"old_logprobs"}),
-            "on-policy with algo.ppo_epochs=1 and algo.mini_batches=1: the training forward's"
-            " detached log-probs are the old ones",
-        ),
-        (Role.CRITIC, NodeType.MODEL_INFERENCE): f(
-            TOKENS, frozenset({"values"}), "the advantage estimator uses no values"
-        ),
-        (None, NodeType.COMPUTE): f(
-            frozenset(advantage_reads), frozenset({"advantages"} | ({"returns"} if gae else set()))
-        ),
-        (Role.ACTOR, NodeType.MODEL_TRAIN): f(frozenset(actor_reads), frozenset()),
-        (Role.CRITIC, NodeType.MODEL_TRAIN): f(TOKENS | {"values", "returns"}, frozenset()),
-    }
-    return lambda node: None if node.fn else table.get((node.role, node.type))
 
 
 @dataclass(frozen=True)
@@ -160,9 +120,9 @@ def run_step(w: Workers, bound: list[Bound], step: int) -> Metrics:
         m.set(f"time/{b.node.id}", time.perf_counter() - tick)
         if b.early is not None:
             tick = time.perf_counter()
-            transfer = Transfer(
-                layout, bound[i + 2].layout, Balance(), w.ctx.device, w.ctx.timeout, phases=phases
-            )
+            to = bound[i + 2].layout
+            args = (Balance(), w.ctx.device, w.ctx.timeout)
+            transfer = Transfer(layout, to, *args, phases=phases, stages=stages(w, to))
             transfer.send(batch, b.early)
             m.set("time/redistribute_early", time.perf_counter() - tick)
     for phase, seconds in phases.items():
@@ -184,12 +144,19 @@ def move(
     phases: dict[str, float],
 ) -> Batch | None:
     """The batch of `to`'s layout: the fields `to.keep` names (all when None), the ones a
-    transfer already under way sent included."""
+    transfer already under way sent included; of them, each pipeline stage's ranks get
+    what they read."""
     if transfer is None:
         args = (Balance(), w.ctx.device, w.ctx.timeout, to.keep)
-        return redistribute(batch, layout, to.layout, *args, phases=phases)
+        views = stages(w, to.layout)
+        return redistribute(batch, layout, to.layout, *args, phases=phases, stages=views)
     transfer.send(batch, to.keep)
     return transfer.finish()
+
+
+def stages(w: Workers, layout: Layout) -> tuple[frozenset[str] | None, ...] | None:
+    """What each pipeline stage of `layout` reads, when it is the train layout."""
+    return w.stage_reads if layout == w.layouts.train else None
 
 
 def fit(w: Workers, plan: Plan, run_dir: str) -> list[dict[str, float]]:

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from distflow_mc.algos.losses import aggregate, kl_penalty, value_loss
-from distflow_mc.config.schema import AlgoConfig
 from distflow_mc.data.batch import Batch
 from distflow_mc.models.train import TrainableModel
 from distflow_mc.observability.metrics import Metrics
@@ -47,12 +46,6 @@ def _optimize(
             m.set(f"{prefix}/lr", stats["lr"])
             for name, value in stats["router"].items():  # MoE: every rank's own routing
                 m.add(f"{prefix}/{name}", value)
-
-
-def on_policy(a: AlgoConfig) -> bool:
-    """One optimizer step per batch: the policy that sampled is the one being trained, so
-    the old log-probs are the training forward's own (detached); no separate pass."""
-    return a.ppo_epochs == 1 and a.mini_batches == 1
 
 
 def actor(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:

@@ -31,6 +31,7 @@ from distflow_mc.parallel.megatron_state import ModelParallel, init_model_parall
 from distflow_mc.rewards.compute import RewardComputer, check_sources
 from distflow_mc.rollout.engine import RolloutEngine
 from distflow_mc.rollout.factory import make_engine
+from distflow_mc.stages.fields import stage_reads
 
 
 @dataclass
@@ -51,6 +52,13 @@ class Workers:
     rewards: RewardComputer
     policy_loss: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (logp, old, adv, mask)
     outcome_advantage: Callable[..., torch.Tensor] | None  # (rewards, groups); None: GAE
+    # per pipeline stage, the batch fields its ranks read (stages.fields.stage_reads)
+    stage_reads: tuple[frozenset[str] | None, ...] | None = None
+
+    @property
+    def reads_all(self) -> bool:
+        """This rank holds every field of the train-layout batch (else only its stage's)."""
+        return self.stage_reads is None or self.mp.is_last_stage
 
     @property
     def rollout_rank(self) -> int:
@@ -147,6 +155,7 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
         RewardComputer(config.reward),
         policy,
         outcome,
+        stage_reads(plan, config, layouts.train.pp),
     )
 
 

@@ -1,0 +1,70 @@
+"""What the default stage functions read and write, declared per configuration: the
+planner's liveness pass drops nodes nothing reads, a move carries only what the stages
+after it read, and a pipeline stage gets only what its ranks read."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from distflow_mc.config.schema import AdvEstimator, AlgoConfig, Config
+from distflow_mc.dag import Fields, NodeType, Plan, PlannedNode, Role
+
+MODEL_INPUTS = frozenset({"input_ids"})  # what a pipeline's first stage reads: it embeds them
+
+
+def on_policy(a: AlgoConfig) -> bool:
+    """One optimizer step per batch: the policy that sampled is the one being trained, so
+    the old log-probs are the training forward's own (detached); no separate pass."""
+    return a.ppo_epochs == 1 and a.mini_batches == 1
+
+
+TOKENS = frozenset({"input_ids", "response_mask"})
+
+
+def node_fields(config: Config) -> Callable[[PlannedNode], Fields | None]:
+    """The batch fields each default stage function reads and writes under `config`, for
+    the planner's liveness pass; None for a node with its own `fn` (anything goes)."""
+    a = config.algo
+    kl = a.kl_coef > 0
+    gae = a.adv_estimator is AdvEstimator.GAE
+    f = Fields
+    actor_reads = TOKENS | {"advantages"}
+    # on-policy, the loss measures the rollout gap itself; else the old-log-prob pass does
+    actor_reads |= {"rollout_logprobs"} if on_policy(a) else {"old_logprobs"}
+    actor_reads |= {"ref_logprobs"} if kl and not a.kl_in_reward else set()
+    advantage_reads = {"reward", "response_mask"} | ({"values"} if gae else set())
+    advantage_reads |= {"old_logprobs", "ref_logprobs"} if kl and a.kl_in_reward else set()
+    table = {
+        (Role.ROLLOUT, NodeType.MODEL_INFERENCE): f(frozenset(), TOKENS | {"rollout_logprobs"}),
+        (Role.REWARD, NodeType.COMPUTE): f(TOKENS, frozenset({"reward"})),
+        (Role.REFERENCE, NodeType.MODEL_INFERENCE): f(
+            TOKENS, frozenset({"ref_logprobs"}), "algo.kl_coef=0: no KL term"
+        ),
+        (Role.ACTOR, NodeType.MODEL_INFERENCE): f(
+            TOKENS | {"rollout_logprobs"},
+            frozenset({"old_logprobs"}),
+            "on-policy with algo.ppo_epochs=1 and algo.mini_batches=1: the training forward's"
+            " detached log-probs are the old ones",
+        ),
+        (Role.CRITIC, NodeType.MODEL_INFERENCE): f(
+            TOKENS, frozenset({"values"}), "the advantage estimator uses no values"
+        ),
+        (None, NodeType.COMPUTE): f(
+            frozenset(advantage_reads), frozenset({"advantages"} | ({"returns"} if gae else set()))
+        ),
+        (Role.ACTOR, NodeType.MODEL_TRAIN): f(frozenset(actor_reads), frozenset()),
+        (Role.CRITIC, NodeType.MODEL_TRAIN): f(TOKENS | {"values", "returns"}, frozenset()),
+    }
+    return lambda node: None if node.fn else table.get((node.role, node.type))
+
+
+def stage_reads(plan: Plan, config: Config, pp: int) -> tuple[frozenset[str] | None, ...] | None:
+    """Per pipeline stage of the train layout, the batch fields its ranks read when every
+    node's reads are declared: the first stage embeds the tokens, the middle ones read
+    nothing (their inputs are the hidden states of the stage before), the last computes
+    the losses and the advantages (None: everything that moves). None without a pipeline,
+    or when a node has its own fn (it may read anything on any stage)."""
+    fields = node_fields(config)
+    if pp == 1 or any(fields(n) is None for n in plan.nodes):
+        return None
+    return (MODEL_INPUTS, *[frozenset()] * (pp - 2), None)
