@@ -4,6 +4,7 @@ or is refused on every rank before any model is built, naming the setting:
 - rollout.tp = parallel.tp = 2 on 4 ranks (same replicas: a broadcast, not a skip);
 - PP2 x VPP2 with token-budget micro-batches of different sample counts, equal to PP1;
 - PP4 under PPO, each stage getting only the fields it reads, equal to DP4;
+- sequence packing on PP2, equal to one sample per row (less padding);
 - TP2 with sequence parallel, equal to TP2 (and the actor's log-probs equal the engine's,
   which are transformers' own);
 - empty replicas: 2 groups over 4 training replicas (PPO: critic, GAE whitening over DP);
@@ -45,6 +46,10 @@ def task(tmp_path_factory) -> Path:
     with (root / "half_bad.jsonl").open("w") as f:
         for i, row in enumerate(rows):  # every other row is malformed (skipped)
             f.write(json.dumps({**row, "data_source": None} if i % 2 else row) + "\n")
+    with (root / "mixed_lengths.jsonl").open("w") as f:
+        for i, row in enumerate(rows):  # every other prompt is long: short ones can pair up
+            long = [{**m, "content": "x " * 24 + m["content"]} for m in row["prompt"]]
+            f.write(json.dumps({**row, "prompt": long} if i % 2 else row) + "\n")
     return root
 
 
@@ -77,6 +82,27 @@ def test_interleaved_pipeline_with_uneven_microbatches(task, tmp_path):
     piped = train(task, tmp_path / "pp2vpp2", 2, *model, small, "parallel.pp=2", "parallel.vpp=2")
     assert_same_first_step(piped, flat)
     assert all(r["rollout/logprob_gap_max"] < 1e-4 for r in piped)
+
+
+def test_sequence_packing_equals_one_sample_per_row(task, tmp_path):
+    """Packed rows (several samples per row, each with its own positions, attending only
+    to itself) on PP=2 with per-sequence loss means: the first update equals one sample
+    per row's, the actor's log-probs equal transformers' own (the rollout engine's), and
+    the micro-batches carry less padding."""
+    model = [f"model.path={task / 'tiny4'}", f"data.tokenizer={task / 'tiny_llama'}"]
+    common = [
+        *model,
+        f"data.train_files=[{task / 'mixed_lengths.jsonl'}]",
+        "algo.loss_agg=SEQ_MEAN_TOKEN_MEAN",
+        "trainer.total_steps=1",
+    ]
+    flat = train(task, tmp_path / "rows", 2, *common, "parallel.pp=2")
+    packed = train(
+        task, tmp_path / "packed", 2, *common, "parallel.pp=2", "trainer.sequence_packing=true"
+    )
+    assert_same_first_step(packed, flat)
+    assert packed[0]["rollout/logprob_gap_max"] < 1e-4
+    assert packed[0]["actor/microbatch_padding"] < flat[0]["actor/microbatch_padding"]
 
 
 def test_pipeline_stages_get_only_what_they_read(task, tmp_path):

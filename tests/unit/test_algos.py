@@ -78,6 +78,39 @@ def test_aggregation_modes():
     assert (float(num), float(den)) == (6.0, 2.0)  # means 2 and 4
 
 
+@pytest.mark.parametrize("mode", ["TOKEN_MEAN", "SEQ_MEAN_TOKEN_SUM", "SEQ_MEAN_TOKEN_MEAN"])
+def test_packed_rows_aggregate_and_gspo_as_one_sequence_per_row(mode):
+    """Three sequences (lengths 3, 1, 2) one per row, and packed two rows ([3], [1, 2]):
+    every aggregation and GSPO's sequence ratio (value and gradient) agree."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [3, 1, 2]
+    logp = [torch.randn(n, generator=g) for n in lengths]
+    old = [x + 0.1 * torch.randn(len(x), generator=g) for x in logp]
+    adv = [torch.full((n,), float(a)) for n, a in zip(lengths, (1.0, -2.0, 0.5), strict=True)]
+    mask = [torch.tensor(m) for m in ([0, 1, 1], [1], [0, 1])]
+
+    def rows(parts, layout):  # [rows, 3] from per-sequence pieces
+        out = torch.zeros(len(layout), 3, dtype=parts[0].dtype)
+        for r, seqs in enumerate(layout):
+            out[r, : sum(lengths[i] for i in seqs)] = torch.cat([parts[i] for i in seqs])
+        return out
+
+    results = []
+    for layout, segments in (
+        ([[0], [1], [2]], None),
+        ([[0], [1, 2]], torch.tensor([[0, 0, 0], [1, 2, 2]])),
+    ):
+        lp = rows(logp, layout).requires_grad_()
+        args = (rows(old, layout), rows(adv, layout), rows(mask, layout))
+        loss, _ = losses.gspo(lp, *args, clip_low=0.05, clip_high=0.05, segments=segments)
+        num, den = losses.aggregate(loss, args[2], mode, segments)
+        num.backward()
+        real = rows([torch.ones(n, dtype=torch.bool) for n in lengths], layout)
+        results.append((num.detach(), den, loss.detach()[real], lp.grad[real]))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_ppo_clip_asymmetric_and_dual():
     old = torch.zeros(4)
     logp = torch.log(torch.tensor([1.5, 0.5, 1.1, 3.0]))

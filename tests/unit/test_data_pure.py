@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 
 from distflow_mc.data.balance import assign, karmarkar_karp
 from distflow_mc.data.batch import Batch
-from distflow_mc.data.microbatch import pad_microbatch, padded_size, split_by_token_budget
+from distflow_mc.data.microbatch import (
+    pack_rows,
+    packed_microbatch,
+    pad_microbatch,
+    padded_size,
+    split_by_token_budget,
+)
 
 lengths_st = st.lists(st.integers(1, 4096), min_size=1, max_size=200)
 
@@ -131,6 +137,36 @@ def test_pad_microbatch_right_pads():
     assert mb["input_ids"][1, 1:].tolist() == [7, 7]
     assert torch.equal(mb["input_ids"][2, :2], batch.token_slice("input_ids", 2))
     assert mb["logprobs"][1, 1:].tolist() == [0.0, 0.0]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(1, 30), min_size=1, max_size=40))
+def test_packed_rows_hold_every_sample_once_with_its_own_positions(lengths):
+    """Rows as long as the longest sample hold every sample once, end to end; each token
+    keeps its value, its sample (`segments`) and its position in the sample; the rows
+    need no more slots than one row per sample, and the real tokens read in row order
+    are the samples in the order the rows list them."""
+    rows = pack_rows(lengths)
+    flat = [i for row in rows for i in row]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= max(lengths) for row in rows)
+    batch = make_batch(lengths)
+    mb = packed_microbatch(batch, rows, pad_value=7)
+    real = mb["attention_mask"]
+    assert real.shape == (len(rows), max(sum(lengths[i] for i in r) for r in rows))
+    assert real.numel() <= len(lengths) * max(lengths)
+    in_order = batch.select(flat)
+    assert torch.equal(mb["input_ids"][real], in_order.tokens["input_ids"])
+    assert torch.equal(mb["logprobs"][real], in_order.tokens["logprobs"])
+    assert (mb["input_ids"][~real] == 7).all()
+    if "segments" in mb:
+        assert torch.equal(mb["segments"][real], in_order.token_owner())
+        starts = in_order.offsets[in_order.token_owner()]
+        positions = torch.arange(in_order.num_tokens) - starts
+        assert torch.equal(mb["positions"][real], positions)
+    else:  # one sample per row: the plain right-padded layout
+        assert len(rows) == len(lengths)
+    assert torch.equal(mb["uid"], in_order.samples["uid"])
 
 
 def test_schedule_shapes_for_interleaved_pipelines():

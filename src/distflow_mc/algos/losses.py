@@ -3,7 +3,9 @@
 Every loss returns (numerator, denominator) so that megatron can divide the gradients by
 the denominator summed over all micro-batches and data-parallel ranks: the aggregation is
 then exact for the global batch, not an average of per-micro-batch averages.
-Tensors are right-padded [B, T] over response tokens with a 0/1 `mask`.
+Tensors are right-padded [B, T] over response tokens with a 0/1 `mask`; a row is one
+sequence, or, given `segments` [B, T] (packed rows: each token's sequence, counted over
+the micro-batch), several.
 """
 
 from __future__ import annotations
@@ -13,15 +15,25 @@ import torch
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> Pair:
+def per_sequence(x: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+    """Sums of [B, T] `x` per sequence: per row, or per segment of packed rows (as many
+    entries as tokens, the unused ones 0)."""
+    if segments is None:
+        return x.sum(-1)
+    return x.new_zeros(segments.numel()).index_add_(0, segments.flatten(), x.flatten())
+
+
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, mode: str, segments: torch.Tensor | None = None
+) -> Pair:
     """TOKEN_MEAN: sum / tokens. SEQ_MEAN_TOKEN_SUM: per-sequence sums, mean over
     sequences (Dr. GRPO's choice). SEQ_MEAN_TOKEN_MEAN: per-sequence means, mean over
     sequences (the original GRPO)."""
     mask = mask.to(per_token.dtype)
     if mode == "TOKEN_MEAN":
         return (per_token * mask).sum(), mask.sum()
-    sums = (per_token * mask).sum(-1)
-    tokens = mask.sum(-1)
+    sums = per_sequence(per_token * mask, segments)
+    tokens = per_sequence(mask, segments)
     sequences = (tokens > 0).sum().to(per_token.dtype)  # padding rows are no sequences
     if mode == "SEQ_MEAN_TOKEN_SUM":
         return sums.sum(), sequences
@@ -60,14 +72,16 @@ def gspo(
     mask: torch.Tensor,
     clip_low: float = 3e-4,
     clip_high: float = 4e-4,
+    segments: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GSPO (Zheng et al. 2025, arXiv 2507.18071): the importance ratio is per sequence,
     s = exp(mean_t(logp - old_logp)), clipped around 1; its token form
     sg[s] * exp(logp_t - sg[logp_t]) carries the gradient to every token. Per-token loss
     (aggregate with SEQ_MEAN_TOKEN_MEAN) and clipped flags."""
     mask = mask.to(logp.dtype)
-    seq_log_ratio = ((logp - old_logp) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    token_log_ratio = seq_log_ratio.detach()[:, None] + logp - logp.detach()
+    seq = per_sequence((logp - old_logp) * mask, segments) / per_sequence(mask, segments).clamp(1)
+    per_token = seq[:, None] if segments is None else seq[segments]
+    token_log_ratio = per_token.detach() + logp - logp.detach()
     ratio = torch.exp(token_log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)

@@ -189,6 +189,9 @@ class TrainerConfig:
     dry_run: bool = False  # plan, agree across ranks, print the plan, exit
     log_all_ranks: bool = False
     micro_batch_tokens: int = 4096  # padded tokens (rows x longest) of one micro-batch
+    # several samples per micro-batch row (own positions, attention within the sample):
+    # less padding; needs the local layer spec (TransformerEngine's would need THD)
+    sequence_packing: bool = False
     val_every: int = 0  # validate on data.val_files every N steps (and at the end); 0: off
     progress_bar: bool = True  # rank 0: step, reward, tokens/s, ETA
     tensorboard: bool = True  # rank 0 writes <output dir>/tensorboard

@@ -174,7 +174,19 @@ def _trainer_and_data(
         *_check(t.val_n >= 1, "trainer.val_n", f"must be >= 1, got {t.val_n}"),
         *_check(t.save_every >= 0, "trainer.save_every", "must be >= 0 (0: never)"),
         *_check(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}"),
+        *_check(
+            not (t.sequence_packing and _transformer_engine()),
+            "trainer.sequence_packing",
+            "packs rows for the local layer spec's attention; with TransformerEngine installed"
+            " on GPU the TE spec runs, whose packed (THD) path is not wired here: set it false",
+        ),
     ]
+
+
+def _transformer_engine() -> bool:
+    from distflow_mc.models.gpt import use_transformer_engine  # megatron: only when asked
+
+    return use_transformer_engine()
 
 
 def check_config(c: Config) -> None:

@@ -1,8 +1,11 @@
 """Micro-batches for the trainer: split a rank's samples by a token budget (dynamic batch
-size) and pad each micro-batch to a right-padded [b, s] layout for megatron."""
+size) and pad each micro-batch to a right-padded [b, s] layout for megatron; with
+sequence packing, several samples share a row (each with its own positions, attending
+only to itself)."""
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import torch
@@ -40,13 +43,46 @@ def padded_size(part: Sequence[int], lengths: Sequence[int]) -> int:
     return len(part) * max((lengths[i] for i in part), default=0)
 
 
+def pack_rows(lengths: Sequence[int]) -> list[list[int]]:
+    """Samples into rows as long as the longest one, best fit, longest first: the rows a
+    packed micro-batch is made of (sample indices per row, longest row first)."""
+    capacity = max(lengths, default=0)
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at == len(free):
+            rows.append([i])
+            room, row = capacity - lengths[i], len(rows) - 1
+        else:
+            room, row = free.pop(at)
+            rows[row].append(i)
+            room -= lengths[i]
+        bisect.insort(free, (room, row))
+    used = [sum(lengths[i] for i in row) for row in rows]
+    return [rows[r] for r in sorted(range(len(rows)), key=lambda r: (-used[r], r))]
+
+
 def pad_microbatch(batch: Batch, indices: Sequence[int], pad_value: int = 0) -> dict:
     """Right-padded [b, s] tensors of the per-token fields of `indices` (s = the longest),
     plus `attention_mask` (1 on real tokens) and the per-sample fields."""
-    sub = batch.select(indices)
-    lengths = sub.lengths
-    b, s = len(sub), int(lengths.max()) if len(sub) else 0
-    real = torch.arange(s, device=lengths.device)[None, :] < lengths[:, None]
+    return packed_microbatch(batch, [[i] for i in indices], pad_value)
+
+
+def packed_microbatch(batch: Batch, rows: Sequence[Sequence[int]], pad_value: int = 0) -> dict:
+    """[b, s] tensors of the per-token fields, row r holding the samples `rows[r]` end to
+    end and then padding (s = the longest row), `attention_mask` (1 on real tokens) and
+    the per-sample fields, in the order the rows list the samples. When a row holds
+    several samples, also `positions` (each token's position in its sample) and
+    `segments` (each token's sample, counted over the micro-batch; 0 on padding)."""
+    flat = [i for row in rows for i in row]
+    sub = batch.select(flat)
+    device = sub.offsets.device
+    lengths = batch.lengths.tolist()
+    used = [sum(lengths[i] for i in row) for row in rows]
+    used = torch.tensor(used, dtype=torch.int64, device=device)
+    b, s = len(rows), int(used.max()) if rows else 0
+    real = torch.arange(s, device=device)[None, :] < used[:, None]
     out: dict[str, torch.Tensor] = {"attention_mask": real}
     for name, packed in sub.tokens.items():
         fill = pad_value if name == "input_ids" else 0
@@ -55,5 +91,11 @@ def pad_microbatch(batch: Batch, indices: Sequence[int], pad_value: int = 0) -> 
         )
         dense[real.to(packed.device)] = packed
         out[name] = dense
+    if any(len(row) > 1 for row in rows):
+        owner = sub.token_owner()
+        out["segments"] = torch.zeros(b, s, dtype=torch.int64, device=device)
+        out["segments"][real] = owner
+        out["positions"] = torch.zeros(b, s, dtype=torch.int64, device=device)
+        out["positions"][real] = torch.arange(sub.num_tokens, device=device) - sub.offsets[owner]
     out.update(sub.samples)
     return out

@@ -210,6 +210,7 @@ def build_gpt(
         if arch.rope_scaling is not None:
             rope = model.rotary_pos_emb
             rope.inv_freq = llama3_inv_freq(rope.inv_freq, arch.rope_scaling)
+        packed_rope(model)
         if value_head and model.post_process:
             model.output_layer = ValueHead(arch.hidden_size, dtype, mp.sequence_parallel)
         elif model.post_process and not mp.sequence_parallel:
@@ -218,6 +219,24 @@ def build_gpt(
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
     return chunks
+
+
+def packed_rope(model: GPTModel) -> None:
+    """Packed rows (models/schedule.py) pass each token's position in its own sample as
+    `position_ids`; megatron's rotary embedding covers the row's positions 0..s-1, so each
+    token takes the angles of its own position: [s, 1, 1, d] -> [s, b, 1, d]. Unpacked
+    rows pass none and keep megatron's."""
+    positions: list[torch.Tensor | None] = [None]
+
+    def remember(_: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        positions[0] = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
+
+    def per_token(_: torch.nn.Module, __: tuple, freqs: torch.Tensor) -> torch.Tensor:
+        p = positions[0]
+        return freqs if p is None else freqs[:, 0][p.T]
+
+    model.register_forward_pre_hook(remember, with_kwargs=True)
+    model.rotary_pos_emb.register_forward_hook(per_token)
 
 
 def batch_major_logits(output_layer: torch.nn.Module) -> None:
@@ -320,22 +339,31 @@ class SDPAttention(DotProductAttention):
     DotProductAttention computes it, without its [b, heads, s, s] score buffer and mask fill.
     It applies the rotary embedding (RopeInCoreSelfAttention hands it over) while laying
     Q, K and V out as [b, s, heads, d] memory, which the fused CPU kernel reads 1.5x faster
-    than strided views of [s, b, ...]. The models here use no attention dropout, window or
-    softmax offset."""
+    than strided views of [s, b, ...]; rope angles are per position ([s, 1, 1, d]) or per
+    token of a packed row ([s, b, 1, d]). The models here use no attention dropout, window
+    or softmax offset."""
 
     rotary: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, **_: object):
-        # only causal self-attention over whole sequences reaches here (schedule.py)
-        assert attention_mask is None and self.softmax_offset is None
+        # causal self-attention over whole rows, or over each sample of a packed row
+        # (attention_mask [b, 1, s, s], True where masked out: schedule.py)
+        assert self.softmax_offset is None
         scale = self.softmax_scale * (
             self.layer_number if self.config.apply_query_key_layer_scaling else 1
         )
         q_freqs, k_freqs = self.rotary or (None, None)
         q, k = rope_batch_major(query, q_freqs), rope_batch_major(key, k_freqs)
         v = rope_batch_major(value, None)
+        allowed = None if attention_mask is None else ~attention_mask
         out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=scale, enable_gqa=q.size(1) != k.size(1)
+            q,
+            k,
+            v,
+            allowed,
+            is_causal=allowed is None,
+            scale=scale,
+            enable_gqa=q.size(1) != k.size(1),
         )
         return out.permute(2, 0, 1, 3).reshape(out.size(2), out.size(0), -1)  # [s, b, h]
 

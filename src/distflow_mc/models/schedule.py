@@ -23,10 +23,16 @@ def _rows(mb: MicroBatch) -> torch.Tensor:
 
 
 def _forward(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
-    """Right-padded [b, s] tokens under the causal mask: padding never reaches real tokens."""
-    rows = _rows(mb)
-    positions = torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
-    return model(mb.get("input_ids"), positions, attention_mask=None)
+    """Right-padded [b, s] tokens under the causal mask: padding never reaches real tokens.
+    Packed rows (`segments`) give each token its position in its sample and attend only
+    within the sample; megatron's mask convention: True where attention is masked out."""
+    if "segments" not in mb:
+        return model(mb.get("input_ids"), None, attention_mask=None)
+    seg = mb["segments"]
+    s = seg.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=seg.device).tril()
+    allowed = (seg[:, :, None] == seg[:, None, :]) & causal
+    return model(mb.get("input_ids"), mb["positions"], attention_mask=~allowed[:, None])
 
 
 def pad_to(mb: MicroBatch, rows: int, length: int) -> MicroBatch:

@@ -9,7 +9,12 @@ import torch
 import torch.distributed as dist
 
 from distflow_mc.data.batch import Batch
-from distflow_mc.data.microbatch import pad_microbatch, split_by_token_budget
+from distflow_mc.data.microbatch import (
+    pack_rows,
+    packed_microbatch,
+    pad_microbatch,
+    split_by_token_budget,
+)
 from distflow_mc.models.logprobs import vocab_parallel_logprobs
 from distflow_mc.models.schedule import run_microbatches
 from distflow_mc.observability.metrics import Metrics
@@ -20,12 +25,21 @@ from distflow_mc.stages.workers import Workers
 def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict]]:
     """Token-budget micro-batches, right-padded; at least one (with no rows when the batch
     is empty: the replica still runs the step's collectives). Interleaved pipelines want a
-    count that is a multiple of PP."""
-    budget = w.config.trainer.micro_batch_tokens
+    count that is a multiple of PP. With `trainer.sequence_packing`, the budget splits
+    packed rows (samples end to end, as long as the longest sample). Returns each
+    micro-batch's samples, in its order, and the micro-batches."""
+    t = w.config.trainer
     multiple = w.mp.pp if w.mp.vpp else 1
-    parts = split_by_token_budget(batch.lengths.tolist(), budget, multiple) or [[]]
     pad = w.tokenizer.pad_token_id
-    return parts, [pad_microbatch(batch, p, pad_value=pad) for p in parts]
+    lengths = batch.lengths.tolist()
+    if not t.sequence_packing:
+        parts = split_by_token_budget(lengths, t.micro_batch_tokens, multiple) or [[]]
+        return parts, [pad_microbatch(batch, p, pad_value=pad) for p in parts]
+    rows = pack_rows(lengths)
+    used = [sum(lengths[i] for i in row) for row in rows]
+    groups = split_by_token_budget(used, t.micro_batch_tokens, multiple) or [[]]
+    mbs = [packed_microbatch(batch, [rows[r] for r in g], pad_value=pad) for g in groups]
+    return [[i for r in g for i in rows[r]] for g in groups], mbs
 
 
 def shift_right(x: torch.Tensor) -> torch.Tensor:

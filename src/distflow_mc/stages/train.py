@@ -65,8 +65,9 @@ def actor(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
             gap = logprob_gap(mb["rollout_logprobs"], old, mask)
             metrics["rollout/logprob_gap_mean"] = _pair(gap["sum"], gap["tokens"])
             metrics["rollout/logprob_gap_max"] = _pair(gap["max"], gap["tokens"])
-        pg, clipped = w.policy_loss(logp, old, mb["advantages"], mask)
-        num, den = aggregate(pg, mask, agg)
+        segments = mb.get("segments")  # packed rows: several sequences per row
+        pg, clipped = w.policy_loss(logp, old, mb["advantages"], mask, segments=segments)
+        num, den = aggregate(pg, mask, agg, segments)
         metrics |= {
             "pg_loss": _pair(num, den),
             "clip_frac": _pair((clipped * mask).sum(), tokens),
@@ -75,10 +76,10 @@ def actor(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
         loss = num
         if kl_loss:
             kl = kl_penalty(logp, mb["ref_logprobs"], a.kl_estimator.name)
-            loss = loss + a.kl_coef * aggregate(kl, mask, agg)[0]
+            loss = loss + a.kl_coef * aggregate(kl, mask, agg, segments)[0]
             metrics["kl"] = _pair((kl * mask).sum(), tokens)
         if a.entropy_coef:
-            loss = loss - a.entropy_coef * aggregate(ent, mask, agg)[0]
+            loss = loss - a.entropy_coef * aggregate(ent, mask, agg, segments)[0]
         return loss, den.to(torch.int), metrics
 
     _optimize(w, w.actor, batch, loss_fn, m, "actor")

@@ -50,7 +50,8 @@ class Workers:
     loader: PromptLoader | None  # on rollout emitters
     val_loader: PromptLoader | None  # on rollout emitters, when validation is on
     rewards: RewardComputer
-    policy_loss: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (logp, old, adv, mask)
+    # (logp, old, adv, mask, segments=) -> (per-token loss, clipped)
+    policy_loss: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     outcome_advantage: Callable[..., torch.Tensor] | None  # (rewards, groups); None: GAE
     # per pipeline stage, the batch fields its ranks read (stages.fields.stage_reads)
     stage_reads: tuple[frozenset[str] | None, ...] | None = None
@@ -130,7 +131,7 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
     else:
         clip = partial(loss_fn, dual_clip=a.dual_clip, **bounds)
 
-        def policy(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor):
+        def policy(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, *_, **__):
             return clip(logp, old, adv)  # token-level: the mask applies in aggregation
 
     outcome = None
