@@ -1,7 +1,7 @@
 """The transformers rollout engine against transformers' own `generate` on the same batch:
 the embedded task's prompts x n samples, the same sampling settings and threads. Prints
-seconds per call of both and the ratio (the engine adds its own log-probs and response
-bookkeeping; it must not cost more than that).
+median seconds per call of both, run in turns, and the ratio (the engine adds its own
+log-probs and response bookkeeping; it must not cost more than that).
 
     python scripts/bench_rollout.py [--prompts 8 --n 16 --new-tokens 4 --repeats 20]
 """
@@ -9,6 +9,7 @@ bookkeeping; it must not cost more than that).
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
     root = make_task(Path(tempfile.mkdtemp(prefix="bench_rollout_")))
     model_dir = root / "tiny_llama"
@@ -65,13 +66,14 @@ def main() -> None:
                 top_p=1.0,
             )
 
-    results = []
-    for name, fn in (("transformers generate", theirs), ("HFEngine.generate", ours)):
-        fn()
-        start = time.perf_counter()
-        for _ in range(args.repeats):
+    runs = {"transformers generate": theirs, "HFEngine.generate": ours}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats + 1):  # in turns, so the machine's drift hits both; the
+        for name, fn in runs.items():  # first round warms up
+            start = time.perf_counter()
             fn()
-        results.append({"run": name, "s_per_call": (time.perf_counter() - start) / args.repeats})
+            times[name].append(time.perf_counter() - start)
+    results = [{"run": k, "s_per_call": statistics.median(v[1:])} for k, v in times.items()]
     for row in results:
         row["vs_generate"] = round(row["s_per_call"] / results[0]["s_per_call"], 2)
         row["s_per_call"] = round(row["s_per_call"], 4)

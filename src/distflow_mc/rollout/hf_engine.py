@@ -88,18 +88,17 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Generation:
         """Responses and log-probs stay on the engine's device (the batch's from here on)."""
-        rows = [
-            torch.tensor(p, dtype=torch.int64, device="cpu")
-            for p in prompts
-            for _ in range(params.n)
-        ]
-        if not rows:
+        if not prompts or not params.n:
             return Generation()
         self.wake()
-        ids = torch.nn.utils.rnn.pad_sequence(rows, True, self.pad, "left").to(self.device)
-        mask = torch.nn.utils.rnn.pad_sequence(
-            [torch.ones_like(r) for r in rows], True, 0, "left"
-        ).to(self.device)
+        # each prompt left-padded once, then its n rows
+        lengths = torch.tensor([len(p) for p in prompts])
+        longest = int(lengths.max())
+        ids = torch.full((len(prompts), longest), self.pad, dtype=torch.int64)
+        mask = torch.arange(longest) >= longest - lengths[:, None]
+        ids[mask] = torch.tensor([t for p in prompts for t in p], dtype=torch.int64)
+        ids = ids.repeat_interleave(params.n, 0).to(self.device)
+        mask = mask.repeat_interleave(params.n, 0).to(self.device, torch.int64)
         greedy = params.temperature == 0
         # every setting that shapes the distribution is explicit: transformers fills unset
         # ones from its global defaults (top_k=50), which would sample from another
@@ -129,11 +128,13 @@ class HFEngine:
         stops = torch.tensor(params.stop_token_ids, dtype=new.dtype, device=new.device)
         is_stop = torch.isin(new, stops)
         stopped = is_stop.any(dim=1)
-        lengths = torch.where(stopped, is_stop.int().argmax(dim=1) + 1, new.shape[1]).tolist()
+        lengths = torch.where(stopped, is_stop.int().argmax(dim=1) + 1, new.shape[1])
+        kept = torch.arange(new.shape[1], device=new.device) < lengths[:, None]
+        counts = lengths.tolist()
         return Generation(
-            prompt_index=[i // params.n for i in range(len(rows))],
-            response_ids=[new[i, :n] for i, n in enumerate(lengths)],
-            logprobs=[token_logp[i, :n] for i, n in enumerate(lengths)],
+            prompt_index=[i // params.n for i in range(len(ids))],
+            response_ids=list(new[kept].split(counts)),  # one split, not a slice per row
+            logprobs=list(token_logp[kept].split(counts)),
             finish_reasons=["stop" if s else "length" for s in stopped.tolist()],
         )
 
