@@ -564,7 +564,9 @@ class Transfer:
         rows = [(self.t if f[0] == "t" else self.n) * _row_bytes(f) for f in meta.fields]
         nbytes = np.stack([*rows, objects])  # [fields + 1, senders, dp]
         # which fields (then the objects) each rank gets: those its view names
-        self.wants = {r: _wanted(self.view(r), meta) for r in range(dist.get_world_size())}
+        views = [self.view(r) for r in range(dist.get_world_size())]
+        masks = {v: _wanted(v, meta) for v in set(views)}  # one per pipeline stage at most
+        self.wants = [masks[v] for v in views]
         args = (batch, encoded, meta.fields, nbytes)
         chunked = self.plan.packing is Packing.CHUNKS
         recv, starts = self._send_chunks(*args) if chunked else self._send_fields(*args)
