@@ -229,7 +229,8 @@ def packed_rope(model: GPTModel) -> None:
     positions: list[torch.Tensor | None] = [None]
 
     def remember(_: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        positions[0] = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
+        given = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        positions[0] = given
 
     def per_token(_: torch.nn.Module, __: tuple, freqs: torch.Tensor) -> torch.Tensor:
         p = positions[0]
