@@ -229,8 +229,7 @@ def packed_rope(model: GPTModel) -> None:
     positions: list[torch.Tensor | None] = [None]
 
     def remember(_: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        given = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
-        positions[0] = given
+        positions[0] = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
 
     def per_token(_: torch.nn.Module, __: tuple, freqs: torch.Tensor) -> torch.Tensor:
         p = positions[0]
