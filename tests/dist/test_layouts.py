@@ -4,7 +4,8 @@ or is refused on every rank before any model is built, naming the setting:
 - rollout.tp = parallel.tp = 2 on 4 ranks (same replicas: a broadcast, not a skip);
 - PP2 x VPP2 with token-budget micro-batches of different sample counts, equal to PP1;
 - PP4 under PPO, each stage getting only the fields it reads, equal to DP4;
-- sequence packing on PP2, equal to one sample per row (less padding);
+- sequence packing on PP2 and on TP2 with sequence parallel, equal to one sample per row
+  (less padding);
 - TP2 with sequence parallel, equal to TP2 (and the actor's log-probs equal the engine's,
   which are transformers' own);
 - empty replicas: 2 groups over 4 training replicas (PPO: critic, GAE whitening over DP);
@@ -86,9 +87,9 @@ def test_interleaved_pipeline_with_uneven_microbatches(task, tmp_path):
 
 def test_sequence_packing_equals_one_sample_per_row(task, tmp_path):
     """Packed rows (several samples per row, each with its own positions, attending only
-    to itself) on PP=2 with per-sequence loss means: the first update equals one sample
-    per row's, the actor's log-probs equal transformers' own (the rollout engine's), and
-    the micro-batches carry less padding."""
+    to itself) on PP=2, and on TP=2 with sequence parallel, with per-sequence loss means:
+    the first update equals one sample per row's, the actor's log-probs equal
+    transformers' own (the rollout engine's), and the micro-batches carry less padding."""
     model = [f"model.path={task / 'tiny4'}", f"data.tokenizer={task / 'tiny_llama'}"]
     common = [
         *model,
@@ -97,12 +98,16 @@ def test_sequence_packing_equals_one_sample_per_row(task, tmp_path):
         "trainer.total_steps=1",
     ]
     flat = train(task, tmp_path / "rows", 2, *common, "parallel.pp=2")
-    packed = train(
-        task, tmp_path / "packed", 2, *common, "parallel.pp=2", "trainer.sequence_packing=true"
-    )
+    packing = "trainer.sequence_packing=true"
+    packed = train(task, tmp_path / "packed", 2, *common, "parallel.pp=2", packing)
     assert_same_first_step(packed, flat)
     assert packed[0]["rollout/logprob_gap_max"] < 1e-4
     assert packed[0]["actor/microbatch_padding"] < flat[0]["actor/microbatch_padding"]
+    # TP=2 under sequence parallel: rows padded to a multiple of TP, attention heads split
+    sp = ["parallel.tp=2", "parallel.sequence_parallel=true"]
+    packed_sp = train(task, tmp_path / "packed_sp", 2, *common, *sp, packing)
+    assert_same_first_step(packed_sp, flat)
+    assert packed_sp[0]["rollout/logprob_gap_max"] < 1e-4
 
 
 def test_pipeline_stages_get_only_what_they_read(task, tmp_path):
