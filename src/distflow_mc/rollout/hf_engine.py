@@ -92,13 +92,14 @@ class HFEngine:
             return Generation()
         self.wake()
         # each prompt left-padded once, then its n rows
-        lengths = torch.tensor([len(p) for p in prompts])
-        longest = int(lengths.max())
-        ids = torch.full((len(prompts), longest), self.pad, dtype=torch.int64)
-        mask = torch.arange(longest) >= longest - lengths[:, None]
-        ids[mask] = torch.tensor([t for p in prompts for t in p], dtype=torch.int64)
-        ids = ids.repeat_interleave(params.n, 0).to(self.device)
-        mask = mask.repeat_interleave(params.n, 0).to(self.device, torch.int64)
+        dev = self.device
+        lengths = torch.tensor([len(p) for p in prompts], device=dev)
+        longest = max(map(len, prompts))
+        ids = torch.full((len(prompts), longest), self.pad, dtype=torch.int64, device=dev)
+        mask = torch.arange(longest, device=dev) >= longest - lengths[:, None]
+        ids[mask] = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=dev)
+        ids = ids.repeat_interleave(params.n, 0)
+        mask = mask.repeat_interleave(params.n, 0).long()
         greedy = params.temperature == 0
         # every setting that shapes the distribution is explicit: transformers fills unset
         # ones from its global defaults (top_k=50), which would sample from another
