@@ -59,6 +59,12 @@ def same_sample(a: Batch, i: int, b: Batch, j: int) -> bool:
 
 PACKINGS = (Packing.CHUNKS, Packing.FIELDS)
 KEEP = ("input_ids", "mask", "reward", "ground_truth")  # a destination that reads only these
+# the first of two rounds: tokens (the rest, objects too, by all-to-all after), or all but
+# the per-sample reward (which then rides in the second round's metadata all-gather)
+ROUNDS = {
+    "rounds": ("input_ids", "logprobs"),
+    "reward round": ("input_ids", "logprobs", "mask", "advantages", "data_source", "ground_truth"),
+}
 
 
 def scenario(
@@ -68,7 +74,7 @@ def scenario(
     balance: Balance,
     pattern: Pattern = Pattern.AUTO,
     keep: tuple[str, ...] | None = None,
-    rounds: bool = False,
+    rounds: tuple[str, ...] | None = None,
     packing: Packing = Packing.AUTO,
     stages: tuple | None = None,
 ) -> dict:
@@ -79,9 +85,9 @@ def scenario(
     mine = source_batch(replica, seed) if rank in src.holders() else None
     phases: dict[str, float] = {}
     args = (balance, torch.device("cpu"), timedelta(seconds=60))
-    if rounds:  # the token fields leave first (as while a reward stage runs), the rest after
+    if rounds:  # some fields leave first (as while a reward stage runs), the rest after
         transfer = Transfer(src, dst, *args, pattern, phases, packing, stages)
-        transfer.send(mine, ("input_ids", "logprobs"))
+        transfer.send(mine, rounds)
         transfer.send(mine)
         got = transfer.finish()
     else:
@@ -204,9 +210,17 @@ def run_scenarios(layouts: dict, result: dict) -> None:
         result[name + " keep"] = scenario(src, dst, seed, Balance(), keep=KEEP, stages=stages)
         if movement(src, dst) is not Move.NONE:
             for pattern, packing in options:
-                result[f"{name} {pattern.value} {packing.value} rounds"] = scenario(
-                    src, dst, seed, Balance(), pattern, rounds=True, packing=packing, stages=stages
-                )
+                for label, first in ROUNDS.items():
+                    result[f"{name} {pattern.value} {packing.value} {label}"] = scenario(
+                        src,
+                        dst,
+                        seed,
+                        Balance(),
+                        pattern,
+                        rounds=first,
+                        packing=packing,
+                        stages=stages,
+                    )
         if stages:
             continue
         result[name + " split groups"] = scenario(src, dst, seed, Balance(keep_groups=False))

@@ -1,11 +1,12 @@
 """Redistribution between parallel layouts on real gloo ranks (2 and 4), by both patterns
 (direct all-to-all, leaders + broadcast) and both packings (one all-to-all per round, one
-per field), in one round or two (token fields first, as
-while a reward stage runs), and with a kept-field subset: every sample
-arrives exactly once with identical contents (tokens, floats, bf16, bools, strings,
-dicts), uids and groups survive, replicas agree, exactly the kept fields arrive (with
-per-stage views: the first pipeline stage gets the inputs, the middle ones no fields, the
-last all), only the holders get a batch, same layouts take the fast path."""
+per field), in one round or two (token fields first, as while a reward stage runs; or all
+but the per-sample reward, which then rides in the metadata all-gather), and with a
+kept-field subset: every sample arrives exactly once with identical contents (tokens,
+floats, bf16, bools, strings, dicts), uids and groups survive, replicas agree, exactly the
+kept fields arrive (with per-stage views: the first pipeline stage gets the inputs, the
+middle ones no fields, the last all), only the holders get a batch, same layouts take the
+fast path."""
 
 from __future__ import annotations
 

@@ -118,6 +118,8 @@ class _Meta:
     lengths: dict[int, np.ndarray]  # sender -> per-sample token counts (first round)
     groups: dict[int, np.ndarray]  # sender -> per-sample group ids (first round)
     object_bytes: dict[int, np.ndarray]  # sender -> per-sample encoded object bytes
+    # a later round of per-sample fields only: sender -> their bytes, which rode along
+    inline: dict[int, bytes] | None = None
 
     def nbytes(self) -> int:
         """Bytes of the tensor fields of all senders' batches."""
@@ -126,7 +128,7 @@ class _Meta:
         return sum(_row_bytes(f) * (tokens if f[0] == "t" else samples) for f in self.fields)
 
 
-HEAD = 4  # count, schema bytes, this rank's time of the last AUTO call, object entries
+HEAD = 5  # count, schema bytes, time of the last AUTO call, object entries, inline bytes
 _widths: dict[bool, int] = {}  # payload width of the last first / later round (the same everywhere)
 
 
@@ -145,31 +147,36 @@ def _exchange_meta(
     sent: set[str],
 ) -> _Meta:
     """One int64 all-gather of a fixed-layout row per rank: [count, schema bytes, time of
-    the last AUTO call, object entries], then (in the first round) its lengths and groups,
-    the encoded object bytes of each sample (when objects travel), and its schema (the
-    fields and object names not `sent` yet, as JSON bytes). The payload width is the last
-    call's; when a rank's payload does not fit, every rank sees it in the heads and a
-    second all-gather at the needed width follows."""
+    the last AUTO call, object entries, inline bytes], then (in the first round) its
+    lengths and groups, the encoded object bytes of each sample (when objects travel), its
+    schema (the fields and object names not `sent` yet, as JSON bytes) and, in a later
+    round of per-sample fields only (a reward after the tokens), those fields' bytes: a
+    few bytes a sample, so they ride along and the round needs no exchange of its own.
+    The payload width is the last call's; when a rank's payload does not fit, every rank
+    sees it in the heads and a second all-gather at the needed width follows."""
     first = not sent
     rank = dist.get_rank()
     mine = batch if rank in senders else None
     payload = np.zeros(0, dtype=np.int64)
-    n, schema, n_obj = 0, b"", 0
+    n, schema, n_obj, inline = 0, b"", 0, b""
     if mine is not None:
         n = len(mine)
         fields = [f for f in _fields(mine) if f[1] not in sent]
-        schema = json.dumps([fields, sorted(set(mine.objects) - sent)]).encode()
-        packed = np.frombuffer(schema + bytes(-len(schema) % 8), dtype=np.int64)
+        objects = sorted(set(mine.objects) - sent)
+        schema = json.dumps([fields, objects]).encode()
         per_sample = [mine.lengths.cpu().numpy(), mine.samples["group"].cpu().numpy()]
         sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
         n_obj = len(sizes)
-        payload = np.concatenate([*(per_sample if first else []), sizes, packed])
-    head = [n, len(schema), _measured.elapsed_ns, n_obj]
+        if _inlined(first, fields, objects):
+            inline = b"".join(_padded(_raw(mine.samples[f[1]])) for f in fields)
+        words = [np.frombuffer(_padded(b), dtype=np.int64) for b in (schema, inline)]
+        payload = np.concatenate([*(per_sample if first else []), sizes, *words])
+    head = [n, len(schema), _measured.elapsed_ns, n_obj, len(inline)]
     width = _widths.get(first, 0)
     table = _all_gather_rows(np.array(head, dtype=np.int64), payload, width, device)
-    counts, sizes_, elapsed, n_objs = table[:, :HEAD].T
+    counts, sizes_, elapsed, n_objs, inlines = table[:, :HEAD].T
     per = 2 * counts if first else np.zeros_like(counts)
-    needed = int(max(per + n_objs + -(-sizes_ // 8)))
+    needed = int(max(per + n_objs + -(-sizes_ // 8) + -(-inlines // 8)))
     if needed > width:  # someone's payload did not fit: again, wide enough
         table = _all_gather_rows(np.array(head, dtype=np.int64), payload, needed, device)
     _widths[first] = max(width, needed)
@@ -186,13 +193,47 @@ def _exchange_meta(
             f"{sorted({s.decode() for s in schemas.values()})}"
         )
     fields, objects = json.loads(next(iter(schemas.values())))
+    fields = [(k, n_, d, tuple(sh)) for k, n_, d, sh in fields]
+    inline_at = skip + -(-sizes_ // 8)
     return _Meta(
-        [(k, n_, d, tuple(sh)) for k, n_, d, sh in fields],
+        fields,
         objects,
         {s: rows[s, : counts[s]] for s in senders} if first else {},
         {s: rows[s, counts[s] : 2 * counts[s]] for s in senders} if first else {},
         {s: rows[s, per[s] : per[s] + n_objs[s]] for s in senders},
+        {s: rows[s, inline_at[s] :].tobytes()[: inlines[s]] for s in senders}
+        if _inlined(first, fields, objects)
+        else None,
     )
+
+
+def _inlined(first: bool, fields: list[Field], objects: list[str]) -> bool:
+    """A later round of per-sample tensor fields only rides in the metadata all-gather."""
+    return not first and bool(fields) and not objects and all(f[0] == "s" for f in fields)
+
+
+def _padded(data: bytes) -> bytes:
+    return data + bytes(-len(data) % 8)
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _from_inline(meta: _Meta, senders: list[int], dest: dict[int, np.ndarray], d: int) -> dict:
+    """The per-sample fields of a round that rode in the metadata, for replica d: each
+    sender's samples for d, in sender order."""
+    out, at = {}, dict.fromkeys(senders, 0)
+    for f in meta.fields:
+        width, parts = _row_bytes(f), []
+        for s in senders:
+            n = len(dest[s])
+            raw = np.frombuffer(meta.inline[s], dtype=np.uint8, count=n * width, offset=at[s])
+            at[s] += _aligned(n * width)
+            rows = torch.from_numpy(raw.copy()).view(getattr(torch, f[2])).view(n, *f[3])
+            parts.append(rows[torch.from_numpy(dest[s] == d)])
+        out[f[1]] = torch.cat(parts)
+    return out
 
 
 def _all_gather_rows(
@@ -444,9 +485,10 @@ class _Round:
 
     fields: list[Field]
     objects: list[str]
-    starts: np.ndarray
-    nbytes: np.ndarray
-    recv: torch.Tensor
+    starts: np.ndarray | None = None
+    nbytes: np.ndarray | None = None
+    recv: torch.Tensor | None = None  # None: the round came with the metadata (`ready`)
+    ready: dict[str, torch.Tensor] | None = None
 
     def _span(self, j: int) -> torch.Tensor:
         """Field j's bytes from every sender, in rank order: a view when they lie end to
@@ -462,6 +504,8 @@ class _Round:
     def unpack(self) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
         """The fields, each contiguous across senders in rank order, and the object columns
         (one JSON decode)."""
+        if self.ready is not None:
+            return self.ready, {}
         out = {}
         for j, (_, name, dtype, shape) in enumerate(self.fields):
             flat = self._span(j).view(getattr(torch, dtype))
@@ -556,6 +600,17 @@ class Transfer:
             self._receive_plan()
             self.clock("plan")
         self.sent |= {f[1] for f in meta.fields} | set(meta.objects)
+        if meta.inline is not None:  # it came with the metadata: nothing left to exchange
+            view = self.view(rank)
+            fields = [f for f in meta.fields if view is None or f[1] in view]
+            ready = {}
+            if self.holding:
+                tensors = _from_inline(meta, senders, self.plan.dest, self.d)
+                ready = {f[1]: tensors[f[1]].to(self.device) for f in fields}
+            self.rounds.append(_Round(fields, [], ready=ready))
+            self.clock("exchange")
+            self.busy_ns += time.perf_counter_ns() - begin
+            return
         # bytes of each field (then the objects) in each sender's chunk for each replica
         objects = np.zeros_like(self.n)
         if meta.objects:
@@ -693,7 +748,8 @@ class Transfer:
                     group = _group(c, self.timeout) if len(c) > 1 else None
                     if group is not None and self.rank in c:
                         for r in self.rounds:
-                            dist.broadcast(r.recv, src=c[0], group=group)
+                            if r.recv is not None:
+                                dist.broadcast(r.recv, src=c[0], group=group)
         self.clock("broadcast")
         out = None
         if self.holding:
