@@ -75,13 +75,13 @@ def packed_microbatch(batch: Batch, rows: Sequence[Sequence[int]], pad_value: in
     the per-sample fields, in the order the rows list the samples. When a row holds
     several samples, also `positions` (each token's position in its sample) and
     `segments` (each token's sample, counted over the micro-batch; 0 on padding)."""
-    flat = [i for row in rows for i in row]
-    sub = batch.select(flat)
+    sub = batch.select([i for row in rows for i in row])
     device = sub.offsets.device
-    lengths = batch.lengths.tolist()
-    used = [sum(lengths[i] for i in row) for row in rows]
-    used = torch.tensor(used, dtype=torch.int64, device=device)
-    b, s = len(rows), int(used.max()) if rows else 0
+    b = len(rows)
+    sizes = torch.tensor([len(row) for row in rows], dtype=torch.int64, device=device)
+    row_of = torch.repeat_interleave(torch.arange(b, device=device), sizes)
+    used = torch.zeros(b, dtype=torch.int64, device=device).index_add_(0, row_of, sub.lengths)
+    s = int(used.max()) if rows else 0
     real = torch.arange(s, device=device)[None, :] < used[:, None]
     out: dict[str, torch.Tensor] = {"attention_mask": real}
     for name, packed in sub.tokens.items():

@@ -600,9 +600,13 @@ class Transfer:
             self._receive_plan()
             self.clock("plan")
         self.sent |= {f[1] for f in meta.fields} | set(meta.objects)
+        # which fields (then the objects) each rank gets: those its view names
+        views = [self.view(r) for r in range(dist.get_world_size())]
+        masks = {v: _wanted(v, meta) for v in set(views)}  # one per pipeline stage at most
+        self.wants = [masks[v] for v in views]
+        got = self.wants[rank]
+        fields = [f for f, w in zip(meta.fields, got, strict=False) if w]
         if meta.inline is not None:  # it came with the metadata: nothing left to exchange
-            view = self.view(rank)
-            fields = [f for f in meta.fields if view is None or f[1] in view]
             ready = {}
             if self.holding:
                 tensors = _from_inline(meta, senders, self.plan.dest, self.d)
@@ -618,19 +622,13 @@ class Transfer:
                 objects[i] = np.bincount(self.plan.dest[s], meta.object_bytes[s], self.dst.dp)
         rows = [(self.t if f[0] == "t" else self.n) * _row_bytes(f) for f in meta.fields]
         nbytes = np.stack([*rows, objects])  # [fields + 1, senders, dp]
-        # which fields (then the objects) each rank gets: those its view names
-        views = [self.view(r) for r in range(dist.get_world_size())]
-        masks = {v: _wanted(v, meta) for v in set(views)}  # one per pipeline stage at most
-        self.wants = [masks[v] for v in views]
         args = (batch, encoded, meta.fields, nbytes)
         chunked = self.plan.packing is Packing.CHUNKS
         recv, starts = self._send_chunks(*args) if chunked else self._send_fields(*args)
-        got = self.wants[rank]
-        fields = [f for f, w in zip(meta.fields, got, strict=False) if w]
-        objects = meta.objects if got[-1] else []
         kept = np.append(got[:-1], True)  # the objects' row stays (empty when not wanted)
         mine = (nbytes[:, :, self.d] * got[:, None])[kept]
-        self.rounds.append(_Round(fields, objects, starts[kept], mine, recv))
+        names = meta.objects if got[-1] else []
+        self.rounds.append(_Round(fields, names, starts[kept], mine, recv))
         self.clock("exchange")
         self.busy_ns += time.perf_counter_ns() - begin
 
@@ -743,13 +741,13 @@ class Transfer:
         if self.plan.pattern is Pattern.LEADERS:
             # every rank makes every set's group, in the same order (new_group is
             # collective); a leader's buffers reach the rest of its set
-            for cs in self.plan.classes:
-                for c in cs:
-                    group = _group(c, self.timeout) if len(c) > 1 else None
-                    if group is not None and self.rank in c:
-                        for r in self.rounds:
-                            if r.recv is not None:
-                                dist.broadcast(r.recv, src=c[0], group=group)
+            for c in itertools.chain.from_iterable(self.plan.classes):
+                group = _group(c, self.timeout) if len(c) > 1 else None
+                if group is None or self.rank not in c:
+                    continue
+                for r in self.rounds:
+                    if r.recv is not None:  # a round that came with the metadata is here
+                        dist.broadcast(r.recv, src=c[0], group=group)
         self.clock("broadcast")
         out = None
         if self.holding:
@@ -796,10 +794,9 @@ def redistribute(
         assert batch is not None or rank not in dst.holders(), "holders hold their batch"
         if batch is None or rank not in dst.holders():
             return None
+        names = set(batch.names() if keep is None else keep)
         view = _views(dst, stages)(rank)
-        if keep is None and view is None:
-            return batch
-        return batch.only(set(keep or batch.names()) & (view or set(batch.names())))
+        return batch.only(names if view is None else names & view)  # itself if all stay
     transfer = Transfer(src, dst, balance, device, timeout, pattern, phases, packing, stages)
     transfer.send(batch, keep)
     return transfer.finish()

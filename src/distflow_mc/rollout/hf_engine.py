@@ -93,10 +93,10 @@ class HFEngine:
         self.wake()
         # each prompt left-padded once, then its n rows
         dev = self.device
-        lengths = torch.tensor([len(p) for p in prompts], device=dev)
+        prompt_lengths = torch.tensor([len(p) for p in prompts], device=dev)
         longest = max(map(len, prompts))
         ids = torch.full((len(prompts), longest), self.pad, dtype=torch.int64, device=dev)
-        mask = torch.arange(longest, device=dev) >= longest - lengths[:, None]
+        mask = torch.arange(longest, device=dev) >= longest - prompt_lengths[:, None]
         ids[mask] = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=dev)
         ids = ids.repeat_interleave(params.n, 0)
         mask = mask.repeat_interleave(params.n, 0).long()
