@@ -341,3 +341,15 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path: Path):
     (model / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=r"RoPE scaling 'yarn' is not supported"):
         read_hf_config(model)
+
+
+def test_sequence_packing_is_refused_where_the_transformer_engine_spec_runs(monkeypatch):
+    """Packed rows need the local spec's attention: where TransformerEngine's spec would
+    run (GPU with TE installed), the setting is refused up front, named."""
+    import distflow_mc.models.gpt as gpt
+
+    load_config(compose_config(["trainer.sequence_packing=true"]))  # local spec: accepted
+    monkeypatch.setattr(gpt, "use_transformer_engine", lambda: True)
+    with pytest.raises(ValueError, match=r"trainer\.sequence_packing: packs rows"):
+        load_config(compose_config(["trainer.sequence_packing=true"]))
+    load_config(compose_config([]))  # off: nothing to refuse
