@@ -4,6 +4,7 @@ real entrypoint (python -m / torchrun) in subprocesses with hard timeouts."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -40,12 +41,53 @@ def run_cmd(
     args: list[str], cwd: Path, timeout: float = 120, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """Run with a hard timeout; a hang fails the test instead of the CI job."""
+    return subprocess.run(
+        args, cwd=cwd, env=clean_env(env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def clean_env(env: dict | None) -> dict:
+    """This process's environment without a torchrun's rank variables, plus `env`."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(key, None)
-    return subprocess.run(
-        args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+    return full_env
+
+
+def run_nodes(
+    nodes: int, args: list[str], cwd: Path, timeout: float = 180, env: dict | None = None
+) -> list[tuple[int, str]]:
+    """One torchrun agent per rank (a 'node' of one rank each), meeting by c10d rendezvous,
+    running `python -m distflow_mc.main *args`: (exit code, output) per agent. Each rank runs
+    to its own end, whereas one torchrun with several ranks ends the others as soon as one
+    fails, so what each rank does on its own can be asserted."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agent = [
+        TORCHRUN,
+        f"--nnodes={nodes}",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=nodes",
+        "-m",
+        "distflow_mc.main",
+        *args,
+    ]
+    out = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    procs = [subprocess.Popen(agent, cwd=cwd, env=clean_env(env), **out) for _ in range(nodes)]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [(p.returncode, out) for p, out in zip(procs, outputs, strict=True)]
+
+
+def rank_logs(run_dir: Path, ranks: int) -> list[str]:
+    """Each rank's own log file of a run (what it logged, whatever the console kept)."""
+    return [(run_dir / f"main_rank{r}.log").read_text() for r in range(ranks)]
 
 
 def main_cmd(nproc: int, *overrides: str) -> list[str]:

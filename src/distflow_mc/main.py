@@ -34,9 +34,7 @@ from distflow_mc.parallel import (
     world_size_from_env,
 )
 from distflow_mc.rollout.sglang_engine import check_available as check_sglang
-from distflow_mc.stages.fields import node_fields, stage_reads
-from distflow_mc.stages.step import carried, fit
-from distflow_mc.stages.workers import build_workers
+from distflow_mc.stages.fields import carried, node_fields, stage_reads
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -47,6 +45,21 @@ register_resolvers()
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
+    """Every rank says in its own log file (and on the console) why it stopped: a user
+    error (ValueError, naming the setting, file or row) in one line, with its traceback in
+    the file only; anything else with its traceback."""
+    try:
+        run(cfg)
+    except ValueError as e:
+        log.error("%s", e)
+        log.error("raised at", exc_info=True, extra={"console": False})
+        raise SystemExit(1) from None
+    except Exception:
+        log.exception("stopped by an unexpected error")
+        raise SystemExit(1) from None
+
+
+def run(cfg: DictConfig) -> None:
     config = load_config(cfg)
     log_all_ranks(config.trainer.log_all_ranks)
     layouts = build_layouts(config, world_size_from_env(), ranks_per_node_from_env())
@@ -73,6 +86,10 @@ def main(cfg: DictConfig) -> None:
         lines = describe_plan(plan, layouts, *carried(plan, config, layouts), views)
         log.info("plan:\n%s", "\n".join(lines))
         return
+    # megatron and transformers load only now: a refused run stops without paying for them
+    from distflow_mc.stages.step import fit
+    from distflow_mc.stages.workers import build_workers
+
     workers = build_workers(config, plan, layouts, ctx)
     try:
         fit(workers, plan, run_dir)

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distflow_mc.data.tiny import make_task
-from tests.conftest import ROOT, SHORT_RUN, main_cmd, run_cmd
+from tests.conftest import ROOT, SHORT_RUN, main_cmd, rank_logs, run_cmd, run_nodes
 
 pytestmark = pytest.mark.dist
 SHORT = ["experiment=cpu_tiny_grpo", *SHORT_RUN]
@@ -43,6 +43,12 @@ def task(tmp_path_factory) -> Path:
         for i, row in enumerate(rows):
             line = json.dumps(row if i % 4 else {**row, "reward_model": {}})
             f.write(line + "\n" if i != 5 else "{not json\n")
+    rows = pq.read_table(root / "tiny_task" / "train.parquet").to_pylist()[:256]
+    for name, usable in (("all_long", ()), ("gappy", range(0, 256, 16))):
+        with (root / f"{name}.jsonl").open("w") as f:
+            for i, row in enumerate(rows):
+                long = [{**m, "content": "x " * 80 + m["content"]} for m in row["prompt"]]
+                f.write(json.dumps(row if i in usable else {**row, "prompt": long}) + "\n")
     return root
 
 
@@ -71,6 +77,18 @@ FAILING = [
         ["data.max_prompt_length=3", "data.on_overlong=ERROR"],
         "tokens > data.max_prompt_length=3",
     ),
+    (
+        "a file with no usable row",
+        ["data.train_files=[{task}/all_long.jsonl]"],
+        "all_long.jsonl has no usable row among 32 spread over its 256 rows: 32 longer than"
+        " data.max_prompt_length=64 tokens, 0 malformed",
+    ),
+    (
+        "longer than the model's positions",
+        ["rollout.max_new_tokens=500"],
+        "data.max_prompt_length + rollout.max_new_tokens = 64 + 500 = 564 tokens exceeds"
+        " max_position_embeddings=512",
+    ),
 ]
 
 
@@ -86,7 +104,6 @@ def test_refused_with_a_message_naming_it(task, tmp_path, case, overrides, messa
 FINISHING = [
     ("malformed rows skipped", ["data.train_files=[{task}/bad_rows.jsonl]", "data.shuffle=false"]),
     ("NaN rewards", ["reward.fn=tests.dist.test_bad_input.nan_reward"]),
-    ("stuck reward", ["reward.fn=tests.dist.test_bad_input.stuck_reward", "reward.timeout_s=1"]),
 ]
 
 
@@ -94,7 +111,6 @@ FINISHING = [
 def test_finishes_with_the_bad_values_counted(task, tmp_path, case, overrides):
     overrides = [o.replace("{task}", str(task)) for o in overrides]
     cmd = main_cmd(2, *SHORT, f"hydra.run.dir={tmp_path}", *overrides)
-    start = time.monotonic()
     out = run_cmd(cmd, cwd=ROOT, timeout=240, env={"DISTFLOW_DATA_DIR": str(task)})
     assert out.returncode == 0, (case, out.stdout[-2000:] + out.stderr[-4000:])
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -106,6 +122,56 @@ def test_finishes_with_the_bad_values_counted(task, tmp_path, case, overrides):
         assert all(r["data/malformed_rows"] > 0 for r in rows)
     else:
         assert all(r["reward/errors"] > 0 for r in rows)
-    if case == "stuck reward":  # 2 steps x 16 samples, each killed after its 1 s budget
-        assert all(r["reward/mean"] == 0.0 for r in rows)
-        assert time.monotonic() - start < 200
+
+
+def test_a_hung_scorer_costs_one_budget_per_step_then_stops(task, tmp_path):
+    """Every scorer call hangs: each step's stuck samples spend their budgets together (8
+    samples per rank on 4 workers: 2 budgets of 1 s, not 8 budgets plus a new pool each), the
+    step goes on with error scores, and after reward.max_failing_steps=2 such steps every
+    rank stops, naming reward.fn in its own log."""
+    run = [*SHORT, "trainer.total_steps=3", f"hydra.run.dir={tmp_path}"]
+    stuck = ["reward.fn=tests.dist.test_bad_input.stuck_reward", "reward.timeout_s=1"]
+    env = {"DISTFLOW_DATA_DIR": str(task)}
+    for code, _ in run_nodes(2, [*run, *stuck, "reward.max_failing_steps=2"], ROOT, 240, env):
+        assert code != 0
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert (r["reward/timeouts"], r["reward/samples"], r["reward/mean"]) == (16, 16, 0.0)
+        assert r["time/reward"] < 4  # ceil(8 / 4) = 2 budgets, with room for a loaded box
+    for log in rank_logs(tmp_path, 2):
+        assert "8 of 8 rewards scored reward.error_score=0.0: 8 timed out" in log
+        assert (
+            "every reward of the last 2 steps scored reward.error_score=0.0 "
+            "(reward.max_failing_steps=2; this step: 16 of 16 timed out after"
+            " reward.timeout_s=1.0, 0 failed): reward.fn=tests.dist.test_bad_input.stuck_reward"
+            " is not answering"
+        ) in log
+
+
+def test_steps_without_a_usable_sample_skip_the_update_then_stop(task, tmp_path):
+    """Rows are read in order and only every 16th prompt is short enough: step 1 has one
+    group, steps 2 and 3 none on any rank. Step 2 warns with the counts, takes no optimizer
+    step and logs no NaN; at the second empty step in a row (data.max_empty_steps=2) every
+    rank stops, naming data.max_prompt_length in its own log."""
+    data = [f"data.train_files=[{task}/gappy.jsonl]", "data.shuffle=false"]
+    run = [*SHORT, *data, "trainer.total_steps=4", "data.max_empty_steps=2"]
+    env = {"DISTFLOW_DATA_DIR": str(task)}
+    for code, _ in run_nodes(2, [*run, f"hydra.run.dir={tmp_path}"], ROOT, 240, env):
+        assert code != 0
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+    assert rows[0]["rollout/samples"] == 4 and rows[0]["actor/empty_skipped_steps"] == 0
+    assert rows[0]["data/skipped_prompts"] == 3 and "actor/grad_norm" in rows[0]
+    for r in rows[1:]:
+        assert r["rollout/samples"] == 0 and r["data/overlong_prompts"] == 4
+        assert r["actor/empty_skipped_steps"] == 1 and "actor/grad_norm" not in r
+        assert "reward/mean" not in r and "actor/pg_loss" not in r
+    logs = rank_logs(tmp_path, 2)
+    assert "step 1 skipped 3 prompts, 3 longer than data.max_prompt_length=64" in logs[0]
+    assert "step 2: no usable sample on any rank: 4 prompts, 4 longer" in logs[0]
+    assert "no update this step (1 of data.max_empty_steps=2 in a row)" in logs[0]
+    for log in logs:
+        assert "2 steps in a row with no usable sample on any rank" in log
+        assert "change data.max_prompt_length or data.train_files" in log

@@ -13,7 +13,7 @@ from megatron.core.parallel_state import RankGenerator
 from distflow_mc.config import Config, Engine, canonical_config, load_config, run_id
 from distflow_mc.dag import plan_workflow
 from distflow_mc.parallel import Layout, Move, build_layouts, describe_plan, movement
-from distflow_mc.stages.step import carried
+from distflow_mc.stages.fields import carried
 from tests.conftest import CONF_DIR, compose_config
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -71,6 +72,49 @@ def test_slow_reward_times_out_without_hanging():
     computer.close()
 
 
+def hangs_on_x(response, ground_truth, extra_info):
+    if response == "x":
+        time.sleep(3600)
+    if response == "exit":
+        os._exit(3)
+    return 1.0
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_stuck_samples_spend_their_budgets_together(workers):
+    """Every sample hangs: each worker spends one budget per sample of its share, all
+    workers at once, so a call costs timeout x ceil(samples / workers), not one budget plus
+    a fresh pool per sample."""
+    budget = 1.0
+    computer = RewardComputer(
+        RewardConfig(fn="tests.unit.test_rewards.hangs_on_x", timeout_s=budget), workers
+    )
+    start = time.monotonic()
+    scores = computer(["x"] * 8, ["d"] * 8, [""] * 8, [{}] * 8)
+    elapsed = time.monotonic() - start
+    assert scores.timeouts == 8 and scores.errors == 0 and scores.rewards == [0.0] * 8
+    assert scores.failed_sources == ["d"]
+    rounds = -(-8 // workers)
+    assert rounds * budget <= elapsed < (rounds + 2) * budget
+    computer.close()
+
+
+def test_stuck_and_crashing_scorers_leave_the_others_their_scores(caplog):
+    """Stuck samples time out together; a scorer that ends its process scores an error;
+    every other sample of the same shares keeps its score."""
+    computer = RewardComputer(RewardConfig(fn="tests.unit.test_rewards.hangs_on_x", timeout_s=1))
+    responses = ["x", "a", "x", "b", "exit", "c", "d", "x"]
+    start = time.monotonic()
+    scores = computer(responses, ["d"] * 8, [""] * 8, [{}] * 8)
+    assert time.monotonic() - start < 3  # one budget, spent by three workers at once
+    assert scores.rewards == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    assert (scores.timeouts, scores.errors) == (3, 1)
+    assert "4 of 8 rewards scored reward.error_score=0.0: 3 timed out" in caplog.text
+    assert "1 failed (e.g. RuntimeError: the scoring process died (exit code 3))" in caplog.text
+    assert computer(["a"] * 5, ["d"] * 5, [""] * 5, [{}] * 5).rewards == [1.0] * 5
+    computer.close()
+
+
 def not_a_number(response, ground_truth, extra_info):
     return {"nan": float("nan"), "inf": float("inf"), "text": "high"}.get(response, 1.0)
 
@@ -81,7 +125,8 @@ def test_non_finite_rewards_score_as_errors(caplog):
     )
     scores = computer(["nan", "inf", "text", "ok"], ["src"] * 4, [""] * 4, [{}] * 4)
     assert scores.rewards == [-1.0, -1.0, -1.0, 1.0] and scores.errors == 3
-    assert "3 reward(s) for data_source 'src'" in caplog.text
+    assert "3 of 4 rewards scored reward.error_score=-1.0: 0 timed out" in caplog.text
+    assert "3 failed (e.g. nan); data_source 'src' (3)" in caplog.text
     computer.close()
 
 

@@ -173,6 +173,7 @@ class DataConfig:
     on_malformed: OnBadRow = OnBadRow.SKIP
     on_overlong: OnBadRow = OnBadRow.SKIP  # prompts longer than max_prompt_length
     prefetch: bool = True  # read and tokenize the next batch while the step runs
+    max_empty_steps: int = 3  # stop after this many steps in a row with no usable sample
 
 
 @dataclass
@@ -180,6 +181,7 @@ class RewardConfig:
     fn: str | None = None  # dotted path of a custom reward; rule-based by data_source otherwise
     timeout_s: float = 10.0
     error_score: float = 0.0
+    max_failing_steps: int = 3  # stop after this many steps in a row of error scores only
 
 
 @dataclass

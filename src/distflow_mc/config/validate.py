@@ -166,6 +166,8 @@ def _trainer_and_data(
         *_check(d.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1"),
         *_check(bool(d.train_files), "data.train_files", "must list at least one file"),
         *_check(reward.timeout_s > 0, "reward.timeout_s", "must be > 0"),
+        *_check(reward.max_failing_steps >= 1, "reward.max_failing_steps", "must be >= 1"),
+        *_check(d.max_empty_steps >= 1, "data.max_empty_steps", "must be >= 1"),
         *_check(math.isfinite(reward.error_score), "reward.error_score", "must be finite"),
         *_check(model.router_aux_loss_coef >= 0, "model.router_aux_loss_coef", "must be >= 0"),
         *_check(t.total_steps >= 0, "trainer.total_steps", "must be >= 0"),

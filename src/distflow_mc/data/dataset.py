@@ -100,6 +100,14 @@ class RowSource:
                         found.add(row.get("data_source"))
         return {s for s in found if isinstance(s, str)}
 
+    def files(self) -> dict[Path, range]:
+        """Each file's global rows."""
+        out: dict[Path, range] = {}
+        for part in self.parts:
+            first = out[part.path].start if part.path in out else part.start
+            out[part.path] = range(first, part.start + part.rows)
+        return out
+
     def locate(self, index: int) -> tuple[Path, int]:
         """(file, row number within the file) of a global row, for messages."""
         part = self.parts[bisect.bisect_right(self._starts, index) - 1]

@@ -106,31 +106,60 @@ class PromptLoader:
     def batch_at(self, state: LoaderState) -> PromptBatch:
         """This rank's prompts of the step at `state` (the state does not move)."""
         rows = self.rows_for(state)
-        ids, kept, bad, overlong = [], [], 0, 0
+        ids, kept, skipped = [], [], {"malformed": 0, "overlong": 0}
         for index, raw in zip(rows, self.source.read(rows), strict=True):
-            path, row = self.source.locate(index)
-            where = f"{path} row {row}"
-            try:
-                parsed = validate_row(raw, where)
-                schemas = self._schemas(parsed, where)
-            except MalformedRow as e:
-                if self.config.on_malformed is OnBadRow.ERROR:
-                    raise
+            got = self._encode(index, raw, warn=True)
+            if isinstance(got, str):
+                skipped[got] += 1
+                continue
+            ids.append(torch.tensor(got[0], dtype=torch.int64, device="cpu"))
+            kept.append((state.epoch * len(self.source) + index, got[1]))
+        return PromptBatch(self._to_batch(ids, kept), skipped["malformed"], skipped["overlong"])
+
+    def _encode(
+        self, index: int, raw: dict[str, Any], warn: bool
+    ) -> tuple[list[int], PromptRow] | str:
+        """A row's prompt tokens and fields, or why it is skipped ("malformed",
+        "overlong"); raises where data.on_malformed / data.on_overlong say ERROR."""
+        path, row = self.source.locate(index)
+        where = f"{path} row {row}"
+        try:
+            parsed = validate_row(raw, where)
+            schemas = self._schemas(parsed, where)
+        except MalformedRow as e:
+            if self.config.on_malformed is OnBadRow.ERROR:
+                raise
+            if warn:
                 log.warning("skipping malformed row (data.on_malformed=SKIP): %s", e)
-                bad += 1
-                continue
-            tokens = encode_prompt(self.tokenizer, parsed.prompt, schemas)
-            if len(tokens) > self.config.max_prompt_length:
-                if self.config.on_overlong is OnBadRow.ERROR:
-                    raise ValueError(
-                        f"{where}: prompt has {len(tokens)} tokens > data.max_prompt_length="
-                        f"{self.config.max_prompt_length}"
-                    )
-                overlong += 1
-                continue
-            ids.append(torch.tensor(tokens, dtype=torch.int64, device="cpu"))
-            kept.append((state.epoch * len(self.source) + index, parsed))
-        return PromptBatch(self._to_batch(ids, kept), bad, overlong)
+            return "malformed"
+        tokens = encode_prompt(self.tokenizer, parsed.prompt, schemas)
+        if len(tokens) > self.config.max_prompt_length:
+            if self.config.on_overlong is OnBadRow.ERROR:
+                raise ValueError(
+                    f"{where}: prompt has {len(tokens)} tokens > data.max_prompt_length="
+                    f"{self.config.max_prompt_length}"
+                )
+            return "overlong"
+        return tokens, parsed
+
+    def check_usable(self, key: str, probe: int = 32) -> None:
+        """At start-up, on every rank alike: each file has a usable row among `probe` rows
+        spread evenly over it, else ValueError naming the file, what was wrong with the
+        rows and the setting to change (`key`: where the files are set)."""
+        for path, rows in self.source.files().items():
+            n = len(rows)
+            picked = sorted({rows[k * n // min(probe, n)] for k in range(min(probe, n))})
+            raws = self.source.read(picked)
+            why = [self._encode(i, raw, warn=False) for i, raw in zip(picked, raws, strict=True)]
+            if all(isinstance(w, str) for w in why):
+                overlong, malformed = why.count("overlong"), why.count("malformed")
+                raise ValueError(
+                    f"{key}: {path} has no usable row among {len(picked)} spread over its {n}"
+                    f" rows: {overlong} longer than data.max_prompt_length="
+                    f"{self.config.max_prompt_length} tokens, {malformed} malformed (see"
+                    " data.on_malformed=ERROR for the first one); raise data.max_prompt_length"
+                    " or fix the file"
+                )
 
     def _schemas(self, row: PromptRow, where: str) -> list[dict[str, Any]] | None:
         """The tool schemas the row's prompt renders: its `tools` column, else every tool."""

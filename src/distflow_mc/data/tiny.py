@@ -118,7 +118,7 @@ def make_model(model_dir: Path, tok: PreTrainedTokenizerFast, seed: int) -> None
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
+        max_position_embeddings=512,  # room for the HF engine config's 256 new tokens
         tie_word_embeddings=False,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

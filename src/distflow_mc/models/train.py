@@ -71,8 +71,16 @@ class TrainableModel:
         )
         self.router_stats = RouterStats(self.chunks)  # MoE models; empty otherwise
         # The schedule reduces DP gradients (and tied embeddings over PP) through this hook.
-        config.finalize_model_grads_func = finalize_model_grads
+        config.finalize_model_grads_func = self._finalize
         config.grad_scale_func = self.optimizer.scale_loss
+        self.loss_count = 0.0  # the last step's loss count over every rank (the hook's)
+
+    def _finalize(self, model: list, num_tokens: torch.Tensor | None, **kwargs: Any) -> None:
+        """megatron's gradient finalization, which also sums the loss counts over the
+        pipeline and the data-parallel ranks: kept, so that a step whose count is zero on
+        every rank (no sample anywhere) can skip its update with no collective of its own."""
+        finalize_model_grads(model, num_tokens, **kwargs)
+        self.loss_count = float(num_tokens) if num_tokens is not None else 1.0
 
     @property
     def modules(self) -> list[MegatronModule]:
@@ -93,16 +101,18 @@ class TrainableModel:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         metrics = run_microbatches(self.chunks, microbatches, loss_fn, forward_only=False)
-        grad_norm = self.grad_norm()
+        empty = self.loss_count == 0  # the same on every rank: nothing to learn from
+        grad_norm = 0.0 if empty else self.grad_norm()
         finite = math.isfinite(grad_norm)
         updated = False
-        if finite:
+        if finite and not empty:
             self.clip(grad_norm)
             updated = self.optimizer.step_with_ready_grads()
         if updated:
             self.scheduler.step(increment=1)
         return {
             "updated": bool(updated),
+            "empty": empty,
             "nonfinite": not finite,
             "grad_norm": grad_norm,
             "lr": self.optimizer.param_groups[0]["lr"],

@@ -29,4 +29,6 @@ class RankFilter(logging.Filter):
         record.rank = current_rank()
         if not self.console:
             return True
+        if not getattr(record, "console", True):  # extra={"console": False}: files only
+            return False
         return _state["all_ranks"] or record.rank == 0 or record.levelno >= logging.ERROR

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch.distributed as dist
@@ -46,7 +47,8 @@ class Metrics:
                     into[name] += value
             for name, value in rank_maxima.items():
                 maxima[name] = max(maxima.get(name, -math.inf), value)
-        out = {n: (sums[n] / counts[n] if counts[n] else float("nan")) for n in sorted(sums)}
+        # a mean over nothing (no sample anywhere this step) is left out, not logged as NaN
+        out = {n: sums[n] / counts[n] for n in sorted(sums) if counts[n]}
         out.update(sorted(totals.items()))
         out.update(sorted(maxima.items()))
         return {**out, **self.local}
@@ -69,6 +71,7 @@ class Sinks:
         self.jsonl = Path(run_dir) / "metrics.jsonl"
         self.jsonl.parent.mkdir(parents=True, exist_ok=True)
         self.tb = self.wandb = self.bar = None
+        self.skipped = 0.0  # prompts skipped so far, shown on the bar
         if tensorboard:
             from torch.utils.tensorboard.writer import FileWriter
 
@@ -77,10 +80,13 @@ class Sinks:
             import wandb
 
             self.wandb = wandb.init(project=wandb_project, name=name, dir=str(run_dir))
+        self.stack = ExitStack()
         if progress_bar:
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total_steps, initial=first_step, desc=name, dynamic_ncols=True)
+            self.stack.enter_context(logging_redirect_tqdm())  # log lines above the bar
 
     def write(self, record: dict) -> None:
         with self.jsonl.open("a") as f:
@@ -97,15 +103,19 @@ class Sinks:
             self.wandb.log(scalars, step=step)
         if self.bar is not None:
             shown = {
-                "reward": f"{record.get('reward/mean', float('nan')):.3f}",
+                "reward": f"{record['reward/mean']:.3f}" if "reward/mean" in record else "-",
                 "tok_s": f"{record.get('throughput/total_tokens_per_s', float('nan')):.0f}",
             }
             if "agent/tool_call_rate" in record:  # agent rollouts
                 shown["calls"] = f"{record['agent/tool_call_rate']:.2f}"
+            self.skipped += record.get("data/skipped_prompts", 0.0)
+            if self.skipped:
+                shown["skipped"] = f"{self.skipped:.0f}"
             self.bar.set_postfix(shown)
             self.bar.update(1)
 
     def close(self) -> None:
+        self.stack.close()
         for sink in (self.tb, self.bar):
             if sink is not None:
                 sink.close()

@@ -154,7 +154,7 @@ def describe_plan(
 ) -> list[str]:
     """Human-readable plan: stages, nodes, the layout each node runs in, how the batch
     reaches a node whose layout differs from the one before it (as the step runs them) and,
-    given `keep`/`early` (per node, from stages.step.carried), which fields that move
+    given `keep`/`early` (per node, from stages.fields.carried), which fields that move
     carries and which leave early; then the nodes liveness dropped, with the reason, and
     what each pipeline stage of the train layout receives (`stage_reads`)."""
     keep = keep or [None] * len(plan.nodes)

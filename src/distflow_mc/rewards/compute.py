@@ -1,19 +1,25 @@
 """Score responses with time budgets, in worker processes: a scorer that raises, returns
 something that is not a finite number, or runs past `reward.timeout_s` gives that sample
-`reward.error_score` and is counted; it never stops the run or hangs a rank. Each worker
-scores a share of the batch (one round trip each) with one budget per sample in it; when a
-share runs out of time its worker is killed (threads could only be abandoned, and Python
-joins them at exit) and the unscored samples run again one per job on fresh workers, each
-with its own budget, so only the stuck one is scored as a timeout."""
+`reward.error_score` and is counted; it never stops the run or hangs a rank.
+
+Each worker takes a contiguous share of the batch (one message out) and sends each score
+back as it finishes, so the parent knows which sample every worker is on and since when.
+A sample past its budget is scored as a timeout, its worker is killed (threads could only
+be abandoned, and Python joins them at exit) and a fresh one takes the rest of the share.
+Stuck samples spend their budgets concurrently, one per worker: with every scorer hanging,
+a call costs `reward.timeout_s` x ceil(samples / workers), and the others keep their scores.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import multiprocessing as mp
+import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing.pool import AsyncResult, Pool
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from distflow_mc.config.schema import RewardConfig
@@ -41,24 +47,51 @@ class Scores:
     rewards: list[float]
     errors: int  # raised, or not a finite number
     timeouts: int
+    failed_sources: list[str]  # the data sources of the samples scored reward.error_score
 
 
-def _score(fn_path: str | None, data_source: str, response: str, truth: Any, info: dict) -> float:
-    """Runs in a worker process: resolve the scorer there (functions need not pickle)."""
-    fn = import_fn(fn_path) if fn_path else BUILT_IN[data_source]
-    return float(fn(response, truth, info))
+def _score(fn_path: str | None, data_source: str, response: str, truth: Any, info: dict) -> Any:
+    """Runs in a worker process: resolve the scorer there (functions need not pickle). A
+    scorer that raises gives its sample the exception (the others keep their scores)."""
+    try:
+        fn = import_fn(fn_path) if fn_path else BUILT_IN[data_source]
+        return float(fn(response, truth, info))
+    except Exception as e:  # a scorer's bug must not end the run
+        return RuntimeError(f"{type(e).__name__}: {e}")
 
 
-def _score_many(args: list[tuple]) -> list[Any]:
-    """A worker's share, one sample after another; a scorer that raises gives its sample
-    the exception (the others keep their scores)."""
-    out: list[Any] = []
-    for a in args:
+def _serve(conn: Connection, parent_end: Connection) -> None:
+    """A worker's loop: score each share it is sent, one answer per sample as it ends."""
+    parent_end.close()  # so that the parent's exit reads as end-of-file here
+    while True:
         try:
-            out.append(_score(*a))
-        except Exception as e:  # a scorer's bug must not end the run
-            out.append(RuntimeError(f"{type(e).__name__}: {e}"))
-    return out
+            share = conn.recv()
+        except EOFError:
+            return
+        for i, args in share:
+            conn.send((i, _score(*args)))
+
+
+class _Worker:
+    """One scoring process, and the samples it was sent and has not answered, in order."""
+
+    def __init__(self, context: Any) -> None:
+        self.conn, child = context.Pipe()
+        # daemonic: a worker stuck in a scorer never keeps the rank alive at exit
+        self.process = context.Process(target=_serve, args=(child, self.conn), daemon=True)
+        self.process.start()
+        child.close()
+        self.todo: list[int] = []
+        self.since = 0.0  # when its current sample began
+
+    def send(self, indices: list[int], args: list[tuple]) -> None:
+        self.todo, self.since = indices, time.monotonic()
+        self.conn.send([(i, args[i]) for i in indices])
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join()
+        self.conn.close()
 
 
 def check_sources(config: RewardConfig, data_sources: set[str], files: str) -> None:
@@ -80,20 +113,12 @@ class RewardComputer:
                 import_fn(config.fn)
             except ValueError as e:
                 raise ValueError(f"reward.fn: {e}") from e
-        self.pool: Pool | None = None
-
-    def _pool(self) -> Pool:
         # forked like a data loader's workers (no imports to pay; scorers touch no torch
-        # or process-group state), daemonic: a worker never keeps the rank alive at exit
-        if self.pool is None:
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            self.pool = mp.get_context(method).Pool(self.workers)
-        return self.pool
-
-    def _kill_pool(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool = None
+        # or process-group state); started on first use, kept across calls
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        self.context = mp.get_context(method)
+        self.pool: list[_Worker] = []
+        self.failed_sources: list[str] = []  # of the last call's error scores
 
     def __call__(
         self,
@@ -109,58 +134,82 @@ class RewardComputer:
             )
         ]
         out: list[Any] = [None] * len(args)
+        while len(self.pool) < min(self.workers, len(args)):
+            self.pool.append(_Worker(self.context))
+        share = -(-len(args) // max(len(self.pool), 1))  # one message per worker
+        for k, worker in enumerate(self.pool):
+            worker.send(list(range(k * share, min((k + 1) * share, len(args)))), args)
         timeouts = 0
-        pending = list(range(len(args)))
-        share = -(-len(pending) // self.workers)  # one job per worker while all goes well
-        while pending:
-            pool = self._pool()
-            parts = [pending[i : i + share] for i in range(0, len(pending), share)]
-            jobs = [
-                (part, pool.apply_async(_score_many, ([args[i] for i in part],))) for part in parts
-            ]
-            stuck = self._collect(jobs, out)
-            if stuck is None:
-                break
-            self._kill_pool()  # the stuck worker dies; the rest run again on fresh workers
-            if len(stuck) == 1:
-                timeouts += 1
-                out[stuck[0]] = TimeoutError(f"exceeded reward.timeout_s={self.config.timeout_s}")
-            pending, share = [i for i in pending if out[i] is None], 1  # isolate the stuck one
+        budget = self.config.timeout_s
+        while busy := [w for w in self.pool if w.todo]:
+            left = min(w.since for w in busy) + budget - time.monotonic()
+            for conn in wait([w.conn for w in busy], max(left, 0.0)):
+                self._receive(next(w for w in busy if w.conn is conn), out, args)
+            for k, worker in enumerate(self.pool):
+                late = time.monotonic() - worker.since >= budget
+                if worker.todo and late and not worker.conn.poll():  # no answer waiting
+                    out[worker.todo[0]] = TimeoutError(f"exceeded reward.timeout_s={budget}")
+                    timeouts += 1
+                    self._replace(k, args)
         return self._scores(out, data_sources, timeouts)
 
-    def _collect(self, jobs: list[tuple[list[int], AsyncResult]], out: list) -> list[int] | None:
-        """Results in order, each job waited for up to one budget per sample in it, from
-        when its wait began (the others run meanwhile). Returns the first job that ran out
-        of time, or None."""
-        for part, job in jobs:
-            try:
-                results = job.get(timeout=self.config.timeout_s * len(part))
-            except mp.TimeoutError:
-                return part
-            for i, result in zip(part, results, strict=True):
-                out[i] = result
-        return None
+    def _receive(self, worker: _Worker, out: list, args: list[tuple]) -> None:
+        """The worker's next answer. A worker that died (a scorer that exits or crashes
+        the process) scores its current sample as an error and is replaced."""
+        try:
+            i, result = worker.conn.recv()
+        except EOFError:
+            worker.process.join()
+            code = worker.process.exitcode
+            out[worker.todo[0]] = RuntimeError(f"the scoring process died (exit code {code})")
+            self._replace(self.pool.index(worker), args)
+            return
+        assert i == worker.todo[0], (i, worker.todo)
+        out[i] = result
+        worker.todo.pop(0)
+        worker.since = time.monotonic()
+
+    def _replace(self, k: int, args: list[tuple]) -> None:
+        """Kill worker k, whose current sample is settled; a fresh one takes the rest of
+        its share."""
+        old = self.pool[k]
+        old.kill()
+        self.pool[k] = _Worker(self.context)
+        if old.todo[1:]:
+            self.pool[k].send(old.todo[1:], args)
 
     def _scores(self, out: list, data_sources: Sequence[str], timeouts: int) -> Scores:
         """Finite numbers are rewards; anything else scores reward.error_score, with one
-        warning per data source."""
-        rewards, problems = [], {}
+        warning per call (per step) that counts them."""
+        rewards, sources, example = [], Counter(), None
         for value, source in zip(out, data_sources, strict=True):
             if isinstance(value, float) and math.isfinite(value):
                 rewards.append(value)
                 continue
             rewards.append(self.config.error_score)
-            what = f"{type(value).__name__}: {value}" if isinstance(value, Exception) else value
-            problems.setdefault(source, []).append(what)
-        for source, whats in problems.items():
+            sources[source] += 1
+            if example is None and not isinstance(value, TimeoutError):
+                example = (
+                    f"{type(value).__name__}: {value}" if isinstance(value, Exception) else value
+                )
+        errors = sum(sources.values()) - timeouts
+        if sources:
             log.warning(
-                "%d reward(s) for data_source '%s' scored reward.error_score=%s (e.g. %s)",
-                len(whats),
-                source,
+                "%d of %d rewards scored reward.error_score=%s: %d timed out (reward.timeout_s=%s),"
+                " %d failed%s; data_source %s",
+                timeouts + errors,
+                len(out),
                 self.config.error_score,
-                whats[0],
+                timeouts,
+                self.config.timeout_s,
+                errors,
+                f" (e.g. {example})" if example else "",
+                ", ".join(f"'{s}' ({n})" for s, n in sources.items()),
             )
-        return Scores(rewards, sum(map(len, problems.values())) - timeouts, timeouts)
+        self.failed_sources = sorted(sources)
+        return Scores(rewards, errors, timeouts, self.failed_sources)
 
     def close(self) -> None:
-        self._kill_pool()
+        for worker in self.pool:
+            worker.kill()
+        self.pool = []

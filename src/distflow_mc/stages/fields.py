@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from distflow_mc.config.schema import AdvEstimator, AlgoConfig, Config
 from distflow_mc.dag import Fields, NodeType, Plan, PlannedNode, Role
+from distflow_mc.parallel.layout import Layouts, Move, movement
 
 MODEL_INPUTS = frozenset({"input_ids"})  # what a pipeline's first stage reads: it embeds them
 
@@ -68,3 +69,29 @@ def stage_reads(plan: Plan, config: Config, pp: int) -> tuple[frozenset[str] | N
     if pp == 1 or any(fields(n) is None for n in plan.nodes):
         return None
     return (MODEL_INPUTS, *[frozenset()] * (pp - 2), None)
+
+
+def carried(
+    plan: Plan, config: Config, layouts: Layouts
+) -> tuple[list[frozenset[str] | None], list[frozenset[str] | None]]:
+    """Per node, from the stages' declared reads and writes: `keep`, when the batch moves in
+    before it, the fields read from there on before being written (None: all, some node
+    has its own fn); `early`, the fields to start sending after it, final while the next
+    node (the reward) runs before the move."""
+    nodes, fields = plan.nodes, node_fields(config)
+    where = [layouts.for_role(n.role) for n in nodes]
+    declared = [fields(n) for n in nodes]
+    keep: list[frozenset[str] | None] = [None] * len(nodes)
+    early: list[frozenset[str] | None] = [None] * len(nodes)
+    for i in range(len(nodes)):
+        before = where[i - 1] if i else layouts.rollout
+        if where[i] == before or any(f is None for f in declared[i:]):
+            continue
+        live: frozenset[str] = frozenset()  # read before written, from node i on
+        for f in reversed(declared[i:]):
+            live = (live - f.writes) | f.reads
+        keep[i] = live
+        last = declared[i - 1] if i >= 2 and where[i - 2] == before else None
+        if last is not None and movement(before, where[i]) is not Move.NONE:
+            early[i - 2] = keep[i] - last.writes
+    return keep, early

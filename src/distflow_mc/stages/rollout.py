@@ -50,13 +50,14 @@ def generate(w: Workers, batch: Batch | None, m: Metrics, step: int) -> Batch | 
     batch = Batch.concat(pieces)
     keep_samples = min(len(batch), target * w.config.rollout.n)
     m.add("rollout/groups", keep_samples // w.config.rollout.n)
+    m.add_total("rollout/samples", keep_samples)
     return batch if keep_samples == len(batch) else batch.select(list(range(keep_samples)))
 
 
 def _sample(w: Workers, got: PromptBatch, m: Metrics, step: int, round_: int) -> Batch:
     r = w.config.rollout
-    m.add("data/malformed_rows", got.malformed)
-    m.add("data/overlong_prompts", got.overlong)
+    m.add_total("data/malformed_rows", got.malformed)
+    m.add_total("data/overlong_prompts", got.overlong)
     prompts = got.batch
     params = SamplingParams(
         n=r.n,
@@ -209,7 +210,9 @@ def score(w: Workers, batch: Batch, m: Metrics) -> Batch:
     batch.samples["reward"] = rewards
     m.add("reward/mean", float(rewards.sum()), len(rewards))
     m.add("reward/sq", float((rewards**2).sum()), len(rewards))
-    m.add("reward/errors", scores.errors + scores.timeouts)
+    m.add_total("reward/samples", len(rewards))
+    m.add_total("reward/errors", scores.errors)
+    m.add_total("reward/timeouts", scores.timeouts)
     m.add("response/length_mean", float(lengths.sum()), len(lengths))
     m.add("response/clipped_frac", sum(f == "length" for f in o["finish_reason"]), len(batch))
     m.add_total("rollout/generated_tokens", float(lengths.sum()))

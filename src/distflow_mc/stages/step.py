@@ -15,18 +15,19 @@ import torch.distributed as dist
 
 from distflow_mc import checkpoint
 from distflow_mc.checkpoint.hf_export import save_hf
-from distflow_mc.config.schema import Config, Resume
+from distflow_mc.config.schema import Resume
 from distflow_mc.config.validate import canonical_config
 from distflow_mc.dag import NodeType, Plan, PlannedNode, Role
 from distflow_mc.dag.validate import import_fn
 from distflow_mc.data.batch import Batch
 from distflow_mc.data.redistribute import Balance, Transfer, redistribute
 from distflow_mc.observability.metrics import Metrics, Sinks
-from distflow_mc.parallel.layout import Layout, Layouts, Move, movement
+from distflow_mc.parallel.layout import Layout
 from distflow_mc.rollout.guard import warn_on_gap
 from distflow_mc.rollout.weight_sync import sync_weights
 from distflow_mc.stages import advantage, passes, rollout, train
-from distflow_mc.stages.fields import node_fields
+from distflow_mc.stages.fields import carried
+from distflow_mc.stages.health import Health
 from distflow_mc.stages.validate import validate
 from distflow_mc.stages.workers import Workers
 
@@ -72,32 +73,6 @@ def bind(plan: Plan, w: Workers) -> list[Bound]:
     layouts = [w.layouts.for_role(n.role) for n in plan.nodes]
     keep, early = carried(plan, w.config, w.layouts)
     return [Bound(*args) for args in zip(plan.nodes, fns, layouts, keep, early, strict=True)]
-
-
-def carried(
-    plan: Plan, config: Config, layouts: Layouts
-) -> tuple[list[frozenset[str] | None], list[frozenset[str] | None]]:
-    """Per node, from the stages' declared reads and writes: `keep`, when the batch moves in
-    before it, the fields read from there on before being written (None: all, some node
-    has its own fn); `early`, the fields to start sending after it, final while the next
-    node (the reward) runs before the move."""
-    nodes, fields = plan.nodes, node_fields(config)
-    where = [layouts.for_role(n.role) for n in nodes]
-    declared = [fields(n) for n in nodes]
-    keep: list[frozenset[str] | None] = [None] * len(nodes)
-    early: list[frozenset[str] | None] = [None] * len(nodes)
-    for i in range(len(nodes)):
-        before = where[i - 1] if i else layouts.rollout
-        if where[i] == before or any(f is None for f in declared[i:]):
-            continue
-        live: frozenset[str] = frozenset()  # read before written, from node i on
-        for f in reversed(declared[i:]):
-            live = (live - f.writes) | f.reads
-        keep[i] = live
-        last = declared[i - 1] if i >= 2 and where[i - 2] == before else None
-        if last is not None and movement(before, where[i]) is not Move.NONE:
-            early[i - 2] = keep[i] - last.writes
-    return keep, early
 
 
 def run_step(w: Workers, bound: list[Bound], step: int) -> Metrics:
@@ -183,6 +158,27 @@ def fit(w: Workers, plan: Plan, run_dir: str) -> list[dict[str, float]]:
             t.progress_bar,
             w.config.name,
         )
+
+    def save(step: int) -> None:
+        checkpoint.save(ckpt_dir, step, models, trainer_state(w, models), t.keep_last)
+
+    try:
+        history = steps(w, bound, start, sinks, save)
+    finally:  # a run that stops early ends the bar before its message is logged
+        if sinks is not None:
+            sinks.close()
+    if t.export_hf:
+        save_hf(w.actor.modules, w.arch, w.mp, w.config.model.path, Path(run_dir) / "hf")
+    return history
+
+
+def steps(
+    w: Workers, bound: list[Bound], start: int, sinks: Sinks | None, save: Callable[[int], None]
+) -> list[dict[str, float]]:
+    """Steps `start`..total: each step's reduced metrics (rank 0 sends them to the sinks),
+    validation and checkpoints when due; the health checks stop every rank alike."""
+    t = w.config.trainer
+    health = Health(w.config)
     history = []
     for step in range(start, t.total_steps):
         record = {"step": step + 1, **derived(run_step(w, bound, step).reduce())}
@@ -194,12 +190,9 @@ def fit(w: Workers, plan: Plan, run_dir: str) -> list[dict[str, float]]:
         history.append(record)
         if sinks is not None:
             sinks.write(record)
+        health.check(record, w.rewards.failed_sources)
         if t.save_every and ((step + 1) % t.save_every == 0 or last):
-            checkpoint.save(ckpt_dir, step + 1, models, trainer_state(w, models), t.keep_last)
-    if sinks is not None:
-        sinks.close()
-    if t.export_hf:
-        save_hf(w.actor.modules, w.arch, w.mp, w.config.model.path, Path(run_dir) / "hf")
+            save(step + 1)
     return history
 
 
@@ -245,6 +238,8 @@ def keep_metrics_through(metrics: Path, step: int) -> None:
 def derived(r: dict[str, float]) -> dict[str, float]:
     if "reward/sq" in r:
         r["reward/std"] = max(r.pop("reward/sq") - r["reward/mean"] ** 2, 0.0) ** 0.5
+    if "data/malformed_rows" in r:
+        r["data/skipped_prompts"] = r["data/malformed_rows"] + r["data/overlong_prompts"]
     if "rollout/generated_tokens" in r:
         r["throughput/generated_tokens_per_s"] = r["rollout/generated_tokens"] / r["time/step"]
         r["throughput/total_tokens_per_s"] = r["rollout/total_tokens"] / r["time/step"]

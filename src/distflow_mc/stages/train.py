@@ -34,7 +34,8 @@ def _optimize(
             stats = model.step(mbs, loss_fn)
             if w.ctx.rank == 0:  # the same on every rank
                 m.add_total(f"{prefix}/nonfinite_skipped_steps", float(stats["nonfinite"]))
-            if w.mp.emits_data and not stats["nonfinite"]:
+                m.add_total(f"{prefix}/empty_skipped_steps", float(stats["empty"]))
+            if w.mp.emits_data and not (stats["nonfinite"] or stats["empty"]):
                 m.add(f"{prefix}/grad_norm", stats["grad_norm"])
                 for metrics in stats["microbatch_metrics"]:
                     for name, pair in metrics.items():

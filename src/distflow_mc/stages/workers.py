@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -23,7 +24,7 @@ from distflow_mc.data.dataset import RowSource
 from distflow_mc.data.loader import PromptLoader
 from distflow_mc.data.tiny import ensure_task
 from distflow_mc.models.factory import load_model, load_reference
-from distflow_mc.models.hf_config import HFArch
+from distflow_mc.models.hf_config import HFArch, read_hf_config
 from distflow_mc.models.train import TrainableModel
 from distflow_mc.parallel.dist import DistContext
 from distflow_mc.parallel.layout import Layouts
@@ -32,6 +33,8 @@ from distflow_mc.rewards.compute import RewardComputer, check_sources
 from distflow_mc.rollout.engine import RolloutEngine
 from distflow_mc.rollout.factory import make_engine
 from distflow_mc.stages.fields import stage_reads
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,6 +104,7 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
     tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or model_dir)
     # on every rank, before any model: a setting it refuses stops them all
     agent = AgentLoop(config.rollout.agent, tokenizer, tools) if tools is not None else None
+    loader, val_loader = loaders(config, tokenizer, layouts, ctx.rank, tools)
     aux = config.model.router_aux_loss_coef
     arch, chunks = load_model(model_dir, mp, dtype, router_aux_loss_coef=aux)
     actor = TrainableModel(chunks, t.actor_optim, t.total_steps * a.ppo_epochs * a.mini_batches)
@@ -115,13 +119,6 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
     engine = make_engine(
         config.rollout, model_dir, layouts.rollout, tokenizer.pad_token_id, t.seed, ctx.device
     )
-    emitter = ctx.rank in layouts.rollout.emitters()
-    loader = val_loader = None
-    if emitter:
-        dp = layouts.rollout.coords(ctx.rank)["dp"]
-        loader = PromptLoader(config.data, tokenizer, dp, layouts.rollout.dp, t.seed, tools=tools)
-        if t.val_every and config.data.val_files:
-            val_loader = validation_loader(config, tokenizer, dp, layouts.rollout.dp, tools)
     loss_fn = losses.gspo if a.policy_loss is PolicyLoss.GSPO else losses.ppo_clip
     bounds = {
         k: v for k, v in (("clip_low", a.clip_low), ("clip_high", a.clip_high)) if v is not None
@@ -160,6 +157,27 @@ def build_workers(config: Config, plan: Plan, layouts: Layouts, ctx: DistContext
     )
 
 
+def loaders(
+    config: Config,
+    tokenizer: PreTrainedTokenizerBase,
+    layouts: Layouts,
+    rank: int,
+    tools: dict[str, Tool] | None,
+) -> tuple[PromptLoader | None, PromptLoader | None]:
+    """The training and validation loaders of a rollout emitter (None elsewhere). Every
+    rank builds them first and checks that each file has usable rows, so a file with none
+    stops every rank before any model is built."""
+    dp, size = layouts.rollout.coords(rank)["dp"], layouts.rollout.dp
+    built = [PromptLoader(config.data, tokenizer, dp, size, config.trainer.seed, tools=tools)]
+    built[0].check_usable("data.train_files")
+    if config.trainer.val_every and config.data.val_files:
+        built.append(validation_loader(config, tokenizer, dp, size, tools))
+        built[1].check_usable("data.val_files")
+    if rank not in layouts.rollout.emitters():
+        return None, None
+    return built[0], built[1] if len(built) > 1 else None
+
+
 def check_inputs(config: Config) -> dict[str, Tool] | None:
     """The model and tokenizer directories exist, every data_source of the training and
     validation files has a scorer, and the agent's tools and parser load: checked on every
@@ -175,6 +193,7 @@ def check_inputs(config: Config) -> dict[str, Tool] | None:
                 f"{key}={path}: no {file} there; a local Hugging Face directory is expected"
                 " (nothing is downloaded)"
             )
+    check_lengths(config, read_hf_config(config.model.path))
     for key, files in (("data.train_files", d.train_files), ("data.val_files", d.val_files)):
         if files:
             check_sources(config.reward, RowSource(files).data_sources(), f"{key} {files}")
@@ -190,6 +209,39 @@ def check_inputs(config: Config) -> dict[str, Tool] | None:
             f" ({', '.join(tools)})"
         )
     return tools
+
+
+def check_lengths(config: Config, arch: HFArch) -> None:
+    """The longest sequence a rollout can make fits the model's positions: ValueError with
+    the numbers when it does not; where it relies on the model's RoPE scaling (positions
+    past the original context), say so once."""
+    d, r = config.data, config.rollout
+    if r.agent.tools:
+        longest, settings = r.agent.max_total_tokens, "rollout.agent.max_total_tokens"
+    else:
+        longest = d.max_prompt_length + r.max_new_tokens
+        settings = (
+            f"data.max_prompt_length + rollout.max_new_tokens = {d.max_prompt_length} +"
+            f" {r.max_new_tokens}"
+        )
+    limit = arch.max_position_embeddings
+    if longest > limit:
+        raise ValueError(
+            f"{settings} = {longest} tokens exceeds max_position_embeddings={limit} of"
+            f" model.path={config.model.path}: lower them (the model was not trained on"
+            " positions past it)"
+        )
+    scaling = arch.rope_scaling
+    if scaling is not None and longest > scaling.original_max_position_embeddings:
+        log.info(
+            "sequences of up to %d tokens (%s) reach past the model's original context of %d;"
+            " its llama3 RoPE scaling (factor %s) covers up to %d",
+            longest,
+            settings,
+            scaling.original_max_position_embeddings,
+            scaling.factor,
+            limit,
+        )
 
 
 def validation_loader(
