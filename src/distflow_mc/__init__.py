@@ -1,12 +1,41 @@
 """distflow_mc: fully distributed RL post-training for LLMs, after DistFlow (arXiv 2507.13833)."""
 
+import importlib.abc
+import importlib.util
+import sys
 import warnings
+from types import ModuleType
 
 import torch
 
 __version__ = "0.1.0"
 
+
+class _UnfusedOnCpu(importlib.abc.MetaPathFinder):
+    """megatron-core wraps its fusable kernels in torch.compile as it imports them, which
+    sets up dynamo and inductor: about 2 s of every process start, for kernels that a CPU
+    run never calls (every fusion is off in our configs). On CPU, megatron's own
+    `disable_jit_fuser()` runs right after its `megatron.core.jit` module, before any
+    kernel is decorated."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None):
+        if name != "megatron.core.jit":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def load_unfused(module: ModuleType) -> None:
+            load(module)
+            module.disable_jit_fuser()
+
+        spec.loader.exec_module = load_unfused
+        return spec
+
+
 if not torch.cuda.is_available():
+    if "megatron.core.jit" not in sys.modules:
+        sys.meta_path.insert(0, _UnfusedOnCpu())
     # On a CPU run megatron-core announces, at import, that the GPU-only TransformerEngine and
     # Apex are absent, and advises a CUDA setting during TP forwards: expected here, not news.
     for message in (
