@@ -3,6 +3,7 @@ real entrypoint (python -m / torchrun) in subprocesses with hard timeouts."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from distflow_mc.config import register_resolvers, register_schemas
 
@@ -88,6 +89,39 @@ def run_nodes(
 def rank_logs(run_dir: Path, ranks: int) -> list[str]:
     """Each rank's own log file of a run (what it logged, whatever the console kept)."""
     return [(run_dir / f"main_rank{r}.log").read_text() for r in range(ranks)]
+
+
+def run_sweep(
+    nproc: int,
+    cases: dict[str, list[str]],
+    run_dir: Path,
+    env: dict | None = None,
+    timeout: float = 600,
+) -> dict[str, list[dict]]:
+    """Several runs in one launch (a process start costs seconds, a run of a few steps less):
+    Hydra multirun over a `case` config group written from `cases` (name -> overrides; an
+    `experiment=` one selects the experiment), every job in the same processes, one after
+    the other, as any user sweep runs. Returns each case's metrics records."""
+    group = run_dir / "cases" / "case"
+    group.mkdir(parents=True, exist_ok=True)
+    for name, overrides in cases.items():
+        chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")]
+        values = OmegaConf.from_dotlist([o for o in overrides if not o.startswith("experiment=")])
+        defaults = f"defaults:\n  - override /experiment: {chosen[-1]}\n" if chosen else ""
+        text = f"# @package _global_\n{defaults}{OmegaConf.to_yaml(values)}"
+        (group / f"{name}.yaml").write_text(text)
+    sweep = [
+        "-m",
+        f"hydra.searchpath=[file://{run_dir / 'cases'}]",
+        f"+case={','.join(cases)}",
+        f"hydra.sweep.dir={run_dir}",
+    ]
+    out = run_cmd(main_cmd(nproc, *sweep), cwd=ROOT, timeout=timeout, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return {
+        name: [json.loads(x) for x in (run_dir / str(i) / "metrics.jsonl").read_text().splitlines()]
+        for i, name in enumerate(cases)
+    }
 
 
 def main_cmd(nproc: int, *overrides: str) -> list[str]:

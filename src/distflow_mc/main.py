@@ -11,30 +11,38 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from distflow_mc.config import (
+    Config,
     Engine,
     canonical_config,
     load_config,
     register_resolvers,
     register_schemas,
 )
-from distflow_mc.dag import fingerprint, plan_workflow, prune
+from distflow_mc.dag import Plan, fingerprint, plan_workflow, prune
 from distflow_mc.observability.logging import log_all_ranks
 from distflow_mc.parallel import (
+    DistContext,
+    Layouts,
     build_layouts,
     check_agreement,
     describe_plan,
     init_distributed,
+    rank_from_env,
     ranks_per_node_from_env,
     world_size_from_env,
 )
 from distflow_mc.rollout.sglang_engine import check_available as check_sglang
 from distflow_mc.stages.fields import carried, node_fields, stage_reads
+
+if TYPE_CHECKING:
+    from distflow_mc.stages.inputs import Inputs
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -69,6 +77,7 @@ def run(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     settings = {"config": canonical_config(config), "run_dir": run_dir}
     digest = fingerprint(plan, settings)
+    inputs = None if config.trainer.dry_run else load_inputs(config, layouts)
     ctx = init_distributed(config.parallel.timeout_s)
     check_agreement(digest, {"plan": plan.canonical(), **settings}, ctx)
     log.info(
@@ -81,16 +90,28 @@ def run(cfg: DictConfig) -> None:
         digest[:12],
         run_dir,
     )
-    if config.trainer.dry_run:
+    if inputs is None:  # a dry run: the plan only
         views = stage_reads(plan, config, layouts.train.pp)
         lines = describe_plan(plan, layouts, *carried(plan, config, layouts), views)
         log.info("plan:\n%s", "\n".join(lines))
         return
-    # megatron and transformers load only now: a refused run stops without paying for them
+    train(config, plan, layouts, ctx, inputs, run_dir)
+
+
+# The modules below load transformers and megatron: a refused run stops without them.
+def load_inputs(config: Config, layouts: Layouts) -> Inputs:
+    from distflow_mc.stages.inputs import load_inputs
+
+    return load_inputs(config, layouts, rank_from_env())
+
+
+def train(
+    config: Config, plan: Plan, layouts: Layouts, ctx: DistContext, inputs: Inputs, run_dir: str
+) -> None:
     from distflow_mc.stages.step import fit
     from distflow_mc.stages.workers import build_workers
 
-    workers = build_workers(config, plan, layouts, ctx)
+    workers = build_workers(config, plan, layouts, ctx, inputs)
     try:
         fit(workers, plan, run_dir)
     finally:

@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from distflow_mc.dag import plan_workflow  # noqa: E402
 from distflow_mc.parallel import build_layouts, init_distributed  # noqa: E402
+from distflow_mc.stages.inputs import load_inputs  # noqa: E402
 from distflow_mc.stages.step import bind, run_step  # noqa: E402
 from distflow_mc.stages.validate import validate  # noqa: E402
 from distflow_mc.stages.workers import build_workers  # noqa: E402
@@ -39,7 +40,8 @@ def main() -> None:
         config = load_config(compose_config([f"experiment={experiment}", *overrides]))
         layouts = build_layouts(config, 1)
         plan = plan_workflow(config.algo.workflow)
-        workers = build_workers(config, plan, layouts, ctx)
+        inputs = load_inputs(config, layouts, ctx.rank)
+        workers = build_workers(config, plan, layouts, ctx, inputs)
         bound = bind(plan, workers)
         mode = FactoryDevices()
         with mode:

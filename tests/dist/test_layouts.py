@@ -20,10 +20,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoConfig, LlamaForCausalLM
 
 from distflow_mc.data.tiny import make_task
-from tests.conftest import ROOT, SHORT_RUN, main_cmd, rank_logs, run_cmd, run_nodes
+from tests.conftest import SHORT_RUN, compose_config, rank_logs, run_nodes, run_sweep
 from tests.tiny_hf import make_tiny_model
 
 pytestmark = pytest.mark.dist
@@ -52,112 +53,134 @@ def task(tmp_path_factory) -> Path:
     return root
 
 
-def train(task: Path, run_dir: Path, nproc: int, *overrides: str) -> list[dict]:
-    cmd = main_cmd(
-        nproc, "experiment=cpu_tiny_grpo", *SHORT, f"hydra.run.dir={run_dir}", *overrides
-    )
-    out = run_cmd(cmd, cwd=ROOT, timeout=300, env={"DISTFLOW_DATA_DIR": str(task)})
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-5000:]
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def assert_same_first_step(a: list[dict], b: list[dict]) -> None:
     """Same rollout, same math: the first update agrees to float tolerance."""
     for key in COMPARED:
         assert a[0][key] == pytest.approx(b[0][key], rel=1e-5, abs=1e-6), key
 
 
-def test_rollout_tp_equal_to_train_tp(task, tmp_path):
-    rows = train(task, tmp_path, 4, "rollout.tp=2", "parallel.tp=2")
+def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
+    tiny4 = [f"model.path={task / 'tiny4'}", f"data.tokenizer={task / 'tiny_llama'}"]
+    small = "trainer.micro_batch_tokens=50"  # ~16 samples of ~10 tokens: uneven micro-batches
+    mixed = [
+        *tiny4,
+        f"data.train_files=[{task / 'mixed_lengths.jsonl'}]",
+        "algo.loss_agg=SEQ_MEAN_TOKEN_MEAN",
+        "trainer.total_steps=1",
+    ]
+    packing, sp = (
+        "trainer.sequence_packing=true",
+        ["parallel.tp=2", "parallel.sequence_parallel=true"],
+    )
+    workflow = OmegaConf.to_container(compose_config(["algo=grpo"]).algo.workflow)
+    workflow[3]["fn"] = "distflow_mc.stages.passes.old_logprobs"  # a node with its own fn stays
+    return {
+        "pp1": [*tiny4, small],
+        "pp2vpp2": [*tiny4, small, "parallel.pp=2", "parallel.vpp=2"],
+        "rows": [*mixed, "parallel.pp=2"],
+        "packed": [*mixed, "parallel.pp=2", packing],
+        "packed_sp": [*mixed, *sp, packing],
+        "tp2": ["parallel.tp=2"],
+        "sp": sp,
+        "moe": [
+            f"model.path={task / 'tiny_moe'}",
+            f"data.tokenizer={task / 'tiny_llama'}",
+            "parallel.ep=2",
+            "model.router_aux_loss_coef=0.01",
+            "trainer.total_steps=3",
+        ],
+        "on_policy": ["trainer.total_steps=1"],
+        "forced_pass": ["trainer.total_steps=1", f"algo.workflow={json.dumps(workflow)}"],
+    }
+
+
+def cases_on_four_ranks(task: Path) -> dict[str, list[str]]:
+    tiny4 = [f"model.path={task / 'tiny4'}", f"data.tokenizer={task / 'tiny_llama'}"]
+    ppo = ["experiment=cpu_tiny_ppo", "data.val_files=[]", "trainer.total_steps=1"]
+    return {
+        "rollout_tp2": ["rollout.tp=2", "parallel.tp=2"],
+        "ppo_dp4": [*tiny4, *ppo],
+        "ppo_pp4": [*tiny4, *ppo, "parallel.pp=4"],
+        "empty_replicas": [
+            "experiment=cpu_tiny_ppo",
+            "data.shuffle=false",
+            f"data.train_files=[{task / 'half_bad.jsonl'}]",
+            "data.val_files=[]",
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def two(task, tmp_path_factory) -> dict[str, list[dict]]:
+    """Every 2-rank layout run, one sweep in one launch."""
+    env = {"DISTFLOW_DATA_DIR": str(task)}
+    common = ["experiment=cpu_tiny_grpo", *SHORT]
+    cases = {k: [*common, *v] for k, v in cases_on_two_ranks(task).items()}
+    return run_sweep(2, cases, tmp_path_factory.mktemp("two"), env)
+
+
+@pytest.fixture(scope="module")
+def four(task, tmp_path_factory) -> dict[str, list[dict]]:
+    env = {"DISTFLOW_DATA_DIR": str(task)}
+    common = ["experiment=cpu_tiny_grpo", *SHORT]
+    cases = {k: [*common, *v] for k, v in cases_on_four_ranks(task).items()}
+    return run_sweep(4, cases, tmp_path_factory.mktemp("four"), env)
+
+
+def test_rollout_tp_equal_to_train_tp(four):
+    rows = four["rollout_tp2"]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["rollout/logprob_gap_max"] < 1e-4 for r in rows)
     assert all(r["actor/grad_norm"] > 0 for r in rows)
 
 
-def test_interleaved_pipeline_with_uneven_microbatches(task, tmp_path):
-    model = [f"model.path={task / 'tiny4'}", f"data.tokenizer={task / 'tiny_llama'}"]
-    small = "trainer.micro_batch_tokens=50"  # ~16 samples of ~10 tokens: uneven micro-batches
-    flat = train(task, tmp_path / "pp1", 2, *model, small)
-    piped = train(task, tmp_path / "pp2vpp2", 2, *model, small, "parallel.pp=2", "parallel.vpp=2")
-    assert_same_first_step(piped, flat)
-    assert all(r["rollout/logprob_gap_max"] < 1e-4 for r in piped)
+def test_interleaved_pipeline_with_uneven_microbatches(two):
+    assert_same_first_step(two["pp2vpp2"], two["pp1"])
+    assert all(r["rollout/logprob_gap_max"] < 1e-4 for r in two["pp2vpp2"])
 
 
-def test_sequence_packing_equals_one_sample_per_row(task, tmp_path):
+def test_sequence_packing_equals_one_sample_per_row(two):
     """Packed rows (several samples per row, each with its own positions, attending only
     to itself) on PP=2, and on TP=2 with sequence parallel, with per-sequence loss means:
     the first update equals one sample per row's, the actor's log-probs equal
     transformers' own (the rollout engine's), and the micro-batches carry less padding."""
-    model = [f"model.path={task / 'tiny4'}", f"data.tokenizer={task / 'tiny_llama'}"]
-    common = [
-        *model,
-        f"data.train_files=[{task / 'mixed_lengths.jsonl'}]",
-        "algo.loss_agg=SEQ_MEAN_TOKEN_MEAN",
-        "trainer.total_steps=1",
-    ]
-    flat = train(task, tmp_path / "rows", 2, *common, "parallel.pp=2")
-    packing = "trainer.sequence_packing=true"
-    packed = train(task, tmp_path / "packed", 2, *common, "parallel.pp=2", packing)
+    flat, packed, packed_sp = two["rows"], two["packed"], two["packed_sp"]
     assert_same_first_step(packed, flat)
     assert packed[0]["rollout/logprob_gap_max"] < 1e-4
     assert packed[0]["actor/microbatch_padding"] < flat[0]["actor/microbatch_padding"]
     # TP=2 under sequence parallel: rows padded to a multiple of TP, attention heads split
-    sp = ["parallel.tp=2", "parallel.sequence_parallel=true"]
-    packed_sp = train(task, tmp_path / "packed_sp", 2, *common, *sp, packing)
     assert_same_first_step(packed_sp, flat)
     assert packed_sp[0]["rollout/logprob_gap_max"] < 1e-4
 
 
-def test_pipeline_stages_get_only_what_they_read(task, tmp_path):
+def test_pipeline_stages_get_only_what_they_read(four):
     """PPO (reference, critic, GAE whitened over DP, old log-probs for several epochs) on
     PP=4: the first stage receives the tokens only, the middle stages no fields, and only
     the last holds the passes' outputs and the advantages; the first update equals DP=4's."""
-    model = [f"model.path={task / 'tiny4'}", f"data.tokenizer={task / 'tiny_llama'}"]
-    ppo = ["experiment=cpu_tiny_ppo", "data.val_files=[]", "trainer.total_steps=1"]
-    flat = train(task, tmp_path / "dp4", 4, *model, *ppo)
-    piped = train(task, tmp_path / "pp4", 4, *model, *ppo, "parallel.pp=4")
+    flat, piped = four["ppo_dp4"], four["ppo_pp4"]
     assert_same_first_step(piped, flat)
     assert piped[0]["critic/value_loss"] == pytest.approx(flat[0]["critic/value_loss"], rel=1e-5)
 
 
-def test_sequence_parallel_equals_tensor_parallel(task, tmp_path):
-    tp = train(task, tmp_path / "tp2", 2, "parallel.tp=2")
-    sp = train(task, tmp_path / "sp", 2, "parallel.tp=2", "parallel.sequence_parallel=true")
-    assert_same_first_step(sp, tp)
-    assert all(r["rollout/logprob_gap_max"] < 1e-4 for r in sp)
+def test_sequence_parallel_equals_tensor_parallel(two):
+    assert_same_first_step(two["sp"], two["tp2"])
+    assert all(r["rollout/logprob_gap_max"] < 1e-4 for r in two["sp"])
 
 
-def test_empty_replicas_take_part(task, tmp_path):
+def test_empty_replicas_take_part(four):
     """Rows alternate good/malformed and are read in order: ranks 1 and 3 get no prompt,
     so 2 groups meet 4 training replicas; PPO whitens advantages over all of them."""
-    rows = train(
-        task,
-        tmp_path,
-        4,
-        "experiment=cpu_tiny_ppo",
-        "data.shuffle=false",
-        f"data.train_files=[{task / 'half_bad.jsonl'}]",
-        "data.val_files=[]",
-    )
+    rows = four["empty_replicas"]
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert r["data/malformed_rows"] == 2 and r["rollout/groups"] == 0.5
         assert 0 < r["actor/grad_norm"] < float("inf") and r["critic/value_loss"] >= 0
 
 
-def test_moe_with_expert_parallel_trains(task, tmp_path):
+def test_moe_with_expert_parallel_trains(two):
     """A tiny Qwen3-MoE, its experts split over EP=2: GRPO steps run with the router's
     load-balancing loss on, weight sync keeps the engine exact, router statistics logged."""
-    rows = train(
-        task,
-        tmp_path,
-        2,
-        f"model.path={task / 'tiny_moe'}",
-        f"data.tokenizer={task / 'tiny_llama'}",
-        "parallel.ep=2",
-        "model.router_aux_loss_coef=0.01",
-        "trainer.total_steps=3",
-    )
+    rows = two["moe"]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert 0 < r["actor/grad_norm"] < float("inf")
@@ -166,13 +189,11 @@ def test_moe_with_expert_parallel_trains(task, tmp_path):
         assert 0 <= r["actor/router_idle_expert_frac"] < 1
 
 
-def test_on_policy_shortcut_equals_the_separate_pass(task, tmp_path):
+def test_on_policy_shortcut_equals_the_separate_pass(two):
     """One optimizer step per batch: the planner drops the ACTOR log-prob pass and the loss
     takes the training forward's detached log-probs. Forcing the pass back (a node with its
     own fn is never dropped) gives the same loss, gradient and log-prob gap."""
-    kept = "algo.workflow.3.fn=distflow_mc.stages.passes.old_logprobs"  # actor_log_prob
-    short = train(task, tmp_path / "short", 2, "trainer.total_steps=1")
-    full = train(task, tmp_path / "full", 2, "trainer.total_steps=1", kept)
+    short, full = two["on_policy"], two["forced_pass"]
     assert "time/actor_log_prob" not in short[0] and "time/actor_log_prob" in full[0]
     assert_same_first_step(short, full)
     assert short[0]["actor/clip_frac"] == full[0]["actor/clip_frac"] == 0.0

@@ -316,7 +316,7 @@ def test_a_template_without_tool_messages_is_refused_by_name(tmp_path):
 def test_agent_settings_are_checked_on_every_rank_before_any_model(tmp_path, monkeypatch):
     from distflow_mc.config.validate import load_config
     from distflow_mc.data.tiny import make_task
-    from distflow_mc.stages.workers import check_inputs
+    from distflow_mc.stages.inputs import check_inputs
     from tests.conftest import compose_config
 
     monkeypatch.setenv("DISTFLOW_DATA_DIR", str(make_task(tmp_path)))

@@ -8,6 +8,7 @@ the `lookup` tool knows."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import random
@@ -77,19 +78,25 @@ def make_dataset(path: str | Path, rows: int, seed: int) -> None:
 
 
 def ensure_task(root: str | Path) -> Path:
-    """Make the task under `root` unless it is there. Built aside and renamed into place,
-    so concurrent callers and interrupted runs never leave a half-made task behind."""
+    """Make the task under `root` unless it is there. Every rank calls this before any
+    collective: the first to take the file lock makes it, the others then find it. Built
+    aside and renamed into place, so an interrupted run (or ranks on other nodes of a
+    shared filesystem, where the lock may not hold) never leaves a half-made task behind."""
     root = Path(root)
     parts = ("tiny_llama", "tiny_task", "tiny_agent_llama", "tiny_agent_task")
     if all((root / p).is_dir() for p in parts):
         return root
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))  # same filesystem: rename
-    make_task(staging)
-    for p in parts:
-        with contextlib.suppress(OSError):  # another process got there first
-            os.rename(staging / p, root / p)
-    shutil.rmtree(staging, ignore_errors=True)
+    with (root / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if all((root / p).is_dir() for p in parts):
+            return root
+        staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))  # same filesystem: rename
+        make_task(staging)
+        for p in parts:
+            with contextlib.suppress(OSError):  # another process got there first
+                os.rename(staging / p, root / p)
+        shutil.rmtree(staging, ignore_errors=True)
     return root
 
 

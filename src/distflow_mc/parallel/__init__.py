@@ -5,6 +5,7 @@ from distflow_mc.parallel.dist import (
     DistContext,
     check_agreement,
     init_distributed,
+    rank_from_env,
     ranks_per_node_from_env,
     world_size_from_env,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "describe_plan",
     "init_distributed",
     "movement",
+    "rank_from_env",
     "ranks_per_node_from_env",
     "world_size_from_env",
 ]

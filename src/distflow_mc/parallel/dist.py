@@ -24,6 +24,11 @@ class DistContext:
     timeout: timedelta  # parallel.timeout_s: every process group made later gets it too
 
 
+def rank_from_env() -> int:
+    """This process's global rank as torchrun announces it (0 for a plain `python -m`)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def world_size_from_env() -> int:
     """The world size torchrun announces (1 for a plain `python -m`), known before init."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -46,7 +51,7 @@ def init_distributed(timeout_s: float) -> DistContext:
     group re-created on torchrun's store would read the previous group's stale gloo
     addresses: every job of a sweep shares the first job's `parallel.timeout_s`.
     """
-    rank = int(os.environ.get("RANK", "0"))
+    rank = rank_from_env()
     world_size = world_size_from_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
