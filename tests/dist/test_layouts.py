@@ -72,7 +72,7 @@ def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
         "trainer.sequence_packing=true",
         ["parallel.tp=2", "parallel.sequence_parallel=true"],
     )
-    workflow = OmegaConf.to_container(compose_config(["algo=grpo"]).algo.workflow)
+    workflow = OmegaConf.to_container(compose_config().algo.workflow, enum_to_str=True)
     workflow[3]["fn"] = "distflow_mc.stages.passes.old_logprobs"  # a node with its own fn stays
     return {
         "pp1": [*tiny4, small],
