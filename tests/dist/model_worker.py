@@ -1,6 +1,7 @@
 """Worker for tests/dist/test_models.py, run under torchrun (or plain python for one rank).
 
     model_worker.py --tp T --pp P --models DIR --out DIR
+    model_worker.py --jobs FILE    (a JSON list of such argument lists, run in turn)
 
 Checks against transformers on tiny Llama and Qwen2 models, writes per-rank JSON results;
 the test asserts on them. All collectives run under the default group's short timeout.
@@ -206,18 +207,27 @@ def malformed(model_dir: Path, work: Path, mp) -> dict:
 
 
 def main() -> None:
+    """One job from the command line, or each job of `--jobs FILE` (a JSON list of argument
+    lists) in turn in the same processes: a process start costs more than a job."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--vpp", type=int, default=None)
-    parser.add_argument("--models", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--models", type=Path)
+    parser.add_argument("--out", type=Path)
     parser.add_argument("--checks", default="equivalence,critic,train")
     parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--first-stage-layers", type=int, default=None)
     parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--jobs", type=Path)
     args = parser.parse_args()
     init_distributed(timeout_s=60)
+    jobs = json.loads(args.jobs.read_text()) if args.jobs else [sys.argv[1:]]
+    for job in jobs:
+        run(parser.parse_args(job))
+
+
+def run(args: argparse.Namespace) -> None:
     parallel = ParallelConfig(
         tp=args.tp,
         pp=args.pp,
@@ -227,6 +237,7 @@ def main() -> None:
         timeout_s=60,
     )
     mp = init_model_parallel(parallel, seed=1)
+    args.out.mkdir(parents=True, exist_ok=True)
     result = {}
     checks = args.checks.split(",")
     if "equivalence" in checks:

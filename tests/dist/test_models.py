@@ -1,6 +1,7 @@
 """Megatron models against transformers on tiny Llama/Qwen2 checkpoints, at TP=1, TP=2 and
-PP=2; export round trip; critic; one train step at DP=2 equal to DP=1. Each layout is one
-launch of tests/dist/model_worker.py (real processes on gloo, hard timeouts)."""
+PP=2; export round trip; critic; one train step at DP=2 equal to DP=1. The one-rank checks
+are one launch of tests/dist/model_worker.py, every 2-rank layout another (real processes
+on gloo, hard timeouts)."""
 
 from __future__ import annotations
 
@@ -35,22 +36,19 @@ def models(tmp_path_factory) -> Path:
     return root
 
 
-def launch(models: Path, out: Path, nproc: int, *args: str) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    if nproc == 1:
-        cmd = [sys.executable, WORKER]
-    else:
-        cmd = [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", WORKER]
-    proc = run_cmd([*cmd, "--models", str(models), "--out", str(out), *args], cwd=ROOT, timeout=240)
+def launch(models: Path, out: Path, *args: str) -> dict:
+    """One job on one rank (plain python)."""
+    cmd = [sys.executable, WORKER, "--models", str(models), "--out", str(out), *args]
+    proc = run_cmd(cmd, cwd=ROOT, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+    return json.loads((out / "rank0.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def dp1(models, tmp_path_factory) -> tuple[list[dict], Path]:
     out = tmp_path_factory.mktemp("tp1")
     checks = "equivalence,critic,train,schedule,malformed"
-    return launch(models, out, 1, "--checks", checks), out
+    return [launch(models, out, "--checks", checks)], out
 
 
 KINDS = ("llama", "llama3", "qwen2", "qwen3", "qwen3_moe")
@@ -87,13 +85,52 @@ def test_lr_warms_up(dp1):
     assert result["lrs"] == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3])
 
 
+@pytest.fixture(scope="module")
+def two_ranks(models, tmp_path_factory) -> Path:
+    """Every 2-rank job in one launch (each re-initialises model parallelism); results
+    under <out>/<job>/."""
+    out = tmp_path_factory.mktemp("two")
+    moe, uneven = out / "moe_models", out / "uneven_models"
+    make_tiny_model("qwen3_moe", moe / "qwen3_moe")
+    make_tiny_model("qwen3", uneven / "qwen3", num_hidden_layers=3)
+    equivalence = ["--checks", "equivalence"]
+    uneven_args = ["--models", str(uneven), "--pp", "2", *equivalence]
+    jobs = {
+        "tp": ["--tp", "2"],
+        "pp": ["--pp", "2"],
+        "vpp": ["--pp", "2", "--vpp", "2"],
+        "ep": ["--models", str(moe), "--ep", "2", *equivalence],
+        "uneven_auto": uneven_args,
+        "uneven_1": [
+            "--models",
+            str(uneven),
+            "--pp",
+            "2",
+            *equivalence,
+            "--first-stage-layers",
+            "1",
+        ],
+        "dp2": ["--checks", "train"],
+        "dp2_distributed_optimizer": ["--checks", "train", "--distributed-optimizer"],
+    }
+    listed = [["--models", str(models), "--out", str(out / name), *a] for name, a in jobs.items()]
+    (out / "jobs.json").write_text(json.dumps(listed))
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node=2", WORKER, "--jobs", str(out / "jobs.json")]
+    proc = run_cmd(cmd, cwd=ROOT, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out
+
+
+def results(two_ranks: Path, job: str) -> list[dict]:
+    return [json.loads((two_ranks / job / f"rank{r}.json").read_text()) for r in range(2)]
+
+
 @pytest.mark.parametrize("layout", ["tp", "pp", "vpp"])
-def test_two_rank_layouts_match_transformers(models, tmp_path, dp1, layout):
-    args = {"tp": ["--tp", "2"], "pp": ["--pp", "2"], "vpp": ["--pp", "2", "--vpp", "2"]}[layout]
-    results = launch(models, tmp_path, 2, *args)
-    last = results[-1]  # last PP stage (and a TP rank) holds the outputs
+def test_two_rank_layouts_match_transformers(two_ranks, dp1, layout):
+    results_ = results(two_ranks, layout)
+    last = results_[-1]  # last PP stage (and a TP rank) holds the outputs
     assert_equivalent(last)
-    assert all(r["train_updated"] for r in results)
+    assert all(r["train_updated"] for r in results_)
     (single,), _ = dp1
     # Same data, same weights: the gradient norm of the step does not depend on the layout.
     assert last["train_grad_norm"] == pytest.approx(single["train_grad_norm"], rel=1e-5)
@@ -101,38 +138,33 @@ def test_two_rank_layouts_match_transformers(models, tmp_path, dp1, layout):
         assert last["critic_same_across_tp"]
 
 
-def test_expert_parallel_matches_transformers(tmp_path):
+def test_expert_parallel_matches_transformers(two_ranks):
     """Qwen3-MoE with its 4 experts split over EP=2 (2 ranks, DP=2): tokens cross ranks in
     megatron's all-to-all dispatcher, and export gathers every expert on every rank."""
-    models = tmp_path / "models"
-    make_tiny_model("qwen3_moe", models / "qwen3_moe")
-    results = launch(models, tmp_path / "out", 2, "--ep", "2", "--checks", "equivalence")
-    for result in results:
+    for result in results(two_ranks, "ep"):
         assert_equivalent(result, ("qwen3_moe",))
 
 
 @pytest.mark.parametrize("first", [None, 1])
-def test_uneven_pipeline_matches_transformers(tmp_path, first):
+def test_uneven_pipeline_matches_transformers(two_ranks, first):
     """3 layers over PP=2: split automatically (2 + 1) or as set (1 + 2)."""
-    models = tmp_path / "models"
-    make_tiny_model("qwen3", models / "qwen3", num_hidden_layers=3)
-    extra = ["--first-stage-layers", str(first)] if first else []
-    results = launch(models, tmp_path / "out", 2, "--pp", "2", "--checks", "equivalence", *extra)
-    assert_equivalent(results[-1], ("qwen3",))
-    assert all(r["qwen3_export_bitwise"] and r["qwen3_export_keys_equal"] for r in results)
-    layers = [r["layers"] for r in results]
+    results_ = results(two_ranks, "uneven_1" if first else "uneven_auto")
+    assert_equivalent(results_[-1], ("qwen3",))
+    assert all(r["qwen3_export_bitwise"] and r["qwen3_export_keys_equal"] for r in results_)
+    layers = [r["layers"] for r in results_]
     assert layers == ([[1, 2], [3]] if first is None else [[1], [2, 3]])
 
 
 @pytest.mark.parametrize("distributed_optimizer", [False, True])
-def test_dp2_step_equals_dp1(models, tmp_path, dp1, distributed_optimizer):
-    args = ["--checks", "train"] + (["--distributed-optimizer"] if distributed_optimizer else [])
-    results = launch(models, tmp_path, 2, *args)
+def test_dp2_step_equals_dp1(two_ranks, dp1, distributed_optimizer):
+    job = "dp2_distributed_optimizer" if distributed_optimizer else "dp2"
     # a NaN loss on one DP rank: every rank skips that optimizer step, no weight moves
-    assert all(r["nonfinite_skipped"] and r["nonfinite_weights_kept"] for r in results)
+    assert all(
+        r["nonfinite_skipped"] and r["nonfinite_weights_kept"] for r in results(two_ranks, job)
+    )
     _, single_out = dp1
     one = torch.load(single_out / "trained.pt")
-    two = torch.load(tmp_path / "trained.pt")
+    two = torch.load(two_ranks / job / "trained.pt")
     assert sorted(one) == sorted(two)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
