@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.utils._device  # not always loaded by `import torch`
 
 FACTORIES = (
     "empty",
