@@ -10,13 +10,12 @@ CPU, not against luck."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from distflow_mc.data.tiny import make_task
-from tests.conftest import ROOT, main_cmd, run_cmd
+from tests.conftest import run_sweep
 
 pytestmark = pytest.mark.dist
 
@@ -26,32 +25,61 @@ def task(tmp_path_factory) -> Path:
     return make_task(tmp_path_factory.mktemp("task"))
 
 
-def train(task: Path, run_dir: Path, experiment: str, steps: int, *extra: str) -> list[dict]:
-    out = run_cmd(
-        main_cmd(
-            2,
-            f"experiment={experiment}",
-            f"trainer.total_steps={steps}",
-            f"hydra.run.dir={run_dir}",
-            "parallel.timeout_s=120",
-            *extra,
-        ),
-        cwd=ROOT,
-        timeout=600,
-        env={"DISTFLOW_DATA_DIR": str(task)},
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, steps + 1))
-    return rows
+@pytest.fixture(scope="module")
+def runs(task, tmp_path_factory) -> dict[str, list[dict]]:
+    """Every run, one sweep in one launch of 2 ranks (each job as a user's sweep runs it)."""
+    from transformers import AutoConfig
+
+    from tests.tiny_hf import make_tiny_model
+
+    config = AutoConfig.from_pretrained(task / "tiny_llama")
+    ids = {k: getattr(config, k) for k in ("vocab_size", "bos_token_id", "eos_token_id")}
+    moe = make_tiny_model("qwen3_moe", task / "moe", pad_token_id=config.pad_token_id, **ids)
+    cases = {
+        "grpo": ["experiment=cpu_tiny_grpo", "trainer.total_steps=150"],
+        "ppo": ["experiment=cpu_tiny_ppo", "trainer.total_steps=200"],
+        "dapo_gspo": [
+            "experiment=cpu_tiny_grpo",
+            "trainer.total_steps=6",
+            "algo.dynamic_sampling=true",
+            "algo.overlong_buffer=2",
+            "algo.policy_loss=GSPO",
+            "algo.loss_agg=SEQ_MEAN_TOKEN_MEAN",
+            "algo.clip_high=0.28",
+            "trainer.val_every=0",
+        ],
+        "agent": [
+            "experiment=cpu_tiny_agent",
+            "trainer.total_steps=30",
+            "parallel.tp=2",
+            "trainer.val_every=15",
+        ],
+        "moe": [
+            "experiment=cpu_tiny_grpo",
+            "trainer.total_steps=40",
+            f"model.path={moe}",
+            f"data.tokenizer={task / 'tiny_llama'}",
+            "parallel.ep=2",
+            "trainer.val_every=0",
+        ],
+    }
+    common = ["parallel.timeout_s=120", "trainer.progress_bar=false"]
+    run_dir = tmp_path_factory.mktemp("runs")
+    env = {"DISTFLOW_DATA_DIR": str(task)}
+    out = run_sweep(2, {k: [*v, *common] for k, v in cases.items()}, run_dir, env, timeout=900)
+    for name, rows in out.items():
+        steps = int(next(o for o in cases[name] if o.startswith("trainer.total_steps="))[20:])
+        assert [r["step"] for r in rows] == list(range(1, steps + 1)), name
+    out["dapo_gspo_dir"] = run_dir / str(list(cases).index("dapo_gspo"))
+    return out
 
 
 def mean(rows: list[dict], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
 
 
-def test_grpo_learns(task, tmp_path):
-    rows = train(task, tmp_path, "cpu_tiny_grpo", 150)
+def test_grpo_learns(runs):
+    rows = runs["grpo"]
     first, last = mean(rows[:10], "reward/mean"), mean(rows[-30:], "reward/mean")
     assert last > 0.35 and last > first + 0.25, (first, last)
     for key in (
@@ -75,38 +103,27 @@ def test_grpo_learns(task, tmp_path):
     assert rows[-1]["val/tiny_copy/reward"] > rows[49]["val/tiny_copy/reward"] - 0.1
 
 
-def test_ppo_learns(task, tmp_path):
-    rows = train(task, tmp_path, "cpu_tiny_ppo", 200)
+def test_ppo_learns(runs):
+    rows = runs["ppo"]
     first, last = mean(rows[:10], "reward/mean"), mean(rows[-30:], "reward/mean")
     assert last > 0.35 and last > first + 0.25, (first, last)
     assert "critic/value_loss" in rows[-1] and "critic/grad_norm" in rows[-1]
 
 
-def test_dapo_extras_and_gspo_run(task, tmp_path):
+def test_dapo_extras_and_gspo_run(runs):
     """DAPO dynamic sampling and overlong penalty with the GSPO loss and clip-higher: a
     few steps complete with their metrics."""
-    rows = train(
-        task,
-        tmp_path,
-        "cpu_tiny_grpo",
-        6,
-        "algo.dynamic_sampling=true",
-        "algo.overlong_buffer=2",
-        "algo.policy_loss=GSPO",
-        "algo.loss_agg=SEQ_MEAN_TOKEN_MEAN",
-        "algo.clip_high=0.28",
-        "trainer.val_every=0",
-    )
-    assert any((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    rows = runs["dapo_gspo"]
+    assert any((runs["dapo_gspo_dir"] / "tensorboard").glob("events.out.tfevents.*"))
     assert all(1 <= r["rollout/dynamic_rounds"] <= 4 for r in rows)
     assert all(r["rollout/groups"] <= 8 for r in rows)
 
 
-def test_agent_learns_to_call_its_tool(task, tmp_path):
+def test_agent_learns_to_call_its_tool(runs):
     """The agent preset with tool calls, trajectories moved from the rollout layout (DP=2)
     to the training layout (TP=2): the tool-call rate and the reward rise, and the engine's
     log-probs of multi-turn trajectories equal the actor's (token in, token out)."""
-    rows = train(task, tmp_path, "cpu_tiny_agent", 30, "parallel=tp2", "trainer.val_every=15")
+    rows = runs["agent"]
     calls = mean(rows[:5], "agent/tool_call_rate"), mean(rows[-5:], "agent/tool_call_rate")
     assert calls[1] > calls[0] + 0.3, calls
     first, last = mean(rows[:5], "reward/mean"), mean(rows[-5:], "reward/mean")
@@ -118,27 +135,11 @@ def test_agent_learns_to_call_its_tool(task, tmp_path):
     assert [r["step"] for r in rows if "val/tiny_lookup/reward" in r] == [15, 30]
 
 
-def test_moe_with_expert_parallel_learns(task, tmp_path):
+def test_moe_with_expert_parallel_learns(runs):
     """A tiny Qwen3-MoE (4 experts, top-2) with its experts split over EP=2 learns the copy
     task: the reward over steps 31-40 is 0.279 against 0.055 over the first 10 (seeded,
     deterministic on one CPU type), and the router statistics are logged."""
-    from transformers import AutoConfig
-
-    from tests.tiny_hf import make_tiny_model
-
-    config = AutoConfig.from_pretrained(task / "tiny_llama")
-    ids = {k: getattr(config, k) for k in ("vocab_size", "bos_token_id", "eos_token_id")}
-    moe = make_tiny_model("qwen3_moe", tmp_path / "moe", pad_token_id=config.pad_token_id, **ids)
-    rows = train(
-        task,
-        tmp_path / "run",
-        "cpu_tiny_grpo",
-        40,
-        f"model.path={moe}",
-        f"data.tokenizer={task / 'tiny_llama'}",
-        "parallel.ep=2",
-        "trainer.val_every=0",
-    )
+    rows = runs["moe"]
     first, last = mean(rows[:10], "reward/mean"), mean(rows[-10:], "reward/mean")
     assert last > first + 0.15, (first, last)
     assert all(r["actor/router_load_max_over_mean"] >= 1.0 for r in rows)
