@@ -8,7 +8,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -135,3 +137,44 @@ def main_cmd(nproc: int, *overrides: str) -> list[str]:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+# The suite's time budget, so that it cannot grow back unnoticed: pytest prints the slowest
+# tests after every run (--durations in pyproject.toml), and a test whose setup, call and
+# teardown take longer than TEST_BUDGET_S, or a whole-suite run longer than SUITE_BUDGET_S,
+# fails the run. Both are about twice what a run takes on the 2-core CI machine.
+TEST_BUDGET_S = 180.0
+SUITE_BUDGET_S = 13 * 60.0
+_spent: dict[str, float] = {}
+_started = pytest.StashKey[float]()
+_over: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _spent[report.nodeid] = _spent.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_started] = time.monotonic()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    took = time.monotonic() - session.config.stash[_started]
+    _over.extend(f"{t:.0f} s  {test}" for test, t in _spent.items() if t > TEST_BUDGET_S)
+    whole = not session.config.option.file_or_dir and not session.config.option.keyword
+    if whole and took > SUITE_BUDGET_S:
+        _over.append(f"{took:.0f} s  the whole suite (budget {SUITE_BUDGET_S:.0f} s)")
+    if _over and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _over:
+        terminalreporter.write_sep("=", "over the time budget (tests/conftest.py)", red=True)
+        for line in _over:
+            terminalreporter.write_line(line)
+        terminalreporter.write_line(
+            f"(a test may take {TEST_BUDGET_S:.0f} s: split it, or share launches)"
+        )
