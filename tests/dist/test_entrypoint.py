@@ -56,10 +56,11 @@ def test_differing_config_fails_on_every_rank(workdir: Path):
 
 
 def test_wrong_world_size_fails_on_every_rank_before_collectives(workdir: Path):
-    out = run_cmd(main_cmd(2, "parallel.tp=3", *FAST), cwd=workdir, timeout=180)
-    assert out.returncode != 0
-    text = out.stdout + out.stderr
-    assert text.count("world size 2 is not divisible by parallel.tp") >= 1, text
+    args = ["parallel.tp=3", *FAST, f"hydra.run.dir={workdir}"]
+    for code, _ in run_nodes(2, args, cwd=workdir):
+        assert code != 0
+    for log in rank_logs(workdir, 2):
+        assert "world size 2 is not divisible by parallel.tp" in log, log
 
 
 def test_unknown_key_names_it_through_the_entrypoint(workdir: Path):
