@@ -9,6 +9,7 @@ or is refused on every rank before any model is built, naming the setting:
 - TP2 with sequence parallel, equal to TP2 (and the actor's log-probs equal the engine's,
   which are transformers' own);
 - empty replicas: 2 groups over 4 training replicas (PPO: critic, GAE whitening over DP);
+- off-policy correction (TIS, token and sequence MIS) against an exact engine: no change;
 - refusals: parallel.cp > 1, and an SGLang rollout TP group spanning two torchrun nodes.
 """
 
@@ -72,6 +73,7 @@ def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
         "trainer.sequence_packing=true",
         ["parallel.tp=2", "parallel.sequence_parallel=true"],
     )
+    corrected = ["algo.tis_cap=2.0", "algo.mis_low=0.5", "algo.mis_high=2.0"]
     workflow = OmegaConf.to_container(compose_config().algo.workflow, enum_to_str=True)
     workflow[3]["fn"] = "distflow_mc.stages.passes.old_logprobs"  # a node with its own fn stays
     return {
@@ -90,6 +92,14 @@ def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
             "trainer.total_steps=3",
         ],
         "on_policy": ["trainer.total_steps=1"],
+        "on_policy_corrected": ["trainer.total_steps=1", *corrected],
+        "epochs2": ["trainer.total_steps=1", "algo.ppo_epochs=2"],
+        "epochs2_corrected": [
+            "trainer.total_steps=1",
+            "algo.ppo_epochs=2",
+            *corrected,
+            "algo.mis_level=SEQUENCE",
+        ],
         "forced_pass": ["trainer.total_steps=1", f"algo.workflow={json.dumps(workflow)}"],
     }
 
@@ -199,6 +209,23 @@ def test_on_policy_shortcut_equals_the_separate_pass(two):
     assert short[0]["actor/clip_frac"] == full[0]["actor/clip_frac"] == 0.0
     for key in ("rollout/logprob_gap_mean", "rollout/logprob_gap_max"):
         assert short[0][key] == pytest.approx(full[0][key], abs=1e-6)
+
+
+def test_behaviour_correction_against_an_exact_engine_changes_nothing(two):
+    """The engine's log-probs are transformers' own, equal to the actor's: every importance
+    weight is 1 (within float noise), nothing is truncated or left out, and the first
+    update equals the uncorrected one, on-policy (the training forward is the proximal
+    policy) and with a separate old-log-prob pass (two epochs, sequence-level masking)."""
+    for plain, corrected in (
+        ("on_policy", "on_policy_corrected"),
+        ("epochs2", "epochs2_corrected"),
+    ):
+        first = two[corrected][0]
+        assert_same_first_step(two[corrected], two[plain])
+        assert first["actor/is_weight"] == pytest.approx(1.0, abs=1e-5)
+        assert first["actor/is_weight_max"] == pytest.approx(1.0, abs=1e-5)
+        assert first["actor/is_truncated_frac"] == first["actor/is_masked_frac"] == 0.0
+        assert "actor/is_weight" not in two[plain][0]
 
 
 def test_context_parallel_is_refused_on_every_rank(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distflow_mc.algos import advantages as adv
-from distflow_mc.algos import losses
+from distflow_mc.algos import correction, losses
 
 R = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
 G = torch.tensor([7, 7, 7, 3, 3, 3])  # group ids need not be contiguous or sorted
@@ -167,3 +167,58 @@ def test_overlong_penalty():
 
     got = overlong_penalty(torch.tensor([10, 16, 18, 20]), max_len=20, buffer=4, factor=1.0)
     torch.testing.assert_close(got, torch.tensor([0.0, 0.0, -0.5, -1.0]))
+
+
+# Two sequences of 3 response tokens (the second row's last slot is padding); the
+# proximal-over-behaviour ratios are e^0.1, e^1.0, e^-1.0 and e^-0.2, e^0.3.
+PROX = torch.tensor([[0.1, 1.0, -1.0], [-0.2, 0.3, 5.0]])
+BEHAV = torch.zeros(2, 3)
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+
+
+def test_truncated_importance_weights():
+    c = correction.behaviour_weights(PROX, BEHAV, MASK, tis_cap=2.0)
+    e = math.exp
+    want = [[e(0.1), 2.0, e(-1.0)], [e(-0.2), e(0.3), 0.0]]  # e^1 = 2.72 is capped
+    torch.testing.assert_close(c.weight, torch.tensor(want))
+    assert c.truncated.tolist() == [[False, True, False], [False, False, False]]
+    torch.testing.assert_close(c.mask, MASK)  # nothing left out
+    assert c.ratio[0, 1].item() == pytest.approx(e(1.0)) and c.ratio[1, 2] == 0
+
+
+def test_masked_importance_sampling_per_token_and_per_sequence():
+    token = correction.behaviour_weights(PROX, BEHAV, MASK, mis_low=0.5, mis_high=2.0)
+    # e^1.0 = 2.72 > 2 and e^-1.0 = 0.37 < 0.5 leave; the padding stays out, unmasked
+    assert token.masked.tolist() == [[False, True, True], [False, False, False]]
+    assert token.mask.tolist() == [[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]]
+    torch.testing.assert_close(token.weight[1, :2], torch.exp(PROX[1, :2]))
+    assert token.weight[0, 1:].tolist() == [0.0, 0.0]
+    # per sequence: row 0's product e^0.1 is inside, row 1's e^0.1 too; a range that
+    # excludes e^0.1 leaves both whole sequences out
+    seq = correction.behaviour_weights(PROX, BEHAV, MASK, 0.5, 0.5, 2.0, sequence=True)
+    assert seq.mask.tolist() == MASK.tolist() and not seq.masked.any()
+    out = correction.behaviour_weights(PROX, BEHAV, MASK, mis_low=1.2, mis_high=2.0, sequence=True)
+    assert not out.mask.any() and out.masked.sum() == 5 and not out.weight.any()
+
+
+def test_sequence_masking_of_packed_rows_equals_one_sequence_per_row():
+    """Both sequences packed in one row (segments 0 and 1) are judged alike."""
+    packed = [torch.cat([PROX[0], PROX[1, :2]])[None], torch.zeros(1, 5), torch.ones(1, 5)]
+    segments = torch.tensor([[0, 0, 0, 1, 1]])
+    for low, high in ((0.5, 2.0), (1.2, 2.0), (0.5, 1.2)):
+        rows = correction.behaviour_weights(PROX, BEHAV, MASK, 2.0, low, high, sequence=True)
+        one = correction.behaviour_weights(*packed, 2.0, low, high, True, segments)
+        torch.testing.assert_close(one.weight[0], rows.weight[MASK.bool()])
+        torch.testing.assert_close(one.mask[0], rows.mask[MASK.bool()])
+
+
+def test_decoupled_loss_gradient_is_the_weighted_ppo_gradient():
+    """The weights carry no gradient: d/d logp of w * ppo_clip is w times PPO's own."""
+    logp = torch.tensor([[0.15, 0.9, -1.0]], requires_grad=True)
+    adv = torch.tensor([[1.0, -1.0, 0.5]])
+    c = correction.behaviour_weights(PROX[:1], BEHAV[:1], MASK[:1], tis_cap=2.0)
+    (c.weight * losses.ppo_clip(logp, PROX[:1], adv)[0]).sum().backward()
+    plain = logp.detach().clone().requires_grad_(True)
+    losses.ppo_clip(plain, PROX[:1], adv)[0].sum().backward()
+    torch.testing.assert_close(logp.grad, c.weight * plain.grad)
+    assert not c.weight.requires_grad

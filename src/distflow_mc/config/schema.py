@@ -47,6 +47,11 @@ class KLEstimator(Enum):
     K3 = "K3"
 
 
+class MisLevel(Enum):
+    TOKEN = "TOKEN"
+    SEQUENCE = "SEQUENCE"
+
+
 @dataclass
 class AlgoConfig:
     name: str = MISSING
@@ -72,6 +77,14 @@ class AlgoConfig:
     dynamic_sampling_max_rounds: int = 4  # ... and sample more prompts, at most this often
     overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens; 0: off
     overlong_penalty: float = 1.0
+    # Off-policy correction against the engine that sampled (algos/correction.py): any of
+    # these set weights each token's loss by pi_prox / pi_behav, capped at tis_cap, and
+    # leaves out tokens (or, with mis_level SEQUENCE, sequences) whose weight is outside
+    # [mis_low, mis_high]. null: off.
+    tis_cap: float | None = None  # e.g. 2.0
+    mis_low: float | None = None  # e.g. 0.5
+    mis_high: float | None = None  # e.g. 2.0
+    mis_level: MisLevel = MisLevel.TOKEN
 
 
 @dataclass

@@ -135,6 +135,27 @@ def _algo(a: AlgoConfig, max_new_tokens: int) -> list[str]:
             f"must be in [0, rollout.max_new_tokens={max_new_tokens}), got {a.overlong_buffer}",
         ),
         *_check(a.overlong_penalty >= 0, "algo.overlong_penalty", "must be >= 0"),
+        *_correction(a),
+    ]
+
+
+def _correction(a: AlgoConfig) -> list[str]:
+    low, high, cap = a.mis_low, a.mis_high, a.tis_cap
+    return [
+        *_check(cap is None or cap > 0, "algo.tis_cap", f"must be > 0 (or null: off), got {cap}"),
+        *_check(low is None or low >= 0, "algo.mis_low", f"must be >= 0 (or null), got {low}"),
+        *_check(high is None or high > 0, "algo.mis_high", f"must be > 0 (or null), got {high}"),
+        *_check(
+            low is None or high is None or low < high,
+            "algo.mis_low",
+            f"must be below algo.mis_high={high}, got {low}",
+        ),
+        *_check(
+            low is None or high is not None or cap is not None,
+            "algo.mis_low",
+            "alone leaves the importance weights unbounded above: set algo.tis_cap or"
+            " algo.mis_high too",
+        ),
     ]
 
 

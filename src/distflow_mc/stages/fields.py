@@ -19,6 +19,12 @@ def on_policy(a: AlgoConfig) -> bool:
     return a.ppo_epochs == 1 and a.mini_batches == 1
 
 
+def corrected(a: AlgoConfig) -> bool:
+    """The actor's loss corrects for the behaviour policy (algo.tis_cap / mis_low / mis_high):
+    it reads the engine's log-probs."""
+    return any(x is not None for x in (a.tis_cap, a.mis_low, a.mis_high))
+
+
 TOKENS = frozenset({"input_ids", "response_mask"})
 
 
@@ -32,6 +38,7 @@ def node_fields(config: Config) -> Callable[[PlannedNode], Fields | None]:
     actor_reads = TOKENS | {"advantages"}
     # on-policy, the loss measures the rollout gap itself; else the old-log-prob pass does
     actor_reads |= {"rollout_logprobs"} if on_policy(a) else {"old_logprobs"}
+    actor_reads |= {"rollout_logprobs"} if corrected(a) else set()
     actor_reads |= {"ref_logprobs"} if kl and not a.kl_in_reward else set()
     advantage_reads = {"reward", "response_mask"} | ({"values"} if gae else set())
     advantage_reads |= {"old_logprobs", "ref_logprobs"} if kl and a.kl_in_reward else set()

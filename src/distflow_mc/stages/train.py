@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from distflow_mc.algos.correction import Correction
 from distflow_mc.algos.losses import aggregate, kl_penalty, value_loss
 from distflow_mc.data.batch import Batch
 from distflow_mc.models.train import TrainableModel
@@ -67,7 +68,13 @@ def actor(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
             metrics["rollout/logprob_gap_mean"] = _pair(gap["sum"], gap["tokens"])
             metrics["rollout/logprob_gap_max"] = _pair(gap["max"], gap["tokens"])
         segments = mb.get("segments")  # packed rows: several sequences per row
+        if w.correction is not None:  # decoupled objective: weighted by pi_prox / pi_behav
+            c = w.correction(old, mb["rollout_logprobs"], mask, segments=segments)
+            metrics |= _correction_metrics(c, tokens)
+            mask, tokens = c.mask, c.mask.sum()
         pg, clipped = w.policy_loss(logp, old, mb["advantages"], mask, segments=segments)
+        if w.correction is not None:
+            pg = pg * c.weight
         num, den = aggregate(pg, mask, agg, segments)
         metrics |= {
             "pg_loss": _pair(num, den),
@@ -85,6 +92,17 @@ def actor(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
 
     _optimize(w, w.actor, batch, loss_fn, m, "actor")
     return batch
+
+
+def _correction_metrics(c: Correction, tokens: torch.Tensor) -> dict:
+    """Over the response tokens: the importance weight before truncation (mean, max), the
+    share the cap lowered and the share left out."""
+    return {
+        "is_weight": _pair(c.ratio.sum(), tokens),
+        "is_weight_max": _pair(c.ratio.max() if c.ratio.numel() else tokens * 0, tokens),
+        "is_truncated_frac": _pair(c.truncated.sum(), tokens),
+        "is_masked_frac": _pair(c.masked.sum(), tokens),
+    }
 
 
 def critic(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:

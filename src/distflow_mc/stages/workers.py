@@ -14,7 +14,8 @@ from transformers import PreTrainedTokenizerBase
 from distflow_mc.agent.loop import AgentLoop
 from distflow_mc.algos import advantages as adv_fns
 from distflow_mc.algos import losses
-from distflow_mc.config.schema import AdvEstimator, Config, Dtype, PolicyLoss
+from distflow_mc.algos.correction import Correction, behaviour_weights
+from distflow_mc.config.schema import AdvEstimator, AlgoConfig, Config, Dtype, MisLevel, PolicyLoss
 from distflow_mc.dag import Plan, Role
 from distflow_mc.data.loader import PromptLoader
 from distflow_mc.models.factory import load_model, load_reference
@@ -26,7 +27,7 @@ from distflow_mc.parallel.megatron_state import ModelParallel, init_model_parall
 from distflow_mc.rewards.compute import RewardComputer
 from distflow_mc.rollout.engine import RolloutEngine
 from distflow_mc.rollout.factory import make_engine
-from distflow_mc.stages.fields import stage_reads
+from distflow_mc.stages.fields import corrected, stage_reads
 from distflow_mc.stages.inputs import Inputs
 
 
@@ -51,6 +52,8 @@ class Workers:
     outcome_advantage: Callable[..., torch.Tensor] | None  # (rewards, groups); None: GAE
     # per pipeline stage, the batch fields its ranks read (stages.fields.stage_reads)
     stage_reads: tuple[frozenset[str] | None, ...] | None = None
+    # (prox, behaviour log-probs, mask, segments=) -> Correction; None: no correction
+    correction: Callable[..., Correction] | None = None
 
     @property
     def reads_all(self) -> bool:
@@ -142,4 +145,12 @@ def build_workers(
         policy,
         outcome,
         stage_reads(plan, config, layouts.train.pp),
+        correction(a),
     )
+
+
+def correction(a: AlgoConfig) -> Callable[..., Correction] | None:
+    if not corrected(a):
+        return None
+    bounds = {"tis_cap": a.tis_cap, "mis_low": a.mis_low, "mis_high": a.mis_high}
+    return partial(behaviour_weights, **bounds, sequence=a.mis_level is MisLevel.SEQUENCE)
