@@ -79,10 +79,9 @@ def scenario(
     stages: tuple | None = None,
 ) -> dict:
     rank = dist.get_rank()
-    replica = src.coords(rank)["dp"]
     # the ranks that hold the batch in the source phase pass it (only emitters' copies are
-    # read); others pass None, as a rollout TP follower would
-    mine = source_batch(replica, seed) if rank in src.holders() else None
+    # read); others pass None, as a rollout TP follower (or a rank of another group) would
+    mine = source_batch(src.coords(rank)["dp"], seed) if rank in src.holders() else None
     phases: dict[str, float] = {}
     args = (balance, torch.device("cpu"), timedelta(seconds=60))
     if rounds:  # some fields leave first (as while a reward stage runs), the rest after
@@ -94,7 +93,7 @@ def scenario(
         got = redistribute(mine, src, dst, *args, keep, pattern, phases, packing, stages)
     reference = Batch.concat([source_batch(r, seed) for r in range(src.dp)])
     reference = reference.only(keep) if keep else reference
-    view = stages[dst.coords(rank)["pp"]] if stages else None
+    view = stages[dst.coords(rank)["pp"]] if stages and rank in dst.ranks else None
     reference = reference.only(view) if view is not None else reference  # its stage's fields
     views: list = [None] * dist.get_world_size()
     seen = (dst.coords(rank)["dp"], got.samples["uid"].tolist(), got.num_tokens) if got else None
@@ -186,6 +185,20 @@ def main() -> None:
             (first, None),
         )
         layouts["dp4->dp1xpp2xtp2"] = (Layout("rollout", dp=4), Layout("train", dp=1, tp=2, pp=2))
+        # two groups of the world (rollout.placement=SEPARATE): ranks 2-3 roll out, 0-1 train;
+        # only they send and receive, the samples leave the group that made them
+        layouts["group dp2->group dp2"] = (
+            Layout("rollout", dp=2, first=2),
+            Layout("train", dp=2, replicated=True),
+        )
+        layouts["group dp2->group dp1xtp2 replicated"] = (
+            Layout("rollout", dp=2, first=2),
+            Layout("train", dp=1, tp=2, replicated=True),
+        )
+        layouts["group dp1xtp2->group dp2"] = (
+            Layout("rollout", dp=1, tp=2, first=2),
+            Layout("train", dp=2, replicated=True),
+        )
         layouts["dp4->dp1xpp2xtp2 replicated"] = (
             Layout("rollout", dp=4),
             Layout("train", dp=1, tp=2, pp=2, replicated=True),

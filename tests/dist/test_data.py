@@ -27,6 +27,10 @@ def test_redistribution(tmp_path, world):
     assert proc.returncode == 0, proc.stderr[-5000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     assert len(results[0]) >= 30
+    if world == 4:  # between two groups of the world, only the destination group receives
+        for rank, result in enumerate(results):
+            groups = [r for name, r in result.items() if name.startswith("group ")]
+            assert len(groups) >= 3 * 15 and all(r["holds"] == (rank < 2) for r in groups), rank
     for rank, result in enumerate(results):
         assert result.pop("factories without a device") == [], rank
         for name, r in result.items():

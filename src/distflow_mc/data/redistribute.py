@@ -296,7 +296,7 @@ def _plan(
         patterns = [pattern]
     packings = [Packing.CHUNKS, Packing.FIELDS] if packing is Packing.AUTO else [packing]
     options = [(p, k) for p in patterns for k in packings]
-    views = tuple(map(view, range(dst.world_size)))
+    views = tuple(map(view, dst.ranks))
     pattern, packing = _measured.choose((src, dst, views), meta.nbytes(), options)
     if pattern is Pattern.DIRECT:
         return _Plan(dest, holders, [[[r] for r in h] for h in holders], pattern, packing)
@@ -521,7 +521,7 @@ def _views(dst: Layout, stages: Sequence[Collection[str] | None] | None) -> Call
         return lambda rank: None
     assert len(stages) == dst.pp, (stages, dst)
     frozen = [None if s is None else frozenset(s) | set(REQUIRED_SAMPLE_FIELDS) for s in stages]
-    return lambda rank: frozen[dst.coords(rank)["pp"]]
+    return lambda rank: frozen[dst.coords(rank)["pp"]] if rank in dst.ranks else None
 
 
 def _wanted(view: View, meta: _Meta) -> np.ndarray:
@@ -565,7 +565,8 @@ class Transfer:
         packing: Packing = Packing.AUTO,
         stages: Sequence[Collection[str] | None] | None = None,
     ) -> None:
-        assert src.world_size == dst.world_size == dist.get_world_size(), (src, dst)
+        world = range(dist.get_world_size())
+        assert src.ranks[-1] in world and dst.ranks[-1] in world, (src, dst)
         assert movement(src, dst) is not Move.NONE, "nothing moves: no transfer needed"
         self.view = _views(dst, stages)
         self.src, self.dst, self.balance = src, dst, balance
@@ -626,7 +627,7 @@ class Transfer:
         chunked = self.plan.packing is Packing.CHUNKS
         recv, starts = self._send_chunks(*args) if chunked else self._send_fields(*args)
         kept = np.append(got[:-1], True)  # the objects' row stays (empty when not wanted)
-        mine = (nbytes[:, :, self.d] * got[:, None])[kept]
+        mine = (self._mine(nbytes) * got[:, None])[kept]
         names = meta.objects if got[-1] else []
         self.rounds.append(_Round(fields, names, starts[kept], mine, recv))
         self.clock("exchange")
@@ -637,10 +638,10 @@ class Transfer:
     ) -> tuple[torch.Tensor, np.ndarray]:
         """CHUNKS: one all-to-all; this rank's receive buffer and where each field from each
         sender begins in it."""
-        rank, world, senders, d = self.rank, dist.get_world_size(), self.senders, self.d
+        rank, world, senders = self.rank, dist.get_world_size(), self.senders
         receiving = rank in self.replica_of
         sizes = -(-nbytes // ALIGN) * ALIGN
-        mine = sizes[:, :, d] * self.wants[rank][:, None]
+        mine = self._mine(sizes) * self.wants[rank][:, None]
         chunks = mine.sum(0)
         # the receive buffer: the senders' chunks in rank order, the buffer's owner's own
         # chunk last (it never travels); a LEADERS follower's is its leader's buffer
@@ -678,9 +679,9 @@ class Transfer:
         into its own 8-byte aligned region of the receive buffer, the senders end to end:
         every field arrives contiguous. This rank's receive buffer and where each field from
         each sender begins in it."""
-        rank, world, senders, d = self.rank, dist.get_world_size(), self.senders, self.d
+        rank, world, senders = self.rank, dist.get_world_size(), self.senders
         receiving = rank in self.replica_of
-        mine = nbytes[:, :, d] * self.wants[rank][:, None]  # [fields + 1, senders]
+        mine = self._mine(nbytes) * self.wants[rank][:, None]  # [fields + 1, senders]
         total = mine.sum(1)
         region = -(-total // ALIGN) * ALIGN
         region_at = np.cumsum(region) - region
@@ -706,6 +707,11 @@ class Transfer:
             )
         return recv, region_at[:, None] + np.cumsum(mine, axis=1) - mine
 
+    def _mine(self, nbytes: np.ndarray) -> np.ndarray:
+        """[fields + 1, senders] of `nbytes` for this rank's destination replica (none
+        outside the destination layout)."""
+        return nbytes[:, :, self.d] if self.d is not None else np.zeros_like(nbytes[:, :, 0])
+
     def _targets(self) -> list[Target]:
         """Per rank: the replica it receives for and the fields it gets (None: not reached)."""
         world = dist.get_world_size()
@@ -723,10 +729,13 @@ class Transfer:
         self.t = np.stack(
             [np.bincount(plan.dest[s], meta.lengths[s], dp).astype(np.int64) for s in self.senders]
         )
-        self.d = self.dst.coords(rank)["dp"]
-        self.holding = any(rank in c for c in plan.classes[self.d])
+        # this rank's destination replica (None: a rank outside the destination layout)
+        self.d = self.dst.coords(rank)["dp"] if rank in self.dst.ranks else None
+        self.holding = self.d is not None and any(rank in c for c in plan.classes[self.d])
         self.lengths = np.concatenate(
             [meta.lengths[s][plan.dest[s] == self.d] for s in self.senders]
+            if self.d is not None
+            else [np.zeros(0, dtype=np.int64)]
         )
 
     def finish(self) -> Batch | None:

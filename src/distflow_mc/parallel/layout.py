@@ -27,37 +27,43 @@ class Layout:
     pp: int = 1
     cp: int = 1
     replicated: bool = False
+    first: int = 0  # its ranks are first .. first + world_size - 1 of the world
 
     @property
     def world_size(self) -> int:
+        """The ranks of this layout (all of the world's, unless it covers a group of it)."""
         return self.dp * self.tp * self.pp * self.cp
 
+    @property
+    def ranks(self) -> range:
+        return range(self.first, self.first + self.world_size)
+
     def coords(self, rank: int) -> dict[str, int]:
-        assert 0 <= rank < self.world_size, (rank, self.world_size)
-        tp, rest = rank % self.tp, rank // self.tp
+        assert rank in self.ranks, (rank, self)
+        local = rank - self.first
+        tp, rest = local % self.tp, local // self.tp
         cp, rest = rest % self.cp, rest // self.cp
         dp, pp = rest % self.dp, rest // self.dp
         return {"dp": dp, "tp": tp, "pp": pp, "cp": cp}
 
     def emitters(self) -> list[int]:
         """One rank per DP replica sends data: TP rank 0, CP rank 0 of the last PP stage."""
-        coords = [self.coords(r) for r in range(self.world_size)]
         return [
             r
-            for r, c in enumerate(coords)
-            if c["tp"] == 0 and c["cp"] == 0 and c["pp"] == self.pp - 1
+            for r in self.ranks
+            if (c := self.coords(r))["tp"] == 0 and c["cp"] == 0 and c["pp"] == self.pp - 1
         ]
 
     def replicas(self) -> list[list[int]]:
         """Ranks of each data-parallel replica (one model copy), by DP index."""
         out: list[list[int]] = [[] for _ in range(self.dp)]
-        for r in range(self.world_size):
+        for r in self.ranks:
             out[self.coords(r)["dp"]].append(r)
         return out
 
     def holders(self) -> set[int]:
         """The ranks that hold the batch in this phase."""
-        return set(range(self.world_size)) if self.replicated else set(self.emitters())
+        return set(self.ranks) if self.replicated else set(self.emitters())
 
     def describe(self) -> str:
         parts = [f"DP={self.dp}", f"TP={self.tp}"]
