@@ -38,3 +38,20 @@ def test_sync_after_training_step(tmp_path):
         assert r["export_logits_maxdiff"] < 1e-4, r
         assert "model.safetensors.index.json" in r["export_files"]
         assert "config.json" in r["export_files"]
+
+
+def test_weights_stream_to_the_ranks_of_another_group(tmp_path):
+    """rollout.placement=SEPARATE's weight path: a train rank streams its (trained) HF-named
+    buckets to the rollout ranks over a group of the three (a fourth rank takes no part):
+    odd sizes and mixed dtypes arrive bit-identical and aligned, each engine's weights
+    equal the sender's bit for bit, and greedy decodes match the sender's."""
+    model = make_tiny_model("llama", tmp_path / "llama")
+    worker = str(ROOT / "tests" / "dist" / "stream_worker.py")
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node=4", worker, "--model", str(model)]
+    proc = run_cmd([*cmd, "--out", str(tmp_path)], cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    assert results[1] == {}
+    for r in results[2:]:
+        assert r["odd_exact"] and r["bitwise"], r
+        assert r["responses"] == results[0]["responses"]
