@@ -120,21 +120,21 @@ def cases_on_four_ranks(task: Path) -> dict[str, list[str]]:
     }
 
 
+def sweep(task: Path, out: Path, ranks: int, cases: dict[str, list[str]]) -> dict:
+    """Every run on `ranks` ranks, one sweep in one launch."""
+    common = ["experiment=cpu_tiny_grpo", *SHORT]
+    env = {"DISTFLOW_DATA_DIR": str(task)}
+    return run_sweep(ranks, {k: [*common, *v] for k, v in cases.items()}, out, env)
+
+
 @pytest.fixture(scope="module")
 def two(task, tmp_path_factory) -> dict[str, list[dict]]:
-    """Every 2-rank layout run, one sweep in one launch."""
-    env = {"DISTFLOW_DATA_DIR": str(task)}
-    common = ["experiment=cpu_tiny_grpo", *SHORT]
-    cases = {k: [*common, *v] for k, v in cases_on_two_ranks(task).items()}
-    return run_sweep(2, cases, tmp_path_factory.mktemp("two"), env)
+    return sweep(task, tmp_path_factory.mktemp("two"), 2, cases_on_two_ranks(task))
 
 
 @pytest.fixture(scope="module")
 def four(task, tmp_path_factory) -> dict[str, list[dict]]:
-    env = {"DISTFLOW_DATA_DIR": str(task)}
-    common = ["experiment=cpu_tiny_grpo", *SHORT]
-    cases = {k: [*common, *v] for k, v in cases_on_four_ranks(task).items()}
-    return run_sweep(4, cases, tmp_path_factory.mktemp("four"), env)
+    return sweep(task, tmp_path_factory.mktemp("four"), 4, cases_on_four_ranks(task))
 
 
 def test_rollout_tp_equal_to_train_tp(four):
