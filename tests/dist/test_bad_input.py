@@ -138,7 +138,7 @@ def test_a_hung_scorer_costs_one_budget_per_step_then_stops(task, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert (r["reward/timeouts"], r["reward/samples"], r["reward/mean"]) == (16, 16, 0.0)
-        assert r["time/reward"] < 4  # ceil(8 / 4) = 2 budgets, with room for a loaded box
+        assert r["time/reward"] < 6  # ceil(8 / 4) = 2 budgets (one each: 8), room for load
     for log in rank_logs(tmp_path, 2):
         assert "8 of 8 rewards scored reward.error_score=0.0: 8 timed out" in log
         assert (
