@@ -39,6 +39,19 @@ def test_torchrun_ppo_dry_run_prints_plan_once(workdir: Path):
     assert (run_dir / ".hydra").is_dir()
 
 
+def test_separate_placement_dry_run_says_which_ranks_do_what(workdir: Path):
+    """3 ranks, rollout.placement=SEPARATE with one rollout rank: every rank plans alike
+    and agrees; the plan puts training on ranks 0-1 and rollout on rank 2."""
+    separate = ["rollout.placement=SEPARATE", "rollout.ranks=1", "data.batch_size=4"]
+    cmd = main_cmd(3, *separate, "trainer.dry_run=true", *FAST)
+    out = run_cmd(cmd, cwd=workdir, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "3 rank(s) agree on plan" in out.stdout
+    assert "layout rollout: DP=1 x TP=1 over 1 rank(s) (ranks 2-2)" in out.stdout
+    assert "layout train: DP=2 x TP=1 x PP=1 over 2 rank(s) (ranks 0-1)" in out.stdout
+    assert "(all-to-all in: input_ids, response_mask, reward, rollout_logprobs)" in out.stdout
+
+
 def test_differing_config_fails_on_every_rank(workdir: Path):
     """One rank's resolved config differs (an env-derived value): both ranks raise, each in
     its own log file, with the message naming the setting, well inside the timeout."""

@@ -3,6 +3,7 @@ keys, wrong types and out-of-range values are errors naming the key."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -153,6 +154,62 @@ def test_layout_errors_name_settings(overrides, world, message):
     config = load_config(compose_config(overrides))
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         build_layouts(config, world)
+
+
+SEPARATE = ["rollout.placement=SEPARATE", "trainer.dry_run=true"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "per_node", "message"),
+    [
+        (["rollout.ranks=4"], 4, 4, "rollout.ranks=4 leaves no rank to train in a world of 4"),
+        (
+            ["rollout.ranks=1", "parallel.tp=2"],
+            4,
+            4,
+            "the 3 train ranks (world 4 - rollout.ranks 1) is not divisible by parallel.tp",
+        ),
+        (
+            ["rollout.ranks=1", "rollout.tp=2"],
+            4,
+            4,
+            "the 1 rollout ranks (rollout.ranks) is not divisible by rollout.tp = 2",
+        ),
+        # ranks 1-3 roll out, 2 a node: the TP group of ranks 1-2 would span two nodes
+        (["rollout.ranks=2", "rollout=sglang", "rollout.tp=2"], 3, 2, "span nodes"),
+        (["rollout.ranks=3", "data.batch_size=4"], 4, 4, "over the 3 rollout data-parallel"),
+    ],
+)
+def test_separate_layout_errors_name_settings(overrides, world, per_node, message):
+    config = load_config(compose_config([*SEPARATE, *overrides]))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_layouts(config, world, per_node)
+
+
+def test_separate_layouts_split_the_world():
+    """The first ranks train (rank 0 among them), the last rollout.ranks roll out; the
+    batch moves between them by all-to-all, and the plan says who is where."""
+    config = load_config(compose_config([*SEPARATE, "rollout.ranks=2", "parallel.tp=2"]))
+    layouts = build_layouts(config, 6)
+    assert list(layouts.train.ranks) == [0, 1, 2, 3] and layouts.train.dp == 2
+    assert list(layouts.rollout.ranks) == [4, 5] and layouts.rollout.emitters() == [4, 5]
+    assert movement(layouts.rollout, layouts.train) is Move.EXCHANGE
+    text = "\n".join(describe_plan(plan_workflow(config.algo.workflow), layouts))
+    assert "layout rollout: DP=2 x TP=1 over 2 rank(s) (ranks 4-5)" in text
+    assert "layout train: DP=2 x TP=2 x PP=1 over 4 rank(s) (ranks 0-3)" in text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["rollout.placement=SEPARATE", "trainer.dry_run=true"], "rollout.ranks"),
+        (["rollout.ranks=2"], "rollout.ranks"),
+        (["rollout.placement=SEPARATE", "rollout.ranks=1"], "rollout.placement"),
+    ],
+)
+def test_placement_settings_are_checked(overrides, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_config(compose_config(overrides))
 
 
 def test_layouts_derive_data_parallel():

@@ -30,6 +30,11 @@ class AdvEstimator(Enum):
     GAE = "GAE"  # needs a critic
 
 
+class Placement(Enum):
+    COLOCATED = "COLOCATED"  # every rank rolls out and trains, in turns
+    SEPARATE = "SEPARATE"  # rollout.ranks ranks roll out, the others train (dry run only yet)
+
+
 class PolicyLoss(Enum):
     PPO = "PPO"  # token-level clipped ratio (asymmetric bounds, optional dual clip)
     GSPO = "GSPO"  # sequence-level ratio
@@ -160,6 +165,8 @@ class RolloutConfig:
     max_new_tokens: int = 256
     mem_fraction: float = 0.5  # SGLang: GPU memory for weights + KV cache
     colocated: bool = True  # shares GPUs with training: sleep/wake around each step
+    placement: Placement = Placement.COLOCATED
+    ranks: int = 0  # SEPARATE: the last this many ranks roll out, the first ones train
     logprob_gap_warn: float = 0.05  # warn when engine/actor log-probs differ more (mean)
     weight_sync_bucket_mb: int = 256
     agent: AgentConfig = field(default_factory=AgentConfig)

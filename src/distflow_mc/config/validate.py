@@ -19,6 +19,7 @@ from distflow_mc.config.schema import (
     ModelConfig,
     OptimConfig,
     ParallelConfig,
+    Placement,
     RewardConfig,
     RolloutConfig,
     TrainerConfig,
@@ -81,6 +82,11 @@ def _rollout(r: RolloutConfig) -> list[str]:
         *_check(0 < r.mem_fraction < 1, "rollout.mem_fraction", "must be in (0, 1)"),
         *_check(r.weight_sync_bucket_mb >= 1, "rollout.weight_sync_bucket_mb", "must be >= 1"),
         *_check(r.logprob_gap_warn > 0, "rollout.logprob_gap_warn", "must be > 0"),
+        *_check(
+            (r.placement is Placement.SEPARATE) == (r.ranks >= 1) and r.ranks >= 0,
+            "rollout.ranks",
+            f"must be >= 1 with rollout.placement=SEPARATE and 0 otherwise, got {r.ranks}",
+        ),
     ]
 
 
@@ -222,6 +228,12 @@ def check_config(c: Config) -> None:
         *_optim(c.trainer.actor_optim, "actor_optim"),
         *_optim(c.trainer.critic_optim, "critic_optim"),
         *_trainer_and_data(c.trainer, c.data, c.reward, c.model),
+        *_check(
+            c.rollout.placement is Placement.COLOCATED or c.trainer.dry_run,
+            "rollout.placement",
+            "SEPARATE is planned (trainer.dry_run=true shows which ranks do what) but its"
+            " asynchronous loop is not built yet: use COLOCATED to train",
+        ),
     ]
     if problems:
         raise ValueError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))

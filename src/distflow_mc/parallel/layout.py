@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from distflow_mc.config.schema import Config, Engine
+from distflow_mc.config.schema import Config, Engine, Placement
 from distflow_mc.dag import Plan, Role
 
 
@@ -102,51 +102,67 @@ class Layouts:
 
 
 def build_layouts(config: Config, world_size: int, ranks_per_node: int | None = None) -> Layouts:
-    """Derive both layouts; ValueError names the settings when the world does not divide
-    or a rollout TP group would span nodes (`ranks_per_node`: torchrun's LOCAL_WORLD_SIZE)."""
+    """Derive both layouts; ValueError names the settings when a group does not divide or
+    a rollout TP group would span nodes (`ranks_per_node`: torchrun's LOCAL_WORLD_SIZE).
+    COLOCATED: both cover the world. SEPARATE: the train layout covers the first ranks (rank
+    0 trains: it writes the metrics and checkpoints), the rollout layout the last
+    `rollout.ranks`."""
     p, r = config.parallel, config.rollout
-    model_parallel = p.tp * p.pp * p.cp
-    if world_size % model_parallel:
+    separate = r.placement is Placement.SEPARATE
+    rollout_n = r.ranks if separate else world_size
+    train_n = world_size - r.ranks if separate else world_size
+    if train_n < 1:
         raise ValueError(
-            f"world size {world_size} is not divisible by parallel.tp x parallel.pp x parallel.cp"
+            f"rollout.ranks={r.ranks} leaves no rank to train in a world of {world_size}: lower"
+            " it or add ranks"
+        )
+    trains = f"the {train_n} train ranks (world {world_size} - rollout.ranks {r.ranks})"
+    rolls = f"the {rollout_n} rollout ranks (rollout.ranks)"
+    trains, rolls = (trains, rolls) if separate else (f"world size {world_size}",) * 2
+    model_parallel = p.tp * p.pp * p.cp
+    if train_n % model_parallel:
+        raise ValueError(
+            f"{trains} is not divisible by parallel.tp x parallel.pp x parallel.cp"
             f" = {p.tp} x {p.pp} x {p.cp} = {model_parallel}: change those settings or the number"
             " of ranks (--nnodes x --nproc-per-node)"
         )
-    if world_size % r.tp:
+    if rollout_n % r.tp:
         raise ValueError(
-            f"world size {world_size} is not divisible by rollout.tp = {r.tp}: change rollout.tp"
+            f"{rolls} is not divisible by rollout.tp = {r.tp}: change rollout.tp"
             " or the number of ranks"
         )
+    first = train_n if separate else 0
     per_node = ranks_per_node or world_size
-    if r.engine is Engine.SGLANG and (r.tp > per_node or per_node % r.tp):
+    spans = any(g // per_node != (g + r.tp - 1) // per_node for g in range(first, world_size, r.tp))
+    if r.engine is Engine.SGLANG and spans:
         raise ValueError(
             f"rollout.tp={r.tp} would make a rollout TP group span nodes ({per_node} ranks per"
             " node): an SGLang engine serves the GPUs of one node here (weights reach it as"
             " tensor handles, which cannot cross nodes); use rollout.tp <= ranks per node,"
-            " dividing it"
+            " dividing it" + (" and rollout.ranks" if separate else "")
         )
-    rollout_dp = world_size // r.tp
+    rollout_dp = rollout_n // r.tp
     if config.data.batch_size % rollout_dp:
         raise ValueError(
             f"data.batch_size = {config.data.batch_size} prompts must split evenly over the"
-            f" {rollout_dp} rollout data-parallel ranks (world {world_size} / rollout.tp {r.tp})"
+            f" {rollout_dp} rollout data-parallel ranks ({rolls} / rollout.tp {r.tp})"
         )
-    train_dp = world_size // model_parallel
+    train_dp = train_n // model_parallel
     if train_dp % p.ep:
         raise ValueError(
-            f"parallel.ep={p.ep} must divide the train data-parallel size {train_dp} (world"
-            f" {world_size} / parallel.tp x pp x cp {model_parallel}): experts are split over"
-            " data-parallel replicas"
+            f"parallel.ep={p.ep} must divide the train data-parallel size {train_dp} ({trains}"
+            f" / parallel.tp x pp x cp {model_parallel}): experts are split over data-parallel"
+            " replicas"
         )
     if config.data.batch_size < train_dp and not config.algo.dynamic_sampling:
         raise ValueError(
             f"data.batch_size = {config.data.batch_size} prompts (groups) cannot give each of the"
-            f" {train_dp} training data-parallel replicas (world {world_size} / parallel.tp x"
+            f" {train_dp} training data-parallel replicas ({trains} / parallel.tp x"
             f" pp x cp {model_parallel}) a group: raise data.batch_size or the model-parallel"
             " sizes"
         )
     return Layouts(
-        rollout=Layout("rollout", dp=rollout_dp, tp=r.tp),
+        rollout=Layout("rollout", dp=rollout_dp, tp=r.tp, first=first),
         train=Layout("train", dp=train_dp, tp=p.tp, pp=p.pp, cp=p.cp, replicated=True),
     )
 
@@ -189,6 +205,7 @@ def describe_plan(
     for pp, reads in enumerate(stage_reads or ()):
         got = "all it carries" if reads is None else ", ".join(sorted(reads)) or "no fields"
         lines.append(f"train pipeline stage {pp} receives {got} (and the lengths, uid, group)")
+    separate = layouts.rollout.ranks != layouts.train.ranks
     for layout in (layouts.rollout, layouts.train):
         roles = sorted(
             {
@@ -197,8 +214,9 @@ def describe_plan(
                 if layouts.for_role(n.role) is layout
             }
         )
+        where = f" (ranks {layout.ranks[0]}-{layout.ranks[-1]})" if separate else ""
         lines.append(
-            f"layout {layout.name}: {layout.describe()} over {layout.world_size} rank(s);"
+            f"layout {layout.name}: {layout.describe()} over {layout.world_size} rank(s){where};"
             f" roles {', '.join(roles) or '-'}; data emitted by ranks {layout.emitters()}"
         )
     return lines
