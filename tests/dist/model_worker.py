@@ -112,7 +112,7 @@ def critic(model_dir: Path, mp) -> dict:
 def train(model_dir: Path, mp, out: Path, distributed_optimizer: bool) -> dict:
     _, chunks = load_model(model_dir, mp, torch.float32)
     optim = OptimConfig(lr=1e-3, clip_grad=1.0, distributed_optimizer=distributed_optimizer)
-    model = TrainableModel(chunks, optim, total_steps=10)
+    model = TrainableModel(chunks, optim, total_steps=10, group=mp.group)
     global_batch = batches(seed=11)
     mine = global_batch[mp.dp_rank :: mp.dp]
 
@@ -220,11 +220,14 @@ def main() -> None:
     parser.add_argument("--first-stage-layers", type=int, default=None)
     parser.add_argument("--ep", type=int, default=1)
     parser.add_argument("--jobs", type=Path)
+    # only the first N ranks hold the model (rollout.placement=SEPARATE's train group)
+    parser.add_argument("--train-ranks", type=int, default=None)
     args = parser.parse_args()
     init_distributed(timeout_s=60)
     jobs = json.loads(args.jobs.read_text()) if args.jobs else [sys.argv[1:]]
     for job in jobs:
         run(parser.parse_args(job))
+    dist.barrier()  # no rank leaves while another still uses the world
 
 
 def run(args: argparse.Namespace) -> None:
@@ -236,8 +239,12 @@ def run(args: argparse.Namespace) -> None:
         ep=args.ep,
         timeout_s=60,
     )
-    mp = init_model_parallel(parallel, seed=1)
+    mp = init_model_parallel(parallel, seed=1, ranks=args.train_ranks)
     args.out.mkdir(parents=True, exist_ok=True)
+    rank = int(os.environ.get("RANK", "0"))
+    if mp is None:  # a rank outside the model's group: it holds nothing
+        (args.out / f"rank{rank}.json").write_text(json.dumps({"idle": True}))
+        return
     result = {}
     checks = args.checks.split(",")
     if "equivalence" in checks:
@@ -253,7 +260,6 @@ def run(args: argparse.Namespace) -> None:
         result |= schedule(args.models / "llama", mp)
     if "malformed" in checks:
         result |= malformed(args.models / "llama", args.out, mp)
-    rank = int(os.environ.get("RANK", "0"))
     (args.out / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
 
 

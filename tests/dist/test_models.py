@@ -121,13 +121,13 @@ def two_ranks(models, tmp_path_factory) -> Path:
     return out
 
 
-def results(two_ranks: Path, job: str) -> list[dict]:
+def results_of(two_ranks: Path, job: str) -> list[dict]:
     return [json.loads((two_ranks / job / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 @pytest.mark.parametrize("layout", ["tp", "pp", "vpp"])
 def test_two_rank_layouts_match_transformers(two_ranks, dp1, layout):
-    results_ = results(two_ranks, layout)
+    results_ = results_of(two_ranks, layout)
     last = results_[-1]  # last PP stage (and a TP rank) holds the outputs
     assert_equivalent(last)
     assert all(r["train_updated"] for r in results_)
@@ -141,14 +141,14 @@ def test_two_rank_layouts_match_transformers(two_ranks, dp1, layout):
 def test_expert_parallel_matches_transformers(two_ranks):
     """Qwen3-MoE with its 4 experts split over EP=2 (2 ranks, DP=2): tokens cross ranks in
     megatron's all-to-all dispatcher, and export gathers every expert on every rank."""
-    for result in results(two_ranks, "ep"):
+    for result in results_of(two_ranks, "ep"):
         assert_equivalent(result, ("qwen3_moe",))
 
 
 @pytest.mark.parametrize("first", [None, 1])
 def test_uneven_pipeline_matches_transformers(two_ranks, first):
     """3 layers over PP=2: split automatically (2 + 1) or as set (1 + 2)."""
-    results_ = results(two_ranks, "uneven_1" if first else "uneven_auto")
+    results_ = results_of(two_ranks, "uneven_1" if first else "uneven_auto")
     assert_equivalent(results_[-1], ("qwen3",))
     assert all(r["qwen3_export_bitwise"] and r["qwen3_export_keys_equal"] for r in results_)
     layers = [r["layers"] for r in results_]
@@ -160,7 +160,7 @@ def test_dp2_step_equals_dp1(two_ranks, dp1, distributed_optimizer):
     job = "dp2_distributed_optimizer" if distributed_optimizer else "dp2"
     # a NaN loss on one DP rank: every rank skips that optimizer step, no weight moves
     assert all(
-        r["nonfinite_skipped"] and r["nonfinite_weights_kept"] for r in results(two_ranks, job)
+        r["nonfinite_skipped"] and r["nonfinite_weights_kept"] for r in results_of(two_ranks, job)
     )
     _, single_out = dp1
     one = torch.load(single_out / "trained.pt")
@@ -168,3 +168,20 @@ def test_dp2_step_equals_dp1(two_ranks, dp1, distributed_optimizer):
     assert sorted(one) == sorted(two)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_model_on_a_group_of_the_world(models, tmp_path, two_ranks):
+    """rollout.placement=SEPARATE's train group: on 4 ranks, megatron's groups cover ranks
+    0-1 (TP=2) and ranks 2-3 hold nothing; the model equals transformers', and its step
+    equals the same layout's on a world of 2 bit for bit."""
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node=4", WORKER, "--models", str(models)]
+    args = ["--out", str(tmp_path), "--tp", "2", "--train-ranks", "2"]
+    proc = run_cmd([*cmd, *args], cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    assert results[2] == results[3] == {"idle": True}
+    assert_equivalent(results[1])
+    world_of_two = results_of(two_ranks, "tp")[1]
+    assert results[1]["train_grad_norm"] == world_of_two["train_grad_norm"]
+    one, group = torch.load(two_ranks / "tp" / "trained.pt"), torch.load(tmp_path / "trained.pt")
+    assert sorted(one) == sorted(group) and all(torch.equal(group[n], one[n]) for n in one)

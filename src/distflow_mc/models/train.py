@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -20,13 +21,21 @@ from megatron.core.utils import to_local_if_dtensor, unwrap_model
 from distflow_mc.config.schema import OptimConfig
 from distflow_mc.models.router_stats import RouterStats
 from distflow_mc.models.schedule import MicroBatch, OutputFn, run_microbatches
+from distflow_mc.parallel.megatron_state import world_of
 
 
 class TrainableModel:
     """Model chunks wrapped for training. `step` runs the micro-batches of one optimizer
     step through the pipeline schedule with the caller's loss, then steps the optimizer."""
 
-    def __init__(self, chunks: list[MegatronModule], optim: OptimConfig, total_steps: int):
+    def __init__(
+        self,
+        chunks: list[MegatronModule],
+        optim: OptimConfig,
+        total_steps: int,
+        group: dist.ProcessGroup | None = None,
+    ):
+        """`group`: the ranks holding the model when they are not the whole world."""
         config = chunks[0].config
         if config.bf16:
             chunks = [Float16Module(config, c) for c in chunks]
@@ -39,22 +48,8 @@ class TrainableModel:
             DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0)
             for i, c in enumerate(chunks)
         ]
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer="adam",
-                lr=optim.lr,
-                min_lr=optim.min_lr,
-                weight_decay=optim.weight_decay,
-                adam_beta1=optim.adam_beta1,
-                adam_beta2=optim.adam_beta2,
-                adam_eps=optim.adam_eps,
-                clip_grad=optim.clip_grad,
-                bf16=config.bf16,
-                params_dtype=config.params_dtype,
-                use_distributed_optimizer=optim.distributed_optimizer,
-            ),
-            self.chunks,
-        )
+        with world_of(group):
+            self.optimizer = self._optimizer(optim, config)
         decay = optim.decay_steps if optim.decay_steps is not None else total_steps
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
@@ -81,6 +76,24 @@ class TrainableModel:
         every rank (no sample anywhere) can skip its update with no collective of its own."""
         finalize_model_grads(model, num_tokens, **kwargs)
         self.loss_count = float(num_tokens) if num_tokens is not None else 1.0
+
+    def _optimizer(self, optim: OptimConfig, config: Any) -> Any:
+        return get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=optim.lr,
+                min_lr=optim.min_lr,
+                weight_decay=optim.weight_decay,
+                adam_beta1=optim.adam_beta1,
+                adam_beta2=optim.adam_beta2,
+                adam_eps=optim.adam_eps,
+                clip_grad=optim.clip_grad,
+                bf16=config.bf16,
+                params_dtype=config.params_dtype,
+                use_distributed_optimizer=optim.distributed_optimizer,
+            ),
+            self.chunks,
+        )
 
     @property
     def modules(self) -> list[MegatronModule]:

@@ -4,7 +4,10 @@ the rest of the code as one typed object."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -34,6 +37,8 @@ class ModelParallel:
     ep: int = 1  # expert parallel: experts of a MoE layer split over ep ranks
     ep_rank: int = 0
     ep_group: dist.ProcessGroup | None = None
+    # the ranks that hold the model when they are not the whole world (SEPARATE placement)
+    group: dist.ProcessGroup | None = None
 
     @property
     def is_last_stage(self) -> bool:
@@ -51,10 +56,58 @@ class ModelParallel:
         return self.tp_rank == 0 and self.is_last_stage
 
 
-def init_model_parallel(parallel: ParallelConfig, seed: int) -> ModelParallel:
-    """(Re)initialise megatron's groups on the already initialised default group."""
+@contextmanager
+def world_of(group: dist.ProcessGroup | None) -> Iterator[None]:
+    """Inside, what megatron-core does over the default group (the world) goes over `group`
+    (None: nothing changes): its world size, and the all_gather_object with which its
+    optimizer builder agrees on the parameter groups. For a model held by some of the
+    world's ranks (rollout.placement=SEPARATE: the first ranks train)."""
+    if group is None:
+        yield
+        return
+    size, gather = dist.get_world_size, dist.all_gather_object
+    scoped = group
+
+    def world_size(group: dist.ProcessGroup | None = None) -> int:
+        return size(scoped if group is None else group)
+
+    def all_gather_object(out: list, obj: object, group: dist.ProcessGroup | None = None):
+        return gather(out, obj, group=scoped if group is None else group)
+
+    dist.get_world_size, dist.all_gather_object = world_size, all_gather_object
+    try:
+        yield
+    finally:
+        dist.get_world_size, dist.all_gather_object = size, gather
+
+
+@contextmanager
+def _world_size(size: int | None) -> Iterator[None]:
+    """megatron-core makes its groups over the whole world: told that it has `size` ranks,
+    it makes them over the first `size` (every rank still takes part in making each)."""
+    if size is None:
+        yield
+        return
+    real = dist.get_world_size
+    dist.get_world_size = lambda group=None: size if group is None else real(group)
+    try:
+        yield
+    finally:
+        dist.get_world_size = real
+
+
+def _timeout(parallel: ParallelConfig) -> timedelta:
+    return timedelta(seconds=parallel.timeout_s)
+
+
+def init_model_parallel(
+    parallel: ParallelConfig, seed: int, ranks: int | None = None
+) -> ModelParallel | None:
+    """(Re)initialise megatron's groups on the already initialised default group. With
+    `ranks`, the model lives on the first `ranks` ranks only: every rank still makes every
+    group (making a group is collective) and the others, holding no model, get None."""
     apply_cpu_compat()
-    world = dist.get_world_size()
+    world = ranks or dist.get_world_size()
     size = parallel.tp * parallel.pp * parallel.cp
     if world % size:
         raise ValueError(
@@ -63,14 +116,18 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> ModelParallel:
         )
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
-    mpu.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp,
-        context_parallel_size=parallel.cp,
-        expert_model_parallel_size=parallel.ep,
-        distributed_timeout_minutes=max(1, math.ceil(parallel.timeout_s / 60)),
-    )
+    group = dist.new_group(list(range(ranks)), timeout=_timeout(parallel)) if ranks else None
+    with _world_size(ranks):
+        mpu.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tp,
+            pipeline_model_parallel_size=parallel.pp,
+            virtual_pipeline_model_parallel_size=parallel.vpp,
+            context_parallel_size=parallel.cp,
+            expert_model_parallel_size=parallel.ep,
+            distributed_timeout_minutes=max(1, math.ceil(parallel.timeout_s / 60)),
+        )
+    if ranks and dist.get_rank() >= ranks:
+        return None
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return ModelParallel(
@@ -91,4 +148,5 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> ModelParallel:
         ep=parallel.ep,
         ep_rank=mpu.get_expert_model_parallel_rank(),
         ep_group=mpu.get_expert_model_parallel_group(),
+        group=group,
     )
