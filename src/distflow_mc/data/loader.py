@@ -156,8 +156,8 @@ class PromptLoader:
                 raise ValueError(
                     f"{key}: {path} has no usable row among {len(picked)} spread over its {n}"
                     f" rows: {overlong} longer than data.max_prompt_length="
-                    f"{self.config.max_prompt_length} tokens, {malformed} malformed (see"
-                    " data.on_malformed=ERROR for the first one); raise data.max_prompt_length"
+                    f"{self.config.max_prompt_length} tokens, {malformed} malformed"
+                    " (data.on_malformed=ERROR names the first); raise data.max_prompt_length"
                     " or fix the file"
                 )
 

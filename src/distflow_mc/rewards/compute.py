@@ -138,7 +138,8 @@ class RewardComputer:
             self.pool.append(_Worker(self.context))
         share = -(-len(args) // max(len(self.pool), 1))  # one message per worker
         for k, worker in enumerate(self.pool):
-            worker.send(list(range(k * share, min((k + 1) * share, len(args)))), args)
+            if k * share < len(args):
+                worker.send(list(range(k * share, min((k + 1) * share, len(args)))), args)
         timeouts = 0
         budget = self.config.timeout_s
         while busy := [w for w in self.pool if w.todo]:
