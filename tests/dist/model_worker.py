@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from distflow_mc import checkpoint
 from distflow_mc.config.schema import OptimConfig, ParallelConfig
 from distflow_mc.models.convert import export_hf
 from distflow_mc.models.factory import load_model, load_reference
@@ -31,7 +32,7 @@ from distflow_mc.models.logprobs import vocab_parallel_logprobs
 from distflow_mc.models.schedule import run_microbatches
 from distflow_mc.models.train import TrainableModel
 from distflow_mc.parallel.dist import init_distributed
-from distflow_mc.parallel.megatron_state import init_model_parallel
+from distflow_mc.parallel.megatron_state import init_model_parallel, world_of
 from tests.tiny_hf import load_hf, load_tensors
 
 TEMPERATURE = 0.7
@@ -149,6 +150,33 @@ def train(model_dir: Path, mp, out: Path, distributed_optimizer: bool) -> dict:
     }
 
 
+def checkpointed(model_dir: Path, mp, out: Path) -> dict:
+    """A step, a save, another step, a load: the load brings back the saved weights. Over
+    the ranks holding the model (all of them, or a group of the world)."""
+    _, chunks = load_model(model_dir, mp, torch.float32)
+    model = TrainableModel(chunks, OptimConfig(lr=1e-2), 10, group=mp.group)
+    batch = batches(seed=5)[mp.dp_rank :: mp.dp]
+
+    def loss_fn(mb, out):
+        logp, _ = vocab_parallel_logprobs(out, mb["labels"])
+        count = mb["loss_mask"].sum().to(torch.int)
+        return -(logp * mb["loss_mask"]).sum(), count, {}
+
+    def weights() -> list[torch.Tensor]:
+        return [p.detach().clone() for c in model.modules for p in c.parameters()]
+
+    model.step(batch, loss_fn)
+    with world_of(mp.group):
+        checkpoint.save(out / "ckpt", 1, {"actor": model}, {}, keep_last=1)
+    saved = weights()
+    model.step(batch, loss_fn)
+    moved = not all(map(torch.equal, saved, weights()))
+    with world_of(mp.group):
+        checkpoint.load(out / "ckpt", 1, {"actor": model})
+    back = all(map(torch.equal, saved, weights()))
+    return {"checkpoint_moved": moved, "checkpoint_restored": back}
+
+
 def torch_step(model_dir: Path, mbs: list[dict], optim: OptimConfig, ours: dict) -> dict:
     """One step of transformers' model with torch.optim.AdamW (weight decay on matrices
     only, as megatron groups it) and clip_grad_norm_: its largest difference from ours."""
@@ -258,6 +286,8 @@ def run(args: argparse.Namespace) -> None:
         result |= train(args.models / "llama", mp, args.out, args.distributed_optimizer)
     if "schedule" in checks:
         result |= schedule(args.models / "llama", mp)
+    if "checkpoint" in checks:
+        result |= checkpointed(args.models / "llama", mp, args.out)
     if "malformed" in checks:
         result |= malformed(args.models / "llama", args.out, mp)
     (args.out / f"rank{rank}.json").write_text(json.dumps(result, indent=1))

@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 from megatron.core import parallel_state as mpu
 from megatron.core import tensor_parallel
 
@@ -58,27 +59,20 @@ class ModelParallel:
 
 @contextmanager
 def world_of(group: dist.ProcessGroup | None) -> Iterator[None]:
-    """Inside, what megatron-core does over the default group (the world) goes over `group`
-    (None: nothing changes): its world size, and the all_gather_object with which its
-    optimizer builder agrees on the parameter groups. For a model held by some of the
-    world's ranks (rollout.placement=SEPARATE: the first ranks train)."""
+    """Inside, torch's default group (the world, for every call given no group) is `group`
+    (None: nothing changes), for what megatron-core does over the world on the ranks that
+    hold a model: its optimizer builder's all_gather_object of the parameter groups, and
+    dist_checkpointing's save and load. For a model on the first ranks of the world only
+    (rollout.placement=SEPARATE), so ranks in the group keep their global rank numbers."""
     if group is None:
         yield
         return
-    size, gather = dist.get_world_size, dist.all_gather_object
-    scoped = group
-
-    def world_size(group: dist.ProcessGroup | None = None) -> int:
-        return size(scoped if group is None else group)
-
-    def all_gather_object(out: list, obj: object, group: dist.ProcessGroup | None = None):
-        return gather(out, obj, group=scoped if group is None else group)
-
-    dist.get_world_size, dist.all_gather_object = world_size, all_gather_object
+    default = c10d._get_default_group
+    c10d._get_default_group = lambda: group
     try:
         yield
     finally:
-        dist.get_world_size, dist.all_gather_object = size, gather
+        c10d._get_default_group = default
 
 
 @contextmanager
