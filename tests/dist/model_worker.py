@@ -33,6 +33,8 @@ from distflow_mc.models.schedule import run_microbatches
 from distflow_mc.models.train import TrainableModel
 from distflow_mc.parallel.dist import init_distributed
 from distflow_mc.parallel.megatron_state import init_model_parallel, world_of
+from distflow_mc.rollout.hf_engine import HFEngine
+from distflow_mc.rollout.weight_sync import sync_weights_to_group
 from tests.tiny_hf import load_hf, load_tensors
 
 TEMPERATURE = 0.7
@@ -177,6 +179,14 @@ def checkpointed(model_dir: Path, mp, out: Path) -> dict:
     return {"checkpoint_moved": moved, "checkpoint_restored": back}
 
 
+def engine_after_stream(model_dir: Path, group, out: Path, rank: int) -> dict:
+    """A transformers engine on a rank outside the model's group, fed by the stream."""
+    engine = HFEngine(model_dir, pad_token_id=0, device=torch.device("cpu"))
+    sync_weights_to_group(None, None, None, engine, group, 0, torch.device("cpu"))
+    torch.save(dict(engine.model.state_dict()), out / f"engine{rank}.pt")
+    return {"engine": True}
+
+
 def torch_step(model_dir: Path, mbs: list[dict], optim: OptimConfig, ours: dict) -> dict:
     """One step of transformers' model with torch.optim.AdamW (weight decay on matrices
     only, as megatron groups it) and clip_grad_norm_: its largest difference from ours."""
@@ -270,11 +280,17 @@ def run(args: argparse.Namespace) -> None:
     mp = init_model_parallel(parallel, seed=1, ranks=args.train_ranks)
     args.out.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))
-    if mp is None:  # a rank outside the model's group: it holds nothing
-        (args.out / f"rank{rank}.json").write_text(json.dumps({"idle": True}))
+    checks = args.checks.split(",")
+    # SEPARATE's weight path: the first train rank and the ranks outside the model's group
+    world = dist.get_world_size()
+    stream = "stream" in checks and dist.new_group([0, *range(args.train_ranks or world, world)])
+    if mp is None:  # a rank outside the model's group: it holds no model, it may host an engine
+        result = {"idle": True}
+        if stream:
+            result |= engine_after_stream(args.models / "llama", stream, args.out, rank)
+        (args.out / f"rank{rank}.json").write_text(json.dumps(result))
         return
     result = {}
-    checks = args.checks.split(",")
     if "equivalence" in checks:
         for model_dir in sorted(p for p in args.models.iterdir() if p.is_dir()):
             result |= equivalence(model_dir.name, model_dir, mp)
@@ -286,6 +302,16 @@ def run(args: argparse.Namespace) -> None:
         result |= train(args.models / "llama", mp, args.out, args.distributed_optimizer)
     if "schedule" in checks:
         result |= schedule(args.models / "llama", mp)
+    if stream:  # after the train step: the trained weights reach the other ranks' engines
+        model_dir = args.models / "llama"
+        _, chunks = load_model(model_dir, mp, torch.float32)
+        arch = read_hf_config(model_dir)
+        sync_weights_to_group(chunks, arch, mp, None, stream, 0, torch.device("cpu"), 4096)
+        params = {}  # what was sent, exported again (a collective over the model's ranks)
+        for bucket in export_hf(chunks, arch, mp):
+            params.update({n: t.clone() for n, t in bucket})
+        if rank == 0:
+            torch.save(params, args.out / "sent.pt")
     if "checkpoint" in checks:
         result |= checkpointed(args.models / "llama", mp, args.out)
     if "malformed" in checks:

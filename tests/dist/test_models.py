@@ -173,15 +173,15 @@ def test_dp2_step_equals_dp1(two_ranks, dp1, distributed_optimizer):
 def test_a_model_on_a_group_of_the_world(models, tmp_path, two_ranks):
     """rollout.placement=SEPARATE's train group: on 4 ranks, megatron's groups cover ranks
     0-1 (TP=2) and ranks 2-3 hold nothing; the model equals transformers', its step equals
-    the same layout's on a world of 2 bit for bit, and it saves and loads a checkpoint over
-    the group alone."""
+    the same layout's on a world of 2 bit for bit, it saves and loads a checkpoint over the
+    group alone, and its first rank streams the weights to engines on ranks 2-3."""
     cmd = [TORCHRUN, "--standalone", "--nproc-per-node=4", WORKER, "--models", str(models)]
-    checks = ["--checks", "equivalence,critic,train,checkpoint"]
+    checks = ["--checks", "equivalence,critic,train,checkpoint,stream"]
     args = ["--out", str(tmp_path), "--tp", "2", "--train-ranks", "2", *checks]
     proc = run_cmd([*cmd, *args], cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
-    assert results[2] == results[3] == {"idle": True}
+    assert results[2] == results[3] == {"idle": True, "engine": True}
     assert_equivalent(results[1])
     world_of_two = results_of(two_ranks, "tp")[1]
     assert results[1]["train_grad_norm"] == world_of_two["train_grad_norm"]
@@ -189,3 +189,8 @@ def test_a_model_on_a_group_of_the_world(models, tmp_path, two_ranks):
     assert sorted(one) == sorted(group) and all(torch.equal(group[n], one[n]) for n in one)
     # dist_checkpointing over the group: a save and a load bring the weights back
     assert all(r["checkpoint_moved"] and r["checkpoint_restored"] for r in results[:2])
+    # the weights the group exports reach engines on ranks 2-3 bit for bit (4 KB buckets)
+    sent = torch.load(tmp_path / "sent.pt")
+    for rank in (2, 3):
+        engine = torch.load(tmp_path / f"engine{rank}.pt")
+        assert all(torch.equal(engine[n], t) for n, t in sent.items()), rank

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
+import torch.distributed as dist
 from megatron.core.transformer.module import MegatronModule
 
 from distflow_mc.models.convert import export_hf
 from distflow_mc.models.hf_config import HFArch
 from distflow_mc.parallel.megatron_state import ModelParallel
 from distflow_mc.rollout.engine import Bucket, RolloutEngine
+from distflow_mc.rollout.weight_stream import stream_buckets
 
 
 def sync_weights(
@@ -30,3 +33,27 @@ def sync_weights(
             pass
     else:
         engine.update_weights(buckets)
+
+
+def sync_weights_to_group(
+    chunks: list[MegatronModule] | None,
+    arch: HFArch,
+    mp: ModelParallel | None,
+    engine: RolloutEngine | None,
+    group: dist.ProcessGroup,
+    src: int,
+    device: torch.device,
+    bucket_bytes: int = 256 << 20,
+) -> None:
+    """rollout.placement=SEPARATE: every train rank (`mp` set) takes part in the export, the
+    first (`src`) streams each bucket over `group` (it and the rollout ranks) to the rollout
+    ranks, whose engines take them as they arrive; a train rank that does not send lets
+    each bucket go."""
+    if mp is None:
+        engine.update_weights(stream_buckets(None, src, group, device))
+        return
+    buckets: Iterator[Bucket] = export_hf(chunks, arch, mp, bucket_bytes)
+    if dist.get_rank() == src:
+        buckets = stream_buckets(buckets, src, group, device)
+    for _ in buckets:
+        pass
