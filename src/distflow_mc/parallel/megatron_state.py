@@ -90,10 +90,6 @@ def _world_size(size: int | None) -> Iterator[None]:
         dist.get_world_size = real
 
 
-def _timeout(parallel: ParallelConfig) -> timedelta:
-    return timedelta(seconds=parallel.timeout_s)
-
-
 def init_model_parallel(
     parallel: ParallelConfig, seed: int, ranks: int | None = None
 ) -> ModelParallel | None:
@@ -110,7 +106,8 @@ def init_model_parallel(
         )
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
-    group = dist.new_group(list(range(ranks)), timeout=_timeout(parallel)) if ranks else None
+    timeout = timedelta(seconds=parallel.timeout_s)
+    group = dist.new_group(list(range(ranks)), timeout=timeout) if ranks else None
     with _world_size(ranks):
         mpu.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tp,

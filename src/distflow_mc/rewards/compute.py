@@ -47,7 +47,6 @@ class Scores:
     rewards: list[float]
     errors: int  # raised, or not a finite number
     timeouts: int
-    failed_sources: list[str]  # the data sources of the samples scored reward.error_score
 
 
 def _score(fn_path: str | None, data_source: str, response: str, truth: Any, info: dict) -> Any:
@@ -208,7 +207,7 @@ class RewardComputer:
                 ", ".join(f"'{s}' ({n})" for s, n in sources.items()),
             )
         self.failed_sources = sorted(sources)
-        return Scores(rewards, errors, timeouts, self.failed_sources)
+        return Scores(rewards, errors, timeouts)
 
     def close(self) -> None:
         for worker in self.pool:

@@ -17,7 +17,7 @@ class Health:
         self.config = config
         self.empty = 0  # steps in a row with no usable sample
         self.failing = 0  # steps in a row whose rewards were all error scores
-        self.skipped = 0.0  # prompts skipped so far
+        self.skipped = False  # some prompt was skipped before (said once)
 
     def check(self, record: dict[str, float], failed_sources: list[str]) -> None:
         """Warn about this step; ValueError (on every rank alike) past a limit."""
@@ -35,7 +35,7 @@ class Health:
                 record["step"],
                 _why(record, self.config),
             )
-        self.skipped += skipped
+        self.skipped |= bool(skipped)
 
     def _empty(self, record: dict[str, float]) -> None:
         if record.get("rollout/samples", 1.0):
