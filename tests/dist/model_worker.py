@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -283,7 +284,8 @@ def run(args: argparse.Namespace) -> None:
     checks = args.checks.split(",")
     # SEPARATE's weight path: the first train rank and the ranks outside the model's group
     world = dist.get_world_size()
-    stream = "stream" in checks and dist.new_group([0, *range(args.train_ranks or world, world)])
+    members = [0, *range(args.train_ranks or world, world)]
+    stream = "stream" in checks and dist.new_group(members, timeout=timedelta(seconds=60))
     if mp is None:  # a rank outside the model's group: it holds no model, it may host an engine
         result = {"idle": True}
         if stream:
