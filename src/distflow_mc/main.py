@@ -32,6 +32,7 @@ from distflow_mc.parallel import (
     Layouts,
     build_layouts,
     check_agreement,
+    describe_placement,
     describe_plan,
     init_distributed,
     rank_from_env,
@@ -93,6 +94,7 @@ def run(cfg: DictConfig) -> None:
     if inputs is None:  # a dry run: the plan only
         views = stage_reads(plan, config, layouts.train.pp)
         lines = describe_plan(plan, layouts, *carried(plan, config, layouts), views)
+        lines += describe_placement(config, layouts)
         log.info("plan:\n%s", "\n".join(lines))
         return
     train(config, plan, layouts, ctx, inputs, run_dir)

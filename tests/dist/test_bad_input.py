@@ -78,9 +78,9 @@ FAILING = [
         "tokens > data.max_prompt_length=3",
     ),
     (
-        "separate placement is not built yet",
-        ["rollout.placement=SEPARATE", "rollout.ranks=1"],
-        "rollout.placement: SEPARATE is planned",
+        "validation is not built for the separate placement yet",
+        ["rollout.placement=SEPARATE", "rollout.ranks=1", "trainer.val_every=5"],
+        "trainer.val_every: (validation) is not built for rollout.placement=SEPARATE yet",
     ),
     (
         "a file with no usable row",

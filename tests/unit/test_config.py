@@ -204,7 +204,10 @@ def test_separate_layouts_split_the_world():
     [
         (["rollout.placement=SEPARATE", "trainer.dry_run=true"], "rollout.ranks"),
         (["rollout.ranks=2"], "rollout.ranks"),
-        (["rollout.placement=SEPARATE", "rollout.ranks=1"], "rollout.placement"),
+        (["rollout.placement=SEPARATE", "rollout.ranks=1", "trainer.val_every=2"], "val_every"),
+        (["rollout.placement=SEPARATE", "rollout.ranks=1", "trainer.save_every=2"], "save_every"),
+        (["rollout.placement=SEPARATE", "rollout.ranks=1", "trainer.resume=AUTO"], "resume"),
+        (["trainer.max_staleness=-1"], "trainer.max_staleness"),
     ],
 )
 def test_placement_settings_are_checked(overrides, key):

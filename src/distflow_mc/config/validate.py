@@ -20,6 +20,7 @@ from distflow_mc.config.schema import (
     OptimConfig,
     ParallelConfig,
     Placement,
+    Resume,
     RewardConfig,
     RolloutConfig,
     TrainerConfig,
@@ -218,6 +219,19 @@ def _transformer_engine() -> bool:
     return use_transformer_engine()
 
 
+def _separate(c: Config) -> list[str]:
+    """What rollout.placement=SEPARATE does not run yet, refused by name."""
+    if c.rollout.placement is Placement.COLOCATED:
+        return []
+    t = c.trainer
+    todo = "is not built for rollout.placement=SEPARATE yet: use COLOCATED for it"
+    return [
+        *_check(t.val_every == 0, "trainer.val_every", f"(validation) {todo}"),
+        *_check(t.save_every == 0, "trainer.save_every", f"(checkpoints) {todo}"),
+        *_check(t.resume is Resume.NEVER, "trainer.resume", f"(resuming) {todo}"),
+    ]
+
+
 def check_config(c: Config) -> None:
     """Raise ValueError listing every setting out of range, each named as a dotted key."""
     problems = [
@@ -228,12 +242,8 @@ def check_config(c: Config) -> None:
         *_optim(c.trainer.actor_optim, "actor_optim"),
         *_optim(c.trainer.critic_optim, "critic_optim"),
         *_trainer_and_data(c.trainer, c.data, c.reward, c.model),
-        *_check(
-            c.rollout.placement is Placement.COLOCATED or c.trainer.dry_run,
-            "rollout.placement",
-            "SEPARATE is planned (trainer.dry_run=true shows which ranks do what) but its"
-            " asynchronous loop is not built yet: use COLOCATED to train",
-        ),
+        *_check(c.trainer.max_staleness >= 0, "trainer.max_staleness", "must be >= 0"),
+        *_separate(c),
     ]
     if problems:
         raise ValueError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))

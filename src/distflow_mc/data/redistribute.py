@@ -145,6 +145,7 @@ def _exchange_meta(
     senders: list[int],
     device: torch.device,
     sent: set[str],
+    group: dist.ProcessGroup | None,
 ) -> _Meta:
     """One int64 all-gather of a fixed-layout row per rank: [count, schema bytes, time of
     the last AUTO call, object entries, inline bytes], then (in the first round) its
@@ -173,12 +174,12 @@ def _exchange_meta(
         payload = np.concatenate([*(per_sample if first else []), sizes, *words])
     head = [n, len(schema), _measured.elapsed_ns, n_obj, len(inline)]
     width = _widths.get(first, 0)
-    table = _all_gather_rows(np.array(head, dtype=np.int64), payload, width, device)
+    table = _all_gather_rows(np.array(head, dtype=np.int64), payload, width, device, group)
     counts, sizes_, elapsed, n_objs, inlines = table[:, :HEAD].T
     per = 2 * counts if first else np.zeros_like(counts)
     needed = int(max(per + n_objs + -(-sizes_ // 8) + -(-inlines // 8)))
     if needed > width:  # someone's payload did not fit: again, wide enough
-        table = _all_gather_rows(np.array(head, dtype=np.int64), payload, needed, device)
+        table = _all_gather_rows(np.array(head, dtype=np.int64), payload, needed, device, group)
     _widths[first] = max(width, needed)
     if first:
         _measured.update(int(elapsed.max()))
@@ -237,7 +238,11 @@ def _from_inline(meta: _Meta, senders: list[int], dest: dict[int, np.ndarray], d
 
 
 def _all_gather_rows(
-    head: np.ndarray, payload: np.ndarray, width: int, device: torch.device
+    head: np.ndarray,
+    payload: np.ndarray,
+    width: int,
+    device: torch.device,
+    group: dist.ProcessGroup | None,
 ) -> np.ndarray:
     """[world, HEAD + width] int64: every rank's head and payload (cut to `width`)."""
     world = dist.get_world_size()
@@ -246,7 +251,7 @@ def _all_gather_rows(
     cut = payload[:width]
     row[HEAD : HEAD + len(cut)] = cut
     out = torch.empty(world * len(row), dtype=torch.int64, device=device)
-    dist.all_gather_single(out, torch.from_numpy(row).to(device))
+    dist.all_gather_single(out, torch.from_numpy(row).to(device), group=group)
     return out.view(world, len(row)).cpu().numpy()
 
 
@@ -564,10 +569,18 @@ class Transfer:
         phases: dict[str, float] | None = None,
         packing: Packing = Packing.AUTO,
         stages: Sequence[Collection[str] | None] | None = None,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
+        """`group`: a group over the whole world (its ranks numbered as the world's) for
+        this transfer's collectives, e.g. a channel of its own that a thread drives
+        (rollout.placement=SEPARATE); it moves DIRECT, making no group of its own."""
         world = range(dist.get_world_size())
         assert src.ranks[-1] in world and dst.ranks[-1] in world, (src, dst)
         assert movement(src, dst) is not Move.NONE, "nothing moves: no transfer needed"
+        if group is not None:
+            assert dist.get_world_size(group) == len(world), "a group over the whole world"
+            pattern = Pattern.DIRECT
+        self.group = group
         self.view = _views(dst, stages)
         self.src, self.dst, self.balance = src, dst, balance
         self.pattern, self.packing = pattern, packing
@@ -591,7 +604,7 @@ class Transfer:
             batch = batch.only(wanted)
             if rank in senders:
                 encoded = _encode_objects(batch, sorted(set(batch.objects) - self.sent))
-        meta = _exchange_meta(batch, encoded, senders, self.device, self.sent)
+        meta = _exchange_meta(batch, encoded, senders, self.device, self.sent, self.group)
         self.clock("meta")
         if first:
             begin = time.perf_counter_ns()  # the ranks are in step from here
@@ -667,7 +680,9 @@ class Transfer:
                 in_splits[s] = int(chunks[i]) if s != rank else 0
         target = recv[: size - kept] if receiving else recv[:0]
         self.works.append(
-            dist.all_to_all_single(target, send, in_splits, out_splits, async_op=True)
+            dist.all_to_all_single(
+                target, send, in_splits, out_splits, group=self.group, async_op=True
+            )
         )
         field_at = np.cumsum(mine, axis=0) - mine
         return recv, where + field_at
@@ -703,7 +718,9 @@ class Transfer:
             lo = int(region_at[j])
             target = recv[lo : lo + int(total[j])] if receiving else recv[:0]
             self.works.append(
-                dist.all_to_all_single(target, send, in_splits, out_splits, async_op=True)
+                dist.all_to_all_single(
+                    target, send, in_splits, out_splits, group=self.group, async_op=True
+                )
             )
         return recv, region_at[:, None] + np.cumsum(mine, axis=1) - mine
 
@@ -789,6 +806,7 @@ def redistribute(
     phases: dict[str, float] | None = None,
     packing: Packing = Packing.AUTO,
     stages: Sequence[Collection[str] | None] | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> Batch | None:
     """Called on every rank. `batch` is this rank's source-replica batch (only the
     replica's emitter's copy is read; other ranks may pass None). Returns this rank's
@@ -797,7 +815,8 @@ def redistribute(
     always) arrive, and with `stages` (per pipeline stage of `dst`: the fields its ranks
     read, None: all) only those of them a rank's stage reads. New process groups get
     `timeout`; `phases` collects seconds per phase (meta, plan, pack, exchange, broadcast,
-    unpack). `pattern` and `packing` left AUTO are chosen by measured cost."""
+    unpack). `pattern` and `packing` left AUTO are chosen by measured cost; `group`: see
+    `Transfer`."""
     if movement(src, dst) is Move.NONE:
         rank = dist.get_rank()
         assert batch is not None or rank not in dst.holders(), "holders hold their batch"
@@ -806,6 +825,7 @@ def redistribute(
         names = set(batch.names() if keep is None else keep)
         view = _views(dst, stages)(rank)
         return batch.only(names if view is None else names & view)  # itself if all stay
-    transfer = Transfer(src, dst, balance, device, timeout, pattern, phases, packing, stages)
+    args = (pattern, phases, packing, stages, group)
+    transfer = Transfer(src, dst, balance, device, timeout, *args)
     transfer.send(batch, keep)
     return transfer.finish()

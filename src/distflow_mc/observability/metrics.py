@@ -4,7 +4,6 @@ into global means; rank 0 appends them to a JSONL file."""
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from contextlib import ExitStack
 from pathlib import Path
@@ -33,25 +32,47 @@ class Metrics:
     def set(self, name: str, value: float) -> None:
         self.local[name] = float(value)
 
-    def reduce(self) -> dict[str, float]:
-        """Global means, totals and maxima over all ranks, from one all_gather_object of
-        every rank's (ranks may hold different names), summed in rank order."""
-        mine = (dict(self.sums), dict(self.counts), dict(self.totals), dict(self.maxima))
-        every: list = [None] * dist.get_world_size()
-        dist.all_gather_object(every, mine)
-        sums, counts, totals = defaultdict(float), defaultdict(float), defaultdict(float)
-        maxima: dict[str, float] = {}
-        for rank_sums, rank_counts, rank_totals, rank_maxima in every:
-            for into, part in ((sums, rank_sums), (counts, rank_counts), (totals, rank_totals)):
-                for name, value in part.items():
-                    into[name] += value
-            for name, value in rank_maxima.items():
-                maxima[name] = max(maxima.get(name, -math.inf), value)
+    def parts(self) -> tuple[dict[str, float], ...]:
+        """What `reduce` gathers from a rank (and `absorb` takes): sums, counts, totals,
+        maxima."""
+        return dict(self.sums), dict(self.counts), dict(self.totals), dict(self.maxima)
+
+    def absorb(self, parts: tuple[dict[str, float], ...]) -> None:
+        """Add another rank's `parts` to this rank's, as if recorded here."""
+        sums, counts, totals, maxima = parts
+        for into, part in ((self.sums, sums), (self.counts, counts), (self.totals, totals)):
+            for name, value in part.items():
+                into[name] += value
+        for name, value in maxima.items():
+            self.add_max(name, value)
+
+    def reduce(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
+        """Global means, totals and maxima over the ranks of `group` (None: all), from one
+        all_gather_object of every rank's (ranks may hold different names), summed in rank
+        order."""
+        every: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, self.parts(), group=group)
+        total = Metrics()
+        for parts in every:
+            total.absorb(parts)
         # a mean over nothing (no sample anywhere this step) is left out, not logged as NaN
-        out = {n: sums[n] / counts[n] for n in sorted(sums) if counts[n]}
-        out.update(sorted(totals.items()))
-        out.update(sorted(maxima.items()))
+        c = total.counts
+        out = {n: total.sums[n] / c[n] for n in sorted(total.sums) if c[n]}
+        out.update(sorted(total.totals.items()))
+        out.update(sorted(total.maxima.items()))
         return {**out, **self.local}
+
+
+def derived(r: dict[str, float]) -> dict[str, float]:
+    """A step's reduced record with the metrics made from others (in place)."""
+    if "reward/sq" in r:
+        r["reward/std"] = max(r.pop("reward/sq") - r["reward/mean"] ** 2, 0.0) ** 0.5
+    if "data/malformed_rows" in r:
+        r["data/skipped_prompts"] = r["data/malformed_rows"] + r["data/overlong_prompts"]
+    if "rollout/generated_tokens" in r and "time/step" in r:
+        r["throughput/generated_tokens_per_s"] = r["rollout/generated_tokens"] / r["time/step"]
+        r["throughput/total_tokens_per_s"] = r["rollout/total_tokens"] / r["time/step"]
+    return r
 
 
 class Sinks:

@@ -14,6 +14,7 @@ from distflow_mc.parallel.layout import (
     Layouts,
     Move,
     build_layouts,
+    describe_placement,
     describe_plan,
     movement,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "Move",
     "build_layouts",
     "check_agreement",
+    "describe_placement",
     "describe_plan",
     "init_distributed",
     "movement",

@@ -104,8 +104,8 @@ def init_model_parallel(
             f"world size {world} is not divisible by parallel.tp x parallel.pp x parallel.cp"
             f" = {size}"
         )
-    if mpu.model_parallel_is_initialized():
-        mpu.destroy_model_parallel()
+    # (a rank outside the model's ranks never counts as initialised: reset it all the same)
+    mpu.destroy_model_parallel()
     timeout = timedelta(seconds=parallel.timeout_s)
     group = dist.new_group(list(range(ranks)), timeout=timeout) if ranks else None
     with _world_size(ranks):

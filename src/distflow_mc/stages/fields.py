@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from distflow_mc.config.schema import AdvEstimator, AlgoConfig, Config
+from distflow_mc.config.schema import AdvEstimator, AlgoConfig, Config, Placement
 from distflow_mc.dag import Fields, NodeType, Plan, PlannedNode, Role
 from distflow_mc.parallel.layout import Layouts, Move, movement
 
@@ -86,6 +86,10 @@ def carried(
     has its own fn); `early`, the fields to start sending after it, final while the next
     node (the reward) runs before the move."""
     nodes, fields = plan.nodes, node_fields(config)
+    # SEPARATE: every sample carries the policy version that generated it, and the batch
+    # moves whole once the rollout group has scored it
+    separate = config.rollout.placement is Placement.SEPARATE
+    version = frozenset({"version"} if separate else ())
     where = [layouts.for_role(n.role) for n in nodes]
     declared = [fields(n) for n in nodes]
     keep: list[frozenset[str] | None] = [None] * len(nodes)
@@ -97,8 +101,8 @@ def carried(
         live: frozenset[str] = frozenset()  # read before written, from node i on
         for f in reversed(declared[i:]):
             live = (live - f.writes) | f.reads
-        keep[i] = live
-        last = declared[i - 1] if i >= 2 and where[i - 2] == before else None
+        keep[i] = live | version
+        last = declared[i - 1] if i >= 2 and where[i - 2] == before and not separate else None
         if last is not None and movement(before, where[i]) is not Move.NONE:
             early[i - 2] = keep[i] - last.writes
     return keep, early

@@ -55,7 +55,8 @@ def loaders(
     """The training and validation loaders of a rollout emitter (None elsewhere). Every
     rank builds them first and checks that each file has usable rows, so a file with none
     stops every rank before any model is built."""
-    dp, size = layouts.rollout.coords(rank)["dp"], layouts.rollout.dp
+    rolls = rank in layouts.rollout.ranks  # else a train rank under SEPARATE: it checks only
+    dp, size = layouts.rollout.coords(rank)["dp"] if rolls else 0, layouts.rollout.dp
     built = [PromptLoader(config.data, tokenizer, dp, size, config.trainer.seed, tools=tools)]
     built[0].check_usable("data.train_files")
     if config.trainer.val_every and config.data.val_files:

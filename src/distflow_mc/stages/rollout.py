@@ -41,7 +41,7 @@ def generate(w: Workers, batch: Batch | None, m: Metrics, step: int) -> Batch | 
         if not a.dynamic_sampling:
             break
         short = torch.tensor([float(w.is_rollout_emitter and have < target)], device="cpu")
-        dist.all_reduce(short)
+        dist.all_reduce(short, group=w.rollout_group)
         m.set("rollout/dynamic_rounds", round_ + 1)
         if not short.item():
             break

@@ -15,19 +15,21 @@ import torch.distributed as dist
 
 from distflow_mc import checkpoint
 from distflow_mc.checkpoint.hf_export import save_hf
-from distflow_mc.config.schema import Resume
+from distflow_mc.config.schema import Placement, Resume
 from distflow_mc.config.validate import canonical_config
 from distflow_mc.dag import NodeType, Plan, PlannedNode, Role
 from distflow_mc.dag.validate import import_fn
 from distflow_mc.data.batch import Batch
 from distflow_mc.data.redistribute import Balance, Transfer, redistribute
-from distflow_mc.observability.metrics import Metrics, Sinks
+from distflow_mc.observability.metrics import Metrics, Sinks, derived
 from distflow_mc.parallel.layout import Layout
+from distflow_mc.parallel.megatron_state import world_of
 from distflow_mc.rollout.guard import warn_on_gap
 from distflow_mc.rollout.weight_sync import sync_weights
 from distflow_mc.stages import advantage, passes, rollout, train
 from distflow_mc.stages.fields import carried
 from distflow_mc.stages.health import Health
+from distflow_mc.stages.separate import fit_separate
 from distflow_mc.stages.validate import validate
 from distflow_mc.stages.workers import Workers
 
@@ -145,8 +147,10 @@ def fit(w: Workers, plan: Plan, run_dir: str) -> list[dict[str, float]]:
     start = resume(w, ckpt_dir, models)
     if w.ctx.rank == 0:
         keep_metrics_through(Path(run_dir) / "metrics.jsonl", start)
-    bucket = w.config.rollout.weight_sync_bucket_mb << 20
-    sync_weights(w.actor.modules, w.arch, w.mp, w.engine, bucket)
+    separate = w.config.rollout.placement is Placement.SEPARATE
+    if not separate:
+        bucket = w.config.rollout.weight_sync_bucket_mb << 20
+        sync_weights(w.actor.modules, w.arch, w.mp, w.engine, bucket)
     sinks = None
     if w.ctx.rank == 0:
         sinks = Sinks(
@@ -163,13 +167,30 @@ def fit(w: Workers, plan: Plan, run_dir: str) -> list[dict[str, float]]:
         checkpoint.save(ckpt_dir, step, models, trainer_state(w, models), t.keep_last)
 
     try:
-        history = steps(w, bound, start, sinks, save)
+        if separate:
+            history = fit_separate(w, *split(bound, w.layouts.rollout), start, sinks)
+        else:
+            history = steps(w, bound, start, sinks, save)
     finally:  # a run that stops early ends the bar before its message is logged
         if sinks is not None:
             sinks.close()
-    if t.export_hf:
-        save_hf(w.actor.modules, w.arch, w.mp, w.config.model.path, Path(run_dir) / "hf")
+    if t.export_hf and w.mp is not None:
+        with world_of(w.mp.group):
+            save_hf(w.actor.modules, w.arch, w.mp, w.config.model.path, Path(run_dir) / "hf")
     return history
+
+
+def split(bound: list[Bound], rollout: Layout) -> tuple[list[Bound], list[Bound]]:
+    """rollout.placement=SEPARATE: the nodes of the rollout layout, then the others; the
+    rollout group runs the first, the train group the rest."""
+    n = sum(b.layout == rollout for b in bound)
+    if any(b.layout == rollout for b in bound[n:]):
+        raise ValueError(
+            "rollout.placement=SEPARATE needs every ROLLOUT and REWARD node of algo.workflow"
+            f" planned before the nodes that train ({[b.node.id for b in bound]}): one group"
+            " generates and scores, the other takes the scored batches"
+        )
+    return bound[:n], bound[n:]
 
 
 def steps(
@@ -233,14 +254,3 @@ def keep_metrics_through(metrics: Path, step: int) -> None:
     if metrics.is_file():
         kept = [x for x in metrics.read_text().splitlines() if json.loads(x)["step"] <= step]
         metrics.write_text("".join(line + "\n" for line in kept))
-
-
-def derived(r: dict[str, float]) -> dict[str, float]:
-    if "reward/sq" in r:
-        r["reward/std"] = max(r.pop("reward/sq") - r["reward/mean"] ** 2, 0.0) ** 0.5
-    if "data/malformed_rows" in r:
-        r["data/skipped_prompts"] = r["data/malformed_rows"] + r["data/overlong_prompts"]
-    if "rollout/generated_tokens" in r:
-        r["throughput/generated_tokens_per_s"] = r["rollout/generated_tokens"] / r["time/step"]
-        r["throughput/total_tokens_per_s"] = r["rollout/total_tokens"] / r["time/step"]
-    return r

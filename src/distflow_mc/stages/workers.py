@@ -8,6 +8,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from megatron.core.transformer.module import MegatronModule
 from transformers import PreTrainedTokenizerBase
 
@@ -15,11 +16,19 @@ from distflow_mc.agent.loop import AgentLoop
 from distflow_mc.algos import advantages as adv_fns
 from distflow_mc.algos import losses
 from distflow_mc.algos.correction import Correction, behaviour_weights
-from distflow_mc.config.schema import AdvEstimator, AlgoConfig, Config, Dtype, MisLevel, PolicyLoss
+from distflow_mc.config.schema import (
+    AdvEstimator,
+    AlgoConfig,
+    Config,
+    Dtype,
+    MisLevel,
+    Placement,
+    PolicyLoss,
+)
 from distflow_mc.dag import Plan, Role
 from distflow_mc.data.loader import PromptLoader
 from distflow_mc.models.factory import load_model, load_reference
-from distflow_mc.models.hf_config import HFArch
+from distflow_mc.models.hf_config import HFArch, read_hf_config
 from distflow_mc.models.train import TrainableModel
 from distflow_mc.parallel.dist import DistContext
 from distflow_mc.parallel.layout import Layouts
@@ -33,13 +42,17 @@ from distflow_mc.stages.inputs import Inputs
 
 @dataclass
 class Workers:
+    """On a rank of the train layout: the megatron models (`mp` set); on a rank of the
+    rollout layout: the engine (on its TP group's first rank), loaders and rewards. Under
+    COLOCATED every rank is both; under SEPARATE each is one (the others are None)."""
+
     config: Config
     ctx: DistContext
     layouts: Layouts
-    mp: ModelParallel
+    mp: ModelParallel | None
     tokenizer: PreTrainedTokenizerBase
     arch: HFArch
-    actor: TrainableModel
+    actor: TrainableModel | None
     reference: list[MegatronModule] | None
     critic: TrainableModel | None
     engine: RolloutEngine | None
@@ -54,6 +67,8 @@ class Workers:
     stage_reads: tuple[frozenset[str] | None, ...] | None = None
     # (prox, behaviour log-probs, mask, segments=) -> Correction; None: no correction
     correction: Callable[..., Correction] | None = None
+    # the rollout layout's ranks when they are not the whole world (SEPARATE)
+    rollout_group: dist.ProcessGroup | None = None
 
     @property
     def reads_all(self) -> bool:
@@ -89,27 +104,25 @@ def model_dtype(dtype: Dtype) -> torch.dtype:
 def build_workers(
     config: Config, plan: Plan, layouts: Layouts, ctx: DistContext, inputs: Inputs
 ) -> Workers:
-    """The models, the engine and the algorithm's functions around the checked `inputs`."""
+    """The models, the engine and the algorithm's functions around the checked `inputs`:
+    each on the ranks of its layout."""
     a, t = config.algo, config.trainer
-    roles = {n.role for n in plan.nodes}
-    mp = init_model_parallel(config.parallel, seed=t.seed)
-    model_dir = Path(config.model.path)
-    dtype = model_dtype(config.model.dtype)
-    tokenizer = inputs.tokenizer
-    aux = config.model.router_aux_loss_coef
-    arch, chunks = load_model(model_dir, mp, dtype, router_aux_loss_coef=aux)
-    actor = TrainableModel(chunks, t.actor_optim, t.total_steps * a.ppo_epochs * a.mini_batches)
-    reference = load_reference(model_dir, mp, dtype)[1] if Role.REFERENCE in roles else None
-    critic = None
-    if Role.CRITIC in roles:
-        _, critic_chunks = load_model(model_dir, mp, dtype, True, aux)
-        steps = t.total_steps * a.ppo_epochs * a.mini_batches
-        critic = TrainableModel(critic_chunks, t.critic_optim, steps)
-    if a.adv_estimator is AdvEstimator.GAE and critic is None:
+    separate = config.rollout.placement is Placement.SEPARATE
+    train_ranks = layouts.train.world_size if separate else None
+    mp = init_model_parallel(config.parallel, seed=t.seed, ranks=train_ranks)
+    rollout_group = None
+    if separate:  # every rank makes every group (new_group is collective)
+        rollout_group = dist.new_group(list(layouts.rollout.ranks), timeout=ctx.timeout)
+    if a.adv_estimator is AdvEstimator.GAE and Role.CRITIC not in {n.role for n in plan.nodes}:
         raise ValueError("algo.adv_estimator=GAE needs a CRITIC in algo.workflow (algo=ppo)")
-    engine = make_engine(
-        config.rollout, model_dir, layouts.rollout, tokenizer.pad_token_id, t.seed, ctx.device
-    )
+    model_dir = Path(config.model.path)
+    arch, actor, reference, critic = read_hf_config(model_dir), None, None, None
+    if mp is not None:
+        arch, actor, reference, critic = _models(config, plan, mp)
+    engine = None
+    if ctx.rank in layouts.rollout.ranks:
+        pad = inputs.tokenizer.pad_token_id
+        engine = make_engine(config.rollout, model_dir, layouts.rollout, pad, t.seed, ctx.device)
     loss_fn = losses.gspo if a.policy_loss is PolicyLoss.GSPO else losses.ppo_clip
     bounds = {
         k: v for k, v in (("clip_low", a.clip_low), ("clip_high", a.clip_high)) if v is not None
@@ -124,7 +137,7 @@ def build_workers(
 
     outcome = None
     if a.adv_estimator is AdvEstimator.REINFORCE_PP:  # its std is over the whole batch
-        outcome = partial(adv_fns.reinforce_pp_baseline, reduce=mp.dp_sum)
+        outcome = partial(adv_fns.reinforce_pp_baseline, reduce=mp.dp_sum) if mp else None
     elif a.adv_estimator is not AdvEstimator.GAE:
         outcome = adv_fns.OUTCOME_ESTIMATORS[a.adv_estimator.name]
     return Workers(
@@ -132,7 +145,7 @@ def build_workers(
         ctx,
         layouts,
         mp,
-        tokenizer,
+        inputs.tokenizer,
         arch,
         actor,
         reference,
@@ -146,7 +159,28 @@ def build_workers(
         outcome,
         stage_reads(plan, config, layouts.train.pp),
         correction(a),
+        rollout_group,
     )
+
+
+def _models(
+    config: Config, plan: Plan, mp: ModelParallel
+) -> tuple[HFArch, TrainableModel, list[MegatronModule] | None, TrainableModel | None]:
+    """The architecture, actor, reference (when a node reads it) and critic (when the
+    workflow has one) on a rank of the train layout."""
+    a, t = config.algo, config.trainer
+    roles = {n.role for n in plan.nodes}
+    model_dir, dtype = Path(config.model.path), model_dtype(config.model.dtype)
+    aux = config.model.router_aux_loss_coef
+    steps = t.total_steps * a.ppo_epochs * a.mini_batches
+    arch, chunks = load_model(model_dir, mp, dtype, router_aux_loss_coef=aux)
+    actor = TrainableModel(chunks, t.actor_optim, steps, group=mp.group)
+    reference = load_reference(model_dir, mp, dtype)[1] if Role.REFERENCE in roles else None
+    critic = None
+    if Role.CRITIC in roles:
+        _, critic_chunks = load_model(model_dir, mp, dtype, True, aux)
+        critic = TrainableModel(critic_chunks, t.critic_optim, steps, group=mp.group)
+    return arch, actor, reference, critic
 
 
 def correction(a: AlgoConfig) -> Callable[..., Correction] | None:
