@@ -119,6 +119,56 @@ def test_killed_rank_restarts_and_resumes(env, tmp_path):
     assert "resumed from" in (tmp_path / "main_rank0.log").read_text()
 
 
+def test_separate_placement_resumes_after_a_kill_on_either_side(env, tmp_path):
+    """rollout.placement=SEPARATE on 3 ranks (0-1 train, 2 generates, one step off): SIGKILL
+    the rollout rank mid-run, then, after torchrun's restart, a train rank. Each time the job
+    resumes from the train group's latest checkpoint, the rollout group from the loader
+    state of the batch that checkpoint trained (batches generated past it are generated
+    again), and every step appears exactly once."""
+    cmd = [
+        TORCHRUN,
+        "--standalone",
+        "--nproc-per-node=3",
+        "--max-restarts=2",
+        "-m",
+        "distflow_mc.main",
+        *QUIET,
+        f"hydra.run.dir={tmp_path}",
+        "placement=separate",
+        "rollout.ranks=1",
+        "trainer.val_every=0",
+        "trainer.total_steps=30",
+        "trainer.save_every=5",
+        "trainer.resume=AUTO",
+    ]
+    out = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, **out)
+    metrics = tmp_path / "metrics.jsonl"
+    try:
+        for rank, rows_before in ((2, 12), (1, 22)):
+            deadline = time.monotonic() + 240
+            while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= rows_before):
+                assert time.monotonic() < deadline and proc.poll() is None, "run did not go on"
+                time.sleep(0.05)
+            (worker,) = [
+                p
+                for p in psutil.Process(proc.pid).children()
+                if "distflow_mc.main" in " ".join(p.cmdline())
+                and p.environ().get("RANK") == str(rank)
+            ]
+            os.kill(worker.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-4000:]
+    records = rows(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 31))
+    assert (tmp_path / "main_rank0.log").read_text().count("resumed from") == 2
+    # a resumed run generates its first batch with the checkpoint's own weights
+    lags = [r["staleness/max"] for r in records]
+    assert lags[0] == 0 and lags.count(0) == 3 and set(lags) == {0, 1}
+
+
 def test_half_written_checkpoints_are_ignored(tmp_path):
     from distflow_mc.checkpoint import complete_steps
 

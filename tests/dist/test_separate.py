@@ -19,6 +19,7 @@ from tests.conftest import run_sweep
 pytestmark = pytest.mark.dist
 
 SEPARATE = ["rollout.placement=SEPARATE", "rollout.ranks=2"]
+PRESET = ["placement=separate", "rollout.ranks=2"]
 LEARN_STEPS = 150
 
 
@@ -34,14 +35,9 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
     cases = {
         "colocated": [*common, "trainer.total_steps=3", "rollout.tp=2"],
         "k0": [*common, "trainer.total_steps=3", *SEPARATE, "trainer.max_staleness=0"],
-        "k1": [*common, f"trainer.total_steps={LEARN_STEPS}", *SEPARATE, "algo.tis_cap=2.0"],
-        "k2": [
-            *common,
-            f"trainer.total_steps={LEARN_STEPS}",
-            *SEPARATE,
-            "trainer.max_staleness=2",
-            "algo.tis_cap=2.0",
-        ],
+        # the preset: one step off, truncated importance sampling at 2
+        "k1": [*common, f"trainer.total_steps={LEARN_STEPS}", *PRESET],
+        "k2": [*common, f"trainer.total_steps={LEARN_STEPS}", *PRESET, "trainer.max_staleness=2"],
     }
     env = {"DISTFLOW_DATA_DIR": str(task)}
     return run_sweep(4, cases, tmp_path_factory.mktemp("runs"), env, timeout=600)

@@ -12,6 +12,7 @@ from hydra.errors import ConfigCompositionException
 from megatron.core.parallel_state import RankGenerator
 
 from distflow_mc.config import Config, Engine, canonical_config, load_config, run_id
+from distflow_mc.config.schema import Placement
 from distflow_mc.dag import plan_workflow
 from distflow_mc.parallel import Layout, Move, build_layouts, describe_plan, movement
 from distflow_mc.stages.fields import carried
@@ -205,8 +206,6 @@ def test_separate_layouts_split_the_world():
         (["rollout.placement=SEPARATE", "trainer.dry_run=true"], "rollout.ranks"),
         (["rollout.ranks=2"], "rollout.ranks"),
         (["rollout.placement=SEPARATE", "rollout.ranks=1", "trainer.val_every=2"], "val_every"),
-        (["rollout.placement=SEPARATE", "rollout.ranks=1", "trainer.save_every=2"], "save_every"),
-        (["rollout.placement=SEPARATE", "rollout.ranks=1", "trainer.resume=AUTO"], "resume"),
         (["trainer.max_staleness=-1"], "trainer.max_staleness"),
     ],
 )
@@ -418,3 +417,14 @@ def test_sequence_packing_is_refused_where_the_transformer_engine_spec_runs(monk
     with pytest.raises(ValueError, match=r"trainer\.sequence_packing: packs rows"):
         load_config(compose_config(["trainer.sequence_packing=true"]))
     load_config(compose_config([]))  # off: nothing to refuse
+
+
+def test_the_separate_preset_sets_the_async_defaults_and_asks_for_the_rollout_ranks():
+    config = load_config(compose_config(["placement=separate", "rollout.ranks=2"]))
+    assert config.rollout.placement is Placement.SEPARATE and config.rollout.ranks == 2
+    assert config.trainer.max_staleness == 1 and config.algo.tis_cap == 2.0
+    assert load_config(compose_config([])).algo.tis_cap is None  # colocated: no correction
+    with pytest.raises(
+        ValueError, match=r"rollout\.ranks: must be >= 1 with rollout\.placement=SEPARATE"
+    ):
+        load_config(compose_config(["placement=separate"]))

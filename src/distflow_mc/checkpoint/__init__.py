@@ -1,5 +1,11 @@
 """Checkpoints (megatron dist_checkpointing, atomic) and Hugging Face export."""
 
-from distflow_mc.checkpoint.manager import complete_steps, latest_intact_step, load, save
+from distflow_mc.checkpoint.manager import (
+    complete_steps,
+    latest_intact_step,
+    load,
+    save,
+    trainer_state,
+)
 
-__all__ = ["complete_steps", "latest_intact_step", "load", "save"]
+__all__ = ["complete_steps", "latest_intact_step", "load", "save", "trainer_state"]

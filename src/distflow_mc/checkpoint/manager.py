@@ -144,4 +144,9 @@ def load(root: str | Path, step: int, models: dict[str, TrainableModel]) -> dict
             )
         model.optimizer.load_state_dict(loaded[role]["optimizer"])
     log.info("resumed from %s", path)
-    return json.loads((path / STATE).read_text())
+    return trainer_state(root, step)
+
+
+def trainer_state(root: str | Path, step: int) -> dict:
+    """The trainer state of a complete checkpoint (what a rank without models reads)."""
+    return json.loads((Path(root) / f"step_{step:08d}" / STATE).read_text())

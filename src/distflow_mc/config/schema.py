@@ -164,7 +164,8 @@ class RolloutConfig:
     top_k: int = -1
     max_new_tokens: int = 256
     mem_fraction: float = 0.5  # SGLang: GPU memory for weights + KV cache
-    colocated: bool = True  # shares GPUs with training: sleep/wake around each step
+    # shares GPUs with training: sleep/wake around each step (COLOCATED placement only)
+    colocated: bool = True
     placement: Placement = Placement.COLOCATED
     ranks: int = 0  # SEPARATE: the last this many ranks roll out, the first ones train
     logprob_gap_warn: float = 0.05  # warn when engine/actor log-probs differ more (mean)

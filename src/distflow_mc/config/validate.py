@@ -20,7 +20,6 @@ from distflow_mc.config.schema import (
     OptimConfig,
     ParallelConfig,
     Placement,
-    Resume,
     RewardConfig,
     RolloutConfig,
     TrainerConfig,
@@ -227,8 +226,6 @@ def _separate(c: Config) -> list[str]:
     todo = "is not built for rollout.placement=SEPARATE yet: use COLOCATED for it"
     return [
         *_check(t.val_every == 0, "trainer.val_every", f"(validation) {todo}"),
-        *_check(t.save_every == 0, "trainer.save_every", f"(checkpoints) {todo}"),
-        *_check(t.resume is Resume.NEVER, "trainer.resume", f"(resuming) {todo}"),
     ]
 
 

@@ -15,6 +15,7 @@ import random
 import shutil
 import string
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -162,6 +163,15 @@ class Lookup:
 
     def __call__(self, arguments: dict[str, Any], budget_s: float) -> str:
         return secret(arguments["key"])
+
+
+class SlowLookup(Lookup):
+    """The same tool behind a slow service: each answer takes 50-200 ms (by key), the case
+    where rollout and training on separate ranks pay off (scripts/bench_async.py)."""
+
+    def __call__(self, arguments: dict[str, Any], budget_s: float) -> str:
+        time.sleep(0.05 + 0.15 * (int(arguments["key"]) * 7 % 10) / 9)
+        return super().__call__(arguments, budget_s)
 
 
 def make_agent_dataset(path: str | Path, rows: int, seed: int) -> None:

@@ -4,6 +4,7 @@ the rest of the code as one typed object."""
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,22 +58,34 @@ class ModelParallel:
         return self.tp_rank == 0 and self.is_last_stage
 
 
+_scope = threading.local()  # the group world_of makes the default, per thread
+_real_default_group = c10d._get_default_group
+
+
+def _default_group() -> dist.ProcessGroup:
+    group = getattr(_scope, "group", None)
+    return group if group is not None else _real_default_group()
+
+
 @contextmanager
 def world_of(group: dist.ProcessGroup | None) -> Iterator[None]:
     """Inside, torch's default group (the world, for every call given no group) is `group`
     (None: nothing changes), for what megatron-core does over the world on the ranks that
     hold a model: its optimizer builder's all_gather_object of the parameter groups, and
     dist_checkpointing's save and load. For a model on the first ranks of the world only
-    (rollout.placement=SEPARATE), so ranks in the group keep their global rank numbers."""
+    (rollout.placement=SEPARATE), so ranks in the group keep their global rank numbers.
+    Only in the calling thread: a channel thread moving data over the world meanwhile
+    still sees the world."""
     if group is None:
         yield
         return
-    default = c10d._get_default_group
-    c10d._get_default_group = lambda: group
+    before = getattr(_scope, "group", None)
+    _scope.group = group
+    c10d._get_default_group = _default_group  # stays: outside a scope it is the real one
     try:
         yield
     finally:
-        c10d._get_default_group = default
+        _scope.group = before
 
 
 @contextmanager

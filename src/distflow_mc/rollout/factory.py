@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distflow_mc.config.schema import Engine, RolloutConfig
+from distflow_mc.config.schema import Engine, Placement, RolloutConfig
 from distflow_mc.parallel.layout import Layout
 from distflow_mc.rollout.engine import RolloutEngine
 from distflow_mc.rollout.hf_engine import HFEngine
@@ -43,5 +43,5 @@ def make_engine(
         base_gpu_id=int(os.environ.get("LOCAL_RANK", "0")) % local_world,
         seed=seed,
         mem_fraction=config.mem_fraction,
-        colocated=config.colocated,
+        colocated=config.colocated and config.placement is Placement.COLOCATED,
     )

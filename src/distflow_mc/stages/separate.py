@@ -54,8 +54,9 @@ class Schedule:
     k: int  # trainer.max_staleness
 
     def version(self, step: int) -> int:
-        """The policy version that generates batch `step`."""
-        return max(0, step - self.k)
+        """The policy version that generates batch `step` (a resumed run has the versions
+        from its checkpoint's on)."""
+        return max(self.start, step - self.k)
 
     @property
     def last_version(self) -> int:
@@ -135,6 +136,7 @@ class Handover:
 
     record: dict[str, float]
     failed_sources: list[str]
+    loader: dict | None  # the loader state after this batch: what a checkpoint of it keeps
     stop: bool = False
 
 
@@ -151,9 +153,17 @@ def _move(
 
 
 def fit_separate(
-    w: Workers, rollout_nodes: list, train_nodes: list, start: int, sinks: Sinks | None
+    w: Workers,
+    rollout_nodes: list,
+    train_nodes: list,
+    start: int,
+    sinks: Sinks | None,
+    save: Callable[[int, dict | None], None],
 ) -> list[dict[str, float]]:
-    """Steps `start`..total on this rank's side; the train side returns the records."""
+    """Steps `start`..total on this rank's side; the train side returns the records and
+    saves the checkpoints (`save(step, loader state)`), with the loader state the rollout
+    group had after the batch of that step: batches generated past it are generated again
+    after a resume, and none is trained twice."""
     t = w.config.trainer
     schedule = Schedule(start, t.total_steps, t.max_staleness)
     ch = channels(w)
@@ -161,7 +171,7 @@ def fit_separate(
     if w.mp is None:
         _rollout_side(w, ch, schedule, rollout_nodes, keep)
         return []
-    return _train_side(w, ch, schedule, train_nodes, keep, sinks)
+    return _train_side(w, ch, schedule, train_nodes, keep, sinks, save)
 
 
 def _rollout_side(w: Workers, ch: Channels, schedule: Schedule, nodes: list, keep: Any) -> None:
@@ -208,7 +218,9 @@ def _rollout_side(w: Workers, ch: Channels, schedule: Schedule, nodes: list, kee
         except ValueError as e:
             stop = e
         tick = cycle = time.perf_counter()
-        sender.put(outbox, (batch, Handover(record, w.rewards.failed_sources, stop is not None)))
+        loader = w.loader.state_dict() if w.loader is not None else None
+        handover = Handover(record, w.rewards.failed_sources, loader, stop is not None)
+        sender.put(outbox, (batch, handover))
         waited = time.perf_counter() - tick
         if stop is not None:
             break
@@ -250,6 +262,7 @@ def _train_side(
     nodes: list,
     keep: Any,
     sinks: Sinks | None,
+    save: Callable[[int, dict | None], None],
 ) -> list[dict[str, float]]:
     """Send version 0, then per step: take the batch the inbox thread received, train,
     send the next version when a batch needs it; the records as the colocated loop makes
@@ -295,6 +308,9 @@ def _train_side(
             if sinks is not None:
                 sinks.write(record)
             health.check(record, handover.failed_sources)
+            every = w.config.trainer.save_every
+            if every and ((step + 1) % every == 0 or step + 1 == schedule.total):
+                save(step + 1, handover.loader)
             if handover.stop:  # the same checks on the same numbers stopped the rollout group
                 raise RuntimeError(f"the rollout group stopped at step {step + 1}; see its log")
     finally:

@@ -143,7 +143,7 @@ def fit(w: Workers, plan: Plan, run_dir: str) -> list[dict[str, float]]:
     t = w.config.trainer
     bound = bind(plan, w)
     ckpt_dir = Path(t.checkpoint_dir or Path(run_dir) / "checkpoints")
-    models = {"actor": w.actor, **({"critic": w.critic} if w.critic else {})}
+    models = {"actor": w.actor, **({"critic": w.critic} if w.critic else {})} if w.mp else {}
     start = resume(w, ckpt_dir, models)
     if w.ctx.rank == 0:
         keep_metrics_through(Path(run_dir) / "metrics.jsonl", start)
@@ -163,12 +163,16 @@ def fit(w: Workers, plan: Plan, run_dir: str) -> list[dict[str, float]]:
             w.config.name,
         )
 
-    def save(step: int) -> None:
-        checkpoint.save(ckpt_dir, step, models, trainer_state(w, models), t.keep_last)
+    def save(step: int, loader: dict | None) -> None:
+        """The models' ranks save (the train group's, under SEPARATE); `loader`: the loader
+        state after the batch of `step` (rank 0 writes it)."""
+        state = trainer_state(w, models, loader)
+        with world_of(w.mp.group):
+            checkpoint.save(ckpt_dir, step, models, state, t.keep_last)
 
     try:
         if separate:
-            history = fit_separate(w, *split(bound, w.layouts.rollout), start, sinks)
+            history = fit_separate(w, *split(bound, w.layouts.rollout), start, sinks, save)
         else:
             history = steps(w, bound, start, sinks, save)
     finally:  # a run that stops early ends the bar before its message is logged
@@ -194,7 +198,11 @@ def split(bound: list[Bound], rollout: Layout) -> tuple[list[Bound], list[Bound]
 
 
 def steps(
-    w: Workers, bound: list[Bound], start: int, sinks: Sinks | None, save: Callable[[int], None]
+    w: Workers,
+    bound: list[Bound],
+    start: int,
+    sinks: Sinks | None,
+    save: Callable[[int, dict | None], None],
 ) -> list[dict[str, float]]:
     """Steps `start`..total: each step's reduced metrics (rank 0 sends them to the sinks),
     validation and checkpoints when due; the health checks stop every rank alike."""
@@ -213,14 +221,14 @@ def steps(
             sinks.write(record)
         health.check(record, w.rewards.failed_sources)
         if t.save_every and ((step + 1) % t.save_every == 0 or last):
-            save(step + 1)
+            save(step + 1, w.loader.state_dict() if w.loader else None)
     return history
 
 
-def trainer_state(w: Workers, models: dict) -> dict:
+def trainer_state(w: Workers, models: dict, loader: dict | None) -> dict:
     """What a resumed run needs besides the shards (rank 0 writes it)."""
     return {
-        "loader": w.loader.state_dict() if w.loader else None,
+        "loader": loader,
         "schedulers": {role: m.scheduler.state_dict() for role, m in models.items()},
         "config": canonical_config(w.config),
     }
@@ -240,7 +248,11 @@ def resume(w: Workers, ckpt_dir: Path, models: dict) -> int:
     step = checkpoint.latest_intact_step(ckpt_dir)
     if step is None:
         return 0
-    state = checkpoint.load(ckpt_dir, step, models)
+    if w.mp is None:  # a rollout rank under SEPARATE: the loader state only
+        state = checkpoint.trainer_state(ckpt_dir, step)
+    else:
+        with world_of(w.mp.group):
+            state = checkpoint.load(ckpt_dir, step, models)
     if w.loader is not None:
         w.loader.load_state_dict(state["loader"])
     for role, model in models.items():
