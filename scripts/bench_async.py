@@ -2,6 +2,7 @@
 
     python scripts/bench_async.py                      # both tasks, 2 ranks, 60 steps, 2 turns
     python scripts/bench_async.py --tasks agent_slow --steps 100 --repeats 3
+    python scripts/bench_async.py --separate-nproc 3 --rollout-ranks 2   # 2 generate, 1 trains
 
 Per task, the same run as COLOCATED (every rank generates, then trains) and as SEPARATE with
 trainer.max_staleness k = 0, 1, 2 (the last rank generates, the others train; k > 0 with
@@ -87,6 +88,10 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument(
+        "--separate-nproc", type=int, help="ranks of the SEPARATE runs (default: --nproc)"
+    )
+    parser.add_argument("--rollout-ranks", type=int, default=1, help="of the SEPARATE runs")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--csv", default="bench_async.csv")
     args = parser.parse_args()
@@ -98,9 +103,11 @@ def main() -> None:
         for _ in range(args.repeats):
             for mode, extra in MODES.items():
                 overrides = [*TASKS[task], f"trainer.total_steps={args.steps}", *extra]
+                nproc = args.nproc
                 if extra:
-                    overrides.append("rollout.ranks=1")
-                got[mode].append(summary(run(args.nproc, overrides, work, env)))
+                    overrides.append(f"rollout.ranks={args.rollout_ranks}")
+                    nproc = args.separate_nproc or args.nproc
+                got[mode].append(summary(run(nproc, overrides, work, env)))
                 print(task, mode, got[mode][-1], flush=True)
         base = statistics.median(s["gen_tok_per_s"] for s in got["COLOCATED"])
         for mode, runs in got.items():

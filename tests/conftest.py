@@ -101,15 +101,21 @@ def run_sweep(
     timeout: float = 600,
 ) -> dict[str, list[dict]]:
     """Several runs in one launch (a process start costs seconds, a run of a few steps less):
-    Hydra multirun over a `case` config group written from `cases` (name -> overrides; an
-    `experiment=` one selects the experiment), every job in the same processes, one after
-    the other, as any user sweep runs. Returns each case's metrics records."""
+    Hydra multirun over a `case` config group written from `cases` (name -> overrides; one
+    of a config group, `experiment=` or `placement=`, selects that option), every job in
+    the same processes, one after the other, as any user sweep runs. Returns each case's
+    metrics records."""
     group = run_dir / "cases" / "case"
     group.mkdir(parents=True, exist_ok=True)
     for name, overrides in cases.items():
-        chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")]
-        values = OmegaConf.from_dotlist([o for o in overrides if not o.startswith("experiment=")])
-        defaults = f"defaults:\n  - override /experiment: {chosen[-1]}\n" if chosen else ""
+        # a config group's option (experiment=..., placement=...) is chosen in the defaults
+        is_group = [(CONF_DIR / o.split("=", 1)[0]).is_dir() for o in overrides]
+        chosen = [o.split("=", 1) for o, g in zip(overrides, is_group, strict=True) if g]
+        values = OmegaConf.from_dotlist(
+            [o for o, g in zip(overrides, is_group, strict=True) if not g]
+        )
+        defaults = "".join(f"  - override /{group}: {option}\n" for group, option in chosen)
+        defaults = f"defaults:\n{defaults}" if chosen else ""
         text = f"# @package _global_\n{defaults}{OmegaConf.to_yaml(values)}"
         (group / f"{name}.yaml").write_text(text)
     sweep = [

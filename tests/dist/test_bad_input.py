@@ -78,9 +78,9 @@ FAILING = [
         "tokens > data.max_prompt_length=3",
     ),
     (
-        "validation is not built for the separate placement yet",
-        ["rollout.placement=SEPARATE", "rollout.ranks=1", "trainer.val_every=5"],
-        "trainer.val_every: (validation) is not built for rollout.placement=SEPARATE yet",
+        "no rank left to train",
+        ["placement=separate", "rollout.ranks=2"],
+        "rollout.ranks=2 leaves no rank to train in a world of 2",
     ),
     (
         "a file with no usable row",

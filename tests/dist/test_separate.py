@@ -33,10 +33,16 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
         "trainer.progress_bar=false",
     ]
     cases = {
-        "colocated": [*common, "trainer.total_steps=3", "rollout.tp=2"],
-        "k0": [*common, "trainer.total_steps=3", *SEPARATE, "trainer.max_staleness=0"],
+        "colocated": [*common, "trainer.total_steps=3", "rollout.tp=2", "trainer.val_every=2"],
+        "k0": [
+            *common,
+            "trainer.total_steps=3",
+            *SEPARATE,
+            "trainer.max_staleness=0",
+            "trainer.val_every=2",
+        ],
         # the preset: one step off, truncated importance sampling at 2
-        "k1": [*common, f"trainer.total_steps={LEARN_STEPS}", *PRESET],
+        "k1": [*common, f"trainer.total_steps={LEARN_STEPS}", *PRESET, "trainer.val_every=50"],
         "k2": [*common, f"trainer.total_steps={LEARN_STEPS}", *PRESET, "trainer.max_staleness=2"],
     }
     env = {"DISTFLOW_DATA_DIR": str(task)}
@@ -55,6 +61,12 @@ def test_staleness_zero_is_the_colocated_run(runs):
         # the engine generated with the actor's weights of that very step
         assert b["rollout/logprob_gap_mean"] < 1e-4
         assert b["staleness/max"] == 0
+    # validation of the final actor, on the rollout group: the colocated run's numbers
+    val = {k: v for k, v in colocated[-1].items() if k.startswith("val/")}
+    assert val and all(separate[-1][k] == pytest.approx(v, abs=1e-6) for k, v in val.items())
+    assert separate[-1]["val/version"] == 3
+    # version 2 would report in step 3's record, which the final actor's validation has
+    assert not any(k.startswith("val/") for r in separate[:-1] for k in r)
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -70,3 +82,11 @@ def test_every_batch_is_exactly_k_versions_old_and_the_run_learns(runs, k):
     first = sum(r["reward/mean"] for r in rows[:10]) / 10
     last = sum(r["reward/mean"] for r in rows[-30:]) / 30
     assert last > max(0.25, first + 0.15), (k, first, last)
+
+
+def test_validation_reports_the_version_it_measured(runs):
+    """k=1, trainer.val_every=50: version v is validated when the rollout group applies it,
+    before generating batch v + 1, so step v + 2's record has it; the last, the final actor."""
+    validated = {r["step"]: r["val/version"] for r in runs["k1"] if "val/version" in r}
+    assert validated == {52: 50, 102: 100, LEARN_STEPS: LEARN_STEPS}
+    assert runs["k1"][-1]["val/tiny_copy/reward"] > 0.25

@@ -205,7 +205,6 @@ def test_separate_layouts_split_the_world():
     [
         (["rollout.placement=SEPARATE", "trainer.dry_run=true"], "rollout.ranks"),
         (["rollout.ranks=2"], "rollout.ranks"),
-        (["rollout.placement=SEPARATE", "rollout.ranks=1", "trainer.val_every=2"], "val_every"),
         (["trainer.max_staleness=-1"], "trainer.max_staleness"),
     ],
 )

@@ -218,17 +218,6 @@ def _transformer_engine() -> bool:
     return use_transformer_engine()
 
 
-def _separate(c: Config) -> list[str]:
-    """What rollout.placement=SEPARATE does not run yet, refused by name."""
-    if c.rollout.placement is Placement.COLOCATED:
-        return []
-    t = c.trainer
-    todo = "is not built for rollout.placement=SEPARATE yet: use COLOCATED for it"
-    return [
-        *_check(t.val_every == 0, "trainer.val_every", f"(validation) {todo}"),
-    ]
-
-
 def check_config(c: Config) -> None:
     """Raise ValueError listing every setting out of range, each named as a dotted key."""
     problems = [
@@ -240,7 +229,6 @@ def check_config(c: Config) -> None:
         *_optim(c.trainer.critic_optim, "critic_optim"),
         *_trainer_and_data(c.trainer, c.data, c.reward, c.model),
         *_check(c.trainer.max_staleness >= 0, "trainer.max_staleness", "must be >= 0"),
-        *_separate(c),
     ]
     if problems:
         raise ValueError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -42,6 +42,7 @@ from distflow_mc.rollout.guard import warn_on_gap
 from distflow_mc.rollout.weight_stream import stream_buckets
 from distflow_mc.rollout.weight_sync import sync_weights_to_group
 from distflow_mc.stages.health import Health
+from distflow_mc.stages.validate import validate
 from distflow_mc.stages.workers import Workers
 
 POLL_S = 1.0  # how often a wait on a channel checks that its thread is alive
@@ -58,14 +59,29 @@ class Schedule:
         from its checkpoint's on)."""
         return max(self.start, step - self.k)
 
+    val_every: int = 0  # trainer.val_every
+
     @property
     def last_version(self) -> int:
         """The newest version any batch of the run needs."""
         return self.version(self.total - 1) if self.total > self.start else 0
 
     def sends_after(self, step: int) -> bool:
-        """Whether the train group sends version step + 1 after step `step`."""
-        return step + 1 <= self.last_version
+        """Whether the train group sends version step + 1 after step `step`: some batch
+        needs it, or it is the final actor and validation is on."""
+        final = self.val_every > 0 and step + 1 == self.total
+        return step + 1 <= self.last_version or final
+
+    def validates(self, version: int) -> bool:
+        """Whether the rollout group validates `version` once it applies it, before the
+        batch it generates (whose record then carries val/*): every trainer.val_every
+        versions, unless that record is the last one, which carries the final actor's."""
+        return (
+            self.val_every > 0
+            and version > 0
+            and version % self.val_every == 0
+            and version + self.k + 1 < self.total
+        )
 
 
 @dataclass(frozen=True)
@@ -165,7 +181,7 @@ def fit_separate(
     group had after the batch of that step: batches generated past it are generated again
     after a resume, and none is trained twice."""
     t = w.config.trainer
-    schedule = Schedule(start, t.total_steps, t.max_staleness)
+    schedule = Schedule(start, t.total_steps, t.max_staleness, t.val_every)
     ch = channels(w)
     keep = train_nodes[0].keep
     if w.mp is None:
@@ -190,14 +206,24 @@ def _rollout_side(w: Workers, ch: Channels, schedule: Schedule, nodes: list, kee
 
     sender = _Worker(send, "batch sender")
     version, stop, waited, cycle = -1, None, 0.0, time.perf_counter()
-    for step in range(schedule.start, schedule.total):
-        m, begin = Metrics(), time.perf_counter()
-        while weights is not None and version < schedule.version(step):
+
+    def apply(until: int, m: Metrics) -> None:
+        nonlocal version
+        while weights is not None and version < until:
             version, buckets = weights.get(versions)
             tick = time.perf_counter()
             w.engine.update_weights(iter(buckets))
             m.set("time/weight_apply", time.perf_counter() - tick)
+
+    for step in range(schedule.start, schedule.total):
+        m, begin = Metrics(), time.perf_counter()
+        apply(schedule.version(step), m)
         waited += time.perf_counter() - begin
+        val = {}
+        if schedule.validates(v := schedule.version(step)) and step - schedule.k == v:
+            tick = time.perf_counter()
+            val = {**validate(w, v - 1), "val/version": float(v)}
+            m.set("time/validate", time.perf_counter() - tick)
         batch = None
         for b in nodes:
             tick = time.perf_counter()
@@ -212,7 +238,7 @@ def _rollout_side(w: Workers, ch: Channels, schedule: Schedule, nodes: list, kee
         seconds = time.perf_counter() - cycle
         m.set("time/rollout_step", seconds)
         m.set("rollout/idle_frac", waited / seconds)
-        record = {"step": step + 1, **m.reduce(w.rollout_group)}
+        record = {"step": step + 1, **m.reduce(w.rollout_group), **val}
         try:
             health.check(derived(dict(record)), w.rewards.failed_sources)
         except ValueError as e:
@@ -226,6 +252,10 @@ def _rollout_side(w: Workers, ch: Channels, schedule: Schedule, nodes: list, kee
             break
     sender.put(outbox, None)
     sender.join()
+    if stop is None and schedule.val_every and schedule.total > schedule.start:
+        apply(schedule.total, Metrics())  # the final actor's validation, for the last record
+        final = {**validate(w, schedule.total - 1), "val/version": float(schedule.total)}
+        dist.broadcast_object_list([final], src=w.layouts.rollout.ranks[0], group=ch.data)
     if weights is not None:
         weights.join()  # until the train group ends the weight channel
     if stop is not None:
@@ -301,6 +331,11 @@ def _train_side(
             m.set("time/step", time.perf_counter() - begin)
             m.set("train/idle_frac", m.local["time/train_wait_batch"] / m.local["time/step"])
             record = {**handover.record, **m.reduce(w.mp.group)}
+            if step + 1 == schedule.total and schedule.val_every and not handover.stop:
+                receiver.join()  # the data channel is this thread's from here
+                final = [None]
+                dist.broadcast_object_list(final, src=w.layouts.rollout.ranks[0], group=ch.data)
+                record.update(final[0])
             record = {"step": step + 1, **derived(record)}
             history.append(record)
             if not record.get("staleness/max"):  # a stale engine's log-probs differ anyway

@@ -11,6 +11,8 @@ from distflow_mc.stages.workers import Workers
 
 
 def validate(w: Workers, step: int) -> dict[str, float]:
+    """On the rollout layout's ranks, with the engines' weights as they are (the actor's
+    after step `step`, which also seeds the sampling); reduced over those ranks."""
     m = Metrics()
     if w.val_loader is not None:
         t, r = w.config.trainer, w.config.rollout
@@ -29,4 +31,4 @@ def validate(w: Workers, step: int) -> dict[str, float]:
         scores = w.rewards(responses(w, batch), o["data_source"], o["ground_truth"], infos(batch))
         for source, value in zip(o["data_source"], scores.rewards, strict=True):
             m.add(f"val/{source}/reward", value)
-    return m.reduce()
+    return m.reduce(w.rollout_group)
