@@ -204,11 +204,29 @@ def main() -> None:
             Layout("train", dp=1, tp=2, pp=2, replicated=True),
         )
     result = {}
+    channel = dist.new_group(list(range(w))) if w == 4 else None
     mode = FactoryDevices()  # the placement rule holds on the exchange path too
     with mode:
         run_scenarios(layouts, result)
+        if channel is not None:
+            result["empty batches"] = empty_moves(channel)
     result["factories without a device"] = sorted(mode.missing)
     (args.out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result, indent=1))
+
+
+def empty_moves(group: dist.ProcessGroup) -> dict:
+    """A step with no sample anywhere (every prompt skipped) between two groups of the world,
+    by each packing, over a group of its own (the SEPARATE data channel's): per packing,
+    what this rank got (None: it holds none)."""
+    src, dst = Layout("rollout", dp=2, first=2), Layout("train", dp=2, replicated=True)
+    rank, out = dist.get_rank(), {}
+    for packing in PACKINGS:
+        mine = source_batch(src.coords(rank)["dp"], 0).select([]) if rank in src.ranks else None
+        args = (Balance(), torch.device("cpu"), timedelta(seconds=60))
+        got = redistribute(mine, src, dst, *args, packing=packing, group=group)
+        seen = None if got is None else {"samples": len(got), "fields": sorted(got.names())}
+        out[packing.value] = seen
+    return out
 
 
 def run_scenarios(layouts: dict, result: dict) -> None:

@@ -154,15 +154,22 @@ def test_a_hung_scorer_costs_one_budget_per_step_then_stops(task, tmp_path):
         ) in log
 
 
-def test_steps_without_a_usable_sample_skip_the_update_then_stop(task, tmp_path):
+@pytest.mark.parametrize(
+    ("ranks", "placement"),
+    [(2, []), (3, ["placement=separate", "rollout.ranks=1", "trainer.max_staleness=2"])],
+    ids=["colocated", "separate"],
+)
+def test_steps_without_a_usable_sample_skip_the_update_then_stop(task, tmp_path, ranks, placement):
     """Rows are read in order and only every 16th prompt is short enough: step 1 has one
     group, steps 2 and 3 none on any rank. Step 2 warns with the counts, takes no optimizer
     step and logs no NaN; at the second empty step in a row (data.max_empty_steps=2) every
-    rank stops, naming data.max_prompt_length in its own log."""
+    rank stops, naming data.max_prompt_length in its own log. Under SEPARATE (ranks 0-1
+    train, rank 2 generates two steps ahead) both groups stop at the same step: the rollout
+    rank, which decides first, and the train ranks, when they reach it."""
     data = [f"data.train_files=[{task}/gappy.jsonl]", "data.shuffle=false"]
-    run = [*SHORT, *data, "trainer.total_steps=4", "data.max_empty_steps=2"]
+    run = [*SHORT, *data, "trainer.total_steps=4", "data.max_empty_steps=2", *placement]
     env = {"DISTFLOW_DATA_DIR": str(task)}
-    for code, _ in run_nodes(2, [*run, f"hydra.run.dir={tmp_path}"], ROOT, 240, env):
+    for code, _ in run_nodes(ranks, [*run, f"hydra.run.dir={tmp_path}"], ROOT, 240, env):
         assert code != 0
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -173,7 +180,7 @@ def test_steps_without_a_usable_sample_skip_the_update_then_stop(task, tmp_path)
         assert r["rollout/samples"] == 0 and r["data/overlong_prompts"] == 4
         assert r["actor/empty_skipped_steps"] == 1 and "actor/grad_norm" not in r
         assert "reward/mean" not in r and "actor/pg_loss" not in r
-    logs = rank_logs(tmp_path, 2)
+    logs = rank_logs(tmp_path, ranks)
     assert "step 1 skipped 3 prompts, 3 longer than data.max_prompt_length=64" in logs[0]
     assert "step 2: no usable sample on any rank: 4 prompts, 4 longer" in logs[0]
     assert "no update this step (1 of data.max_empty_steps=2 in a row)" in logs[0]

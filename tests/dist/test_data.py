@@ -28,6 +28,13 @@ def test_redistribution(tmp_path, world):
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     assert len(results[0]) >= 30
     if world == 4:  # between two groups of the world, only the destination group receives
+        fields = sorted(["input_ids", "logprobs", "mask", "advantages", "uid", "group", "reward"])
+        fields = sorted([*fields, "data_source", "ground_truth"])
+        for rank, result in enumerate(results):
+            # a step without a sample moves as an empty batch, by either packing
+            for packing, got in result.pop("empty batches").items():
+                want = {"samples": 0, "fields": fields} if rank < 2 else None
+                assert got == want, (rank, packing)
         for rank, result in enumerate(results):
             groups = [r for name, r in result.items() if name.startswith("group ")]
             assert len(groups) >= 3 * 15 and all(r["holds"] == (rank < 2) for r in groups), rank

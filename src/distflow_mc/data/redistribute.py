@@ -468,7 +468,7 @@ def _pack_fields(
         )
         per = t_of if kind == "t" else n_of
         splits = [int(per[o[0]]) * _row_bytes(f) if o is not None and o[1][j] else 0 for o in order]
-        out.append((sent.contiguous().reshape(len(sent), -1).view(torch.uint8).reshape(-1), splits))
+        out.append((sent.contiguous().reshape(-1).view(torch.uint8), splits))
     blobs = [
         b"".join(encoded[i] for i in perm[n_at[o[0]] : n_at[o[0]] + n_of[o[0]]])
         if encoded and o is not None and o[1][-1]

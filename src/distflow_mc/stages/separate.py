@@ -140,8 +140,13 @@ class _Worker:
             except queue.Full:
                 continue
 
-    def join(self) -> None:
-        self.thread.join()
+    def join(self, q: queue.Queue | None = None) -> None:
+        """Wait for the thread to end, emptying `q` (which it fills) meanwhile: what it
+        still receives is not needed, but must not block it."""
+        while self.thread.is_alive():
+            self.thread.join(POLL_S if q is not None else None)
+            while q is not None and not q.empty():
+                q.get()
         self.check()
 
 
@@ -257,7 +262,7 @@ def _rollout_side(w: Workers, ch: Channels, schedule: Schedule, nodes: list, kee
         final = {**validate(w, schedule.total - 1), "val/version": float(schedule.total)}
         dist.broadcast_object_list([final], src=w.layouts.rollout.ranks[0], group=ch.data)
     if weights is not None:
-        weights.join()  # until the train group ends the weight channel
+        weights.join(versions)  # until the train group ends the weight channel
     if stop is not None:
         raise stop
 
