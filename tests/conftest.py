@@ -110,11 +110,12 @@ def run_sweep(
     for name, overrides in cases.items():
         # a config group's option (experiment=..., placement=...) is chosen in the defaults
         is_group = [(CONF_DIR / o.split("=", 1)[0]).is_dir() for o in overrides]
-        chosen = [o.split("=", 1) for o, g in zip(overrides, is_group, strict=True) if g]
+        chosen = dict(o.split("=", 1) for o, g in zip(overrides, is_group, strict=True) if g)
         values = OmegaConf.from_dotlist(
             [o for o, g in zip(overrides, is_group, strict=True) if not g]
         )
-        defaults = "".join(f"  - override /{group}: {option}\n" for group, option in chosen)
+        # (the last choice of a group wins, as on a command line)
+        defaults = "".join(f"  - override /{group}: {option}\n" for group, option in chosen.items())
         defaults = f"defaults:\n{defaults}" if chosen else ""
         text = f"# @package _global_\n{defaults}{OmegaConf.to_yaml(values)}"
         (group / f"{name}.yaml").write_text(text)

@@ -206,6 +206,8 @@ def test_separate_layouts_split_the_world():
         (["rollout.placement=SEPARATE", "trainer.dry_run=true"], "rollout.ranks"),
         (["rollout.ranks=2"], "rollout.ranks"),
         (["trainer.max_staleness=-1"], "trainer.max_staleness"),
+        (["trainer.weight_sync_every=2"], "trainer.weight_sync_every"),  # colocated
+        (["placement=separate", "rollout.ranks=1", "trainer.weight_sync_every=0"], "weight_sync"),
     ],
 )
 def test_placement_settings_are_checked(overrides, key):

@@ -229,6 +229,13 @@ def check_config(c: Config) -> None:
         *_optim(c.trainer.critic_optim, "critic_optim"),
         *_trainer_and_data(c.trainer, c.data, c.reward, c.model),
         *_check(c.trainer.max_staleness >= 0, "trainer.max_staleness", "must be >= 0"),
+        *_check(
+            c.trainer.weight_sync_every >= 1
+            and (c.trainer.weight_sync_every == 1 or c.rollout.placement is Placement.SEPARATE),
+            "trainer.weight_sync_every",
+            f"must be >= 1, and 1 unless rollout.placement=SEPARATE (a colocated engine takes"
+            f" the actor after every step), got {c.trainer.weight_sync_every}",
+        ),
     ]
     if problems:
         raise ValueError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
