@@ -1,9 +1,11 @@
 """The transformers rollout engine against transformers' own `generate` on the same batch:
 the embedded task's prompts x n samples, the same sampling settings and threads. Prints
 median seconds per call of both, run in turns, and the ratio (the engine adds its own
-log-probs and response bookkeeping; it must not cost more than that).
+log-probs and response bookkeeping, and saves encoding each prompt n times: it prefills a
+prompt once for its n samples; `--prompt-words` makes the prompts longer).
 
     python scripts/bench_rollout.py [--prompts 8 --n 16 --new-tokens 4 --repeats 20]
+    python scripts/bench_rollout.py --prompt-words 200
 """
 
 from __future__ import annotations
@@ -30,11 +32,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument(
+        "--prompt-words", type=int, default=0, help="words of context before each prompt"
+    )
     args = parser.parse_args()
     root = make_task(Path(tempfile.mkdtemp(prefix="bench_rollout_")))
     model_dir = root / "tiny_llama"
     tok = AutoTokenizer.from_pretrained(model_dir)
-    prompts = [tok(f"echo: {i % 10}")["input_ids"] for i in range(args.prompts)]
+    context = " ".join(str(j % 10) for j in range(args.prompt_words))
+    prompts = [tok(f"{context} echo: {i % 10}")["input_ids"] for i in range(args.prompts)]
     engine = HFEngine(model_dir, tok.pad_token_id, torch.device("cpu"))
     engine.update_weights([list(load_file(model_dir / "model.safetensors").items())])
     plain = AutoModelForCausalLM.from_pretrained(model_dir).eval()

@@ -75,6 +75,44 @@ def test_seeded_sampling_is_reproducible(engine):
     assert len({tuple(r.tolist()) for r in a.response_ids[:4]}) > 1  # n samples differ
 
 
+def test_each_prompt_is_prefilled_once_with_the_samples_of_generate(engine, model_dir):
+    """The engine encodes each prompt once and repeats its keys and values for the n
+    samples; transformers' own `generate` over the n copies of each (left-padded) prompt,
+    with the same seed, draws the same samples."""
+    params = SamplingParams(n=4, temperature=1.0, top_p=0.9, max_new_tokens=6, seed=21)
+    shapes = []
+
+    def record(module, args, kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+
+    hook = engine.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        got = engine.generate(PROMPTS, params)
+    finally:
+        hook.remove()
+    longest = max(map(len, PROMPTS))
+    # the prompts once (but their last token), then one token per row per step
+    assert shapes == [(3, longest - 1)] + [(3 * params.n, 1)] * params.max_new_tokens
+    rows = [[0] * (longest - len(p)) + p for p in PROMPTS for _ in range(params.n)]
+    ids = torch.tensor(rows)
+    mask = (
+        torch.arange(longest)
+        >= longest - torch.tensor([len(r) - r.count(0) for r in rows])[:, None]
+    ).long()
+    torch.manual_seed(params.seed)
+    ref = load_hf(model_dir).generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=params.max_new_tokens,
+        do_sample=True,
+        temperature=1.0,
+        top_p=0.9,
+        top_k=0,
+        pad_token_id=0,
+    )[:, longest:]
+    assert [r.tolist() for r in got.response_ids] == ref.tolist()
+
+
 def test_stop_tokens_end_responses(engine):
     free = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=8))
     stop = int(free.response_ids[0][2])  # the third greedy token of prompt 0

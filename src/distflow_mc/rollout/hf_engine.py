@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationConfig
 
 from distflow_mc.rollout.engine import Bucket, Generation, SamplingParams
 
@@ -98,6 +98,7 @@ class HFEngine:
         ids = torch.full((len(prompts), longest), self.pad, dtype=torch.int64, device=dev)
         mask = torch.arange(longest, device=dev) >= longest - prompt_lengths[:, None]
         ids[mask] = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=dev)
+        cache = self._prefill(ids, mask.long(), params.n)
         ids = ids.repeat_interleave(params.n, 0)
         mask = mask.repeat_interleave(params.n, 0).long()
         greedy = params.temperature == 0
@@ -121,7 +122,9 @@ class HFEngine:
         )
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(params.seed)
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config, cache=cache
+            )
         new = out.sequences[:, ids.shape[1] :]
         logits = torch.stack(out.logits, dim=1).float()
         logp = torch.log_softmax(logits / (1.0 if greedy else params.temperature), dim=-1)
@@ -138,6 +141,19 @@ class HFEngine:
             logprobs=list(token_logp[kept].split(counts)),
             finish_reasons=["stop" if s else "length" for s in stopped.tolist()],
         )
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int) -> DynamicCache | None:
+        """Each prompt's keys and values (all but its last token, which generation's first
+        step reads) computed once, then repeated for its n samples: the prompt is encoded
+        once per group, not n times. Positions as generation makes them from the mask."""
+        if n == 1 or ids.shape[1] < 2:
+            return None
+        cache = DynamicCache(config=self.model.config)
+        head, head_mask = ids[:, :-1], mask[:, :-1]
+        positions = (head_mask.cumsum(-1) - 1).masked_fill(head_mask == 0, 0)
+        self.model(input_ids=head, attention_mask=head_mask, position_ids=positions, cache=cache)
+        cache.batch_repeat_interleave(n)
+        return cache
 
     def sleep(self) -> None:
         """Idempotent; on a GPU the weights wait in host memory while the trainer runs."""
