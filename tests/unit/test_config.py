@@ -207,6 +207,20 @@ def test_separate_layouts_split_the_world():
         (["rollout.ranks=2"], "rollout.ranks"),
         (["trainer.max_staleness=-1"], "trainer.max_staleness"),
         (["trainer.weight_sync_every=2"], "trainer.weight_sync_every"),  # colocated
+        (["rollout.partial=true"], "rollout.partial"),  # colocated
+        (
+            ["placement=separate", "rollout.ranks=1", "rollout=sglang", "rollout.partial=true"],
+            "partial",
+        ),
+        (
+            [
+                "experiment=cpu_tiny_agent",
+                "placement=separate",
+                "rollout.ranks=1",
+                "rollout.partial=true",
+            ],
+            "partial",
+        ),
         (["placement=separate", "rollout.ranks=1", "trainer.weight_sync_every=0"], "weight_sync"),
     ],
 )

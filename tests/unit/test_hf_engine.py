@@ -113,6 +113,53 @@ def test_each_prompt_is_prefilled_once_with_the_samples_of_generate(engine, mode
     assert [r.tolist() for r in got.response_ids] == ref.tolist()
 
 
+class SwapAfter:
+    """rollout.partial's interrupt: new weights are pending from the `after`-th token
+    boundary on; applying them loads `weights` into the engine."""
+
+    def __init__(self, engine: HFEngine, after: int, weights: dict) -> None:
+        self.engine, self.after, self.weights = engine, after, weights
+        self.boundaries, self.applied = 0, 0
+
+    def pending(self) -> bool:
+        self.boundaries += 1
+        return self.boundaries >= self.after and not self.applied
+
+    def apply(self) -> None:
+        self.engine.update_weights([list(self.weights.items())])
+        self.applied += 1
+
+
+def test_a_generation_crossing_a_weight_update_keeps_each_tokens_behaviour(model_dir):
+    """Weights change after the 3rd token: every unfinished sample goes on with the new
+    weights from its tokens so far; segments count the tokens under each version, and each
+    token's log-prob is that of a forward of the weights that drew it."""
+    old = load_tensors(model_dir)
+    g = torch.Generator().manual_seed(0)
+    new = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in old.items()}
+    engine = HFEngine(model_dir, pad_token_id=0, device=torch.device("cpu"))
+    engine.update_weights([list(old.items())])
+    swap = SwapAfter(engine, 3, new)
+    params = SamplingParams(n=2, temperature=0.8, max_new_tokens=7, seed=3)
+    got = engine.generate(PROMPTS, params, interrupt=swap)
+    assert swap.applied == 1
+    assert [len(r) for r in got.response_ids] == [7] * 6  # no stop token: every row goes on
+    assert got.segments == [[3, 4]] * 6
+    models = {0: load_hf(model_dir), 1: load_hf(model_dir)}
+    models[1].load_state_dict(new, strict=False)
+    for i, (resp, logp) in enumerate(zip(got.response_ids, got.logprobs, strict=True)):
+        prompt = PROMPTS[got.prompt_index[i]]
+        full = torch.tensor([prompt + resp.tolist()])
+        for version, span in ((0, slice(0, 3)), (1, slice(3, 7))):
+            with torch.no_grad():
+                logits = models[version](full).logits[0, len(prompt) - 1 : -1]
+            ref = torch.log_softmax(logits / 0.8, -1).gather(-1, resp[:, None]).squeeze(-1)
+            torch.testing.assert_close(logp[span], ref[span], atol=2e-5, rtol=1e-5)
+    # without an update pending, the same call is the plain one
+    plain = engine.generate(PROMPTS, params, interrupt=SwapAfter(engine, 99, new))
+    assert plain.segments == [] and all(len(r) == 7 for r in plain.response_ids)
+
+
 def test_stop_tokens_end_responses(engine):
     free = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=8))
     stop = int(free.response_ids[0][2])  # the third greedy token of prompt 0

@@ -4,6 +4,7 @@ shards, epochs, resume on another rank count, malformed and overlong rows, prefe
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -101,12 +102,15 @@ def test_prompts_are_tokenised_with_the_chat_template(files, tokenizer):
 
 @pytest.fixture
 def reads(monkeypatch) -> list[int]:
-    """The parquet row groups read (decoded) from now on, in order."""
+    """The parquet row groups this thread reads (decoded) from now on, in order (a loader
+    of an earlier test may still be prefetching in a thread of its own)."""
     seen: list[int] = []
     original = pq.ParquetFile.read_row_group
+    mine = threading.get_ident()
 
     def spy(self, i, *args, **kwargs):
-        seen.append(i)
+        if threading.get_ident() == mine:
+            seen.append(i)
         return original(self, i, *args, **kwargs)
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)

@@ -170,6 +170,10 @@ class RolloutConfig:
     ranks: int = 0  # SEPARATE: the last this many ranks roll out, the first ones train
     logprob_gap_warn: float = 0.05  # warn when engine/actor log-probs differ more (mean)
     weight_sync_bucket_mb: int = 256
+    # SEPARATE: a generation running when new weights arrive stops at the next token
+    # boundary and goes on with them (each token's log-prob and version from the weights
+    # that drew it), instead of finishing on the old ones
+    partial: bool = False
     agent: AgentConfig = field(default_factory=AgentConfig)
 
 

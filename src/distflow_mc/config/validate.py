@@ -16,6 +16,7 @@ from distflow_mc.config.schema import (
     AlgoConfig,
     Config,
     DataConfig,
+    Engine,
     ModelConfig,
     OptimConfig,
     ParallelConfig,
@@ -82,6 +83,17 @@ def _rollout(r: RolloutConfig) -> list[str]:
         *_check(0 < r.mem_fraction < 1, "rollout.mem_fraction", "must be in (0, 1)"),
         *_check(r.weight_sync_bucket_mb >= 1, "rollout.weight_sync_bucket_mb", "must be >= 1"),
         *_check(r.logprob_gap_warn > 0, "rollout.logprob_gap_warn", "must be > 0"),
+        *_check(
+            not r.partial or (r.placement is Placement.SEPARATE and r.engine is Engine.HF),
+            "rollout.partial",
+            "needs rollout.placement=SEPARATE (weights arrive during generation only there)"
+            " and rollout.engine=HF (SGLang's pause and resume are not wired yet)",
+        ),
+        *_check(
+            not (r.partial and r.agent.tools),
+            "rollout.partial",
+            "is not built for agent rollouts (rollout.agent.tools) yet: set it false",
+        ),
         *_check(
             (r.placement is Placement.SEPARATE) == (r.ranks >= 1) and r.ranks >= 0,
             "rollout.ranks",

@@ -32,6 +32,9 @@ class Generation:
     response_ids: list[torch.Tensor] = field(default_factory=list)
     logprobs: list[torch.Tensor] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)
+    # rollout.partial: per sample, its tokens drawn under each successive weight version
+    # when an update crossed the generation (empty: none did, every token the first's)
+    segments: list[list[int]] = field(default_factory=list)
 
 
 class RolloutEngine(Protocol):

@@ -9,10 +9,17 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    DynamicCache,
+    GenerationConfig,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from distflow_mc.rollout.engine import Bucket, Generation, SamplingParams
 
@@ -31,6 +38,27 @@ def _target(params: dict[str, torch.Tensor], name: str) -> tuple[str, Any]:
         half = params[fused].shape[1] // 2
         return fused, (e, slice(0, half) if match[3] == "gate_proj" else slice(half, None))
     raise ValueError(f"weight sync: the rollout model has no parameter '{name}'")
+
+
+class Interrupt(Protocol):
+    """rollout.partial: new weights are waiting (`pending`, checked at each token boundary),
+    and putting them into the engine (`apply`)."""
+
+    def pending(self) -> bool: ...
+
+    def apply(self) -> None: ...
+
+
+class _Cut(StoppingCriteria):
+    """Stops every row of a `generate` call at the first token boundary where `interrupt`
+    has weights pending (never without one); says whether it did."""
+
+    def __init__(self, interrupt: Interrupt | None) -> None:
+        self.interrupt, self.fired = interrupt, False
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        self.fired = self.fired or (self.interrupt is not None and self.interrupt.pending())
+        return torch.full((len(input_ids),), self.fired, dtype=torch.bool, device=input_ids.device)
 
 
 class HFEngine:
@@ -86,21 +114,96 @@ class HFEngine:
             raise ValueError(f"weight sync left parameters unset: {sorted(missing)[:5]}")
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Generation:
-        """Responses and log-probs stay on the engine's device (the batch's from here on)."""
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        interrupt: Interrupt | None = None,
+    ) -> Generation:
+        """Responses and log-probs stay on the engine's device (the batch's from here on).
+
+        With `interrupt` (rollout.partial), generation stops at the token boundary after
+        `interrupt.pending()` turns true, `interrupt.apply()` puts new weights in, and the
+        unfinished samples go on from their tokens so far (re-encoded with the new weights),
+        each token's log-prob from the weights that drew it; `segments` counts each sample's
+        tokens per weight version."""
         if not prompts or not params.n:
             return Generation()
         self.wake()
-        # each prompt left-padded once, then its n rows
+        ids, mask = self._left_padded(prompts)  # each prompt once, then its n rows
+        cache = self._prefill(ids, mask, params.n)
+        ids, mask = ids.repeat_interleave(params.n, 0), mask.repeat_interleave(params.n, 0)
+        index = [r // params.n for r in range(len(ids))]
+        cut = _Cut(interrupt)
+        new, logp, lengths, stopped = self._decode(
+            ids, mask, cache, params, params.max_new_tokens, 0, cut
+        )
+        if not (cut.fired and new.shape[1] < params.max_new_tokens and not stopped.all()):
+            kept = torch.arange(new.shape[1], device=new.device) < lengths[:, None]
+            counts = lengths.tolist()
+            return Generation(
+                prompt_index=index,
+                response_ids=list(new[kept].split(counts)),  # one split, not a slice per row
+                logprobs=list(logp[kept].split(counts)),
+                finish_reasons=["stop" if s else "length" for s in stopped.tolist()],
+            )
+        # a weight update crossed the generation: each unfinished row goes on, segment after
+        # segment, from its prompt and its tokens so far
+        rows = len(ids)
+        tokens: list[list[torch.Tensor]] = [[] for _ in range(rows)]
+        logps: list[list[torch.Tensor]] = [[] for _ in range(rows)]
+        segments: list[list[int]] = [[] for _ in range(rows)]
+        done = [False] * rows
+        active, budget, part = list(range(rows)), params.max_new_tokens, 0
+        while True:
+            counts = lengths.tolist()
+            for j, (r, n, stop) in enumerate(zip(active, counts, stopped.tolist(), strict=True)):
+                tokens[r].append(new[j, :n])
+                logps[r].append(logp[j, :n])
+                segments[r].append(n)
+                done[r] = stop
+            budget -= new.shape[1]
+            active = [r for r in active if not done[r]]
+            if not (cut.fired and active and budget > 0):
+                break
+            interrupt.apply()
+            part += 1
+            ids, mask = self._left_padded(
+                [list(prompts[r // params.n]) + torch.cat(tokens[r]).tolist() for r in active]
+            )
+            cut = _Cut(interrupt)
+            new, logp, lengths, stopped = self._decode(ids, mask, None, params, budget, part, cut)
+        for seg in segments:  # rows that stopped early drew nothing under later weights
+            seg += [0] * (part + 1 - len(seg))
+        return Generation(
+            prompt_index=index,
+            response_ids=[torch.cat(t) for t in tokens],
+            logprobs=[torch.cat(lp) for lp in logps],
+            finish_reasons=["stop" if d else "length" for d in done],
+            segments=segments,
+        )
+
+    def _left_padded(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.device
-        prompt_lengths = torch.tensor([len(p) for p in prompts], device=dev)
-        longest = max(map(len, prompts))
-        ids = torch.full((len(prompts), longest), self.pad, dtype=torch.int64, device=dev)
-        mask = torch.arange(longest, device=dev) >= longest - prompt_lengths[:, None]
-        ids[mask] = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=dev)
-        cache = self._prefill(ids, mask.long(), params.n)
-        ids = ids.repeat_interleave(params.n, 0)
-        mask = mask.repeat_interleave(params.n, 0).long()
+        lengths = torch.tensor([len(x) for x in seqs], device=dev)
+        longest = max(map(len, seqs))
+        ids = torch.full((len(seqs), longest), self.pad, dtype=torch.int64, device=dev)
+        mask = torch.arange(longest, device=dev) >= longest - lengths[:, None]
+        ids[mask] = torch.tensor([t for x in seqs for t in x], dtype=torch.int64, device=dev)
+        return ids, mask.long()
+
+    def _decode(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        cache: DynamicCache | None,
+        params: SamplingParams,
+        budget: int,
+        part: int,
+        cut: _Cut,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One `generate` call of at most `budget` tokens: the new tokens [rows, T], their
+        log-probs, each row's kept length (through its stop token) and whether it stopped."""
         greedy = params.temperature == 0
         # every setting that shapes the distribution is explicit: transformers fills unset
         # ones from its global defaults (top_k=50), which would sample from another
@@ -112,7 +215,7 @@ class HFEngine:
             "top_k": 0 if params.top_k < 0 else params.top_k,
         }
         config = GenerationConfig(
-            max_new_tokens=params.max_new_tokens,
+            max_new_tokens=budget,
             do_sample=not greedy,
             **({} if greedy else sampling),
             eos_token_id=list(params.stop_token_ids) or None,
@@ -120,10 +223,11 @@ class HFEngine:
             output_logits=True,
             return_dict_in_generate=True,
         )
+        extra = {"stopping_criteria": StoppingCriteriaList([cut])} if cut.interrupt else {}
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(params.seed)
+            torch.manual_seed(params.seed + 1_000_003 * part)
             out = self.model.generate(
-                input_ids=ids, attention_mask=mask, generation_config=config, cache=cache
+                input_ids=ids, attention_mask=mask, generation_config=config, cache=cache, **extra
             )
         new = out.sequences[:, ids.shape[1] :]
         logits = torch.stack(out.logits, dim=1).float()
@@ -133,14 +237,7 @@ class HFEngine:
         is_stop = torch.isin(new, stops)
         stopped = is_stop.any(dim=1)
         lengths = torch.where(stopped, is_stop.int().argmax(dim=1) + 1, new.shape[1])
-        kept = torch.arange(new.shape[1], device=new.device) < lengths[:, None]
-        counts = lengths.tolist()
-        return Generation(
-            prompt_index=[i // params.n for i in range(len(ids))],
-            response_ids=list(new[kept].split(counts)),  # one split, not a slice per row
-            logprobs=list(token_logp[kept].split(counts)),
-            finish_reasons=["stop" if s else "length" for s in stopped.tolist()],
-        )
+        return new, token_logp, lengths, stopped
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int) -> DynamicCache | None:
         """Each prompt's keys and values (all but its last token, which generation's first

@@ -11,6 +11,7 @@ from distflow_mc.data.batch import Batch
 from distflow_mc.data.loader import PromptBatch
 from distflow_mc.observability.metrics import Metrics
 from distflow_mc.rollout.engine import Generation, SamplingParams
+from distflow_mc.rollout.hf_engine import Interrupt
 from distflow_mc.stages.workers import Workers
 
 
@@ -68,7 +69,7 @@ def _sample(w: Workers, got: PromptBatch, m: Metrics, step: int, round_: int) ->
         stop_token_ids=(w.tokenizer.eos_token_id,),
         seed=((w.config.trainer.seed * 1_000_003 + step) * 17 + round_) * 4099 + w.rollout_rank,
     )
-    return rollouts(w, prompts, params, m)
+    return rollouts(w, prompts, params, m, w.interrupt)
 
 
 TOKEN_FIELDS = {
@@ -79,13 +80,27 @@ TOKEN_FIELDS = {
 PROMPT_OBJECTS = ("data_source", "ground_truth", "extra_info", "extra")  # from the loader
 
 
-def rollouts(w: Workers, prompts: Batch, params: SamplingParams, m: Metrics | None = None) -> Batch:
+def rollouts(
+    w: Workers,
+    prompts: Batch,
+    params: SamplingParams,
+    m: Metrics | None = None,
+    interrupt: Interrupt | None = None,
+) -> Batch:
     """`params.n` samples per prompt: single completions, or agent trajectories when
-    `rollout.agent.tools` is set (then `m` gets the agent metrics)."""
+    `rollout.agent.tools` is set (then `m` gets the agent metrics). With `interrupt`
+    (rollout.partial), weights may change during the generation: each token's count of
+    updates before it goes in the `weight_updates` token field."""
     host = [prompts.token_slice("input_ids", i) for i in range(len(prompts))]
     if w.agent is None:
-        gen = w.engine.generate([p.tolist() for p in host], params)
-        return _to_batch(gen, host, prompts, params.n, w.ctx.device)
+        if interrupt is None:
+            gen = w.engine.generate([p.tolist() for p in host], params)
+        else:
+            gen = w.engine.generate([p.tolist() for p in host], params, interrupt=interrupt)
+        batch = _to_batch(gen, host, prompts, params.n, w.ctx.device)
+        if w.config.rollout.partial:
+            batch.tokens["weight_updates"] = _updates(gen, batch)
+        return batch
     extras = prompts.objects["extra"]
     offered = [w.agent.offered(row_tools(e)) for e in extras]
     done = w.agent.run(w.engine, [p.tolist() for p in host], offered, params)
@@ -121,6 +136,17 @@ def _to_batch(
     }
     lengths = parts.view(-1, 2).sum(1)
     return _with_samples(tokens, lengths, gen.prompt_index, gen.finish_reasons, prompts, n)
+
+
+def _updates(gen: Generation, batch: Batch) -> torch.Tensor:
+    """Per token, how many weight updates came before it in its generation (0 on prompt
+    tokens and wherever no update crossed)."""
+    mask = batch.tokens["response_mask"]
+    out = torch.zeros(len(mask), dtype=torch.int64, device=mask.device)
+    if gen.segments:
+        parts = [torch.arange(len(s)).repeat_interleave(torch.tensor(s)) for s in gen.segments]
+        out[mask.bool()] = torch.cat(parts).to(mask.device)
+    return out
 
 
 def _agent_batch(done: list[Trajectory], prompts: Batch, n: int, device: torch.device) -> Batch:

@@ -202,31 +202,31 @@ def _rollout_side(w: Workers, ch: Channels, schedule: Schedule, nodes: list, kee
     """Generate and score each batch with its scheduled weights; hand it to the outbox
     thread, which moves it while the next batch generates."""
     health = Health(w.config)
-    versions: queue.Queue = queue.Queue(maxsize=1)
     outbox: queue.Queue = queue.Queue(maxsize=1)  # the one finished batch waiting to leave
-    weights = None
-    if w.ctx.rank in ch.engines:
-        weights = _Worker(lambda: _receive_weights(w, ch, versions), "weight receiver")
+    weights = _EngineWeights(w, ch) if w.ctx.rank in ch.engines else None
+    if weights is not None and w.config.rollout.partial:
+        w.interrupt = weights
 
     def send() -> None:
         while (item := outbox.get()) is not None:
             _move(w, ch, *item, keep)
 
     sender = _Worker(send, "batch sender")
-    version, stop, waited, cycle = -1, None, 0.0, time.perf_counter()
+    stop, waited, cycle = None, 0.0, time.perf_counter()
 
     def apply(until: int, m: Metrics) -> None:
-        nonlocal version
-        while weights is not None and version < until:
-            version, buckets = weights.get(versions)
+        if weights is not None:
             tick = time.perf_counter()
-            w.engine.update_weights(iter(buckets))
-            m.set("time/weight_apply", time.perf_counter() - tick)
+            if weights.advance(until):
+                m.set("time/weight_apply", time.perf_counter() - tick)
 
     for step in range(schedule.start, schedule.total):
         m, begin = Metrics(), time.perf_counter()
         apply(schedule.version(step), m)
         waited += time.perf_counter() - begin
+        # the engine's version as it starts: the schedule's, or newer under rollout.partial
+        base = weights.version if weights is not None else schedule.version(step)
+        updates = weights.updates if weights is not None else 0
         val = {}
         if schedule.validates(v := schedule.version(step)) and step - schedule.k == v:
             tick = time.perf_counter()
@@ -239,8 +239,17 @@ def _rollout_side(w: Workers, ch: Channels, schedule: Schedule, nodes: list, kee
             m.set(f"time/{b.node.id}", time.perf_counter() - tick)
         if batch is not None:
             batch.samples["version"] = torch.full(
-                (len(batch),), schedule.version(step), dtype=torch.int64, device=w.ctx.device
+                (len(batch),), base, dtype=torch.int64, device=w.ctx.device
             )
+            if "weight_updates" in batch.tokens:  # rollout.partial: each token's version
+                crossed = batch.tokens.pop("weight_updates")
+                batch.tokens["token_version"] = crossed + base
+                m.add_total("rollout/partial_updates", weights.updates - updates)
+                owner = batch.token_owner()
+                spans = torch.zeros(len(batch), device=crossed.device).index_add_(
+                    0, owner, crossed.float()
+                )
+                m.add("rollout/partial_frac", float((spans > 0).sum()), len(batch))
         # a rollout step: from handing over the batch before to this one's reduced metrics,
         # of which it waited for weights, and for the batch before to leave
         seconds = time.perf_counter() - cycle
@@ -265,9 +274,38 @@ def _rollout_side(w: Workers, ch: Channels, schedule: Schedule, nodes: list, kee
         final = {**validate(w, schedule.total - 1), "val/version": float(schedule.total)}
         dist.broadcast_object_list([final], src=w.layouts.rollout.ranks[0], group=ch.data)
     if weights is not None:
-        weights.join(versions)  # until the train group ends the weight channel
+        weights.receiver.join(weights.queue)  # until the train group ends the weight channel
     if stop is not None:
         raise stop
+
+
+class _EngineWeights:
+    """The versions the weight receiver thread queues, into this rank's engine in order:
+    up to the one the schedule names before a batch, or, under rollout.partial, the next
+    one during a generation (`pending` and `apply`: the engine's Interrupt)."""
+
+    def __init__(self, w: Workers, ch: Channels) -> None:
+        self.engine, self.version, self.updates = w.engine, -1, 0
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.receiver = _Worker(lambda: _receive_weights(w, ch, self.queue), "weight receiver")
+
+    def advance(self, until: int) -> bool:
+        """Apply versions up to `until`; whether any was."""
+        applied = self.version < until
+        while self.version < until:
+            self._next()
+        return applied
+
+    def pending(self) -> bool:
+        return not self.queue.empty()
+
+    def apply(self) -> None:
+        self._next()
+        self.updates += 1
+
+    def _next(self) -> None:
+        self.version, buckets = self.receiver.get(self.queue)
+        self.engine.update_weights(iter(buckets))
 
 
 def _receive_weights(w: Workers, ch: Channels, versions: queue.Queue) -> None:
@@ -328,6 +366,10 @@ def _train_side(
                 lag = step - batch.samples["version"].float()
                 m.add("staleness/mean", float(lag.sum()), len(lag))
                 m.add_max("staleness/max", float(lag.max()) if len(lag) else 0.0)
+                if "token_version" in batch.tokens:  # rollout.partial: per generated token
+                    mask = batch.tokens["response_mask"]
+                    lags = (step - batch.tokens["token_version"].float()) * mask
+                    m.add("staleness/token_mean", float(lags.sum()), float(mask.sum()))
             for b in nodes:
                 tick = time.perf_counter()
                 batch = b.fn(w, batch, m, step)

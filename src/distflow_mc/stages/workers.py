@@ -36,6 +36,7 @@ from distflow_mc.parallel.megatron_state import ModelParallel, init_model_parall
 from distflow_mc.rewards.compute import RewardComputer
 from distflow_mc.rollout.engine import RolloutEngine
 from distflow_mc.rollout.factory import make_engine
+from distflow_mc.rollout.hf_engine import Interrupt
 from distflow_mc.stages.fields import corrected, stage_reads
 from distflow_mc.stages.inputs import Inputs
 
@@ -69,6 +70,9 @@ class Workers:
     correction: Callable[..., Correction] | None = None
     # the rollout layout's ranks when they are not the whole world (SEPARATE)
     rollout_group: dist.ProcessGroup | None = None
+    # rollout.partial: what lets a running generation take new weights (set by the
+    # SEPARATE loop on the ranks with an engine)
+    interrupt: Interrupt | None = None
 
     @property
     def reads_all(self) -> bool:
