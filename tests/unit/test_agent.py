@@ -289,8 +289,18 @@ def test_real_engine_logprobs_match_a_forward_of_the_trajectory(tmp_path: Path):
     stops = tuple(range(10, 128))  # most tokens end a turn: several turns within budget
     params = SamplingParams(n=3, max_new_tokens=5, stop_token_ids=stops, seed=1)
     prompts = [enc(tok, "<|user|>key: 1\n<|assistant|>"), enc(tok, "key: 22")]
+    asked = []
+    generate = engine.generate
+
+    def spy(rows, p):
+        asked.append((len(rows), p.n))
+        return generate(rows, p)
+
+    engine.generate = spy
     done = loop.run(engine, prompts, [loop.tools] * 2, params)
     assert max(t.turns for t in done) >= 2
+    # the first turn: each prompt once, for its 3 trajectories; then one row per trajectory
+    assert asked[0] == (2, 3) and all(n == 1 for _, n in asked[1:])
     hf = load_hf(model_dir)
     for t in done:
         ids = torch.tensor([t.ids])

@@ -118,7 +118,9 @@ class AgentLoop:
         params: SamplingParams,
     ) -> list[Trajectory]:
         """`params.n` trajectories per prompt (prompt i's at [i*n, (i+1)*n)); `params`
-        applies per turn, its seed moved on every turn."""
+        applies per turn, its seed moved on every turn. The first turn asks the engine for n
+        samples of each prompt (an engine encodes a prompt once for its samples), the later
+        ones for one continuation of each trajectory still going."""
         c = self.config
         trajectories = [
             Trajectory(i, list(p), [0.0] * len(p), [0.0] * len(p), tools[i])
@@ -138,7 +140,10 @@ class AgentLoop:
                 stop_token_ids=(*params.stop_token_ids, *self.stop_ids),
                 seed=params.seed + 1_000_003 * turn,
             )
-            gen = engine.generate([t.ids for t in active], step)
+            if turn == 0:  # the n trajectories of a prompt share it: each prompt once, n each
+                gen = engine.generate(prompts, replace(step, n=params.n))
+            else:
+                gen = engine.generate([t.ids for t in active], step)
             pending = []
             for t, r, ids, logp, finish in zip(
                 active, room, gen.response_ids, gen.logprobs, gen.finish_reasons, strict=True
