@@ -80,6 +80,15 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
             "parallel.tp=2",
             "algo.kl_coef=0.01",
         ],
+        # one engine serves the rollout TP group from rank 2 (rank 3 holds none), to a
+        # 2-stage pipeline whose first stage gets the tokens only
+        "rollout_tp2_pp2": [
+            *common,
+            "trainer.total_steps=3",
+            *PRESET,
+            "rollout.tp=2",
+            "parallel.pp=2",
+        ],
     }
     env = {"DISTFLOW_DATA_DIR": str(task)}
     return run_sweep(4, cases, tmp_path_factory.mktemp("runs"), env, timeout=600)
@@ -137,8 +146,9 @@ def test_weights_every_second_step(runs):
 def test_agents_dynamic_sampling_and_ppo_with_tensor_parallel_run_separate(runs):
     """Multi-turn tool calls (a tool that answers after 50-200 ms) on the rollout group;
     DAPO's extra sampling rounds agreed within the rollout group; PPO (critic, reference,
-    GAE) on a TP=2 train group: every step trains, one step off."""
-    for name in ("agent", "dapo", "ppo_tp2"):
+    GAE) on a TP=2 train group; a rollout TP group to a pipeline: every step trains, one
+    step off."""
+    for name in ("agent", "dapo", "ppo_tp2", "rollout_tp2_pp2"):
         rows = runs[name]
         assert [r["step"] for r in rows] == [1, 2, 3], name
         assert [r["staleness/max"] for r in rows] == [0, 1, 1], name
