@@ -310,3 +310,26 @@ def test_pipeline_stages_read_their_part():
         for n in config.algo.workflow
     ]
     assert stage_reads(prune(plan_workflow(own), node_fields(config)), config, 3) is None
+
+
+def test_separate_splits_the_plan_between_the_groups():
+    """rollout.placement=SEPARATE: the rollout group runs the ROLLOUT and REWARD nodes, the
+    train group the rest; a workflow that trains before it has scored, or trains nothing,
+    is refused by name."""
+    from types import SimpleNamespace
+
+    from distflow_mc.config import load_config
+    from distflow_mc.parallel import build_layouts
+    from distflow_mc.stages.step import bind, split
+    from tests.conftest import compose_config
+
+    config = load_config(compose_config(["placement=separate", "rollout.ranks=1", "algo=ppo"]))
+    layouts = build_layouts(config, 3)
+    w = SimpleNamespace(config=config, layouts=layouts)
+    bound = bind(plan_workflow(config.algo.workflow), w)
+    rolls, trains = split(bound, layouts.rollout)
+    assert [b.node.id for b in rolls] == ["rollout", "reward"]
+    assert {b.node.id for b in trains} >= {"advantage", "actor_train", "critic_train"}
+    assert trains[0].keep is not None and "version" in trains[0].keep
+    with pytest.raises(ValueError, match=r"rollout\.placement=SEPARATE needs every ROLLOUT"):
+        split(rolls, layouts.rollout)  # nothing trains

@@ -131,8 +131,11 @@ class _Worker:
                 return q.get(timeout=POLL_S)
             except queue.Empty:
                 self.check()
-                if not self.thread.is_alive():
-                    raise RuntimeError(f"{self.thread.name} ended early") from None
+                if not self.thread.is_alive():  # (its last item may have come meanwhile)
+                    try:
+                        return q.get_nowait()
+                    except queue.Empty:
+                        raise RuntimeError(f"{self.thread.name} ended early") from None
 
     def put(self, q: queue.Queue, item: Any) -> None:
         """Into `q`, which this worker drains."""

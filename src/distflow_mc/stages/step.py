@@ -188,11 +188,12 @@ def split(bound: list[Bound], rollout: Layout) -> tuple[list[Bound], list[Bound]
     """rollout.placement=SEPARATE: the nodes of the rollout layout, then the others; the
     rollout group runs the first, the train group the rest."""
     n = sum(b.layout == rollout for b in bound)
-    if any(b.layout == rollout for b in bound[n:]):
+    if any(b.layout == rollout for b in bound[n:]) or n == len(bound):
         raise ValueError(
             "rollout.placement=SEPARATE needs every ROLLOUT and REWARD node of algo.workflow"
-            f" planned before the nodes that train ({[b.node.id for b in bound]}): one group"
-            " generates and scores, the other takes the scored batches"
+            " planned before the nodes that train, and some of those"
+            f" ({[b.node.id for b in bound]}): one group generates and scores, the other takes"
+            " the scored batches"
         )
     return bound[:n], bound[n:]
 
