@@ -142,10 +142,12 @@ def _updates(gen: Generation, batch: Batch) -> torch.Tensor:
     """Per token, how many weight updates came before it in its generation (0 on prompt
     tokens and wherever no update crossed)."""
     mask = batch.tokens["response_mask"]
-    out = torch.zeros(len(mask), dtype=torch.int64, device=mask.device)
+    dev = mask.device
+    out = torch.zeros(len(mask), dtype=torch.int64, device=dev)
     if gen.segments:
-        parts = [torch.arange(len(s)).repeat_interleave(torch.tensor(s)) for s in gen.segments]
-        out[mask.bool()] = torch.cat(parts).to(mask.device)
+        counts = torch.tensor(gen.segments, dtype=torch.int64, device=dev)  # [samples, parts]
+        updates = torch.arange(counts.shape[1], device=dev).repeat(len(counts))
+        out[mask.bool()] = updates.repeat_interleave(counts.reshape(-1))
     return out
 
 
