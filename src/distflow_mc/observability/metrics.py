@@ -129,6 +129,10 @@ class Sinks:
             }
             if "agent/tool_call_rate" in record:  # agent rollouts
                 shown["calls"] = f"{record['agent/tool_call_rate']:.2f}"
+            if "staleness/mean" in record:  # rollout.placement=SEPARATE
+                shown["lag"] = f"{record['staleness/mean']:.1f}"
+                idle = (record.get(f"{g}/idle_frac", float("nan")) for g in ("rollout", "train"))
+                shown["idle"] = "/".join(f"{x:.2f}" for x in idle)  # rollout / train group
             self.skipped += record.get("data/skipped_prompts", 0.0)
             if self.skipped:
                 shown["skipped"] = f"{self.skipped:.0f}"
