@@ -204,7 +204,7 @@ def main() -> None:
             Layout("train", dp=1, tp=2, pp=2, replicated=True),
         )
     result = {}
-    channel = dist.new_group(list(range(w))) if w == 4 else None
+    channel = dist.new_group(list(range(w)), timeout=timedelta(seconds=60)) if w == 4 else None
     mode = FactoryDevices()  # the placement rule holds on the exchange path too
     with mode:
         run_scenarios(layouts, result)

@@ -35,6 +35,7 @@ from distflow_mc.models.train import TrainableModel
 from distflow_mc.parallel.dist import init_distributed
 from distflow_mc.parallel.megatron_state import init_model_parallel, world_of
 from distflow_mc.rollout.hf_engine import HFEngine
+from distflow_mc.rollout.weight_stream import stream_buckets
 from distflow_mc.rollout.weight_sync import sync_weights_to_group
 from tests.tiny_hf import load_hf, load_tensors
 
@@ -183,7 +184,7 @@ def checkpointed(model_dir: Path, mp, out: Path) -> dict:
 def engine_after_stream(model_dir: Path, group, out: Path, rank: int) -> dict:
     """A transformers engine on a rank outside the model's group, fed by the stream."""
     engine = HFEngine(model_dir, pad_token_id=0, device=torch.device("cpu"))
-    sync_weights_to_group(None, None, None, engine, group, 0, torch.device("cpu"))
+    engine.update_weights(stream_buckets(None, 0, group, torch.device("cpu")))
     torch.save(dict(engine.model.state_dict()), out / f"engine{rank}.pt")
     return {"engine": True}
 
@@ -308,7 +309,7 @@ def run(args: argparse.Namespace) -> None:
         model_dir = args.models / "llama"
         _, chunks = load_model(model_dir, mp, torch.float32)
         arch = read_hf_config(model_dir)
-        sync_weights_to_group(chunks, arch, mp, None, stream, 0, torch.device("cpu"), 4096)
+        sync_weights_to_group(chunks, arch, mp, stream, 0, torch.device("cpu"), 4096)
         params = {}  # what was sent, exported again (a collective over the model's ranks)
         for bucket in export_hf(chunks, arch, mp):
             params.update({n: t.clone() for n, t in bucket})

@@ -36,22 +36,17 @@ def sync_weights(
 
 
 def sync_weights_to_group(
-    chunks: list[MegatronModule] | None,
+    chunks: list[MegatronModule],
     arch: HFArch,
-    mp: ModelParallel | None,
-    engine: RolloutEngine | None,
+    mp: ModelParallel,
     group: dist.ProcessGroup,
     src: int,
     device: torch.device,
     bucket_bytes: int = 256 << 20,
 ) -> None:
-    """rollout.placement=SEPARATE: every train rank (`mp` set) takes part in the export, the
-    first (`src`) streams each bucket over `group` (it and the rollout ranks) to the rollout
-    ranks, whose engines take them as they arrive; a train rank that does not send lets
-    each bucket go."""
-    if mp is None:
-        engine.update_weights(stream_buckets(None, src, group, device))
-        return
+    """rollout.placement=SEPARATE, on the train ranks: every one takes part in the export,
+    the first (`src`) streams each bucket over `group` (it and the engines' ranks, which
+    receive with `stream_buckets(None, src, group, device)`); the others let each bucket go."""
     buckets: Iterator[Bucket] = export_hf(chunks, arch, mp, bucket_bytes)
     if dist.get_rank() == src:
         buckets = stream_buckets(buckets, src, group, device)

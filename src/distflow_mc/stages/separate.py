@@ -330,7 +330,7 @@ def _send_weights(w: Workers, ch: Channels, version: int | None) -> None:
         dist.broadcast_object_list([version], src=ch.src, group=ch.weights)
     if version is not None:
         bucket = w.config.rollout.weight_sync_bucket_mb << 20
-        args = (w.arch, w.mp, None, ch.weights, ch.src, w.ctx.device, bucket)
+        args = (w.arch, w.mp, ch.weights, ch.src, w.ctx.device, bucket)
         sync_weights_to_group(w.actor.modules, *args)
 
 
