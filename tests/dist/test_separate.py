@@ -12,6 +12,7 @@ Measured on the 2-core machine: k=1 with algo.tis_cap=2 takes the reward from 0.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from distflow_mc.data.tiny import make_task
 from tests.conftest import run_sweep
@@ -79,6 +80,7 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
             *PRESET,
             "parallel.tp=2",
             "algo.kl_coef=0.01",
+            "trainer.export_hf=true",
         ],
         # one engine serves the rollout TP group from rank 2 (rank 3 holds none), to a
         # 2-stage pipeline whose first stage gets the tokens only
@@ -91,7 +93,11 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
         ],
     }
     env = {"DISTFLOW_DATA_DIR": str(task)}
-    return run_sweep(4, cases, tmp_path_factory.mktemp("runs"), env, timeout=600)
+    run_dir = tmp_path_factory.mktemp("runs")
+    out = run_sweep(4, cases, run_dir, env, timeout=600)
+    out["ppo_tp2_dir"] = run_dir / str(list(cases).index("ppo_tp2"))
+    out["task"] = task
+    return out
 
 
 def test_staleness_zero_is_the_colocated_run(runs):
@@ -175,3 +181,20 @@ def test_partial_rollouts_take_new_weights_mid_generation(runs):
         assert fresher == (r["rollout/partial_frac"] > 0), r["step"]
         # (one update at most per batch on its one engine)
         assert r["rollout/partial_updates"] == (r in crossed), r["step"]
+
+
+def test_the_train_group_exports_the_final_actor(runs):
+    """trainer.export_hf under SEPARATE: the TP=2 train group writes the final actor as a
+    Hugging Face checkpoint (within its own group): every tensor of the model it started
+    from, trained, and transformers loads it."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_hf import load_tensors
+
+    start, final = (
+        load_tensors(runs["task"] / "tiny_llama"),
+        load_tensors(runs["ppo_tp2_dir"] / "hf"),
+    )
+    assert sorted(final) == sorted(start)
+    assert any(not torch.equal(final[k], start[k]) for k in start)
+    AutoModelForCausalLM.from_pretrained(runs["ppo_tp2_dir"] / "hf")
