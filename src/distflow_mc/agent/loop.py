@@ -21,7 +21,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from distflow_mc.agent.parser import get_parser
-from distflow_mc.agent.tools import Call, Tool, run_calls
+from distflow_mc.agent.tools import Call, Result, Tool, run_calls
 from distflow_mc.config.schema import AgentConfig
 from distflow_mc.rollout.engine import RolloutEngine, SamplingParams
 
@@ -75,6 +75,8 @@ class Trajectory:
     tool_errors: int = 0  # unparsable calls and failed ones (timeouts included)
     tool_timeouts: int = 0
     finish: str = "stop"  # stop | length | turns
+    # rollout.stream: (first token, version) of each weight version that drew its turns
+    versions: list[tuple[int, int]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """What the reward function sees of it (as extra_info["trajectory"])."""
@@ -88,7 +90,7 @@ class Trajectory:
 
 
 @dataclass
-class _Pending:
+class Pending:
     trajectory: Trajectory
     stop_text: str
     calls: list[Call]
@@ -110,6 +112,16 @@ class AgentLoop:
             return self.tools
         return {s["function"]["name"]: self.tools[s["function"]["name"]] for s in row_tools}
 
+    def start(
+        self, prompts: list[list[int]], tools: list[dict[str, Tool]], n: int
+    ) -> list[Trajectory]:
+        """`n` trajectories per prompt, prompt i's at [i*n, (i+1)*n)."""
+        return [
+            Trajectory(i, list(p), [0.0] * len(p), [0.0] * len(p), tools[i])
+            for i, p in enumerate(prompts)
+            for _ in range(n)
+        ]
+
     def run(
         self,
         engine: RolloutEngine,
@@ -118,44 +130,51 @@ class AgentLoop:
         params: SamplingParams,
     ) -> list[Trajectory]:
         """`params.n` trajectories per prompt (prompt i's at [i*n, (i+1)*n)); `params`
-        applies per turn, its seed moved on every turn. The first turn asks the engine for n
-        samples of each prompt (an engine encodes a prompt once for its samples), the later
-        ones for one continuation of each trajectory still going."""
-        c = self.config
-        trajectories = [
-            Trajectory(i, list(p), [0.0] * len(p), [0.0] * len(p), tools[i])
-            for i, p in enumerate(prompts)
-            for _ in range(params.n)
-        ]
+        applies per turn, its seed moved on every turn."""
+        trajectories = self.start(prompts, tools, params.n)
         active = trajectories
-        for turn in range(c.max_turns):
+        for turn in range(self.config.max_turns):
             if not active:
                 break
-            # > 0: prompts are shorter (checked), and _answer ends those left without room
-            room = [c.max_total_tokens - len(t.ids) for t in active]
-            step = replace(
-                params,
-                n=1,
-                max_new_tokens=min(params.max_new_tokens, max(room)),
-                stop_token_ids=(*params.stop_token_ids, *self.stop_ids),
-                seed=params.seed + 1_000_003 * turn,
-            )
-            if turn == 0:  # the n trajectories of a prompt share it: each prompt once, n each
-                gen = engine.generate(prompts, replace(step, n=params.n))
-            else:
-                gen = engine.generate([t.ids for t in active], step)
-            pending = []
-            for t, r, ids, logp, finish in zip(
-                active, room, gen.response_ids, gen.logprobs, gen.finish_reasons, strict=True
-            ):
-                pending += self._turn(t, ids.tolist(), logp.tolist(), finish, r, turn)
-            active = self._answer(pending)
+            step = replace(params, seed=params.seed + 1_000_003 * turn)
+            pending = self.turn(engine, active, step, prompts if turn == 0 else None)
+            active = self.answer(pending)
         return trajectories
 
+    def turn(
+        self,
+        engine: RolloutEngine,
+        active: list[Trajectory],
+        params: SamplingParams,
+        prompts: list[list[int]] | None = None,
+    ) -> list[Pending]:
+        """One engine call, a turn of each of `active`; the tool calls they make. With
+        `prompts` (their first turn, `params.n` trajectories of each prompt in order), the
+        engine gets each prompt once with n samples (an engine encodes it once for them)."""
+        c = self.config
+        # > 0: prompts are shorter (checked), and answer() ends those left without room
+        room = [c.max_total_tokens - len(t.ids) for t in active]
+        step = replace(
+            params,
+            n=1,
+            max_new_tokens=min(params.max_new_tokens, max(room)),
+            stop_token_ids=(*params.stop_token_ids, *self.stop_ids),
+        )
+        if prompts is not None:
+            gen = engine.generate(prompts, replace(step, n=params.n))
+        else:
+            gen = engine.generate([t.ids for t in active], step)
+        pending = []
+        for t, r, ids, logp, finish in zip(
+            active, room, gen.response_ids, gen.logprobs, gen.finish_reasons, strict=True
+        ):
+            pending += self._turn(t, ids.tolist(), logp.tolist(), finish, r)
+        return pending
+
     def _turn(
-        self, t: Trajectory, ids: list[int], logp: list[float], finish: str, room: int, turn: int
-    ) -> list[_Pending]:
-        """Append one generated turn; a _Pending when it calls tools and may go on."""
+        self, t: Trajectory, ids: list[int], logp: list[float], finish: str, room: int
+    ) -> list[Pending]:
+        """Append one generated turn; a Pending when it calls tools and may go on."""
         if len(ids) > room:  # past the trajectory's budget: cut, as a stop there would
             ids, logp, finish = ids[:room], logp[:room], "length"
         t.ids += ids
@@ -177,36 +196,40 @@ class AgentLoop:
             return []
         t.tool_calls += len(calls) + len(errors)
         t.tool_errors += len(errors)
-        if turn == self.config.max_turns - 1:
+        if t.turns == self.config.max_turns:
             t.finish = "turns"
             return []
-        return [_Pending(t, self.tokenizer.decode(ids[-1:]) if eos else "", calls, errors)]
+        return [Pending(t, self.tokenizer.decode(ids[-1:]) if eos else "", calls, errors)]
 
-    def _answer(self, pending: list[_Pending]) -> list[Trajectory]:
-        """Run every pending call at once, append the results; the trajectories that go on."""
+    def call(self, pending: list[Pending]) -> list[Result]:
+        """Run the calls of every one of `pending` at once, each with its budget."""
         c = self.config
         flat = [(call, p.trajectory.tools) for p in pending for call in p.calls]
-        results = iter(run_calls(flat, c.tool_timeout_s, c.max_tool_output_chars, c.tool_timeouts))
-        going = []
-        for p in pending:
-            t = p.trajectory
-            texts = [f"error: {e}" for e in p.errors]
-            for _ in p.calls:
-                result = next(results)
-                t.tool_errors += result.error is not None
-                t.tool_timeouts += result.timed_out
-                texts.append(result.text)
-            messages = [{"role": "tool", "content": text} for text in texts]
-            t.messages += messages
-            delta = self.turns.tokens(messages, p.stop_text)
-            if len(t.ids) + len(delta) >= c.max_total_tokens:  # no room left to answer in
-                t.finish = "length"
-                continue
-            t.ids += delta
-            t.logprobs += [0.0] * len(delta)
-            t.mask += [0.0] * len(delta)
-            going.append(t)
-        return going
+        return run_calls(flat, c.tool_timeout_s, c.max_tool_output_chars, c.tool_timeouts)
+
+    def answer(self, pending: list[Pending]) -> list[Trajectory]:
+        """Run every pending call at once, append the results; the trajectories that go on."""
+        results = iter(self.call(pending))
+        return [p.trajectory for p in pending if self.append(p, [next(results) for _ in p.calls])]
+
+    def append(self, p: Pending, results: list[Result]) -> bool:
+        """The results of `p`'s calls into its trajectory; whether it goes on."""
+        t = p.trajectory
+        texts = [f"error: {e}" for e in p.errors]
+        for result in results:
+            t.tool_errors += result.error is not None
+            t.tool_timeouts += result.timed_out
+            texts.append(result.text)
+        messages = [{"role": "tool", "content": text} for text in texts]
+        t.messages += messages
+        delta = self.turns.tokens(messages, p.stop_text)
+        if len(t.ids) + len(delta) >= self.config.max_total_tokens:  # no room to answer in
+            t.finish = "length"
+            return False
+        t.ids += delta
+        t.logprobs += [0.0] * len(delta)
+        t.mask += [0.0] * len(delta)
+        return True
 
 
 def stop_ids(tokenizer: PreTrainedTokenizerBase, stops: list[str]) -> tuple[int, ...]:

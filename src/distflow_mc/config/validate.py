@@ -18,6 +18,7 @@ from distflow_mc.config.schema import (
     DataConfig,
     Engine,
     ModelConfig,
+    OnStale,
     OptimConfig,
     ParallelConfig,
     Placement,
@@ -230,6 +231,36 @@ def _transformer_engine() -> bool:
     return use_transformer_engine()
 
 
+def _stream(c: Config) -> list[str]:
+    r = c.rollout
+    return [
+        *_check(
+            not r.stream or (r.placement is Placement.SEPARATE and bool(r.agent.tools)),
+            "rollout.stream",
+            "needs rollout.placement=SEPARATE and rollout.agent.tools: it defers the groups"
+            " whose tool calls still run; without tools every group of a step ends in the same"
+            " engine call",
+        ),
+        *_check(
+            not r.stream or c.trainer.max_staleness >= 2,
+            "rollout.stream",
+            "needs trainer.max_staleness >= 2: the rollout runs k - 1 versions ahead and a"
+            f" group may wait one step more, got k={c.trainer.max_staleness}",
+        ),
+        *_check(
+            not (r.stream and c.algo.dynamic_sampling),
+            "rollout.stream",
+            "does not combine with algo.dynamic_sampling (a step's groups would wait on its"
+            " extra rounds): set one of them false",
+        ),
+        *_check(
+            c.trainer.on_stale is OnStale.WAIT or r.stream,
+            "trainer.on_stale",
+            "DROP needs rollout.stream=true: without it no group is ever deferred",
+        ),
+    ]
+
+
 def check_config(c: Config) -> None:
     """Raise ValueError listing every setting out of range, each named as a dotted key."""
     problems = [
@@ -248,6 +279,7 @@ def check_config(c: Config) -> None:
             f"must be >= 1, and 1 unless rollout.placement=SEPARATE (a colocated engine takes"
             f" the actor after every step), got {c.trainer.weight_sync_every}",
         ),
+        *_stream(c),
     ]
     if problems:
         raise ValueError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 class LoaderState:
     epoch: int = 0
     consumed: int = 0  # prompts of this epoch handed out, over all ranks
+    # prompts (uids) handed out but not trained when the state was saved (rollout.stream
+    # defers groups): the next batch is these, shared by the ranks, then the order goes on
+    pending: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -92,28 +95,34 @@ class PromptLoader:
         return np.random.default_rng([self.seed, epoch]).permutation(n)
 
     def _advance(self, state: LoaderState) -> LoaderState:
+        if state.pending:
+            return replace(state, pending=[])
         consumed = state.consumed + self.config.batch_size
         if consumed + self.config.batch_size > len(self.source):
             return LoaderState(state.epoch + 1, 0)
         return LoaderState(state.epoch, consumed)
 
-    def rows_for(self, state: LoaderState) -> list[int]:
-        """Global row indices this rank reads for the step at `state`."""
+    def uids_for(self, state: LoaderState) -> list[int]:
+        """The prompts (uid = epoch * rows + row) this rank reads for the step at `state`."""
+        if state.pending:
+            return state.pending[self.dp_rank :: self.dp_size]
         share = self.config.batch_size // self.dp_size
         start = state.consumed + self.dp_rank * share
-        return self.order(state.epoch)[start : start + share].tolist()
+        rows = self.order(state.epoch)[start : start + share].tolist()
+        return [state.epoch * len(self.source) + row for row in rows]
 
     def batch_at(self, state: LoaderState) -> PromptBatch:
         """This rank's prompts of the step at `state` (the state does not move)."""
-        rows = self.rows_for(state)
+        uids = self.uids_for(state)
+        rows = [uid % len(self.source) for uid in uids]
         ids, kept, skipped = [], [], {"malformed": 0, "overlong": 0}
-        for index, raw in zip(rows, self.source.read(rows), strict=True):
+        for uid, index, raw in zip(uids, rows, self.source.read(rows), strict=True):
             got = self._encode(index, raw, warn=True)
             if isinstance(got, str):
                 skipped[got] += 1
                 continue
             ids.append(torch.tensor(got[0], dtype=torch.int64, device="cpu"))
-            kept.append((state.epoch * len(self.source) + index, got[1]))
+            kept.append((uid, got[1]))
         return PromptBatch(self._to_batch(ids, kept), skipped["malformed"], skipped["overlong"])
 
     def _encode(
@@ -207,10 +216,10 @@ class PromptLoader:
             self._ahead = (upcoming, self._pool.submit(self.batch_at, upcoming))
         return result
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         return asdict(self.state)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state = LoaderState(**state)
         self._ahead = None
 

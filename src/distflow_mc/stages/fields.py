@@ -90,7 +90,7 @@ def carried(
     # moves whole once the rollout group has scored it
     separate = config.rollout.placement is Placement.SEPARATE
     version = frozenset({"version"} if separate else ())
-    version |= {"token_version"} if config.rollout.partial else set()
+    version |= {"token_version"} if config.rollout.partial or config.rollout.stream else set()
     where = [layouts.for_role(n.role) for n in nodes]
     declared = [fields(n) for n in nodes]
     keep: list[frozenset[str] | None] = [None] * len(nodes)

@@ -23,7 +23,9 @@ def generate(w: Workers, batch: Batch | None, m: Metrics, step: int) -> Batch | 
     and more prompts are drawn until every rank has its share of groups, at most
     `algo.dynamic_sampling_max_rounds` times. Every rank's loader advances in every
     round (the loader state stays one global position), and all ranks agree on another
-    round with one all-reduce."""
+    round with one all-reduce. With rollout.stream, the rank's stream gives the groups."""
+    if w.stream is not None:
+        return streamed(w, m, step)
     a = w.config.algo
     target = w.config.data.batch_size // w.layouts.rollout.dp
     pieces: list[Batch] = []
@@ -55,12 +57,47 @@ def generate(w: Workers, batch: Batch | None, m: Metrics, step: int) -> Batch | 
     return batch if keep_samples == len(batch) else batch.select(list(range(keep_samples)))
 
 
-def _sample(w: Workers, got: PromptBatch, m: Metrics, step: int, round_: int) -> Batch:
+def streamed(w: Workers, m: Metrics, step: int) -> Batch:
+    """rollout.stream: this step's prompts into the stream, its share of finished groups
+    out, each sample with the version that started it and each token with the one that
+    drew it."""
+    quota = w.config.data.batch_size // w.layouts.rollout.dp
+    # one share more in flight than a step takes: a share's worth of groups to generate
+    # while others wait for tools (two draws at the start, and after groups were dropped)
+    draws = [w.loader.next() for _ in range(1 + (len(w.stream.groups) < quota))]
+    for got in draws:
+        m.add_total("data/malformed_rows", got.malformed)
+        m.add_total("data/overlong_prompts", got.overlong)
+    prompts = Batch.concat([got.batch for got in draws])
+    offered = [w.agent.offered(row_tools(e)) for e in prompts.objects["extra"]]
+    params = _params(w, step, 0)
+    done, prompts = w.stream.take(prompts, offered, params, step, quota, m)
+    _agent_metrics(done, m)
+    batch = _agent_batch(done, prompts, params.n, w.ctx.device)
+    batch.tokens["token_version"], batch.samples["version"] = _versions(done, w.ctx.device)
+    m.add("rollout/groups", len(prompts))
+    m.add_total("rollout/samples", len(batch))
+    return batch
+
+
+def _versions(done: list[Trajectory], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, the weight version that drew it (prompt and tool tokens: the turn's
+    before them); per sample, the version of its first turn."""
+    versions, lengths = [], []
+    for t in done:
+        ends = [start for start, _ in t.versions[1:]] + [len(t.ids)]
+        versions += [v for _, v in t.versions]
+        lengths += [end - start for end, start in zip(ends, [0, *ends[:-1]], strict=True)]
+    per_token = torch.tensor(versions, dtype=torch.int64, device=device).repeat_interleave(
+        torch.tensor(lengths, dtype=torch.int64, device=device)
+    )
+    first = [t.versions[0][1] for t in done]
+    return per_token, torch.tensor(first, dtype=torch.int64, device=device)
+
+
+def _params(w: Workers, step: int, round_: int) -> SamplingParams:
     r = w.config.rollout
-    m.add_total("data/malformed_rows", got.malformed)
-    m.add_total("data/overlong_prompts", got.overlong)
-    prompts = got.batch
-    params = SamplingParams(
+    return SamplingParams(
         n=r.n,
         temperature=r.temperature,
         top_p=r.top_p,
@@ -69,7 +106,12 @@ def _sample(w: Workers, got: PromptBatch, m: Metrics, step: int, round_: int) ->
         stop_token_ids=(w.tokenizer.eos_token_id,),
         seed=((w.config.trainer.seed * 1_000_003 + step) * 17 + round_) * 4099 + w.rollout_rank,
     )
-    return rollouts(w, prompts, params, m, w.interrupt)
+
+
+def _sample(w: Workers, got: PromptBatch, m: Metrics, step: int, round_: int) -> Batch:
+    m.add_total("data/malformed_rows", got.malformed)
+    m.add_total("data/overlong_prompts", got.overlong)
+    return rollouts(w, got.batch, _params(w, step, round_), m, w.interrupt)
 
 
 TOKEN_FIELDS = {

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distflow_mc.agent.stream import AgentStream
+from distflow_mc.config.schema import OnStale
 from distflow_mc.data.batch import Batch
 from distflow_mc.data.redistribute import Balance, redistribute
 from distflow_mc.observability.metrics import Metrics, Sinks, derived
@@ -54,14 +56,14 @@ POLL_S = 1.0  # how often a wait on a channel checks that its thread is alive
 class Schedule:
     start: int
     total: int
-    k: int  # trainer.max_staleness
+    ahead: int  # trainer.max_staleness (less one under rollout.stream)
     val_every: int = 0  # trainer.val_every
     every: int = 1  # trainer.weight_sync_every
 
     def version(self, step: int) -> int:
         """The policy version that generates batch `step` (a resumed run has the versions
         from its checkpoint's on)."""
-        return max(self.start, (step - self.k) // self.every * self.every)
+        return max(self.start, (step - self.ahead) // self.every * self.every)
 
     @property
     def last_version(self) -> int:
@@ -83,7 +85,7 @@ class Schedule:
             and version > 0
             and version % self.val_every == 0
             and version % self.every == 0
-            and version + self.k + 1 < self.total
+            and version + self.ahead + 1 < self.total
         )
 
 
@@ -192,7 +194,8 @@ def fit_separate(
     group had after the batch of that step: batches generated past it are generated again
     after a resume, and none is trained twice."""
     t = w.config.trainer
-    schedule = Schedule(start, t.total_steps, t.max_staleness, t.val_every, t.weight_sync_every)
+    ahead = t.max_staleness - w.config.rollout.stream  # a streamed group may wait one step
+    schedule = Schedule(start, t.total_steps, ahead, t.val_every, t.weight_sync_every)
     ch = channels(w)
     keep = train_nodes[0].keep
     if w.mp is None:
@@ -209,6 +212,9 @@ def _rollout_side(w: Workers, ch: Channels, schedule: Schedule, nodes: list, kee
     weights = _EngineWeights(w, ch) if w.ctx.rank in ch.engines else None
     if weights is not None and w.config.rollout.partial:
         w.interrupt = weights
+    if w.config.rollout.stream and w.is_rollout_emitter:
+        drop = w.config.trainer.on_stale is OnStale.DROP
+        w.stream = AgentStream(w.agent, w.engine, lambda: weights.version, drop)
 
     def send() -> None:
         while (item := outbox.get()) is not None:
@@ -231,7 +237,7 @@ def _rollout_side(w: Workers, ch: Channels, schedule: Schedule, nodes: list, kee
         base = weights.version if weights is not None else schedule.version(step)
         updates = weights.updates if weights is not None else 0
         val = {}
-        if schedule.validates(v := schedule.version(step)) and step - schedule.k == v:
+        if schedule.validates(v := schedule.version(step)) and step - schedule.ahead == v:
             tick = time.perf_counter()
             val = {**validate(w, v - 1), "val/version": float(v)}
             m.set("time/validate", time.perf_counter() - tick)
@@ -240,7 +246,7 @@ def _rollout_side(w: Workers, ch: Channels, schedule: Schedule, nodes: list, kee
             tick = time.perf_counter()
             batch = b.fn(w, batch, m, step)
             m.set(f"time/{b.node.id}", time.perf_counter() - tick)
-        if batch is not None:
+        if batch is not None and "version" not in batch.samples:  # (rollout.stream's has)
             batch.samples["version"] = torch.full(
                 (len(batch),), base, dtype=torch.int64, device=w.ctx.device
             )
@@ -264,7 +270,7 @@ def _rollout_side(w: Workers, ch: Channels, schedule: Schedule, nodes: list, kee
         except ValueError as e:
             stop = e
         tick = cycle = time.perf_counter()
-        loader = w.loader.state_dict() if w.loader is not None else None
+        loader = _loader_state(w)
         handover = Handover(record, w.rewards.failed_sources, loader, stop is not None)
         sender.put(outbox, (batch, handover))
         waited = time.perf_counter() - tick
@@ -280,6 +286,20 @@ def _rollout_side(w: Workers, ch: Channels, schedule: Schedule, nodes: list, kee
         weights.receiver.join(weights.queue)  # until the train group ends the weight channel
     if stop is not None:
         raise stop
+
+
+def _loader_state(w: Workers) -> dict | None:
+    """The rollout group's loader state after this step's batch, with rollout.stream the
+    prompts of every group still in flight: they are trained in a later step, or, after a
+    resume from this step, handed out again."""
+    state = w.loader.state_dict() if w.loader is not None else None
+    if w.config.rollout.stream:  # (every rollout rank takes part)
+        pending: list = [None] * dist.get_world_size(w.rollout_group)
+        mine = w.stream.pending() if w.stream is not None else []
+        dist.all_gather_object(pending, mine, group=w.rollout_group)
+        if state is not None:
+            state["pending"] = sorted(uid for rank in pending for uid in rank)
+    return state
 
 
 class _EngineWeights:

@@ -13,6 +13,7 @@ from megatron.core.transformer.module import MegatronModule
 from transformers import PreTrainedTokenizerBase
 
 from distflow_mc.agent.loop import AgentLoop
+from distflow_mc.agent.stream import AgentStream
 from distflow_mc.algos import advantages as adv_fns
 from distflow_mc.algos import losses
 from distflow_mc.algos.correction import Correction, behaviour_weights
@@ -73,6 +74,8 @@ class Workers:
     # rollout.partial: what lets a running generation take new weights (set by the
     # SEPARATE loop on the ranks with an engine)
     interrupt: Interrupt | None = None
+    # rollout.stream: this rank's groups in flight across steps (set like `interrupt`)
+    stream: AgentStream | None = None
 
     @property
     def reads_all(self) -> bool:

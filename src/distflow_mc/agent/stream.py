@@ -1,0 +1,183 @@
+"""rollout.stream: a rollout rank's agent groups, in flight across steps.
+
+A step adds its prompts' groups and takes its share (`quota`) of finished groups as soon
+as that many are finished, instead of waiting for the slowest tool call: while some
+trajectories wait for tools (each waiting trajectory's calls run in their own thread),
+the others generate their next turn, batched in one engine call. Groups still running
+when the share is full go on in the next step; there they are due (one step more would
+take them past trainer.max_staleness) and go first: with `drop` false the step waits for
+them, with `drop` true the ones still running then are dropped and counted.
+
+The weights may change between steps while a group runs, so each trajectory records which
+version drew each of its turns (`Trajectory.versions`). Which groups finish first depends
+on the tools' timing: a streamed run is not bit-reproducible, as no asynchronous system is.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from distflow_mc.agent.loop import AgentLoop, Pending, Trajectory
+from distflow_mc.agent.tools import Result, Tool
+from distflow_mc.data.batch import Batch
+from distflow_mc.observability.metrics import Metrics
+from distflow_mc.rollout.engine import RolloutEngine, SamplingParams
+
+
+@dataclass
+class _Group:
+    uid: int
+    started: int  # the step it started in
+    prompt: Batch  # its prompt (one row)
+    trajectories: list[Trajectory]
+    running: int  # trajectories not finished
+
+
+class AgentStream:
+    def __init__(
+        self,
+        loop: AgentLoop,
+        engine: RolloutEngine,
+        version: Callable[[], int],
+        drop: bool,
+    ) -> None:
+        """`version`: the engine's weight version now; `drop`: trainer.on_stale=DROP."""
+        self.loop, self.engine, self.version, self.drop = loop, engine, version, drop
+        self.groups: dict[int, _Group] = {}  # by uid, in the order they started
+        self.fresh: list[_Group] = []  # not generated yet
+        self.ready: list[Trajectory] = []  # its tools answered: the next turn
+        self.owner: dict[int, _Group] = {}  # id(trajectory) -> its group
+        self.answers: queue.Queue[tuple[Pending, list[Result] | BaseException]] = queue.Queue()
+
+    def pending(self) -> list[int]:
+        """The uids of the groups started and not taken: a checkpoint hands them out again."""
+        return list(self.groups)
+
+    def take(
+        self,
+        prompts: Batch,
+        tools: list[dict[str, Tool]],
+        params: SamplingParams,
+        step: int,
+        quota: int,
+        m: Metrics,
+    ) -> tuple[list[Trajectory], Batch]:
+        """Start `prompts`' groups (`params.n` trajectories each, with `tools`), run until
+        `quota` groups are finished (all there are, when fewer) and none that is due still
+        runs (unless dropped), and take them: due groups first, then in the order they
+        started. Returns their trajectories (prompt index: the group's row in the prompts
+        returned) and prompts."""
+        trajectories = self.loop.start([p.tolist() for p in _rows(prompts)], tools, params.n)
+        for i in range(len(prompts)):
+            own = trajectories[i * params.n : (i + 1) * params.n]
+            uid = int(prompts.samples["uid"][i])
+            group = _Group(uid, step, prompts.select([i]), own, len(own))
+            self.groups[uid] = group
+            self.fresh.append(group)
+            self.owner.update((id(t), group) for t in own)
+        calls = 0
+        while not self._full(step, quota):
+            self._harvest(block=not (self.fresh or self.ready))
+            if self.fresh or self.ready:
+                self._generate(replace(params, seed=params.seed + 1_000_003 * calls))
+                calls += 1
+        m.add_total("stream/engine_calls", calls)
+        taken = self._select(step, quota, m)
+        done = []
+        for j, g in enumerate(taken):
+            for t in g.trajectories:
+                t.prompt = j
+                done.append(t)
+        return done, Batch.concat([g.prompt for g in taken]) if taken else prompts.select([])
+
+    def _full(self, step: int, quota: int) -> bool:
+        finished = sum(g.running == 0 for g in self.groups.values())
+        due = any(g.running and g.started < step for g in self.groups.values())
+        return finished >= min(quota, len(self.groups)) and (self.drop or not due)
+
+    def _harvest(self, block: bool) -> None:
+        """The answers the call threads have put (waiting for one when `block`)."""
+        while True:
+            try:
+                p, results = self.answers.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if isinstance(results, BaseException):
+                raise RuntimeError(f"a tool call thread failed: {results}") from results
+            group = self.owner.get(id(p.trajectory))
+            if group is None:  # its group was dropped
+                continue
+            if self.loop.append(p, results):
+                self.ready.append(p.trajectory)
+            else:
+                group.running -= 1
+
+    def _generate(self, params: SamplingParams) -> None:
+        """One engine call for the fresh groups' first turns, one for the trajectories whose
+        tools answered; their tool calls go to threads."""
+        version = self.version()
+        pending = []
+        if self.fresh:
+            active = [t for g in self.fresh for t in g.trajectories]
+            prompts = [g.trajectories[0].ids for g in self.fresh]
+            pending += self._turn(active, params, version, prompts)
+            self.fresh = []
+        if self.ready:
+            active, self.ready = self.ready, []
+            pending += self._turn(active, replace(params, seed=params.seed + 1), version)
+        for p in pending:
+            if p.calls:
+                threading.Thread(target=self._call, args=(p,), daemon=True, name="tool").start()
+            else:  # only unparsable calls: answered at once
+                self.answers.put((p, []))
+
+    def _turn(
+        self,
+        active: list[Trajectory],
+        params: SamplingParams,
+        version: int,
+        prompts: list[list[int]] | None = None,
+    ) -> list[Pending]:
+        for t in active:
+            t.versions.append((len(t.ids), version))
+        pending = self.loop.turn(self.engine, active, params, prompts)
+        going = {id(p.trajectory) for p in pending}
+        for t in active:
+            if id(t) not in going:
+                self.owner[id(t)].running -= 1
+        return pending
+
+    def _call(self, p: Pending) -> None:
+        try:
+            self.answers.put((p, self.loop.call([p])))
+        except BaseException as e:  # handed to the stream's thread
+            self.answers.put((p, e))
+
+    def _select(self, step: int, quota: int, m: Metrics) -> list[_Group]:
+        """The groups this step takes, out of the stream; the due ones still running
+        dropped (only with `drop`: otherwise the step waited for them)."""
+        groups = list(self.groups.values())
+        due = [g for g in groups if g.started < step]
+        dropped = [g for g in due if g.running]
+        finished = [g for g in due if not g.running]
+        finished += [g for g in groups if g.started >= step and not g.running]
+        taken = finished[:quota]
+        for g in dropped + taken:
+            del self.groups[g.uid]
+            for t in g.trajectories:
+                self.owner.pop(id(t), None)
+        if dropped:
+            gone = {id(t) for g in dropped for t in g.trajectories}
+            self.ready = [t for t in self.ready if id(t) not in gone]
+        m.add_total("stream/dropped_groups", len(dropped))
+        m.add_total("stream/deferred_groups", sum(g.started == step for g in self.groups.values()))
+        m.add_total("stream/due_groups", len(due) - len(dropped))
+        return taken
+
+
+def _rows(prompts: Batch) -> list:
+    return [prompts.token_slice("input_ids", i) for i in range(len(prompts))]

@@ -1,0 +1,129 @@
+"""rollout.stream's bookkeeping (agent/stream.py) with an engine that calls the lookup tool
+with each prompt's own key and then answers, and a tool whose key-7 answer waits for the
+test to release it: which groups a step takes, defers, waits for and drops, and which
+weight version drew each token."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+from distflow_mc.agent.loop import AgentLoop
+from distflow_mc.agent.stream import AgentStream
+from distflow_mc.config.schema import AgentConfig
+from distflow_mc.data.batch import Batch
+from distflow_mc.data.tiny import AGENT_TOKENS, CALLS, Lookup, make_tokenizer
+from distflow_mc.observability.metrics import Metrics
+from distflow_mc.rollout.engine import Generation, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"), AGENT_TOKENS)
+
+
+class KeyCaller:
+    """First turn: the lookup call for the prompt's key; after the tool's answer: "0"."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.calls = tok, 0
+
+    def generate(self, prompts, params: SamplingParams) -> Generation:
+        self.calls += 1
+        gen, eos = Generation(), self.tok.eos_token_id
+        for i, ids in enumerate(prompts):
+            text = self.tok.decode(ids)
+            if "<|tool|>" in text:
+                out = [*self.tok.encode("0", add_special_tokens=False), eos]
+            else:
+                key = int(text.split("key: ")[1][0])
+                out = [*self.tok.encode(CALLS[key], add_special_tokens=False), eos]
+            for _ in range(params.n):
+                gen.prompt_index.append(i)
+                gen.response_ids.append(torch.tensor(out))
+                gen.logprobs.append(torch.zeros(len(out)))
+                gen.finish_reasons.append("stop")
+        return gen
+
+
+class Gated(Lookup):
+    """Key 7 answers once the gate opens."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    def __call__(self, arguments: dict[str, Any], budget_s: float) -> str:
+        if arguments["key"] == "7":
+            assert self.gate.wait(30)
+        return super().__call__(arguments, budget_s)
+
+
+def prompts(tok, keys: str, first_uid: int) -> Batch:
+    if not keys:  # a step whose prompts were all skipped
+        return Batch.empty({"input_ids": torch.int64}, [], torch.device("cpu"))
+    ids = [torch.tensor(tok.encode(f"<|user|>key: {k}\n<|assistant|>")) for k in keys]
+    uid = torch.arange(first_uid, first_uid + len(keys))
+    return Batch.from_sequences({"input_ids": ids}, {"uid": uid, "group": uid.clone()}, {})
+
+
+def stream(tok, drop: bool) -> tuple[AgentStream, Gated, list[int]]:
+    tool, version = Gated(), [0]
+    config = AgentConfig(max_turns=2, max_total_tokens=64)
+    loop = AgentLoop(config, tok, {"lookup": tool})
+    return AgentStream(loop, KeyCaller(tok), lambda: version[0], drop), tool, version
+
+
+def take(s: AgentStream, batch: Batch, step: int, m: Metrics, tok) -> list[int]:
+    params = SamplingParams(n=2, max_new_tokens=8, stop_token_ids=(tok.eos_token_id,))
+    tools = [s.loop.tools] * len(batch)
+    done, taken = s.take(batch, tools, params, step, 4, m)
+    assert [t.prompt for t in done] == [j for j in range(len(taken)) for _ in range(2)]
+    return taken.samples["uid"].tolist()
+
+
+def test_a_slow_group_is_deferred_then_waited_for(tok):
+    s, tool, version = stream(tok, drop=False)
+    m0 = Metrics()
+    got = take(s, prompts(tok, "71234568", 0), 0, m0, tok)  # two shares: 8 groups, take 4
+    assert len(got) == 4 and 0 not in got  # the stalled group is not waited for
+    assert m0.totals["stream/deferred_groups"] == 4 and 0 in s.pending()
+    version[0] = 1  # the next step's weights
+    timer = threading.Timer(0.3, tool.gate.set)  # the slow tool answers during step 1
+    timer.start()
+    m1 = Metrics()
+    done, taken = s.take(
+        prompts(tok, "9123", 8),
+        [s.loop.tools] * 4,
+        SamplingParams(n=2, max_new_tokens=8, stop_token_ids=(tok.eos_token_id,)),
+        1,
+        4,
+        m1,
+    )
+    timer.join()
+    uids = taken.samples["uid"].tolist()
+    assert uids == [u for u in range(8) if u not in got]  # the due groups, in start order
+    assert m1.totals["stream/due_groups"] == 4 and m1.totals["stream/dropped_groups"] == 0
+    slow = [t for t in done if t.prompt == 0]
+    for t in slow:  # turn 1 drawn by version 0, turn 2 (after the tool) by version 1
+        (p, v0), (start, v1) = t.versions
+        assert (v0, v1) == (0, 1) and t.mask[p] == 1 and t.mask[start] == 1
+        assert t.mask[start - 1] == 0  # the tool's tokens in between
+    assert sorted(s.pending()) == [8, 9, 10, 11]
+    # every group is taken once
+    assert sorted(got + uids + take(s, prompts(tok, "", 12), 2, Metrics(), tok)) == list(range(12))
+
+
+def test_drop_leaves_a_slow_due_group_out(tok):
+    s, tool, _ = stream(tok, drop=True)
+    got = take(s, prompts(tok, "71234568", 0), 0, Metrics(), tok)
+    assert 0 not in got
+    m = Metrics()
+    second = take(s, prompts(tok, "9123", 8), 1, m, tok)  # the gate stays shut
+    assert 0 not in second and len(second) == 4
+    assert m.totals["stream/dropped_groups"] == 1 and 0 not in s.pending()
+    tool.gate.set()  # its late answer is ignored
+    third = take(s, prompts(tok, "", 12), 2, Metrics(), tok)
+    assert 0 not in third and len(set(got + second + third)) == len(got + second + third)
