@@ -200,6 +200,10 @@ def test_separate_layouts_split_the_world():
     assert "layout train: DP=2 x TP=2 x PP=1 over 4 rank(s) (ranks 0-3)" in text
 
 
+STREAM = "rollout.stream=true"
+AGENT_SEPARATE = ["experiment=cpu_tiny_agent", "placement=separate", "rollout.ranks=1"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
@@ -222,11 +226,28 @@ def test_separate_layouts_split_the_world():
             "partial",
         ),
         (["placement=separate", "rollout.ranks=1", "trainer.weight_sync_every=0"], "weight_sync"),
+        (["experiment=cpu_tiny_agent", "rollout.stream=true"], "rollout.stream"),  # colocated
+        (  # no tools: nothing to stream
+            ["placement=separate", "rollout.ranks=1", "trainer.max_staleness=2", STREAM],
+            "rollout.stream",
+        ),
+        ([*AGENT_SEPARATE, STREAM], "max_staleness >= 2"),  # the preset's k=1
+        (
+            [*AGENT_SEPARATE, STREAM, "trainer.max_staleness=2", "algo.dynamic_sampling=true"],
+            "dynamic_sampling",
+        ),
+        ([*AGENT_SEPARATE, "trainer.on_stale=DROP"], "trainer.on_stale"),
     ],
 )
 def test_placement_settings_are_checked(overrides, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         load_config(compose_config(overrides))
+
+
+def test_stream_is_accepted_where_it_runs():
+    overrides = [*AGENT_SEPARATE, STREAM, "trainer.max_staleness=2", "trainer.on_stale=DROP"]
+    config = load_config(compose_config(overrides))
+    assert config.rollout.stream and config.trainer.on_stale.name == "DROP"
 
 
 def test_layouts_derive_data_parallel():

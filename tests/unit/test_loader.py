@@ -88,6 +88,22 @@ def test_resume_on_two_ranks_from_four(files, tokenizer):
     assert one_rank == straight  # the order does not depend on the layout
 
 
+def test_pending_prompts_come_first_then_the_order_goes_on(files, tokenizer):
+    """A checkpoint taken with prompts handed out and not trained (rollout.stream) names
+    them; a resumed loader hands them out again (shared over its ranks, whatever their
+    number), then goes on where the order was."""
+    straight, _ = global_steps(files, tokenizer, 2, 3)
+    first, state = global_steps(files, tokenizer, 2, 2)
+    pending = [first[1][1], first[1][5], 52 + 3]  # two of step 1, one of the next epoch
+    state = LoaderState(state.epoch, state.consumed, pending)
+    rest, final = global_steps(files, tokenizer, 2, 2, state=state)
+    assert sorted(rest[0]) == sorted(pending) and rest[1] == straight[2]
+    assert final.pending == [] and final.consumed == 24
+    again = loader(files, tokenizer, shuffle=False, state=state).next().batch
+    text = tokenizer.decode(again.token_slice("input_ids", 2))  # epoch 1's row 3, re-read
+    assert again.samples["uid"].tolist() == pending and "What is 3+1?" in text
+
+
 def test_prompts_are_tokenised_with_the_chat_template(files, tokenizer):
     batch = loader(files, tokenizer, shuffle=False).next().batch
     assert (

@@ -82,8 +82,7 @@ class AgentStream:
         while not self._full(step, quota):
             self._harvest(block=not (self.fresh or self.ready))
             if self.fresh or self.ready:
-                self._generate(replace(params, seed=params.seed + 1_000_003 * calls))
-                calls += 1
+                calls += self._generate(replace(params, seed=params.seed + 1_000_003 * calls))
         m.add_total("stream/engine_calls", calls)
         taken = self._select(step, quota, m)
         done = []
@@ -116,10 +115,10 @@ class AgentStream:
             else:
                 group.running -= 1
 
-    def _generate(self, params: SamplingParams) -> None:
+    def _generate(self, params: SamplingParams) -> int:
         """One engine call for the fresh groups' first turns, one for the trajectories whose
-        tools answered; their tool calls go to threads."""
-        version = self.version()
+        tools answered; their tool calls go to threads. Returns the engine calls made."""
+        version, calls = self.version(), bool(self.fresh) + bool(self.ready)
         pending = []
         if self.fresh:
             active = [t for g in self.fresh for t in g.trajectories]
@@ -134,6 +133,7 @@ class AgentStream:
                 threading.Thread(target=self._call, args=(p,), daemon=True, name="tool").start()
             else:  # only unparsable calls: answered at once
                 self.answers.put((p, []))
+        return calls
 
     def _turn(
         self,
