@@ -6,8 +6,9 @@
 
 Per task, the same run as COLOCATED (every rank generates, then trains) and as SEPARATE with
 trainer.max_staleness k = 0, 1, 2 (the last rank generates, the others train; k > 0 with
-algo.tis_cap=2, the placement=separate preset), on the same ranks, in turns (`--repeats`
-rounds of all four, so a slow minute of a noisy machine hits them alike). Tasks:
+algo.tis_cap=2, the placement=separate preset), and on the agent task k = 2 with
+rollout.stream, on the same ranks, in turns (`--repeats` rounds of all of them, so a slow
+minute of a noisy machine hits them alike). Tasks:
 `grpo` is the embedded GRPO task (compute-bound: on 2 shared cores the groups split the
 cores they had together); `agent_slow` is the embedded agent task whose tool answers after
 50-200 ms (data/tiny.py SlowLookup), the slow environment asynchronous RL exists for.
@@ -38,11 +39,14 @@ TASKS = {
         "rollout.agent.tools=[distflow_mc.data.tiny.SlowLookup]",
     ],
 }
+STREAM = "rollout.stream=true"
 MODES = {
     "COLOCATED": [],
     "SEPARATE k=0": ["placement=separate", "trainer.max_staleness=0", "algo.tis_cap=null"],
     "SEPARATE k=1": ["placement=separate", "trainer.max_staleness=1"],
     "SEPARATE k=2": ["placement=separate", "trainer.max_staleness=2"],
+    # agent tasks only: groups waiting for a tool go on while others generate
+    "SEPARATE k=2 stream": ["placement=separate", "trainer.max_staleness=2", STREAM],
 }
 WARMUP = 5
 
@@ -99,9 +103,10 @@ def main() -> None:
     env = {**os.environ, "DISTFLOW_DATA_DIR": str(make_task(work / "data"))}
     rows = []
     for task in args.tasks:
-        got: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+        modes = {m: x for m, x in MODES.items() if STREAM not in x or task.startswith("agent")}
+        got: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
         for _ in range(args.repeats):
-            for mode, extra in MODES.items():
+            for mode, extra in modes.items():
                 overrides = [*TASKS[task], f"trainer.total_steps={args.steps}", *extra]
                 nproc = args.nproc
                 if extra:
