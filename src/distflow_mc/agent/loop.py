@@ -14,14 +14,16 @@ call ("stop"), at `max_total_tokens` or a turn's `max_new_tokens`
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from distflow_mc.agent.parser import get_parser
-from distflow_mc.agent.tools import Call, Result, Tool, run_calls
+from distflow_mc.agent.tools import Call, Result, Tool, gather_calls
 from distflow_mc.config.schema import AgentConfig
 from distflow_mc.rollout.engine import RolloutEngine, SamplingParams
 
@@ -201,15 +203,15 @@ class AgentLoop:
             return []
         return [Pending(t, self.tokenizer.decode(ids[-1:]) if eos else "", calls, errors)]
 
-    def call(self, pending: list[Pending]) -> list[Result]:
-        """Run the calls of every one of `pending` at once, each with its budget."""
+    def call(self, pending: list[Pending]) -> Coroutine[Any, Any, list[Result]]:
+        """The calls of every one of `pending`, run at once, each with its budget."""
         c = self.config
         flat = [(call, p.trajectory.tools) for p in pending for call in p.calls]
-        return run_calls(flat, c.tool_timeout_s, c.max_tool_output_chars, c.tool_timeouts)
+        return gather_calls(flat, c.tool_timeout_s, c.max_tool_output_chars, c.tool_timeouts)
 
     def answer(self, pending: list[Pending]) -> list[Trajectory]:
         """Run every pending call at once, append the results; the trajectories that go on."""
-        results = iter(self.call(pending))
+        results = iter(asyncio.run(self.call(pending)) if pending else [])
         return [p.trajectory for p in pending if self.append(p, [next(results) for _ in p.calls])]
 
     def append(self, p: Pending, results: list[Result]) -> bool:

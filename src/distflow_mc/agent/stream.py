@@ -2,7 +2,7 @@
 
 A step adds its prompts' groups and takes its share (`quota`) of finished groups as soon
 as that many are finished, instead of waiting for the slowest tool call: while some
-trajectories wait for tools (each waiting trajectory's calls run in their own thread),
+trajectories wait for tools (the calls run on an event loop of the stream's own),
 the others generate their next turn, batched in one engine call. Groups still running
 when the share is full go on in the next step; there they are due (one step more would
 take them past trainer.max_staleness) and go first: with `drop` false the step waits for
@@ -15,10 +15,13 @@ on the tools' timing: a streamed run is not bit-reproducible, as no asynchronous
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from functools import partial
 
 from distflow_mc.agent.loop import AgentLoop, Pending, Trajectory
 from distflow_mc.agent.tools import Result, Tool
@@ -51,6 +54,14 @@ class AgentStream:
         self.ready: list[Trajectory] = []  # its tools answered: the next turn
         self.owner: dict[int, _Group] = {}  # id(trajectory) -> its group
         self.answers: queue.Queue[tuple[Pending, list[Result] | BaseException]] = queue.Queue()
+        # the tool calls run on one event loop of their own thread (a plain tool in a
+        # daemon thread per call, as in the loop's turns)
+        self.events = asyncio.new_event_loop()
+        threading.Thread(target=self.events.run_forever, daemon=True, name="tools").start()
+
+    def close(self) -> None:
+        """Stop the tool calls' event loop (calls still running are abandoned)."""
+        self.events.call_soon_threadsafe(self.events.stop)
 
     def pending(self) -> list[int]:
         """The uids of the groups started and not taken: a checkpoint hands them out again."""
@@ -130,7 +141,8 @@ class AgentStream:
             pending += self._turn(active, replace(params, seed=params.seed + 1), version)
         for p in pending:
             if p.calls:
-                threading.Thread(target=self._call, args=(p,), daemon=True, name="tool").start()
+                future = asyncio.run_coroutine_threadsafe(self.loop.call([p]), self.events)
+                future.add_done_callback(partial(self._answered, p))
             else:  # only unparsable calls: answered at once
                 self.answers.put((p, []))
         return calls
@@ -151,11 +163,9 @@ class AgentStream:
                 self.owner[id(t)].running -= 1
         return pending
 
-    def _call(self, p: Pending) -> None:
-        try:
-            self.answers.put((p, self.loop.call([p])))
-        except BaseException as e:  # handed to the stream's thread
-            self.answers.put((p, e))
+    def _answered(self, p: Pending, future: Future) -> None:
+        error = future.exception()
+        self.answers.put((p, future.result() if error is None else error))
 
     def _select(self, step: int, quota: int, m: Metrics) -> list[_Group]:
         """The groups this step takes, out of the stream; the due ones still running

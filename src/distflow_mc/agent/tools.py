@@ -110,14 +110,20 @@ def run_calls(
     """Run every call (with the tools its trajectory was offered) concurrently, each with
     its tool's entry in `budgets`, else `budget_s` seconds; results in order, each cut to
     `max_chars`."""
+    return asyncio.run(gather_calls(calls, budget_s, max_chars, budgets)) if calls else []
+
+
+async def gather_calls(
+    calls: Sequence[tuple[Call, dict[str, Tool]]],
+    budget_s: float,
+    max_chars: int,
+    budgets: Mapping[str, float] | None = None,
+) -> list[Result]:
+    """run_calls on a running event loop."""
     budgets = budgets or {}
-
-    async def all_of() -> list[Result]:
-        return await asyncio.gather(
-            *(_run(c, tools, budgets.get(c.name, budget_s), max_chars) for c, tools in calls)
-        )
-
-    return asyncio.run(all_of()) if calls else []
+    return await asyncio.gather(
+        *(_run(c, tools, budgets.get(c.name, budget_s), max_chars) for c, tools in calls)
+    )
 
 
 async def _run(call: Call, tools: dict[str, Tool], budget_s: float, max_chars: int) -> Result:

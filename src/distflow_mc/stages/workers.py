@@ -98,6 +98,8 @@ class Workers:
                 loader.close()
         if self.engine is not None:
             self.engine.shutdown()
+        if self.stream is not None:
+            self.stream.close()
         self.rewards.close()
 
 
