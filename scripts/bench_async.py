@@ -15,8 +15,9 @@ cores they had together); `agent_slow` is the embedded agent task whose tool ans
 50-200 ms (data/tiny.py SlowLookup), the slow environment asynchronous RL exists for.
 
 Prints per run (medians over the rounds; means over the steps after the first 5): seconds per
-step, generated tokens/s and the ratio to the first mode (COLOCATED by default), each group's idle fraction, the
-staleness, and the reward over the first and last 10 steps; writes bench_async.csv.
+step, generated tokens/s and the ratio to the first mode (COLOCATED by default), each
+group's idle fraction, the staleness, and the reward over the first and last 10 steps;
+writes bench_async.csv.
 """
 
 from __future__ import annotations
