@@ -10,10 +10,13 @@ from hypothesis import strategies as st
 from distflow_mc.data.balance import assign, karmarkar_karp
 from distflow_mc.data.batch import Batch
 from distflow_mc.data.microbatch import (
+    Item,
+    item_size,
     pack_rows,
     packed_microbatch,
     pad_microbatch,
     padded_size,
+    shared_items,
     split_by_token_budget,
 )
 
@@ -151,7 +154,7 @@ def test_packed_rows_hold_every_sample_once_with_its_own_positions(lengths):
     assert sorted(flat) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in row) <= max(lengths) for row in rows)
     batch = make_batch(lengths)
-    mb = packed_microbatch(batch, rows, pad_value=7)
+    mb, places = packed_microbatch(batch, [[Item((i,)) for i in row] for row in rows], 7)
     real = mb["attention_mask"]
     assert real.shape == (len(rows), max(sum(lengths[i] for i in r) for r in rows))
     assert real.numel() <= len(lengths) * max(lengths)
@@ -159,6 +162,7 @@ def test_packed_rows_hold_every_sample_once_with_its_own_positions(lengths):
     assert torch.equal(mb["input_ids"][real], in_order.tokens["input_ids"])
     assert torch.equal(mb["logprobs"][real], in_order.tokens["logprobs"])
     assert (mb["input_ids"][~real] == 7).all()
+    assert torch.equal(mb["input_ids"].flatten()[places], in_order.tokens["input_ids"])
     if "segments" in mb:
         assert torch.equal(mb["segments"][real], in_order.token_owner())
         starts = in_order.offsets[in_order.token_owner()]
@@ -167,6 +171,58 @@ def test_packed_rows_hold_every_sample_once_with_its_own_positions(lengths):
     else:  # one sample per row: the plain right-padded layout
         assert len(rows) == len(lengths)
     assert torch.equal(mb["uid"], in_order.samples["uid"])
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(  # groups: (prompt length, response lengths)
+        st.tuples(st.integers(1, 12), st.lists(st.integers(1, 9), min_size=1, max_size=6)),
+        min_size=1,
+        max_size=6,
+    ),
+    st.integers(8, 80),
+    st.booleans(),
+)
+def test_shared_prefix_rows_hold_each_prompt_once(groups, budget, packing):
+    """A group's samples share one copy of their prompt but its last token; every token of
+    every sample is found where `places` says, with its position in its sample; each
+    sample's own span continues its prefix's span; items respect the token budget unless
+    one sample alone is larger."""
+    g = torch.Generator().manual_seed(len(groups))
+    ids, group, prompts = [], [], []
+    for k, (p, responses) in enumerate(groups):
+        prompt = torch.randint(0, 100, (p,), generator=g)
+        for r in responses:
+            ids.append(torch.cat([prompt, torch.randint(0, 100, (r,), generator=g)]))
+            group.append(k)
+            prompts.append(p)
+    n = len(ids)
+    samples = {"uid": torch.arange(n), "group": torch.tensor(group)}
+    batch = Batch.from_sequences({"input_ids": ids}, samples, {})
+    lengths = batch.lengths.tolist()
+    items = shared_items(lengths, group, prompts, budget)
+    assert sorted(i for it in items for i in it.samples) == list(range(n))
+    for it in items:
+        assert it.shared < min(lengths[i] for i in it.samples)
+        assert item_size(it, lengths) <= budget or len(it.samples) == 1
+        assert it.shared == 0 or it.shared == prompts[it.samples[0]] - 1
+    sizes = [item_size(it, lengths) for it in items]
+    rows = pack_rows(sizes) if packing else [[k] for k in range(len(items))]
+    mb, places = packed_microbatch(batch, [[items[k] for k in row] for row in rows], -1)
+    order = [i for row in rows for k in row for i in items[k].samples]
+    in_order = batch.select(order)
+    assert int(mb["attention_mask"].sum()) == sum(sizes)
+    assert torch.equal(mb["input_ids"].flatten()[places], in_order.tokens["input_ids"])
+    if "positions" in mb:
+        within = torch.arange(in_order.num_tokens) - in_order.offsets[in_order.token_owner()]
+        assert torch.equal(mb["positions"].flatten()[places], within)
+        spans, prefixes = mb["spans"].flatten(), mb["prefixes"].flatten()
+        for it in (it for row in rows for k in row for it in [items[k]] if it.shared):
+            for i in it.samples:  # its first own token continues the prefix's span
+                at = order.index(i)
+                start = int(in_order.offsets[at])
+                first, own = places[start], places[start + it.shared]
+                assert prefixes[own] == spans[first] and spans[own] != spans[first]
 
 
 def test_schedule_shapes_for_interleaved_pipelines():

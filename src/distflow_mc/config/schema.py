@@ -35,6 +35,12 @@ class Placement(Enum):
     SEPARATE = "SEPARATE"  # rollout.ranks ranks roll out while the others train
 
 
+class SharedPrefix(Enum):
+    OFF = "OFF"
+    ON = "ON"
+    AUTO = "AUTO"  # on when the shared tokens are a large enough share of a batch's
+
+
 class OnStale(Enum):
     WAIT = "WAIT"  # a group deferred once goes in the next step: the step waits for it
     DROP = "DROP"  # ...unless it is still running when the step is full: dropped, counted
@@ -228,6 +234,9 @@ class TrainerConfig:
     # several samples per micro-batch row (own positions, attention within the sample):
     # less padding; needs the local layer spec (TransformerEngine's would need THD)
     sequence_packing: bool = False
+    # a group's samples in one row: their common prompt once, then each sample's own tokens
+    # (attending to the prompt and to themselves), the same math with less work
+    shared_prefix: SharedPrefix = SharedPrefix.OFF
     val_every: int = 0  # validate on data.val_files every N steps (and at the end); 0: off
     progress_bar: bool = True  # rank 0: step, reward, tokens/s, ETA
     tensorboard: bool = True  # rank 0 writes <output dir>/tensorboard

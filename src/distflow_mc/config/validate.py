@@ -24,6 +24,7 @@ from distflow_mc.config.schema import (
     Placement,
     RewardConfig,
     RolloutConfig,
+    SharedPrefix,
     TrainerConfig,
 )
 
@@ -221,6 +222,13 @@ def _trainer_and_data(
             "trainer.sequence_packing",
             "packs rows for the local layer spec's attention; with TransformerEngine installed"
             " on GPU the TE spec runs, whose packed (THD) path is not wired here: set it false",
+        ),
+        *_check(
+            t.shared_prefix is not SharedPrefix.ON or not _transformer_engine(),
+            "trainer.shared_prefix",
+            "ON needs the local layer spec's attention (a sample's tokens attend to its group's"
+            " prompt in another span of the row); with TransformerEngine installed the TE spec"
+            " runs: set it OFF (AUTO stays off there)",
         ),
     ]
 

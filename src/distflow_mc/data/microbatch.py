@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -63,39 +64,121 @@ def pack_rows(lengths: Sequence[int]) -> list[list[int]]:
     return [rows[r] for r in sorted(range(len(rows)), key=lambda r: (-used[r], r))]
 
 
+@dataclass(frozen=True)
+class Item:
+    """Samples of one group laid out in a row: the first `shared` tokens once (the prefix
+    they have in common), then each sample's tokens after them. shared=0: each sample
+    whole, one after the other."""
+
+    samples: tuple[int, ...]
+    shared: int = 0
+
+
+def shared_items(
+    lengths: Sequence[int],
+    groups: Sequence[int],
+    prompts: Sequence[int],
+    max_tokens: int,
+    min_share: float = 0.0,
+) -> list[Item]:
+    """Each group's samples as items sharing their prompt but its last token (which stays
+    with each sample: its output predicts the sample's first token), split where an item
+    would pass `max_tokens`; single samples where nothing is shared. When the tokens saved
+    are below `min_share` of all tokens, every sample on its own."""
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    items, saved = [], 0
+    for samples in members.values():
+        shared = min(min(prompts[i] for i in samples), min(lengths[i] for i in samples)) - 1
+        if len(samples) < 2 or shared < 1:
+            items += [Item((i,)) for i in samples]
+            continue
+        chunk: list[int] = []
+        for i in samples:
+            size = shared + sum(lengths[j] - shared for j in (*chunk, i))
+            if chunk and size > max_tokens:
+                items.append(Item(tuple(chunk), shared))
+                chunk = []
+            chunk.append(i)
+        items.append(Item(tuple(chunk), shared))
+        saved += (len(samples) - 1) * shared
+    if saved < min_share * sum(lengths):
+        return [Item((i,)) for i in range(len(lengths))]
+    return [item if len(item.samples) > 1 else Item(item.samples) for item in items]
+
+
+def item_size(item: Item, lengths: Sequence[int]) -> int:
+    return item.shared + sum(lengths[i] - item.shared for i in item.samples)
+
+
 def pad_microbatch(batch: Batch, indices: Sequence[int], pad_value: int = 0) -> dict:
     """Right-padded [b, s] tensors of the per-token fields of `indices` (s = the longest),
     plus `attention_mask` (1 on real tokens) and the per-sample fields."""
-    return packed_microbatch(batch, [[i] for i in indices], pad_value)
+    return packed_microbatch(batch, [[Item((i,))] for i in indices], pad_value)[0]
 
 
-def packed_microbatch(batch: Batch, rows: Sequence[Sequence[int]], pad_value: int = 0) -> dict:
-    """[b, s] tensors of the per-token fields, row r holding the samples `rows[r]` end to
-    end and then padding (s = the longest row), `attention_mask` (1 on real tokens) and
-    the per-sample fields, in the order the rows list the samples. When a row holds
-    several samples, also `positions` (each token's position in its sample) and
-    `segments` (each token's sample, counted over the micro-batch; 0 on padding)."""
-    sub = batch.select([i for row in rows for i in row])
-    device = sub.offsets.device
-    b = len(rows)
-    sizes = torch.tensor([len(row) for row in rows], dtype=torch.int64, device=device)
-    row_of = torch.repeat_interleave(torch.arange(b, device=device), sizes)
-    used = torch.zeros(b, dtype=torch.int64, device=device).index_add_(0, row_of, sub.lengths)
-    s = int(used.max()) if rows else 0
-    real = torch.arange(s, device=device)[None, :] < used[:, None]
+def packed_microbatch(
+    batch: Batch, rows: Sequence[Sequence[Item]], pad_value: int = 0
+) -> tuple[dict, torch.Tensor]:
+    """[b, s] tensors of the per-token fields, row r holding the items `rows[r]` end to end
+    and then padding (s = the longest row), `attention_mask` (1 on real tokens) and the
+    per-sample fields, in the order the rows list the samples. When a row holds several
+    samples, also `positions` (each token's position in its sample), `spans` and
+    `prefixes` (which tokens attend to which: models/spans.py; a shared prefix is a span
+    that each sample's own span continues) and `segments` (each token's sample, counted
+    over the micro-batch, for per-sequence sums; a shared prefix counts as its item's first
+    sample's, 0 on padding). Also returns where each token of those samples, in order,
+    sits in the flattened [b, s] (a shared prefix's tokens: where its one copy sits)."""
+    device = batch.offsets.device
+    lengths = batch.lengths.tolist()
+    order = [i for row in rows for item in row for i in item.samples]
+    rank = {i: k for k, i in enumerate(order)}
+    # per piece: row, sample, first token, tokens, span it continues (0: none), segment;
+    # per sample: its shared prefix's column (or -1) and its own piece's, within its row
+    pieces, cols, used = [], {}, []
+    for r, row in enumerate(rows):
+        col = 0
+        for item in row:
+            prefix, at = 0, -1
+            if item.shared:
+                pieces.append((r, item.samples[0], 0, item.shared, 0, rank[item.samples[0]]))
+                prefix, at, col = len(pieces), col, col + item.shared
+            for i in item.samples:
+                n = lengths[i] - item.shared
+                pieces.append((r, i, item.shared, n, prefix, rank[i]))
+                cols[i] = (r, at, col, item.shared)
+                col += n
+        used.append(col)
+    b, s = len(rows), max(used, default=0)
+    real = torch.arange(s, device=device)[None, :] < torch.tensor(used, device=device)[:, None]
     out: dict[str, torch.Tensor] = {"attention_mask": real}
-    for name, packed in sub.tokens.items():
+    p = torch.tensor(pieces, dtype=torch.int64, device=device).reshape(-1, 6)
+    count = p[:, 3]
+    piece = torch.repeat_interleave(torch.arange(len(p), device=device), count)
+    within = torch.arange(len(piece), device=device) - (count.cumsum(0) - count)[piece]
+    position = p[piece, 2] + within  # in its sample
+    src = batch.offsets[p[piece, 1]] + position  # in the batch's tokens
+    for name, packed in batch.tokens.items():
         fill = pad_value if name == "input_ids" else 0
         dense = torch.full(
             (b, s, *packed.shape[1:]), fill, dtype=packed.dtype, device=packed.device
         )
-        dense[real.to(packed.device)] = packed
+        dense[real.to(packed.device)] = packed[src.to(packed.device)]
         out[name] = dense
-    if any(len(row) > 1 for row in rows):
-        owner = sub.token_owner()
-        out["segments"] = torch.zeros(b, s, dtype=torch.int64, device=device)
-        out["segments"][real] = owner
-        out["positions"] = torch.zeros(b, s, dtype=torch.int64, device=device)
-        out["positions"][real] = torch.arange(sub.num_tokens, device=device) - sub.offsets[owner]
-    out.update(sub.samples)
-    return out
+    if len(p) > b:  # some row holds several samples
+        ids = (("positions", position), ("spans", piece + 1), ("prefixes", p[piece, 4]))
+        for name, value in (*ids, ("segments", p[piece, 5])):
+            out[name] = torch.zeros(b, s, dtype=torch.int64, device=device)
+            out[name][real] = value
+    # token t of sample i: its prefix's copy while t < shared, else its own piece's
+    at = torch.tensor([cols[i] for i in order], dtype=torch.int64, device=device).reshape(-1, 4)
+    row, first, col, shared = at.T
+    n = torch.tensor([lengths[i] for i in order], dtype=torch.int64, device=device)
+    t = torch.arange(int(n.sum()), device=device) - torch.repeat_interleave(n.cumsum(0) - n, n)
+    inside = torch.repeat_interleave(row * s + first, n) + t
+    after = torch.repeat_interleave(row * s + col - shared, n) + t
+    places = torch.where(t < torch.repeat_interleave(shared, n), inside, after)
+    idx = torch.tensor(order, dtype=torch.int64, device=device)
+    out.update({k: v[idx] for k, v in batch.samples.items()})
+    return out, places

@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_block import (
 )
 
 from distflow_mc.models.hf_config import HFArch, Llama3Rope
+from distflow_mc.models.spans import Spans
 from distflow_mc.parallel.megatron_state import ModelParallel
 
 # megatron-core 0.16 reads `te_general_gemm` in the MoE router but defines it only when
@@ -346,8 +347,8 @@ class SDPAttention(DotProductAttention):
     rotary: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, **_: object):
-        # causal self-attention over whole rows, or over each sample of a packed row
-        # (attention_mask [b, 1, s, s], True where masked out: schedule.py)
+        # causal self-attention over whole rows, or over the spans of packed rows (Spans:
+        # samples, or a shared prompt and each sample's own part; schedule.py)
         assert self.softmax_offset is None
         scale = self.softmax_scale * (
             self.layer_number if self.config.apply_query_key_layer_scaling else 1
@@ -355,16 +356,13 @@ class SDPAttention(DotProductAttention):
         q_freqs, k_freqs = self.rotary or (None, None)
         q, k = rope_batch_major(query, q_freqs), rope_batch_major(key, k_freqs)
         v = rope_batch_major(value, None)
-        allowed = None if attention_mask is None else ~attention_mask
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            allowed,
-            is_causal=allowed is None,
-            scale=scale,
-            enable_gqa=q.size(1) != k.size(1),
-        )
+        if isinstance(attention_mask, Spans):
+            out = attention_mask.attention(q, k, v, scale)
+        else:
+            assert attention_mask is None, "a dense mask: pass Spans"
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, enable_gqa=q.size(1) != k.size(1)
+            )
         return out.permute(2, 0, 1, 3).reshape(out.size(2), out.size(0), -1)  # [s, b, h]
 
 

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from distflow_mc.models.spans import Spans
+
 MicroBatch = dict[str, torch.Tensor]
 # forward-only: (micro-batch, model output) -> anything, collected on the last stage.
 # training: (micro-batch, model output) -> (loss sum, count, metrics); megatron divides the
@@ -24,15 +26,12 @@ def _rows(mb: MicroBatch) -> torch.Tensor:
 
 def _forward(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
     """Right-padded [b, s] tokens under the causal mask: padding never reaches real tokens.
-    Packed rows (`segments`) give each token its position in its sample and attend only
-    within the sample; megatron's mask convention: True where attention is masked out."""
-    if "segments" not in mb:
+    Packed rows (`spans`) give each token its position in its sample and attend within its
+    span and its span's prefix (models/spans.py)."""
+    if "spans" not in mb:
         return model(mb.get("input_ids"), None, attention_mask=None)
-    seg = mb["segments"]
-    s = seg.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=seg.device).tril()
-    allowed = (seg[:, :, None] == seg[:, None, :]) & causal
-    return model(mb.get("input_ids"), mb["positions"], attention_mask=~allowed[:, None])
+    spans = Spans.build(mb["spans"], mb["prefixes"])
+    return model(mb.get("input_ids"), mb["positions"], attention_mask=spans)
 
 
 def pad_to(mb: MicroBatch, rows: int, length: int) -> MicroBatch:

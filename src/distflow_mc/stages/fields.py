@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from distflow_mc.config.schema import AdvEstimator, AlgoConfig, Config, Placement
+from distflow_mc.config.schema import AdvEstimator, AlgoConfig, Config, Placement, SharedPrefix
 from distflow_mc.dag import Fields, NodeType, Plan, PlannedNode, Role
 from distflow_mc.parallel.layout import Layouts, Move, movement
 
@@ -35,7 +35,9 @@ def node_fields(config: Config) -> Callable[[PlannedNode], Fields | None]:
     kl = a.kl_coef > 0
     gae = a.adv_estimator is AdvEstimator.GAE
     f = Fields
-    actor_reads = TOKENS | {"advantages"}
+    rows = row_layout(config)  # what the model nodes' micro-batches are laid out by
+    model = TOKENS | rows
+    actor_reads = model | {"advantages"}
     # on-policy, the loss measures the rollout gap itself; else the old-log-prob pass does
     actor_reads |= {"rollout_logprobs"} if on_policy(a) else {"old_logprobs"}
     actor_reads |= {"rollout_logprobs"} if corrected(a) else set()
@@ -43,25 +45,27 @@ def node_fields(config: Config) -> Callable[[PlannedNode], Fields | None]:
     advantage_reads = {"reward", "response_mask"} | ({"values"} if gae else set())
     advantage_reads |= {"old_logprobs", "ref_logprobs"} if kl and a.kl_in_reward else set()
     table = {
-        (Role.ROLLOUT, NodeType.MODEL_INFERENCE): f(frozenset(), TOKENS | {"rollout_logprobs"}),
+        (Role.ROLLOUT, NodeType.MODEL_INFERENCE): f(
+            frozenset(), TOKENS | {"rollout_logprobs", "prompt_length"}
+        ),
         (Role.REWARD, NodeType.COMPUTE): f(TOKENS, frozenset({"reward"})),
         (Role.REFERENCE, NodeType.MODEL_INFERENCE): f(
-            TOKENS, frozenset({"ref_logprobs"}), "algo.kl_coef=0: no KL term"
+            model, frozenset({"ref_logprobs"}), "algo.kl_coef=0: no KL term"
         ),
         (Role.ACTOR, NodeType.MODEL_INFERENCE): f(
-            TOKENS | {"rollout_logprobs"},
+            model | {"rollout_logprobs"},
             frozenset({"old_logprobs"}),
             "on-policy with algo.ppo_epochs=1 and algo.mini_batches=1: the training forward's"
             " detached log-probs are the old ones",
         ),
         (Role.CRITIC, NodeType.MODEL_INFERENCE): f(
-            TOKENS, frozenset({"values"}), "the advantage estimator uses no values"
+            model, frozenset({"values"}), "the advantage estimator uses no values"
         ),
         (None, NodeType.COMPUTE): f(
             frozenset(advantage_reads), frozenset({"advantages"} | ({"returns"} if gae else set()))
         ),
         (Role.ACTOR, NodeType.MODEL_TRAIN): f(frozenset(actor_reads), frozenset()),
-        (Role.CRITIC, NodeType.MODEL_TRAIN): f(TOKENS | {"values", "returns"}, frozenset()),
+        (Role.CRITIC, NodeType.MODEL_TRAIN): f(model | {"values", "returns"}, frozenset()),
     }
     return lambda node: None if node.fn else table.get((node.role, node.type))
 
@@ -75,7 +79,15 @@ def stage_reads(plan: Plan, config: Config, pp: int) -> tuple[frozenset[str] | N
     fields = node_fields(config)
     if pp == 1 or any(fields(n) is None for n in plan.nodes):
         return None
-    return (MODEL_INPUTS, *[frozenset()] * (pp - 2), None)
+    rows = row_layout(config)  # every stage lays its micro-batches out alike
+    return (MODEL_INPUTS | rows, *[rows] * (pp - 2), None)
+
+
+def row_layout(config: Config) -> frozenset[str]:
+    """The sample fields micro-batches are laid out by: the prompts' lengths when a group's
+    samples may share them (trainer.shared_prefix)."""
+    shared = config.trainer.shared_prefix is not SharedPrefix.OFF
+    return frozenset({"prompt_length"} if shared else ())
 
 
 def carried(

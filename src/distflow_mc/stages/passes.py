@@ -8,11 +8,14 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from distflow_mc.config.schema import SharedPrefix
 from distflow_mc.data.batch import Batch
 from distflow_mc.data.microbatch import (
+    Item,
+    item_size,
     pack_rows,
     packed_microbatch,
-    pad_microbatch,
+    shared_items,
     split_by_token_budget,
 )
 from distflow_mc.models.logprobs import vocab_parallel_logprobs
@@ -22,24 +25,34 @@ from distflow_mc.rollout.guard import logprob_gap
 from distflow_mc.stages.workers import Workers
 
 
-def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict]]:
+def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict], list]:
     """Token-budget micro-batches, right-padded; at least one (with no rows when the batch
     is empty: the replica still runs the step's collectives). Interleaved pipelines want a
-    count that is a multiple of PP. With `trainer.sequence_packing`, the budget splits
-    packed rows (samples end to end, as long as the longest sample). Returns each
-    micro-batch's samples, in its order, and the micro-batches."""
+    count that is a multiple of PP. With `trainer.shared_prefix`, a group's samples share
+    rows (their prompt once); with `trainer.sequence_packing`, rows hold several samples
+    (or groups) end to end, as long as the longest. Returns each micro-batch's samples, in
+    its order, the micro-batches, and where each of their tokens sits in the micro-batch's
+    flattened [b, s]."""
     t = w.config.trainer
     multiple = w.mp.pp if w.mp.vpp else 1
-    pad = w.tokenizer.pad_token_id
     lengths = batch.lengths.tolist()
-    if not t.sequence_packing:
-        parts = split_by_token_budget(lengths, t.micro_batch_tokens, multiple) or [[]]
-        return parts, [pad_microbatch(batch, p, pad_value=pad) for p in parts]
-    rows = pack_rows(lengths)
-    used = [sum(lengths[i] for i in row) for row in rows]
-    groups = split_by_token_budget(used, t.micro_batch_tokens, multiple) or [[]]
-    mbs = [packed_microbatch(batch, [rows[r] for r in g], pad_value=pad) for g in groups]
-    return [[i for r in g for i in rows[r]] for g in groups], mbs
+    items = [Item((i,)) for i in range(len(batch))]
+    if t.shared_prefix is not SharedPrefix.OFF and "prompt_length" in batch.samples:
+        args = (batch.samples["group"].tolist(), batch.samples["prompt_length"].tolist())
+        share = AUTO_MIN_SHARE if t.shared_prefix is SharedPrefix.AUTO else 0.0
+        items = shared_items(lengths, *args, t.micro_batch_tokens, share)
+    sizes = [item_size(item, lengths) for item in items]
+    rows = pack_rows(sizes) if t.sequence_packing else [[k] for k in range(len(items))]
+    used = [sum(sizes[k] for k in row) for row in rows]
+    parts = split_by_token_budget(used, t.micro_batch_tokens, multiple) or [[]]
+    pad = w.tokenizer.pad_token_id
+    built = [packed_microbatch(batch, [[items[k] for k in rows[r]] for r in g], pad) for g in parts]
+    samples = [[i for r in g for k in rows[r] for i in items[k].samples] for g in parts]
+    return samples, [mb for mb, _ in built], [places for _, places in built]
+
+
+# trainer.shared_prefix=AUTO shares prompts when that saves at least this share of the tokens
+AUTO_MIN_SHARE = 0.25
 
 
 def shift_right(x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +71,7 @@ def token_logprobs(
 
 
 def pack(
-    w: Workers, batch: Batch, parts: list[list[int]], mbs: list[dict], dense: list
+    w: Workers, batch: Batch, parts: list[list[int]], places: list, dense: list
 ) -> torch.Tensor | None:
     """Dense per-micro-batch outputs (last PP stage) -> packed [tokens], on the ranks of
     the replica that read it: the last stage's, or every stage's when some node has its
@@ -69,9 +82,9 @@ def pack(
         return None
     packed = torch.zeros(batch.num_tokens, dtype=torch.float32, device=device)
     if w.mp.is_last_stage:
-        for part, mb, values in zip(parts, mbs, dense, strict=True):
+        for part, where, values in zip(parts, places, dense, strict=True):
             _, rows = batch.token_index(torch.tensor(part, dtype=torch.int64, device=device))
-            packed[rows] = values[mb["attention_mask"]].float()
+            packed[rows] = values.flatten()[where].float()
     if shared:
         last = dist.get_process_group_ranks(w.mp.pp_group)[-1]
         dist.broadcast(packed, src=last, group=w.mp.pp_group)
@@ -80,8 +93,8 @@ def pack(
 
 def _forward(w: Workers, batch: Batch, run: Callable, fn: Callable, name: str) -> None:
     """batch.tokens[name]: fn's per-token values on the ranks that read them."""
-    parts, mbs = microbatches(w, batch)
-    packed = pack(w, batch, parts, mbs, run(mbs, fn))
+    parts, mbs, places = microbatches(w, batch)
+    packed = pack(w, batch, parts, places, run(mbs, fn))
     if packed is not None:
         batch.tokens[name] = packed
 

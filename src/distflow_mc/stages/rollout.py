@@ -158,7 +158,7 @@ def _to_batch(
     (token-aligned, 0 on prompt tokens), on `device` (the engine's output stays there).
     Packed with one concatenation per field, not one per sample."""
     if not gen.response_ids:
-        return Batch.empty(TOKEN_FIELDS, (*PROMPT_OBJECTS, "finish_reason"), device)
+        return _empty(device, "finish_reason")
     ids = [p.to(device) for p in prompt_ids]
     pieces = [
         x
@@ -196,8 +196,7 @@ def _updates(gen: Generation, batch: Batch) -> torch.Tensor:
 def _agent_batch(done: list[Trajectory], prompts: Batch, n: int, device: torch.device) -> Batch:
     """Trajectories as they were built: ids, generated-token mask, engine log-probs."""
     if not done:
-        objects = (*PROMPT_OBJECTS, "finish_reason", "trajectory")
-        return Batch.empty(TOKEN_FIELDS, objects, device)
+        return _empty(device, "finish_reason", "trajectory")
     flat = {k: [x for t in done for x in getattr(t, k)] for k in ("ids", "mask", "logprobs")}
     tokens = {
         "input_ids": torch.tensor(flat["ids"], dtype=torch.int64, device=device),
@@ -211,6 +210,13 @@ def _agent_batch(done: list[Trajectory], prompts: Batch, n: int, device: torch.d
     return batch
 
 
+def _empty(device: torch.device, *objects: str) -> Batch:
+    """No samples, with every field a rollout's batch has."""
+    batch = Batch.empty(TOKEN_FIELDS, (*PROMPT_OBJECTS, *objects), device)
+    batch.samples["prompt_length"] = torch.empty(0, dtype=torch.int64, device=device)
+    return batch
+
+
 def _with_samples(
     tokens: dict[str, torch.Tensor],
     lengths: torch.Tensor,
@@ -220,7 +226,7 @@ def _with_samples(
     n: int,
 ) -> Batch:
     """The packed sequences (of `lengths`) with uid (prompt uid * n + sample), group (the
-    prompt), and the prompt's objects."""
+    prompt), the prompt's length and objects."""
     device = lengths.device
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=device)
     offsets[1:] = lengths.cumsum(0)
@@ -230,6 +236,7 @@ def _with_samples(
     objects = {k: [prompts.objects[k][p] for p in prompt_index] for k in PROMPT_OBJECTS}
     objects["finish_reason"] = finish_reasons
     samples = {"uid": prompt_uid * n + sample, "group": prompt_uid}
+    samples["prompt_length"] = prompts.lengths.to(device)[index]  # every sample begins so
     return Batch(offsets, tokens, samples, objects)
 
 

@@ -29,9 +29,11 @@ def _optimize(
     for _ in range(a.ppo_epochs):
         for mini in np.array_split(np.arange(len(batch)), a.mini_batches):
             sub = batch if a.mini_batches == 1 else batch.select(mini.tolist())
-            _, mbs = microbatches(w, sub)
+            _, mbs, _ = microbatches(w, sub)
             slots = sum(mb["attention_mask"].numel() for mb in mbs)
-            m.add(f"{prefix}/microbatch_padding", slots - sub.num_tokens, slots)  # share of slots
+            real = sum(int(mb["attention_mask"].sum()) for mb in mbs)
+            m.add(f"{prefix}/microbatch_padding", slots - real, slots)  # share of slots
+            m.add(f"{prefix}/shared_prefix_saved", sub.num_tokens - real, sub.num_tokens)
             stats = model.step(mbs, loss_fn)
             if w.ctx.rank == 0:  # the same on every rank
                 m.add_total(f"{prefix}/nonfinite_skipped_steps", float(stats["nonfinite"]))
