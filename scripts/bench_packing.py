@@ -35,7 +35,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from distflow_mc.config.schema import OptimConfig, ParallelConfig
+    from distflow_mc.config.schema import OptimConfig, ParallelConfig, SharedPrefix
     from distflow_mc.data.batch import Batch
     from distflow_mc.models.gpt import build_gpt
     from distflow_mc.models.hf_config import HFArch
@@ -70,7 +70,11 @@ def main() -> None:
 
     layouts, models, times, stats = {}, {}, {}, {}
     for packing in (False, True):
-        trainer = SimpleNamespace(micro_batch_tokens=args.budget, sequence_packing=packing)
+        trainer = SimpleNamespace(
+            micro_batch_tokens=args.budget,
+            sequence_packing=packing,
+            shared_prefix=SharedPrefix.NEVER,
+        )
         w = SimpleNamespace(
             config=SimpleNamespace(trainer=trainer),
             mp=mp,

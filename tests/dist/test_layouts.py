@@ -54,10 +54,10 @@ def task(tmp_path_factory) -> Path:
     return root
 
 
-def assert_same_first_step(a: list[dict], b: list[dict]) -> None:
+def assert_same_first_step(a: list[dict], b: list[dict], case: str = "") -> None:
     """Same rollout, same math: the first update agrees to float tolerance."""
     for key in COMPARED:
-        assert a[0][key] == pytest.approx(b[0][key], rel=1e-5, abs=1e-6), key
+        assert a[0][key] == pytest.approx(b[0][key], rel=1e-5, abs=1e-6), (case, key)
 
 
 def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
@@ -74,6 +74,13 @@ def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
         ["parallel.tp=2", "parallel.sequence_parallel=true"],
     )
     corrected = ["algo.tis_cap=2.0", "algo.mis_low=0.5", "algo.mis_high=2.0"]
+    gspo = ["algo.policy_loss=GSPO", "algo.loss_agg=SEQ_MEAN_TOKEN_SUM"]
+    moe = [
+        f"model.path={task / 'tiny_moe'}",
+        f"data.tokenizer={task / 'tiny_llama'}",
+        "parallel.ep=2",
+        "model.router_aux_loss_coef=0.01",
+    ]
     workflow = OmegaConf.to_container(compose_config().algo.workflow, enum_to_str=True)
     workflow[3]["fn"] = "distflow_mc.stages.passes.old_logprobs"  # a node with its own fn stays
     return {
@@ -84,13 +91,7 @@ def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
         "packed_sp": [*mixed, *sp, packing],
         "tp2": ["parallel.tp=2"],
         "sp": sp,
-        "moe": [
-            f"model.path={task / 'tiny_moe'}",
-            f"data.tokenizer={task / 'tiny_llama'}",
-            "parallel.ep=2",
-            "model.router_aux_loss_coef=0.01",
-            "trainer.total_steps=3",
-        ],
+        "moe": [*moe, "trainer.total_steps=3"],
         "on_policy": ["trainer.total_steps=1"],
         "on_policy_corrected": ["trainer.total_steps=1", *corrected],
         "epochs2": ["trainer.total_steps=1", "algo.ppo_epochs=2"],
@@ -101,7 +102,24 @@ def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
             "algo.mis_level=SEQUENCE",
         ],
         "forced_pass": ["trainer.total_steps=1", f"algo.workflow={json.dumps(workflow)}"],
+        # trainer.shared_prefix: each group's prompt once per row, against the flat rows
+        "shared_pp1": [*tiny4, small, SHARED],
+        "shared": [*mixed, "parallel.pp=2", SHARED],
+        "shared_sp_split": [*mixed, *sp, SHARED, "trainer.micro_batch_tokens=60"],
+        "rows_gspo": [*mixed, "parallel.pp=2", *gspo],
+        "shared_packed_gspo": [*mixed, "parallel.pp=2", *gspo, SHARED, packing],
+        # (the router's load-balancing loss counts the tokens it routes: a prompt once here,
+        # n times in flat rows, so it is compared without that loss)
+        "moe_noaux": [*moe, "model.router_aux_loss_coef=0", "trainer.total_steps=1"],
+        "moe_shared": [*moe, "model.router_aux_loss_coef=0", "trainer.total_steps=1", SHARED],
+        "agent": AGENT,
+        "agent_shared": [*AGENT, SHARED],
     }
+
+
+SHARED = "trainer.shared_prefix=ALWAYS"
+# multi-turn samples: prompt, turn, tool result, turn (the shared part: the prompt)
+AGENT = ["experiment=cpu_tiny_agent", "data.val_files=[]", "trainer.total_steps=1"]
 
 
 def cases_on_four_ranks(task: Path) -> dict[str, list[str]]:
@@ -111,6 +129,7 @@ def cases_on_four_ranks(task: Path) -> dict[str, list[str]]:
         "rollout_tp2": ["rollout.tp=2", "parallel.tp=2"],
         "ppo_dp4": [*tiny4, *ppo],
         "ppo_pp4": [*tiny4, *ppo, "parallel.pp=4"],
+        "ppo_pp4_shared": [*tiny4, *ppo, "parallel.pp=4", SHARED],
         "empty_replicas": [
             "experiment=cpu_tiny_ppo",
             "data.shuffle=false",
@@ -170,6 +189,32 @@ def test_pipeline_stages_get_only_what_they_read(four):
     flat, piped = four["ppo_dp4"], four["ppo_pp4"]
     assert_same_first_step(piped, flat)
     assert piped[0]["critic/value_loss"] == pytest.approx(flat[0]["critic/value_loss"], rel=1e-5)
+
+
+def test_shared_prefix_is_the_same_math(two, four):
+    """trainer.shared_prefix=ALWAYS (each group's prompt once per row, every sample's tokens
+    attending to it): the first update equals the flat rows' (grad norm, entropy, loss) and
+    the actor's log-probs equal transformers' own (the engine's), on PP1 (token mean), PP2
+    with prompts of different lengths (per-sequence means), TP2 with sequence parallel and
+    groups split over rows by the token budget, GSPO with packed rows, experts over EP2,
+    multi-turn agent samples, and PPO on PP4 (reference, critic values, several epochs)."""
+    pairs = [  # (and the least share of the tokens not computed again)
+        ("shared_pp1", "pp1", two, 0.2),
+        ("shared", "rows", two, 0.2),
+        ("shared_sp_split", "rows", two, 0.01),  # a 60-token budget: rows of 2-3 samples
+        ("shared_packed_gspo", "rows_gspo", two, 0.2),
+        ("moe_shared", "moe_noaux", two, 0.2),
+        ("agent_shared", "agent", two, 0.2),
+        ("ppo_pp4_shared", "ppo_dp4", four, 0.2),
+    ]
+    for shared, flat, runs, saved in pairs:
+        on, off = runs[shared], runs[flat]
+        assert_same_first_step(on, off, shared)
+        assert on[0]["rollout/logprob_gap_max"] < 1e-4, shared
+        assert on[0]["actor/shared_prefix_saved"] > saved, shared
+        assert off[0]["actor/shared_prefix_saved"] == 0, flat
+    ppo, ppo_flat = four["ppo_pp4_shared"][0], four["ppo_dp4"][0]
+    assert ppo["critic/value_loss"] == pytest.approx(ppo_flat["critic/value_loss"], rel=1e-5)
 
 
 def test_sequence_parallel_equals_tensor_parallel(two):

@@ -462,6 +462,9 @@ def test_sequence_packing_is_refused_where_the_transformer_engine_spec_runs(monk
     monkeypatch.setattr(gpt, "use_transformer_engine", lambda: True)
     with pytest.raises(ValueError, match=r"trainer\.sequence_packing: packs rows"):
         load_config(compose_config(["trainer.sequence_packing=true"]))
+    with pytest.raises(ValueError, match=r"trainer\.shared_prefix: ALWAYS needs the local"):
+        load_config(compose_config(["trainer.shared_prefix=ALWAYS"]))
+    load_config(compose_config(["trainer.shared_prefix=AUTO"]))  # stays off there
     load_config(compose_config([]))  # off: nothing to refuse
 
 

@@ -35,10 +35,10 @@ class Placement(Enum):
     SEPARATE = "SEPARATE"  # rollout.ranks ranks roll out while the others train
 
 
-class SharedPrefix(Enum):
-    OFF = "OFF"
-    ON = "ON"
-    AUTO = "AUTO"  # on when the shared tokens are a large enough share of a batch's
+class SharedPrefix(Enum):  # (not ON/OFF: YAML reads those as booleans)
+    NEVER = "NEVER"
+    ALWAYS = "ALWAYS"
+    AUTO = "AUTO"  # when the shared tokens are a large enough share of a batch's
 
 
 class OnStale(Enum):
@@ -236,7 +236,7 @@ class TrainerConfig:
     sequence_packing: bool = False
     # a group's samples in one row: their common prompt once, then each sample's own tokens
     # (attending to the prompt and to themselves), the same math with less work
-    shared_prefix: SharedPrefix = SharedPrefix.OFF
+    shared_prefix: SharedPrefix = SharedPrefix.NEVER
     val_every: int = 0  # validate on data.val_files every N steps (and at the end); 0: off
     progress_bar: bool = True  # rank 0: step, reward, tokens/s, ETA
     tensorboard: bool = True  # rank 0 writes <output dir>/tensorboard

@@ -224,11 +224,11 @@ def _trainer_and_data(
             " on GPU the TE spec runs, whose packed (THD) path is not wired here: set it false",
         ),
         *_check(
-            t.shared_prefix is not SharedPrefix.ON or not _transformer_engine(),
+            t.shared_prefix is not SharedPrefix.ALWAYS or not _transformer_engine(),
             "trainer.shared_prefix",
-            "ON needs the local layer spec's attention (a sample's tokens attend to its group's"
-            " prompt in another span of the row); with TransformerEngine installed the TE spec"
-            " runs: set it OFF (AUTO stays off there)",
+            "ALWAYS needs the local layer spec's attention (a sample's tokens attend to its"
+            " group's prompt in another span of the row); with TransformerEngine installed the"
+            " TE spec runs: set it NEVER (AUTO stays off there)",
         ),
     ]
 

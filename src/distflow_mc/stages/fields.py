@@ -86,7 +86,7 @@ def stage_reads(plan: Plan, config: Config, pp: int) -> tuple[frozenset[str] | N
 def row_layout(config: Config) -> frozenset[str]:
     """The sample fields micro-batches are laid out by: the prompts' lengths when a group's
     samples may share them (trainer.shared_prefix)."""
-    shared = config.trainer.shared_prefix is not SharedPrefix.OFF
+    shared = config.trainer.shared_prefix is not SharedPrefix.NEVER
     return frozenset({"prompt_length"} if shared else ())
 
 

@@ -18,6 +18,7 @@ from distflow_mc.data.microbatch import (
     shared_items,
     split_by_token_budget,
 )
+from distflow_mc.models.gpt import use_transformer_engine
 from distflow_mc.models.logprobs import vocab_parallel_logprobs
 from distflow_mc.models.schedule import run_microbatches
 from distflow_mc.observability.metrics import Metrics
@@ -37,7 +38,10 @@ def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict],
     multiple = w.mp.pp if w.mp.vpp else 1
     lengths = batch.lengths.tolist()
     items = [Item((i,)) for i in range(len(batch))]
-    if t.shared_prefix is not SharedPrefix.OFF and "prompt_length" in batch.samples:
+    shared = t.shared_prefix is SharedPrefix.ALWAYS or (
+        t.shared_prefix is SharedPrefix.AUTO and not use_transformer_engine()
+    )
+    if shared and "prompt_length" in batch.samples:
         args = (batch.samples["group"].tolist(), batch.samples["prompt_length"].tolist())
         share = AUTO_MIN_SHARE if t.shared_prefix is SharedPrefix.AUTO else 0.0
         items = shared_items(lengths, *args, t.micro_batch_tokens, share)
