@@ -10,7 +10,8 @@ launch runs:
 - A run stopped after 3 steps (a checkpoint with groups still in flight) and resumed: the
   two together train every prompt of the epoch exactly once.
 
-Which groups a step takes, defers, waits for and drops, call by call: tests/unit/test_stream.py.
+Which groups a step takes, defers, waits for and drops, call by call:
+tests/unit/test_agent_stream.py.
 """
 
 from __future__ import annotations
