@@ -6,8 +6,9 @@ counts scripts/bench_scale.py measures at 2-32 ranks, next to a single-controlle
 
 Measured (bench_scale.py, weak scaling: every rank the same samples): what each rank
 receives per step in each phase, as a function of the rank count N. Fitted per phase:
-bytes received per rank = a + b x (N - 1), as per sample (metadata all-gather), per token
-(the all-to-all of the batch's fields), or per step (metrics); calls per step likewise.
+bytes received per rank = a + b x (N - 1), per sample (the metadata all-gather) or per step
+(metrics); the batch's own fields (the all-to-all, the TP broadcast) per token, bounded
+(their most per token at 2-32 ranks); calls per step likewise.
 Modelled: each collective's time from a link model (latency + bytes / bandwidth; NVLink
 within a node of `--gpus-per-node`, the inter-node fabric beyond; ring all-gather,
 pairwise all-to-all, pipelined broadcast), for 7B-, 32B- and 72B-like settings (the
@@ -35,6 +36,36 @@ BYTES_PER_TOKEN = 16
 
 # bench_scale.py's rows on this machine (2-32 gloo ranks): the defaults
 MEASURED = """\
+ranks,phase,collective,calls,received_max,tokens_per_rank,samples_per_rank
+2,agreement,all_gather_single,1.0,32,21298,32
+2,metrics,all_gather,2.0,2365,21298,32
+2,redistribute,all_gather_single,1.0,760,21298,32
+2,redistribute,all_to_all_single,1.0,367704,21298,32
+2,weights,broadcast,14.0,16777500,21298,32
+4,agreement,all_gather_single,1.0,96,16298,32
+4,metrics,all_gather,2.0,7095,16298,32
+4,redistribute,all_gather_single,1.0,2280,16298,32
+4,redistribute,all_to_all_single,1.0,442744,16298,32
+4,redistribute,broadcast,1.0,522832,16298,32
+4,weights,broadcast,14.0,16777500,16298,32
+8,agreement,all_gather_single,1.0,224,18590,32
+8,metrics,all_gather,2.0,16555,18590,32
+8,redistribute,all_gather_single,1.0,5320,18590,32
+8,redistribute,all_to_all_single,1.0,596136,18590,32
+8,redistribute,broadcast,1.0,596616,18590,32
+8,weights,broadcast,14.0,16777500,18590,32
+16,agreement,all_gather_single,1.0,480,19780,32
+16,metrics,all_gather,2.0,35475,19780,32
+16,redistribute,all_gather_single,1.0,11400,19780,32
+16,redistribute,all_to_all_single,1.0,633912,19780,32
+16,redistribute,broadcast,1.0,635312,19780,32
+16,weights,broadcast,14.0,16777500,19780,32
+32,agreement,all_gather_single,1.0,992,18432,32
+32,metrics,all_gather,2.0,73315,18432,32
+32,redistribute,all_gather_single,1.0,23560,18432,32
+32,redistribute,all_to_all_single,1.0,592784,18432,32
+32,redistribute,broadcast,1.0,592784,18432,32
+32,weights,broadcast,14.0,16777500,18432,32
 """
 
 
@@ -103,10 +134,14 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     return my - b * mx, b
 
 
-# phase -> (bench_scale.csv phase, collective, what its bytes scale with)
+# phase -> (bench_scale.csv phase, collective, what its bytes scale with); the phases in
+# FLAT move a rank's own share, bounded whatever N (weak scaling): modelled at the most
+# measured per unit, not extrapolated from the load balance's noise at 2-32 ranks
+FLAT = ("exchange", "tp_broadcast")
 PARTS = {
     "meta": ("redistribute", "all_gather_single", "samples_per_rank"),
     "exchange": ("redistribute", "all_to_all_single", "tokens_per_rank"),
+    "tp_broadcast": ("redistribute", "broadcast", "tokens_per_rank"),
     "metrics": ("metrics", "all_gather", None),
 }
 
@@ -136,7 +171,11 @@ def load(rows: list[dict[str, str]]) -> dict[str, Fit]:
     for name in PARTS:
         got = points(rows, name)
         per_unit = [(n, received / unit) for n, received, _, unit in got]
-        fits[name] = Fit(*fit(per_unit), *fit([(n, calls) for n, _, calls, _ in got]))
+        calls = fit([(n, c) for n, _, c, _ in got])
+        if name in FLAT:
+            fits[name] = Fit(max(y for _, y in per_unit), 0.0, *calls)
+        else:
+            fits[name] = Fit(*fit(per_unit), *calls)
     return fits
 
 
@@ -149,6 +188,8 @@ def collective_s(kind: str, n: int, received: float, calls: float, links: Links)
     if kind == "all_gather":  # ring: n - 1 steps, each rank receives `received`
         bw = links.inter_bw if inter else links.intra_bw
         return calls * (n - 1) * lat + received / bw
+    if kind == "tp_broadcast":  # within a node: a replica's batch to its TP peers
+        return calls * links.intra_latency_s + received / links.intra_bw
     if kind == "all_to_all":  # pairwise: n - 1 exchanges; off-node bytes over the fabric
         off = max(0.0, 1 - g / n) if inter else 0.0
         return calls * (n - 1) * lat + received * (
@@ -160,12 +201,16 @@ def collective_s(kind: str, n: int, received: float, calls: float, links: Links)
 def ours(s: Setting, n: int, fits: dict[str, Fit], links: Links) -> dict[str, float]:
     """Seconds per step of each phase of our data and control path at n GPUs."""
     meta, exchange, metrics = fits["meta"], fits["exchange"], fits["metrics"]
+    tp = fits["tp_broadcast"]
     return {
         "meta": collective_s(
             "all_gather", n, meta.bytes(n, s.samples_per_gpu), meta.calls(n), links
         ),
         "exchange": collective_s(
             "all_to_all", n, exchange.bytes(n, s.tokens_per_gpu), exchange.calls(n), links
+        ),
+        "tp_broadcast": collective_s(
+            "tp_broadcast", n, tp.bytes(n, s.tokens_per_gpu), tp.calls(n), links
         ),
         "metrics": collective_s("all_gather", n, metrics.bytes(n, 1), metrics.calls(n), links),
     }
@@ -200,6 +245,13 @@ def main() -> None:
             f"fit {name}: bytes per unit {f.a:.3g} + {f.b:.3g} (N - 1),"
             f" calls {f.c:.3g} + {f.d:.3g} (N - 1)"
         )
+    print("bytes received per rank per step, measured -> fitted:")
+    for name in PARTS:
+        pairs = [
+            f"{n}: {received:.0f} -> {fits[name].bytes(n, unit):.0f}"
+            for n, received, _, unit in points(rows, name)
+        ]
+        print(f"  {name:>12}  " + ", ".join(pairs))
     table = []
     for s in SETTINGS:
         compute = s.compute_s()
