@@ -23,27 +23,14 @@ from bench_common import report
 SIZE = dict(vocab=4096, hidden=256, inter=704, layers=4, heads=8, kv=4)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--budget", type=int, default=8192, help="trainer.micro_batch_tokens")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", WORLD_SIZE="1")
+def one_rank_model(port: int, max_positions: int):
+    """A single-rank megatron world (gloo) and the 4M-parameter architecture (SIZE)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
     os.environ.setdefault("LOCAL_RANK", "0")
-
-    import numpy as np
-    import torch
-
-    from distflow_mc.config.schema import OptimConfig, ParallelConfig, SharedPrefix
-    from distflow_mc.data.batch import Batch
-    from distflow_mc.models.gpt import build_gpt
+    from distflow_mc.config.schema import ParallelConfig
     from distflow_mc.models.hf_config import HFArch
-    from distflow_mc.models.logprobs import vocab_parallel_logprobs
-    from distflow_mc.models.train import TrainableModel
     from distflow_mc.parallel.dist import init_distributed
     from distflow_mc.parallel.megatron_state import init_model_parallel
-    from distflow_mc.stages.passes import microbatches
 
     init_distributed(timeout_s=600)
     mp = init_model_parallel(ParallelConfig(), seed=1)
@@ -51,8 +38,30 @@ def main() -> None:
     arch = HFArch(
         "Qwen2ForCausalLM",
         *(s["vocab"], s["hidden"], s["inter"], s["layers"], s["heads"], s["kv"]),
-        *(s["hidden"] // s["heads"], 1e-6, 1e6, 512, True, True),
+        *(s["hidden"] // s["heads"], 1e-6, 1e6, max_positions, True, True),
     )
+    return mp, arch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--budget", type=int, default=8192, help="trainer.micro_batch_tokens")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    mp, arch = one_rank_model(29517, 512)
+    s = SIZE
+
+    import numpy as np
+    import torch
+
+    from distflow_mc.config.schema import OptimConfig, SharedPrefix
+    from distflow_mc.data.batch import Batch
+    from distflow_mc.models.gpt import build_gpt
+    from distflow_mc.models.logprobs import vocab_parallel_logprobs
+    from distflow_mc.models.train import TrainableModel
+    from distflow_mc.stages.passes import microbatches
+
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(4.5, 0.9, args.samples), 16, 512).astype(int).tolist()
     g = torch.Generator().manual_seed(0)

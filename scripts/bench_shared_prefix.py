@@ -17,13 +17,12 @@ bench_shared_prefix.csv.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from types import SimpleNamespace
 
 from bench_common import report
-from bench_packing import SIZE
+from bench_packing import SIZE, one_rank_model
 
 
 def main() -> None:
@@ -35,28 +34,17 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=8192, help="trainer.micro_batch_tokens")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29518", RANK="0", WORLD_SIZE="1")
-    os.environ.setdefault("LOCAL_RANK", "0")
+    mp, arch = one_rank_model(29518, 4096)
+    s = SIZE
 
     import torch
 
-    from distflow_mc.config.schema import OptimConfig, ParallelConfig, SharedPrefix
+    from distflow_mc.config.schema import OptimConfig, SharedPrefix
     from distflow_mc.data.batch import Batch
     from distflow_mc.models.gpt import build_gpt
-    from distflow_mc.models.hf_config import HFArch
     from distflow_mc.models.train import TrainableModel
-    from distflow_mc.parallel.dist import init_distributed
-    from distflow_mc.parallel.megatron_state import init_model_parallel
     from distflow_mc.stages.passes import microbatches, token_logprobs
 
-    init_distributed(timeout_s=600)
-    mp = init_model_parallel(ParallelConfig(), seed=1)
-    s = SIZE
-    arch = HFArch(
-        "Qwen2ForCausalLM",
-        *(s["vocab"], s["hidden"], s["inter"], s["layers"], s["heads"], s["kv"]),
-        *(s["hidden"] // s["heads"], 1e-6, 1e6, 4096, True, True),
-    )
     cuda = torch.cuda.is_available()
 
     def loss_fn(mb, out):
