@@ -47,17 +47,19 @@ def comparable(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith(("time/", "throughput/", "val/"))}
 
 
-def test_resume_on_one_rank_from_two_rank_tp2(env, tmp_path):
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.cp=2"])
+def test_resume_on_one_rank_from_two_ranks(env, tmp_path, layout):
+    """A TP=2 or CP=2 checkpoint (and its HF export) resumes on one rank."""
     run(
         env,
         2,
         tmp_path,
         "trainer.total_steps=3",
         "trainer.save_every=3",
-        "parallel.tp=2",
+        layout,
         "trainer.export_hf=true",
     )
-    # scripts/export_hf.py turns the TP=2 checkpoint into the same HF model, in one process
+    # scripts/export_hf.py turns the checkpoint into the same HF model, in one process
     script = [
         sys.executable,
         str(ROOT / "scripts" / "export_hf.py"),

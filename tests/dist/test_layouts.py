@@ -10,7 +10,9 @@ or is refused on every rank before any model is built, naming the setting:
   which are transformers' own);
 - empty replicas: 2 groups over 4 training replicas (PPO: critic, GAE whitening over DP);
 - off-policy correction (TIS, token and sequence MIS) against an exact engine: no change;
-- refusals: parallel.cp > 1, and an SGLang rollout TP group spanning two torchrun nodes.
+- context parallelism (CP=2; CP=2 x TP=2 with sequence parallel under PPO), equal to DP;
+- refusals: what CP does not run yet, and an SGLang rollout TP group spanning two torchrun
+  nodes.
 """
 
 from __future__ import annotations
@@ -114,10 +116,12 @@ def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
         "moe_shared": [*moe, "model.router_aux_loss_coef=0", "trainer.total_steps=1", SHARED],
         "agent": AGENT,
         "agent_shared": [*AGENT, SHARED],
+        "cp2": ["trainer.total_steps=1", "parallel.cp=2"],
     }
 
 
 SHARED = "trainer.shared_prefix=ALWAYS"
+TP2_SP = ["parallel.tp=2", "parallel.sequence_parallel=true"]
 # multi-turn samples: prompt, turn, tool result, turn (the shared part: the prompt)
 AGENT = ["experiment=cpu_tiny_agent", "data.val_files=[]", "trainer.total_steps=1"]
 
@@ -130,6 +134,7 @@ def cases_on_four_ranks(task: Path) -> dict[str, list[str]]:
         "ppo_dp4": [*tiny4, *ppo],
         "ppo_pp4": [*tiny4, *ppo, "parallel.pp=4"],
         "ppo_pp4_shared": [*tiny4, *ppo, "parallel.pp=4", SHARED],
+        "ppo_cp2_tp2_sp": [*tiny4, *ppo, "parallel.cp=2", *TP2_SP],
         "empty_replicas": [
             "experiment=cpu_tiny_ppo",
             "data.shuffle=false",
@@ -273,13 +278,26 @@ def test_behaviour_correction_against_an_exact_engine_changes_nothing(two):
         assert "actor/is_weight" not in two[plain][0]
 
 
-def test_context_parallel_is_refused_on_every_rank(tmp_path):
-    """Each rank refuses on its own, in its own log file, before any collective."""
-    args = ["parallel.cp=2", "parallel.timeout_s=30", f"hydra.run.dir={tmp_path}"]
-    for code, _ in run_nodes(2, args, cwd=tmp_path):
+def test_context_parallel_equals_data_parallel(two, four):
+    """parallel.cp=2 (each rank two of the four chunks of every row, K and V gathered over
+    the CP group): the first update equals the same batch's over DP ranks, and the actor's
+    log-probs equal transformers' own; GRPO on 2 ranks, and PPO (reference and critic
+    passes, values, several epochs) on 4 ranks with CP=2 x TP=2 under sequence parallel."""
+    assert_same_first_step(two["cp2"], two["on_policy"], "cp2")
+    assert two["cp2"][0]["rollout/logprob_gap_max"] < 1e-4
+    cp, flat = four["ppo_cp2_tp2_sp"], four["ppo_dp4"]
+    assert_same_first_step(cp, flat, "ppo_cp2_tp2_sp")
+    assert cp[0]["critic/value_loss"] == pytest.approx(flat[0]["critic/value_loss"], rel=1e-5)
+
+
+def test_context_parallel_limits_are_refused_on_every_rank(tmp_path):
+    """Each rank refuses what CP does not run yet on its own, in its own log file, before
+    any collective, naming the setting."""
+    args = ["parallel.cp=2", "algo.policy_loss=GSPO", "parallel.timeout_s=30"]
+    for code, _ in run_nodes(2, [*args, f"hydra.run.dir={tmp_path}"], cwd=tmp_path):
         assert code != 0
     for log in rank_logs(tmp_path, 2):
-        assert "parallel.cp: context parallelism is not supported" in log, log
+        assert "algo.policy_loss: GSPO (a per-sequence ratio) is not built with parallel.cp" in log
 
 
 def test_sglang_rollout_group_across_nodes_is_refused(tmp_path):

@@ -378,9 +378,22 @@ def test_rollout_tp_with_either_engine():
     assert load_config(compose_config(["rollout=sglang", "rollout.tp=2"])).rollout.tp == 2
 
 
-def test_context_parallel_is_refused_before_any_model():
-    with pytest.raises(ValueError, match=r"parallel\.cp: context parallelism is not supported"):
-        load_config(compose_config(["parallel.cp=2"]))
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["parallel.pp=2"], "parallel.pp"),
+        (["parallel.ep=2"], "parallel.ep"),
+        (["trainer.sequence_packing=true"], "trainer.sequence_packing"),
+        (["trainer.shared_prefix=ALWAYS"], "trainer.shared_prefix"),
+        (["algo.loss_agg=SEQ_MEAN_TOKEN_MEAN"], "algo.loss_agg"),
+        (["algo.policy_loss=GSPO"], "algo.policy_loss"),
+        (["algo.mis_low=0.5", "algo.mis_level=SEQUENCE"], "algo.mis_level"),
+    ],
+)
+def test_context_parallel_limits_are_refused_by_name(overrides, key):
+    load_config(compose_config(["parallel.cp=2"]))  # GRPO's defaults run under CP
+    with pytest.raises(ValueError, match=key.replace(".", r"\.") + ".*parallel.cp > 1"):
+        load_config(compose_config(["parallel.cp=2", *overrides]))
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import warnings
@@ -22,6 +23,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
+from distflow_mc.models.context import ContextParallel
 from distflow_mc.models.hf_config import HFArch, Llama3Rope
 from distflow_mc.models.spans import Spans
 from distflow_mc.parallel.megatron_state import ModelParallel
@@ -212,6 +214,7 @@ def build_gpt(
             rope = model.rotary_pos_emb
             rope.inv_freq = llama3_inv_freq(rope.inv_freq, arch.rope_scaling)
         packed_rope(model)
+        model.rotary_pos_emb.cp_group = None  # whole rows' angles: views pass positions
         if value_head and model.post_process:
             model.output_layer = ValueHead(arch.hidden_size, dtype, mp.sequence_parallel)
         elif model.post_process and not mp.sequence_parallel:
@@ -342,9 +345,14 @@ class SDPAttention(DotProductAttention):
     Q, K and V out as [b, s, heads, d] memory, which the fused CPU kernel reads 1.5x faster
     than strided views of [s, b, ...]; rope angles are per position ([s, 1, 1, d]) or per
     token of a packed row ([s, b, 1, d]). The models here use no attention dropout, window
-    or softmax offset."""
+    or softmax offset. Under context parallelism (parallel.cp) it attends to the whole row:
+    K and V gathered over the CP group, masked by position (models/context.py)."""
 
     rotary: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
+
+    def __init__(self, config: TransformerConfig, *args: object, **kwargs: object) -> None:
+        # (megatron's DotProductAttention refuses CP; this one gathers K and V itself)
+        super().__init__(dataclasses.replace(config, context_parallel_size=1), *args, **kwargs)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, **_: object):
         # causal self-attention over whole rows, or over the spans of packed rows (Spans:
@@ -358,6 +366,11 @@ class SDPAttention(DotProductAttention):
         v = rope_batch_major(value, None)
         if isinstance(attention_mask, Spans):
             out = attention_mask.attention(q, k, v, scale)
+        elif isinstance(attention_mask, ContextParallel):
+            k, v = attention_mask.gather(k), attention_mask.gather(v)
+            allowed = attention_mask.allowed
+            gqa = q.size(1) != k.size(1)
+            out = F.scaled_dot_product_attention(q, k, v, allowed, scale=scale, enable_gqa=gqa)
         else:
             assert attention_mask is None, "a dense mask: pass Spans"
             out = F.scaled_dot_product_attention(

@@ -7,8 +7,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from distflow_mc.models.context import ContextParallel, unview, view
 from distflow_mc.models.spans import Spans
 
 MicroBatch = dict[str, torch.Tensor]
@@ -24,10 +27,15 @@ def _rows(mb: MicroBatch) -> torch.Tensor:
     return mb["input_ids"] if "input_ids" in mb else mb["attention_mask"]
 
 
-def _forward(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
+def _forward(model: torch.nn.Module, mb: MicroBatch, cp: dist.ProcessGroup | None) -> torch.Tensor:
     """Right-padded [b, s] tokens under the causal mask: padding never reaches real tokens.
     Packed rows (`spans`) give each token its position in its sample and attend within its
-    span and its span's prefix (models/spans.py)."""
+    span and its span's prefix (models/spans.py); under context parallelism (`cp`, the
+    group) a view's tokens attend by position to the whole row (models/context.py)."""
+    if cp is not None:
+        full = _rows(mb).shape[1] * dist.get_world_size(cp)
+        mask = ContextParallel.build(cp, full, _rows(mb).device)
+        return model(mb.get("input_ids"), mb["positions"], attention_mask=mask)
     if "spans" not in mb:
         return model(mb.get("input_ids"), None, attention_mask=None)
     spans = Spans.build(mb["spans"], mb["prefixes"])
@@ -87,11 +95,17 @@ def run_microbatches(
     config = chunks[0].config
     seq_multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
     pp = config.pipeline_model_parallel_size
+    cp = config.context_parallel_size
+    group = parallel_state.get_context_parallel_group() if cp > 1 else None
+    given = microbatches
+    if group is not None:  # this rank's chunks of every row (models/context.py)
+        rank = dist.get_rank(group)
+        microbatches = [view(mb, cp, rank, seq_multiple) for mb in microbatches]
     shaped = schedule_shapes(microbatches, pp, len(chunks) > 1, seq_multiple)
 
     def step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
         mb = next(data_iterator)
-        output = _forward(model, mb)
+        output = _forward(model, mb, group)
         if forward_only:
             return output, lambda out, non_loss_data=True: fn(mb, out)
         return output, lambda out: fn(mb, out)
@@ -109,9 +123,16 @@ def run_microbatches(
     outputs = outputs[: len(microbatches)]
     if not forward_only:
         return outputs
+    if group is not None:  # every rank's chunks, in order, on the tokens they describe
+        outputs = [
+            unview(out[: _rows(mb).shape[0]], group, _rows(mb).shape[1] * cp)
+            if isinstance(out, torch.Tensor) and out.dim() >= 2
+            else out
+            for mb, out in zip(microbatches, outputs, strict=False)
+        ]
     return [
         out[: _rows(mb).shape[0], : _rows(mb).shape[1]]
         if isinstance(out, torch.Tensor) and out.dim() >= 2
         else out
-        for mb, out in zip(microbatches, outputs, strict=False)
+        for mb, out in zip(given, outputs, strict=False)
     ]

@@ -39,7 +39,7 @@ def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict],
     lengths = batch.lengths.tolist()
     items = [Item((i,)) for i in range(len(batch))]
     shared = t.shared_prefix is SharedPrefix.ALWAYS or (
-        t.shared_prefix is SharedPrefix.AUTO and not use_transformer_engine()
+        t.shared_prefix is SharedPrefix.AUTO and not use_transformer_engine() and w.mp.cp == 1
     )
     if shared and "prompt_length" in batch.samples:
         args = (batch.samples["group"].tolist(), batch.samples["prompt_length"].tolist())
@@ -66,14 +66,21 @@ def shift_right(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
 
 
+def aligned(x: torch.Tensor, mb: dict) -> torch.Tensor:
+    """Per-position outputs where mb's per-token fields are: on the token they describe,
+    or, in a context-parallel view (its fields already at the predicting position, its
+    `labels` given; models/context.py), where they are."""
+    return x if "labels" in mb else shift_right(x)
+
+
 def token_logprobs(
     out: torch.Tensor, mb: dict, temperature: float, vocab_size: int, entropy: bool = False
 ):
-    """Token-aligned log-probs (and entropies) of mb's own tokens under the model (whose
-    vocabulary may be padded past the tokenizer's `vocab_size`)."""
-    labels = mb["input_ids"].roll(-1, dims=1)
+    """Log-probs (and entropies) of mb's own tokens under the model (whose vocabulary may
+    be padded past the tokenizer's `vocab_size`), aligned with mb's fields."""
+    labels = mb["labels"] if "labels" in mb else mb["input_ids"].roll(-1, dims=1)
     logp, ent = vocab_parallel_logprobs(out, labels, temperature, entropy, vocab_size)
-    return shift_right(logp), shift_right(ent) if entropy else None
+    return aligned(logp, mb), aligned(ent, mb) if entropy else None
 
 
 def pack(
@@ -132,5 +139,5 @@ def old_logprobs(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
 
 
 def values(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
-    _forward(w, batch, w.critic.forward, lambda mb, out: shift_right(out[..., 0]), "values")
+    _forward(w, batch, w.critic.forward, lambda mb, out: aligned(out[..., 0], mb), "values")
     return batch

@@ -14,7 +14,7 @@ from distflow_mc.data.batch import Batch
 from distflow_mc.models.train import TrainableModel
 from distflow_mc.observability.metrics import Metrics
 from distflow_mc.rollout.guard import logprob_gap
-from distflow_mc.stages.passes import microbatches, shift_right, token_logprobs
+from distflow_mc.stages.passes import aligned, microbatches, token_logprobs
 from distflow_mc.stages.workers import Workers
 
 
@@ -111,7 +111,7 @@ def critic(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
     clip = w.config.algo.value_clip
 
     def loss_fn(mb: dict, out: torch.Tensor):
-        v = shift_right(out[..., 0]).float()
+        v = aligned(out[..., 0], mb).float()
         mask = mb["response_mask"]
         per_token = value_loss(v, mb["values"], mb["returns"], clip)
         num, den = aggregate(per_token, mask, "TOKEN_MEAN")
