@@ -170,6 +170,9 @@ def load(rows: list[dict[str, str]]) -> dict[str, Fit]:
     fits = {}
     for name in PARTS:
         got = points(rows, name)
+        if not got:  # not in this run (the redistribution chose a pattern without it)
+            fits[name] = Fit(0.0, 0.0, 0.0, 0.0)
+            continue
         per_unit = [(n, received / unit) for n, received, _, unit in got]
         calls = fit([(n, c) for n, _, c, _ in got])
         if name in FLAT:
@@ -291,6 +294,8 @@ def plot(rows: list, fits: dict[str, Fit], links: Links, gpus: list[int], path: 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name in PARTS:
         got = points(rows, name)
+        if not got:
+            continue
         left.scatter([p[0] for p in got], [p[1] for p in got], label=f"{name} (measured)")
         ns, unit = [2, *gpus], got[-1][3]
         left.plot(ns, [fits[name].bytes(n, unit) for n in ns], "--", label=f"{name} (model)")

@@ -1,0 +1,126 @@
+"""Long sequences under context parallelism: the training step of bench_packing's small model
+on one sequence of 2K-32K tokens at parallel.cp = 1, 2, 4 (gloo ranks on this machine).
+
+    python scripts/bench_long_context.py
+    python scripts/bench_long_context.py --lengths 8192 32768 --cp 1 4
+
+One launch per (CP, length): a single sequence (its last 3/4 the "response"), one optimizer
+step (forward and backward through the trainer's own schedule and CP view) after a warm-up
+step, medians of `--repeats`. Memory is each rank's peak resident set during the steps above what
+it held before the first one (the process's high-water mark, getrusage(RUSAGE_SELF)
+.ru_maxrss, read before and after: the whole process, allocator slack included, so an upper
+bound on a step's activations); the most of any rank is reported.
+Prints tokens/s and peak MB per rank; writes bench_long_context.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_common import report
+from bench_packing import SIZE
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # (Linux: KB)
+
+
+def worker(out: str, length: int, repeats: int) -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from distflow_mc.config.schema import OptimConfig, ParallelConfig
+    from distflow_mc.data.batch import Batch
+    from distflow_mc.data.microbatch import pad_microbatch
+    from distflow_mc.models.gpt import build_gpt
+    from distflow_mc.models.hf_config import HFArch
+    from distflow_mc.models.train import TrainableModel
+    from distflow_mc.parallel.dist import init_distributed
+    from distflow_mc.parallel.megatron_state import init_model_parallel
+    from distflow_mc.stages.passes import token_logprobs
+
+    ctx = init_distributed(timeout_s=1800)
+    cp = int(os.environ["WORLD_SIZE"])
+    mp = init_model_parallel(ParallelConfig(cp=cp), seed=1)
+    s = SIZE
+    arch = HFArch(
+        "Qwen2ForCausalLM",
+        *(s["vocab"], s["hidden"], s["inter"], s["layers"], s["heads"], s["kv"]),
+        *(s["hidden"] // s["heads"], 1e-6, 1e6, length + 8 * cp, True, True),
+    )
+    torch.manual_seed(1)
+    model = TrainableModel(build_gpt(arch, mp, torch.float32), OptimConfig(lr=1e-5), 100)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, s["vocab"], (length,), generator=g)
+    mask = (torch.arange(length) >= length // 4).float()
+    uid = torch.zeros(1, dtype=torch.int64)
+    batch = Batch.from_sequences(
+        {"input_ids": [ids], "response_mask": [mask]}, {"uid": uid, "group": uid}
+    )
+    mbs = [pad_microbatch(batch, [0])]
+
+    def loss_fn(mb, out):
+        logp, _ = token_logprobs(out, mb, 1.0, s["vocab"])
+        m = mb["response_mask"]
+        return -(logp * m).sum(), m.sum().to(torch.int), {}
+
+    before = rss_mb()  # (a high-water mark: read before any step)
+    model.step(mbs, loss_fn)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.step(mbs, loss_fn)
+        times.append(time.perf_counter() - start)
+    mine = {"seconds": statistics.median(times), "peak_mb": rss_mb() - before, "rss_mb": rss_mb()}
+    every: list = [None] * cp
+    dist.all_gather_object(every, mine)
+    if ctx.rank == 0:
+        Path(out).write_text(json.dumps(every))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", default="")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
+    parser.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--length", type=int, default=0)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.length, args.repeats)
+        return
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    rows = []
+    for length in args.lengths:
+        for cp in args.cp:
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                cmd = [torchrun, "--standalone", f"--nproc-per-node={cp}", __file__]
+                cmd += ["--worker", f.name, "--length", str(length), "--repeats", str(args.repeats)]
+                subprocess.run(cmd, check=True, capture_output=True, timeout=3600)
+                every = json.loads(Path(f.name).read_text())
+            seconds = max(r["seconds"] for r in every)
+            row = {
+                "tokens": length,
+                "cp": cp,
+                "s_per_step": round(seconds, 2),
+                "tokens_per_s": round(length / seconds),
+                "peak_step_mb_per_rank": round(max(r["peak_mb"] for r in every)),
+                "rss_mb_per_rank": round(max(r["rss_mb"] for r in every)),
+            }
+            rows.append(row)
+            print(row, flush=True)
+    report(rows, "bench_long_context.csv", width=12)
+
+
+if __name__ == "__main__":
+    main()
