@@ -368,7 +368,7 @@ class SDPAttention(DotProductAttention):
             out = attention_mask.attention(q, k, v, scale)
         elif isinstance(attention_mask, ContextParallel):
             k, v = attention_mask.gather(k), attention_mask.gather(v)
-            allowed = attention_mask.allowed
+            allowed = attention_mask.mask(q.dtype)
             gqa = q.size(1) != k.size(1)
             out = F.scaled_dot_product_attention(q, k, v, allowed, scale=scale, enable_gqa=gqa)
         else:
