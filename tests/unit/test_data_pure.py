@@ -259,3 +259,27 @@ def test_measured_choice_tries_each_option_keeps_the_cheapest_and_revisits():
     revisits = [i for i, o in enumerate(chosen[4:], start=5) if o != cheapest]
     assert revisits and all(i % _Measured.REVISIT == 0 for i in revisits)
     assert measured.choose(key, 1, options[:1]) == options[0]  # one option: no measuring
+
+
+def test_context_parallel_budget_counts_a_ranks_part_of_each_row():
+    """trainer.micro_batch_tokens is per rank: at CP=2 a rank holds half of each row, so a
+    micro-batch takes twice the rows."""
+    from types import SimpleNamespace
+
+    from distflow_mc.config.schema import SharedPrefix
+    from distflow_mc.stages.passes import microbatches
+
+    batch = make_batch([40] * 8)
+
+    def count(cp: int) -> int:
+        trainer = SimpleNamespace(
+            micro_batch_tokens=80, sequence_packing=False, shared_prefix=SharedPrefix.NEVER
+        )
+        w = SimpleNamespace(
+            config=SimpleNamespace(trainer=trainer),
+            mp=SimpleNamespace(pp=1, vpp=None, cp=cp),
+            tokenizer=SimpleNamespace(pad_token_id=0),
+        )
+        return len(microbatches(w, batch)[1])
+
+    assert (count(1), count(2)) == (4, 2)

@@ -29,7 +29,8 @@ from distflow_mc.stages.workers import Workers
 def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict], list]:
     """Token-budget micro-batches, right-padded; at least one (with no rows when the batch
     is empty: the replica still runs the step's collectives). Interleaved pipelines want a
-    count that is a multiple of PP. With `trainer.shared_prefix`, a group's samples share
+    count that is a multiple of PP; under context parallelism the budget counts a rank's
+    part of each row (its length / CP). With `trainer.shared_prefix`, a group's samples share
     rows (their prompt once); with `trainer.sequence_packing`, rows hold several samples
     (or groups) end to end, as long as the longest. Returns each micro-batch's samples, in
     its order, the micro-batches, and where each of their tokens sits in the micro-batch's
@@ -48,7 +49,8 @@ def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict],
     sizes = [item_size(item, lengths) for item in items]
     rows = pack_rows(sizes) if t.sequence_packing else [[k] for k in range(len(items))]
     used = [sum(sizes[k] for k in row) for row in rows]
-    parts = split_by_token_budget(used, t.micro_batch_tokens, multiple) or [[]]
+    # the budget is per rank: a context-parallel rank holds 1/cp of each row
+    parts = split_by_token_budget(used, t.micro_batch_tokens * w.mp.cp, multiple) or [[]]
     pad = w.tokenizer.pad_token_id
     built = [packed_microbatch(batch, [[items[k] for k in rows[r]] for r in g], pad) for g in parts]
     samples = [[i for r in g for k in rows[r] for i in items[k].samples] for g in parts]
