@@ -49,6 +49,15 @@ def run_cmd(
     )
 
 
+def run_worker(world: int, worker: Path, out: Path, *args: str, timeout: float = 180) -> list[dict]:
+    """A test worker script on `world` ranks under torchrun, told to write its results to
+    `out`; each rank's rank{r}.json, read back."""
+    cmd = [TORCHRUN, "--standalone", f"--nproc-per-node={world}", str(worker), *args]
+    proc = run_cmd([*cmd, "--out", str(out)], cwd=ROOT, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
 def clean_env(env: dict | None) -> dict:
     """This process's environment without a torchrun's rank variables, plus `env`."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -10,11 +10,9 @@ fast path."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.conftest import ROOT, TORCHRUN, run_cmd
+from tests.conftest import ROOT, run_worker
 
 pytestmark = pytest.mark.dist
 WORKER = str(ROOT / "tests" / "dist" / "data_worker.py")
@@ -22,10 +20,7 @@ WORKER = str(ROOT / "tests" / "dist" / "data_worker.py")
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_redistribution(tmp_path, world):
-    cmd = [TORCHRUN, "--standalone", f"--nproc-per-node={world}", WORKER, "--out", str(tmp_path)]
-    proc = run_cmd(cmd, cwd=ROOT, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    results = run_worker(world, WORKER, tmp_path)
     assert len(results[0]) >= 30
     if world == 4:  # between two groups of the world, only the destination group receives
         fields = sorted(["input_ids", "logprobs", "mask", "advantages", "uid", "group", "reward"])

@@ -4,11 +4,9 @@ the actor's, and their log-probs agree (the mismatch guard's metric)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.conftest import ROOT, TORCHRUN, run_cmd
+from tests.conftest import ROOT, run_worker
 from tests.tiny_hf import make_tiny_model
 
 pytestmark = pytest.mark.dist
@@ -16,21 +14,8 @@ pytestmark = pytest.mark.dist
 
 def test_sync_after_training_step(tmp_path):
     model = make_tiny_model("llama", tmp_path / "llama")
-    worker = str(ROOT / "tests" / "dist" / "rollout_worker.py")
-    cmd = [
-        TORCHRUN,
-        "--standalone",
-        "--nproc-per-node=2",
-        worker,
-        "--model",
-        str(model),
-        "--out",
-        str(tmp_path),
-    ]
-    proc = run_cmd(cmd, cwd=ROOT, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    for rank in range(2):
-        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    worker = ROOT / "tests" / "dist" / "rollout_worker.py"
+    for r in run_worker(2, worker, tmp_path, "--model", str(model), timeout=240):
         assert r["engine_equals_actor"], (r["engine"], r["actor"])
         assert r["changed_by_training"]  # the sync carried new weights, not the old ones
         assert r["gap_max"] < 1e-4, r
@@ -46,11 +31,8 @@ def test_weights_stream_to_the_ranks_of_another_group(tmp_path):
     odd sizes and mixed dtypes arrive bit-identical and aligned, each engine's weights
     equal the sender's bit for bit, and greedy decodes match the sender's."""
     model = make_tiny_model("llama", tmp_path / "llama")
-    worker = str(ROOT / "tests" / "dist" / "stream_worker.py")
-    cmd = [TORCHRUN, "--standalone", "--nproc-per-node=4", worker, "--model", str(model)]
-    proc = run_cmd([*cmd, "--out", str(tmp_path)], cwd=ROOT, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    worker = ROOT / "tests" / "dist" / "stream_worker.py"
+    results = run_worker(4, worker, tmp_path, "--model", str(model), timeout=240)
     assert results[1] == {}
     for r in results[2:]:
         assert r["odd_exact"] and r["bitwise"], r

@@ -5,12 +5,11 @@ against a hand count, and the bench and the model end to end at 2 and 4 ranks.""
 from __future__ import annotations
 
 import csv
-import json
 import sys
 
 import pytest
 
-from tests.conftest import ROOT, TORCHRUN, run_cmd
+from tests.conftest import ROOT, run_cmd, run_worker
 
 pytestmark = pytest.mark.dist
 WORKER = str(ROOT / "tests" / "dist" / "comm_worker.py")
@@ -18,10 +17,7 @@ WORKER = str(ROOT / "tests" / "dist" / "comm_worker.py")
 
 @pytest.mark.parametrize("world", [4, 8])
 def test_counts_match_a_hand_count(tmp_path, world):
-    cmd = [TORCHRUN, "--standalone", f"--nproc-per-node={world}", WORKER, "--out", str(tmp_path)]
-    proc = run_cmd(cmd, cwd=ROOT, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    got = run_worker(world, WORKER, tmp_path)
     others = world - 1
     for r, c in enumerate(got):
         assert c["gather"] | {"seconds": 0} == {
