@@ -283,3 +283,13 @@ def test_context_parallel_budget_counts_a_ranks_part_of_each_row():
         return len(microbatches(w, batch)[1])
 
     assert (count(1), count(2)) == (4, 2)
+
+
+def test_shared_items_count_what_split_groups_save():
+    """A group split over two rows repeats its prompt in each: 2 x 9 tokens saved of 48,
+    not 3 x 9, so a 50% threshold leaves every sample on its own, and 30% shares."""
+    lengths, groups, prompts = [12] * 4, [0] * 4, [10] * 4
+    split = shared_items(lengths, groups, prompts, max_tokens=15)
+    assert [(it.samples, it.shared) for it in split] == [((0, 1), 9), ((2, 3), 9)]
+    assert all(it.shared == 0 for it in shared_items(lengths, groups, prompts, 15, 0.5))
+    assert shared_items(lengths, groups, prompts, 15, 0.3) == split

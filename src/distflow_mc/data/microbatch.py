@@ -88,7 +88,7 @@ def shared_items(
     members: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
-    items, saved = [], 0
+    items: list[Item] = []
     for samples in members.values():
         shared = min(min(prompts[i] for i in samples), min(lengths[i] for i in samples)) - 1
         if len(samples) < 2 or shared < 1:
@@ -98,14 +98,19 @@ def shared_items(
         for i in samples:
             size = shared + sum(lengths[j] - shared for j in (*chunk, i))
             if chunk and size > max_tokens:
-                items.append(Item(tuple(chunk), shared))
+                items.append(_item(chunk, shared))
                 chunk = []
             chunk.append(i)
-        items.append(Item(tuple(chunk), shared))
-        saved += (len(samples) - 1) * shared
+        items.append(_item(chunk, shared))
+    saved = sum((len(item.samples) - 1) * item.shared for item in items)
     if saved < min_share * sum(lengths):
         return [Item((i,)) for i in range(len(lengths))]
-    return [item if len(item.samples) > 1 else Item(item.samples) for item in items]
+    return items
+
+
+def _item(samples: list[int], shared: int) -> Item:
+    """Samples sharing `shared` tokens; a chunk of one shares nothing."""
+    return Item(tuple(samples), shared if len(samples) > 1 else 0)
 
 
 def item_size(item: Item, lengths: Sequence[int]) -> int:
