@@ -81,7 +81,8 @@ class AgentStream:
         runs (unless dropped), and take them: due groups first, then in the order they
         started. Returns their trajectories (prompt index: the group's row in the prompts
         returned) and prompts."""
-        trajectories = self.loop.start([p.tolist() for p in _rows(prompts)], tools, params.n)
+        ids = [prompts.token_slice("input_ids", i).tolist() for i in range(len(prompts))]
+        trajectories = self.loop.start(ids, tools, params.n)
         for i in range(len(prompts)):
             own = trajectories[i * params.n : (i + 1) * params.n]
             uid = int(prompts.samples["uid"][i])
@@ -128,7 +129,8 @@ class AgentStream:
 
     def _generate(self, params: SamplingParams) -> int:
         """One engine call for the fresh groups' first turns, one for the trajectories whose
-        tools answered; their tool calls go to threads. Returns the engine calls made."""
+        tools answered; their tool calls go to the event loop. Returns the engine calls
+        made."""
         version, calls = self.version(), bool(self.fresh) + bool(self.ready)
         pending = []
         if self.fresh:
@@ -187,7 +189,3 @@ class AgentStream:
         m.add_total("stream/deferred_groups", sum(g.started == step for g in self.groups.values()))
         m.add_total("stream/due_groups", len(due) - len(dropped))
         return taken
-
-
-def _rows(prompts: Batch) -> list:
-    return [prompts.token_slice("input_ids", i) for i in range(len(prompts))]

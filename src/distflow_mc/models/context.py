@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-# what a view keeps as it is: the model's inputs and the positions
-INPUTS = ("input_ids", "attention_mask", "positions")
+# what a view keeps at its own position: the model's inputs
+INPUTS = ("input_ids", "attention_mask")
 
 
 def chunks(size: int, rank: int, length: int) -> torch.Tensor:
