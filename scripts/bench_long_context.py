@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from bench_common import report
-from bench_packing import SIZE
+from bench_packing import SIZE, small_arch
 
 
 def rss_mb() -> float:
@@ -43,7 +43,6 @@ def worker(out: str, length: int, repeats: int) -> None:
     from distflow_mc.data.batch import Batch
     from distflow_mc.data.microbatch import pad_microbatch
     from distflow_mc.models.gpt import build_gpt
-    from distflow_mc.models.hf_config import HFArch
     from distflow_mc.models.train import TrainableModel
     from distflow_mc.parallel.dist import init_distributed
     from distflow_mc.parallel.megatron_state import init_model_parallel
@@ -52,12 +51,7 @@ def worker(out: str, length: int, repeats: int) -> None:
     ctx = init_distributed(timeout_s=1800)
     cp = int(os.environ["WORLD_SIZE"])
     mp = init_model_parallel(ParallelConfig(cp=cp), seed=1)
-    s = SIZE
-    arch = HFArch(
-        "Qwen2ForCausalLM",
-        *(s["vocab"], s["hidden"], s["inter"], s["layers"], s["heads"], s["kv"]),
-        *(s["hidden"] // s["heads"], 1e-6, 1e6, length + 8 * cp, True, True),
-    )
+    s, arch = SIZE, small_arch(length + 8 * cp)
     torch.manual_seed(1)
     model = TrainableModel(build_gpt(arch, mp, torch.float32), OptimConfig(lr=1e-5), 100)
     g = torch.Generator().manual_seed(0)

@@ -23,24 +23,28 @@ from bench_common import report
 SIZE = dict(vocab=4096, hidden=256, inter=704, layers=4, heads=8, kv=4)
 
 
-def one_rank_model(port: int, max_positions: int):
-    """A single-rank megatron world (gloo) and the 4M-parameter architecture (SIZE)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    from distflow_mc.config.schema import ParallelConfig
+def small_arch(max_positions: int):
+    """The 4M-parameter architecture (SIZE) with room for `max_positions` tokens."""
     from distflow_mc.models.hf_config import HFArch
-    from distflow_mc.parallel.dist import init_distributed
-    from distflow_mc.parallel.megatron_state import init_model_parallel
 
-    init_distributed(timeout_s=600)
-    mp = init_model_parallel(ParallelConfig(), seed=1)
     s = SIZE
-    arch = HFArch(
+    return HFArch(
         "Qwen2ForCausalLM",
         *(s["vocab"], s["hidden"], s["inter"], s["layers"], s["heads"], s["kv"]),
         *(s["hidden"] // s["heads"], 1e-6, 1e6, max_positions, True, True),
     )
-    return mp, arch
+
+
+def one_rank_model(port: int, max_positions: int):
+    """A single-rank megatron world (gloo) and the small architecture."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    from distflow_mc.config.schema import ParallelConfig
+    from distflow_mc.parallel.dist import init_distributed
+    from distflow_mc.parallel.megatron_state import init_model_parallel
+
+    init_distributed(timeout_s=600)
+    return init_model_parallel(ParallelConfig(), seed=1), small_arch(max_positions)
 
 
 def main() -> None:
