@@ -261,28 +261,49 @@ def test_measured_choice_tries_each_option_keeps_the_cheapest_and_revisits():
     assert measured.choose(key, 1, options[:1]) == options[0]  # one option: no measuring
 
 
+def trainer_view(budget: int, shared, cp: int = 1):
+    """What stages.passes.microbatches reads of the workers."""
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(
+        micro_batch_tokens=budget, sequence_packing=False, shared_prefix=shared
+    )
+    return SimpleNamespace(
+        config=SimpleNamespace(trainer=trainer),
+        mp=SimpleNamespace(pp=1, vpp=None, cp=cp),
+        tokenizer=SimpleNamespace(pad_token_id=0),
+    )
+
+
 def test_context_parallel_budget_counts_a_ranks_part_of_each_row():
     """trainer.micro_batch_tokens is per rank: at CP=2 a rank holds half of each row, so a
     micro-batch takes twice the rows."""
-    from types import SimpleNamespace
-
     from distflow_mc.config.schema import SharedPrefix
     from distflow_mc.stages.passes import microbatches
 
     batch = make_batch([40] * 8)
+    count = [len(microbatches(trainer_view(80, SharedPrefix.NEVER, cp), batch)[1]) for cp in (1, 2)]
+    assert count == [4, 2]
 
-    def count(cp: int) -> int:
-        trainer = SimpleNamespace(
-            micro_batch_tokens=80, sequence_packing=False, shared_prefix=SharedPrefix.NEVER
-        )
-        w = SimpleNamespace(
-            config=SimpleNamespace(trainer=trainer),
-            mp=SimpleNamespace(pp=1, vpp=None, cp=cp),
-            tokenizer=SimpleNamespace(pad_token_id=0),
-        )
-        return len(microbatches(w, batch)[1])
 
-    assert (count(1), count(2)) == (4, 2)
+@pytest.mark.parametrize(("prompt", "shares"), [(30, True), (3, False)])
+def test_auto_shares_a_prompt_when_it_saves_enough(prompt, shares):
+    """trainer.shared_prefix=AUTO: groups of 4 samples of 40 tokens save 3 x (prompt - 1)
+    tokens of 160 each: 54% with 30-token prompts (shared), 4% with 3-token ones (not:
+    below AUTO_MIN_SHARE); ALWAYS shares both."""
+    from distflow_mc.config.schema import SharedPrefix
+    from distflow_mc.stages.passes import microbatches
+
+    batch = make_batch([40] * 8)
+    batch.samples["group"] = torch.arange(8) // 4
+    batch.samples["prompt_length"] = torch.full((8,), prompt)
+
+    def saved(mode) -> int:
+        mbs = microbatches(trainer_view(4096, mode), batch)[1]
+        return batch.num_tokens - sum(int(mb["attention_mask"].sum()) for mb in mbs)
+
+    assert saved(SharedPrefix.AUTO) == (2 * 3 * (prompt - 1) if shares else 0)
+    assert saved(SharedPrefix.ALWAYS) == 2 * 3 * (prompt - 1)
 
 
 def test_shared_items_count_what_split_groups_save():
