@@ -11,6 +11,9 @@ both patterns, both packings (one all-to-all per round or per field), and with o
 fields the trainer reads (`keep`); its phase split is printed for the automatic choice.
 Then rollout DP=W to a pipeline (PP=min(W, 4)): every stage getting every field, against
 each stage getting what it reads (the first the tokens, the middle ones none, the last all).
+And GRPO-shaped groups (8 samples, prompt:response 4:1): their prompts alike, so that each
+group's travels once, against the same lengths with prompts that differ at their first
+token (nothing shared): the time and the bytes sent.
 Prints tables last and writes bench_redistribute.csv.
 """
 
@@ -53,6 +56,36 @@ def make_batch(replica: int, replicas: int):
     )
 
 
+def grpo_batch(replica: int, replicas: int, alike: bool):
+    """Groups of GROUP samples: a prompt (~4x the response) then a response; every field
+    of a group's prompt alike (ids, zero log-probs, mask off), or differing at the first
+    token of each sample's prompt."""
+    import torch
+
+    from distflow_mc.data.batch import Batch
+
+    g = torch.Generator().manual_seed(1000 + replica)
+    groups = SAMPLES // replicas // GROUP
+    prompts = (torch.distributions.LogNormal(6.5, 0.5).sample((groups,)).clamp(64, 3072)).int()
+    ids, masks = [], []
+    for prompt in prompts.tolist():
+        head = torch.randint(0, 150000, (prompt,), generator=g)
+        for j in range(GROUP):
+            tail = torch.randint(0, 150000, (max(16, prompt // 4 + j * 8),), generator=g)
+            mine = head.clone()
+            mine[0] = head[0] if alike else j  # differing at the first token: nothing shared
+            ids.append(torch.cat([mine, tail]))
+            masks.append(torch.arange(len(ids[-1])) >= prompt)
+    floats = ("logprobs", "old_logprobs", "ref_logprobs", "advantages")
+    tokens = {"input_ids": ids, "response_mask": masks}
+    noise = [torch.randn(len(x), generator=g) * m for x, m in zip(ids, masks, strict=True)]
+    tokens |= dict.fromkeys(floats, noise)
+    uid = torch.arange(len(ids)) + replica * len(ids)
+    return Batch.from_sequences(
+        tokens, {"uid": uid, "group": uid // GROUP, "reward": torch.rand(len(ids), generator=g)}
+    )
+
+
 def batch_bytes(b) -> int:
     return sum(t.numel() * t.element_size() for t in [*b.tokens.values(), *b.samples.values()])
 
@@ -81,6 +114,7 @@ def worker(out: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from distflow_mc.data import prefixes
     from distflow_mc.data.redistribute import Balance, Packing, Pattern, Transfer, redistribute
     from distflow_mc.parallel.dist import init_distributed
     from distflow_mc.parallel.layout import Layout
@@ -166,6 +200,13 @@ def worker(out: str) -> None:
     full = redistribute(mine, src, piped, *args)
     got: list = [None] * w
     dist.all_gather_object(got, (batch_bytes(full), batch_bytes(staged)))
+    # GRPO groups: their prompts alike (sent once) or not
+    alike, distinct = grpo_batch(rank, w, True), grpo_batch(rank, w, False)
+    for _ in range(6):
+        redistribute(alike, src, dst, *args)
+        redistribute(distinct, src, dst, *args)
+    grpo: list = [None] * w
+    dist.all_gather_object(grpo, (batch_bytes(alike), batch_bytes(prefixes.share(alike))))
 
     t = interleaved(
         {
@@ -186,6 +227,8 @@ def worker(out: str) -> None:
             "central": controller,
             "sequential": sequential,
             "overlapped": overlapped,
+            "grpo_alike": lambda: redistribute(alike, src, dst, *args),
+            "grpo_distinct": lambda: redistribute(distinct, src, dst, *args),
         }
     )
     ours = t["ours"]
@@ -222,6 +265,9 @@ def worker(out: str) -> None:
                     "pp_all_MB_per_rank": round(sum(g[0] for g in got) / w / 1e6, 1),
                     "pp_views_MB_per_rank": round(sum(g[1] for g in got) / w / 1e6, 1),
                     "pp_views_vs_all_time": round(t["pp_views"] / t["pp_all"], 2),
+                    "grpo_MB": round(sum(g[0] for g in grpo) / 1e6, 1),
+                    "grpo_sent_MB": round(sum(g[1] for g in grpo) / 1e6, 1),
+                    "grpo_alike_vs_distinct_time": round(t["grpo_alike"] / t["grpo_distinct"], 2),
                 }
             )
         )

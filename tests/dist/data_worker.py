@@ -29,24 +29,38 @@ GROUP = 3  # samples per prompt
 
 
 def source_batch(replica: int, seed: int) -> Batch:
+    """With an even seed, a group's samples begin alike in every field (a prompt of 4-19
+    tokens), but in replica 1 a sample whose advantages differ inside its prompt."""
     g = torch.Generator().manual_seed(seed * 100 + replica)
     n = GROUP * 2 * (1 + replica % 2)
     lengths = torch.randint(1, 40, (n,), generator=g).tolist()
-    ids = [torch.randint(0, 50000, (L,), generator=g) for L in lengths]
+    fields = {
+        "input_ids": [torch.randint(0, 50000, (L,), generator=g) for L in lengths],
+        "logprobs": [torch.randn(L, generator=g) for L in lengths],
+        "mask": [torch.rand(L, generator=g) > 0.5 for L in lengths],
+        "advantages": [torch.randn(L, generator=g).to(torch.bfloat16) for L in lengths],
+    }
+    if shares_prompts(seed):
+        for head in range(0, n, GROUP):
+            prompt = int(torch.randint(4, 20, (), generator=g))
+            for values in fields.values():
+                for i in range(head + 1, head + GROUP):
+                    values[i] = torch.cat([values[head][:prompt], values[i]])
+        if replica == 1:
+            fields["advantages"][GROUP - 1][1] += 1
     uid = torch.arange(n) + 999 * replica  # groups of GROUP consecutive uids
     return Batch.from_sequences(
-        {
-            "input_ids": ids,
-            "logprobs": [torch.randn(L, generator=g) for L in lengths],
-            "mask": [torch.rand(L, generator=g) > 0.5 for L in lengths],
-            "advantages": [torch.randn(L, generator=g).to(torch.bfloat16) for L in lengths],
-        },
+        fields,
         {"uid": uid, "group": uid // GROUP, "reward": torch.rand(n, 2, generator=g)},
         {
             "data_source": [f"src{replica}/é✓" for _ in range(n)],
             "ground_truth": [{"answer": int(u), "alts": [str(u)]} for u in uid.tolist()],
         },
     )
+
+
+def shares_prompts(seed: int) -> bool:
+    return seed % 2 == 0
 
 
 def same_sample(a: Batch, i: int, b: Batch, j: int) -> bool:
@@ -84,13 +98,16 @@ def scenario(
     mine = source_batch(src.coords(rank)["dp"], seed) if rank in src.holders() else None
     phases: dict[str, float] = {}
     args = (balance, torch.device("cpu"), timedelta(seconds=60))
-    if rounds:  # some fields leave first (as while a reward stage runs), the rest after
-        transfer = Transfer(src, dst, *args, pattern, phases, packing, stages)
-        transfer.send(mine, rounds)
-        transfer.send(mine)
-        got = transfer.finish()
-    else:
+    sent = None  # tokens this rank's replica was sent (a group's common prefix once)
+    if movement(src, dst) is Move.NONE:
         got = redistribute(mine, src, dst, *args, keep, pattern, phases, packing, stages)
+    else:  # some fields may leave first (as while a reward stage runs), the rest after
+        transfer = Transfer(src, dst, *args, pattern, phases, packing, stages)
+        transfer.send(mine, rounds or keep)
+        if rounds:
+            transfer.send(mine)
+        got = transfer.finish()
+        sent = int(transfer.lengths.sum())
     reference = Batch.concat([source_batch(r, seed) for r in range(src.dp)])
     reference = reference.only(keep) if keep else reference
     view = stages[dst.coords(rank)["pp"]] if stages and rank in dst.ranks else None
@@ -119,11 +136,15 @@ def scenario(
     if balance.keep_groups:
         items = [sum(items[i : i + GROUP]) for i in range(0, len(items), GROUP)]
     counts = [len(vs[0][0]) for vs in per_replica.values()]
-    tensors = [*got.tokens.values(), *got.samples.values()]
+    # the token fields are gathered back together when a prefix was shared
+    tensors = [*(got.tokens.values() if sent == got.num_tokens else []), *got.samples.values()]
     return {
         "holds": True,
         "holder": rank in dst.holders(),
         "fields": fields,
+        "tokens": got.num_tokens,
+        "tokens_sent": sent,
+        "prompts_shared": shares_prompts(seed) and balance.keep_groups,
         "fields_as_kept": fields
         == sorted([*reference.tokens, *reference.samples, *reference.objects]),
         "phases_timed": movement(src, dst) is Move.NONE

@@ -3,7 +3,8 @@
 per field), in one round or two (token fields first, as while a reward stage runs; or all
 but the per-sample reward, which then rides in the metadata all-gather), and with a
 kept-field subset: every sample arrives exactly once with identical contents (tokens,
-floats, bf16, bools, strings, dicts), uids and groups survive, replicas agree, exactly the
+floats, bf16, bools, strings, dicts), a group's common prefix travels once (but where a
+field differs), uids and groups survive, replicas agree, exactly the
 kept fields arrive (with per-stage views: the first pipeline stage gets the inputs, the
 middle ones no fields, the last all), only the holders get a batch, same layouts take the
 fast path."""
@@ -33,6 +34,10 @@ def test_redistribution(tmp_path, world):
         for rank, result in enumerate(results):
             groups = [r for name, r in result.items() if name.startswith("group ")]
             assert len(groups) >= 3 * 15 and all(r["holds"] == (rank < 2) for r in groups), rank
+    moved = [
+        r for res in results for r in res.values() if isinstance(r, dict) and r.get("tokens_sent")
+    ]
+    assert {r["prompts_shared"] for r in moved} == {True, False}  # both kinds of batch moved
     for rank, result in enumerate(results):
         assert result.pop("factories without a device") == [], rank
         for name, r in result.items():
@@ -46,6 +51,9 @@ def test_redistribution(tmp_path, world):
             assert r["exactly_once"], where
             assert r["replicas_agree"], where
             assert r["groups_intact"] or "split groups" in name, where
+            if r["tokens_sent"] is not None:  # moved: a group's common prefix went once
+                shared = r["prompts_shared"]
+                assert (r["tokens_sent"] < r["tokens"]) == shared, (where, r["tokens_sent"])
             if r["balanced"]:  # same layouts keep each replica's samples where they are
                 assert r["spread_within_largest_item"], (where, r["max_over_mean_tokens"])
             if "equal counts" in name and r["balanced"]:

@@ -86,9 +86,9 @@ def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
     workflow = OmegaConf.to_container(compose_config().algo.workflow, enum_to_str=True)
     workflow[3]["fn"] = "distflow_mc.stages.passes.old_logprobs"  # a node with its own fn stays
     return {
-        "pp1": [*tiny4, small],
+        "pp1": [*tiny4, small, FLAT],
         "pp2vpp2": [*tiny4, small, "parallel.pp=2", "parallel.vpp=2"],
-        "rows": [*mixed, "parallel.pp=2"],
+        "rows": [*mixed, "parallel.pp=2", FLAT],
         "packed": [*mixed, "parallel.pp=2", packing],
         "packed_sp": [*mixed, *sp, packing],
         "tp2": ["parallel.tp=2"],
@@ -108,19 +108,20 @@ def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
         "shared_pp1": [*tiny4, small, SHARED],
         "shared": [*mixed, "parallel.pp=2", SHARED],
         "shared_sp_split": [*mixed, *sp, SHARED, "trainer.micro_batch_tokens=60"],
-        "rows_gspo": [*mixed, "parallel.pp=2", *gspo],
+        "rows_gspo": [*mixed, "parallel.pp=2", *gspo, FLAT],
         "shared_packed_gspo": [*mixed, "parallel.pp=2", *gspo, SHARED, packing],
         # (the router's load-balancing loss counts the tokens it routes: a prompt once here,
         # n times in flat rows, so it is compared without that loss)
-        "moe_noaux": [*moe, "model.router_aux_loss_coef=0", "trainer.total_steps=1"],
+        "moe_noaux": [*moe, "model.router_aux_loss_coef=0", "trainer.total_steps=1", FLAT],
         "moe_shared": [*moe, "model.router_aux_loss_coef=0", "trainer.total_steps=1", SHARED],
-        "agent": AGENT,
+        "agent": [*AGENT, FLAT],
         "agent_shared": [*AGENT, SHARED],
         "cp2": ["trainer.total_steps=1", "parallel.cp=2"],
     }
 
 
 SHARED = "trainer.shared_prefix=ALWAYS"
+FLAT = "trainer.shared_prefix=NEVER"  # (the default, AUTO, shares where it pays)
 TP2_SP = ["parallel.tp=2", "parallel.sequence_parallel=true"]
 # multi-turn samples: prompt, turn, tool result, turn (the shared part: the prompt)
 AGENT = ["experiment=cpu_tiny_agent", "data.val_files=[]", "trainer.total_steps=1"]
@@ -131,7 +132,7 @@ def cases_on_four_ranks(task: Path) -> dict[str, list[str]]:
     ppo = ["experiment=cpu_tiny_ppo", "data.val_files=[]", "trainer.total_steps=1"]
     return {
         "rollout_tp2": ["rollout.tp=2", "parallel.tp=2"],
-        "ppo_dp4": [*tiny4, *ppo],
+        "ppo_dp4": [*tiny4, *ppo, FLAT],
         "ppo_pp4": [*tiny4, *ppo, "parallel.pp=4"],
         "ppo_pp4_shared": [*tiny4, *ppo, "parallel.pp=4", SHARED],
         "ppo_cp2_tp2_sp": [*tiny4, *ppo, "parallel.cp=2", *TP2_SP],

@@ -19,6 +19,7 @@ from distflow_mc.data.microbatch import (
     shared_items,
     split_by_token_budget,
 )
+from distflow_mc.data.prefixes import PREFIX, restore, share
 
 lengths_st = st.lists(st.integers(1, 4096), min_size=1, max_size=200)
 
@@ -261,15 +262,16 @@ def test_measured_choice_tries_each_option_keeps_the_cheapest_and_revisits():
     assert measured.choose(key, 1, options[:1]) == options[0]  # one option: no measuring
 
 
-def trainer_view(budget: int, shared, cp: int = 1):
+def trainer_view(budget: int, shared, cp: int = 1, aux: float = 0.0):
     """What stages.passes.microbatches reads of the workers."""
     from types import SimpleNamespace
 
     trainer = SimpleNamespace(
         micro_batch_tokens=budget, sequence_packing=False, shared_prefix=shared
     )
+    model = SimpleNamespace(router_aux_loss_coef=aux)
     return SimpleNamespace(
-        config=SimpleNamespace(trainer=trainer),
+        config=SimpleNamespace(trainer=trainer, model=model),
         mp=SimpleNamespace(pp=1, vpp=None, cp=cp),
         tokenizer=SimpleNamespace(pad_token_id=0),
     )
@@ -290,7 +292,8 @@ def test_context_parallel_budget_counts_a_ranks_part_of_each_row():
 def test_auto_shares_a_prompt_when_it_saves_enough(prompt, shares):
     """trainer.shared_prefix=AUTO: groups of 4 samples of 40 tokens save 3 x (prompt - 1)
     tokens of 160 each: 54% with 30-token prompts (shared), 4% with 3-token ones (not:
-    below AUTO_MIN_SHARE); ALWAYS shares both."""
+    below AUTO_MIN_SHARE); ALWAYS shares both. Under an MoE load-balancing loss (which
+    counts a shared prompt once) AUTO shares nothing."""
     from distflow_mc.config.schema import SharedPrefix
     from distflow_mc.stages.passes import microbatches
 
@@ -298,12 +301,13 @@ def test_auto_shares_a_prompt_when_it_saves_enough(prompt, shares):
     batch.samples["group"] = torch.arange(8) // 4
     batch.samples["prompt_length"] = torch.full((8,), prompt)
 
-    def saved(mode) -> int:
-        mbs = microbatches(trainer_view(4096, mode), batch)[1]
+    def saved(mode, aux: float = 0.0) -> int:
+        mbs = microbatches(trainer_view(4096, mode, aux=aux), batch)[1]
         return batch.num_tokens - sum(int(mb["attention_mask"].sum()) for mb in mbs)
 
     assert saved(SharedPrefix.AUTO) == (2 * 3 * (prompt - 1) if shares else 0)
     assert saved(SharedPrefix.ALWAYS) == 2 * 3 * (prompt - 1)
+    assert saved(SharedPrefix.AUTO, aux=0.01) == 0
 
 
 def test_shared_items_count_what_split_groups_save():
@@ -314,3 +318,76 @@ def test_shared_items_count_what_split_groups_save():
     assert [(it.samples, it.shared) for it in split] == [((0, 1), 9), ((2, 3), 9)]
     assert all(it.shared == 0 for it in shared_items(lengths, groups, prompts, 15, 0.5))
     assert shared_items(lengths, groups, prompts, 15, 0.3) == split
+
+
+def common_prefix(a: Batch, i: int, b: Batch, j: int) -> int:
+    """Brute force: how many leading tokens samples i of a and j of b agree on, bitwise, in
+    every per-token field."""
+    n = 0
+    while n < min(int(a.lengths[i]), int(b.lengths[j])):
+        if any(
+            not torch.equal(
+                a.token_slice(k, i)[n : n + 1].view(torch.uint8),
+                b.token_slice(k, j)[n : n + 1].view(torch.uint8),
+            )
+            for k in a.tokens
+        ):
+            break
+        n += 1
+    return n
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 5), st.integers(0, 12), st.integers(0, 2)), min_size=1, max_size=12
+    ),
+    st.data(),
+)
+def test_a_groups_common_prefix_travels_once_and_comes_back_whole(groups, data):
+    """`share` leaves out exactly each sample's common prefix with its group's head (over
+    every field, bitwise: a NaN travels); after the groups are moved apart (kept whole, each
+    sender's in order, as a redistribution does) `restore` gives every sample back as it was."""
+    g = torch.Generator().manual_seed(len(groups))
+    ids, logp, mask, group = [], [], [], []
+    for k, (n, prompt, kind) in enumerate(groups):
+        head_ids, head_lp = (
+            torch.randint(0, 9, (prompt,), generator=g),
+            torch.randn(prompt, generator=g),
+        )
+        for j in range(n):
+            tail = data.draw(st.integers(0 if j else 1, 6))
+            lp = torch.cat([head_lp, torch.randn(tail, generator=g)])
+            if kind == 1 and j and prompt:  # a field that differs inside the prompt
+                lp[data.draw(st.integers(0, prompt - 1))] = float("nan")
+            ids.append(torch.cat([head_ids, torch.randint(0, 3, (tail,), generator=g)]))
+            logp.append(lp)
+            mask.append(torch.arange(prompt + tail) >= prompt)
+            group.append(k if kind != 2 else 1000 + k)
+    group_t = torch.tensor(group)
+    batch = Batch.from_sequences(
+        {"input_ids": ids, "logprobs": logp, "mask": mask},
+        {"uid": torch.arange(len(ids)), "group": group_t},
+    )
+    shared = share(batch)
+    prefix = shared.samples[PREFIX].tolist()
+    for i in range(len(batch)):
+        head = group.index(group[i])
+        want = -1 if head == i else common_prefix(batch, i, batch, head)
+        assert prefix[i] == want, (i, prefix[i], want)
+        kept = int(batch.lengths[i]) - max(want, 0)
+        assert int(shared.lengths[i]) == kept
+    # two "senders" (halves of the batch), each sending its groups to two "replicas"
+    cut = data.draw(st.integers(0, len(batch)))
+    senders = [list(range(cut)), list(range(cut, len(batch)))]
+    dest = {k: data.draw(st.integers(0, 1)) for k in set(group)}
+    for d in (0, 1):
+        order = [i for part in senders for i in part if dest[group[i]] == d]
+        if not order:
+            continue
+        got = restore(shared.select(order))
+        want = batch.select(order)
+        assert PREFIX not in got.samples
+        assert torch.equal(got.offsets, want.offsets)
+        for k in want.tokens:
+            assert torch.equal(got.tokens[k].view(torch.uint8), want.tokens[k].view(torch.uint8)), k

@@ -235,8 +235,9 @@ class TrainerConfig:
     # less padding; needs the local layer spec (TransformerEngine's would need THD)
     sequence_packing: bool = False
     # a group's samples in one row: their common prompt once, then each sample's own tokens
-    # (attending to the prompt and to themselves), the same math with less work
-    shared_prefix: SharedPrefix = SharedPrefix.NEVER
+    # (attending to the prompt and to themselves), the same math with less work; AUTO: when
+    # it saves enough, on the local layer spec, without CP or an MoE load-balancing loss
+    shared_prefix: SharedPrefix = SharedPrefix.AUTO
     val_every: int = 0  # validate on data.val_files every N steps (and at the end); 0: off
     progress_bar: bool = True  # rank 0: step, reward, tokens/s, ETA
     tensorboard: bool = True  # rank 0 writes <output dir>/tensorboard

@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from distflow_mc.data.balance import destinations
 from distflow_mc.data.batch import REQUIRED_SAMPLE_FIELDS, Batch
+from distflow_mc.data.prefixes import PREFIX, restore, share
 from distflow_mc.parallel.layout import Layout, Move, movement
 
 ALIGN = 8  # every field starts 8-byte aligned in the buffers so it can be viewed in place
@@ -117,18 +118,20 @@ class _Meta:
     objects: list[str]
     lengths: dict[int, np.ndarray]  # sender -> per-sample token counts (first round)
     groups: dict[int, np.ndarray]  # sender -> per-sample group ids (first round)
+    shared: dict[int, np.ndarray]  # sender -> per-sample tokens not sent (first round)
     object_bytes: dict[int, np.ndarray]  # sender -> per-sample encoded object bytes
     # a later round of per-sample fields only: sender -> their bytes, which rode along
     inline: dict[int, bytes] | None = None
 
     def nbytes(self) -> int:
         """Bytes of the tensor fields of all senders' batches."""
-        tokens = sum(int(v.sum()) for v in self.lengths.values())
+        tokens = sum(int(v.sum() - self.shared[s].sum()) for s, v in self.lengths.items())
         samples = sum(len(v) for v in self.lengths.values())
         return sum(_row_bytes(f) * (tokens if f[0] == "t" else samples) for f in self.fields)
 
 
 HEAD = 5  # count, schema bytes, time of the last AUTO call, object entries, inline bytes
+LOW, LOW_MASK = 32, (1 << 32) - 1  # a sample's length word: its tokens, then those not sent
 _widths: dict[bool, int] = {}  # payload width of the last first / later round (the same everywhere)
 
 
@@ -149,10 +152,12 @@ def _exchange_meta(
 ) -> _Meta:
     """One int64 all-gather of a fixed-layout row per rank: [count, schema bytes, time of
     the last AUTO call, object entries, inline bytes], then (in the first round) its
-    lengths and groups, the encoded object bytes of each sample (when objects travel), its
-    schema (the fields and object names not `sent` yet, as JSON bytes) and, in a later
-    round of per-sample fields only (a reward after the tokens), those fields' bytes: a
-    few bytes a sample, so they ride along and the round needs no exchange of its own.
+    lengths (a sample's token count in the low 32 bits, in the high ones how many of them
+    it does not send, being its group's common prefix: `prefixes.share`) and groups, the
+    encoded object bytes of each sample (when objects travel), its schema (the fields and
+    object names not `sent` yet, as JSON bytes) and, in a later round of per-sample fields
+    only (a reward after the tokens), those fields' bytes: a few bytes a sample, so they
+    ride along and the round needs no exchange of its own.
     The payload width is the last call's; when a rank's payload does not fit, every rank
     sees it in the heads and a second all-gather at the needed width follows."""
     first = not sent
@@ -165,7 +170,11 @@ def _exchange_meta(
         fields = [f for f in _fields(mine) if f[1] not in sent]
         objects = sorted(set(mine.objects) - sent)
         schema = json.dumps([fields, objects]).encode()
-        per_sample = [mine.lengths.cpu().numpy(), mine.samples["group"].cpu().numpy()]
+        shared = torch.zeros_like(mine.lengths)
+        if PREFIX in mine.samples:
+            shared = mine.samples[PREFIX].clamp(min=0).long()
+        words = (mine.lengths + shared) | (shared << LOW)  # whole, for the balance
+        per_sample = [words.cpu().numpy(), mine.samples["group"].cpu().numpy()]
         sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
         n_obj = len(sizes)
         if _inlined(first, fields, objects):
@@ -199,8 +208,9 @@ def _exchange_meta(
     return _Meta(
         fields,
         objects,
-        {s: rows[s, : counts[s]] for s in senders} if first else {},
+        {s: rows[s, : counts[s]] & LOW_MASK for s in senders} if first else {},
         {s: rows[s, counts[s] : 2 * counts[s]] for s in senders} if first else {},
+        {s: rows[s, : counts[s]] >> LOW for s in senders} if first else {},
         {s: rows[s, per[s] : per[s] + n_objs[s]] for s in senders},
         {s: rows[s, inline_at[s] :].tobytes()[: inlines[s]] for s in senders}
         if _inlined(first, fields, objects)
@@ -525,7 +535,8 @@ def _views(dst: Layout, stages: Sequence[Collection[str] | None] | None) -> Call
     if stages is None:
         return lambda rank: None
     assert len(stages) == dst.pp, (stages, dst)
-    frozen = [None if s is None else frozenset(s) | set(REQUIRED_SAMPLE_FIELDS) for s in stages]
+    always = {*REQUIRED_SAMPLE_FIELDS, PREFIX}  # every stage needs its samples' lengths
+    frozen = [None if s is None else frozenset(s) | always for s in stages]
     return lambda rank: frozen[dst.coords(rank)["pp"]] if rank in dst.ranks else None
 
 
@@ -602,6 +613,8 @@ class Transfer:
         if batch is not None:
             wanted = set(names if names is not None else batch.names()) - self.sent
             batch = batch.only(wanted)
+            if first and rank in senders and self.balance.keep_groups:
+                batch = share(batch)  # a group's common prefix travels once
             if rank in senders:
                 encoded = _encode_objects(batch, sorted(set(batch.objects) - self.sent))
         meta = _exchange_meta(batch, encoded, senders, self.device, self.sent, self.group)
@@ -634,9 +647,11 @@ class Transfer:
         if meta.objects:
             for i, s in enumerate(senders):
                 objects[i] = np.bincount(self.plan.dest[s], meta.object_bytes[s], self.dst.dp)
-        rows = [(self.t if f[0] == "t" else self.n) * _row_bytes(f) for f in meta.fields]
+        # token rows: without the shared prefixes in the first round, whole in a later one
+        t = self.t if first else self.t_whole
+        rows = [(t if f[0] == "t" else self.n) * _row_bytes(f) for f in meta.fields]
         nbytes = np.stack([*rows, objects])  # [fields + 1, senders, dp]
-        args = (batch, encoded, meta.fields, nbytes)
+        args = (batch, encoded, meta.fields, nbytes, t)
         chunked = self.plan.packing is Packing.CHUNKS
         recv, starts = self._send_chunks(*args) if chunked else self._send_fields(*args)
         kept = np.append(got[:-1], True)  # the objects' row stays (empty when not wanted)
@@ -647,7 +662,12 @@ class Transfer:
         self.busy_ns += time.perf_counter_ns() - begin
 
     def _send_chunks(
-        self, batch: Batch | None, encoded: list[bytes], fields: list[Field], nbytes: np.ndarray
+        self,
+        batch: Batch | None,
+        encoded: list[bytes],
+        fields: list[Field],
+        nbytes: np.ndarray,
+        t: np.ndarray,
     ) -> tuple[torch.Tensor, np.ndarray]:
         """CHUNKS: one all-to-all; this rank's receive buffer and where each field from each
         sender begins in it."""
@@ -670,7 +690,7 @@ class Transfer:
             me, dest = senders.index(rank), self.plan.dest[rank]
             kept = int(chunks[me]) if receiving else 0
             own = recv[size - kept :]
-            counts = (self.n[me], self.t[me])
+            counts = (self.n[me], t[me])
             order = self._targets()
             send, out_splits = _pack(batch, encoded, fields, dest, counts, sizes[:, me], order, own)
         self.clock("pack")
@@ -688,7 +708,12 @@ class Transfer:
         return recv, where + field_at
 
     def _send_fields(
-        self, batch: Batch | None, encoded: list[bytes], fields: list[Field], nbytes: np.ndarray
+        self,
+        batch: Batch | None,
+        encoded: list[bytes],
+        fields: list[Field],
+        nbytes: np.ndarray,
+        t: np.ndarray,
     ) -> tuple[torch.Tensor, np.ndarray]:
         """FIELDS: one all-to-all per field (and one for the objects when they travel), each
         into its own 8-byte aligned region of the receive buffer, the senders end to end:
@@ -705,7 +730,7 @@ class Transfer:
         parts = [(recv[:0], [0] * world)] * len(mine)
         if rank in senders:
             me, dest = senders.index(rank), self.plan.dest[rank]
-            counts = (self.n[me], self.t[me])
+            counts = (self.n[me], t[me])
             parts = _pack_fields(batch, encoded, fields, dest, counts, self._targets(), self.device)
         self.clock("pack")
         for j, (send, out_splits) in enumerate(parts):
@@ -743,14 +768,19 @@ class Transfer:
         plan, meta, rank, dp = self.plan, self.meta, self.rank, self.dst.dp
         self.replica_of = {r: d for d, rs in enumerate(plan.recipients) for r in rs}
         self.n = np.stack([np.bincount(plan.dest[s], minlength=dp) for s in self.senders])
-        self.t = np.stack(
-            [np.bincount(plan.dest[s], meta.lengths[s], dp).astype(np.int64) for s in self.senders]
-        )
+
+        def tokens(lengths: dict[int, np.ndarray]) -> np.ndarray:
+            return np.stack(
+                [np.bincount(plan.dest[s], lengths[s], dp).astype(np.int64) for s in self.senders]
+            )
+
+        sent = {s: meta.lengths[s] - meta.shared[s] for s in self.senders}
+        self.t, self.t_whole = tokens(sent), tokens(meta.lengths)
         # this rank's destination replica (None: a rank outside the destination layout)
         self.d = self.dst.coords(rank)["dp"] if rank in self.dst.ranks else None
         self.holding = self.d is not None and any(rank in c for c in plan.classes[self.d])
-        self.lengths = np.concatenate(
-            [meta.lengths[s][plan.dest[s] == self.d] for s in self.senders]
+        self.lengths = np.concatenate(  # as sent: restored by `finish`
+            [sent[s][plan.dest[s] == self.d] for s in self.senders]
             if self.d is not None
             else [np.zeros(0, dtype=np.int64)]
         )
@@ -779,14 +809,19 @@ class Transfer:
         if self.holding:
             offsets = torch.zeros(len(self.lengths) + 1, dtype=torch.int64, device=self.device)
             offsets[1:] = torch.from_numpy(self.lengths).to(self.device).cumsum(0)
-            fields: dict[str, dict[str, torch.Tensor]] = {"t": {}, "s": {}}
-            objects: dict[str, list] = {}
+            parts = []  # per round: its token fields, sample fields, objects
             for r in self.rounds:
                 tensors, columns = r.unpack()
-                for kind, name, _, _ in r.fields:
-                    fields[kind][name] = tensors[name]
-                objects |= columns
-            out = Batch(offsets, fields["t"], fields["s"], objects)
+                kinds = {k: {n: tensors[n] for k_, n, _, _ in r.fields if k_ == k} for k in "ts"}
+                parts.append((kinds["t"], kinds["s"], columns))
+            # the first round's token fields left the shared prefixes out; a later round's
+            # came whole
+            out = Batch(offsets, *parts[0])
+            out = restore(out) if PREFIX in out.samples else out
+            for tokens, samples, columns in parts[1:]:
+                out = Batch(
+                    out.offsets, out.tokens | tokens, out.samples | samples, out.objects | columns
+                )
         self.clock("unpack")
         # AUTO's measure: the time spent in this transfer's calls (a stage running between
         # them hides the rest), on this rank

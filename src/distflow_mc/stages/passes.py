@@ -39,8 +39,12 @@ def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict],
     multiple = w.mp.pp if w.mp.vpp else 1
     lengths = batch.lengths.tolist()
     items = [Item((i,)) for i in range(len(batch))]
+    # AUTO only where the math is the flat rows' exactly: not under an MoE router's
+    # load-balancing loss (it counts the tokens it routes: a shared prompt once)
+    auto = not use_transformer_engine() and w.mp.cp == 1
+    auto &= w.config.model.router_aux_loss_coef == 0
     shared = t.shared_prefix is SharedPrefix.ALWAYS or (
-        t.shared_prefix is SharedPrefix.AUTO and not use_transformer_engine() and w.mp.cp == 1
+        t.shared_prefix is SharedPrefix.AUTO and auto
     )
     if shared and "prompt_length" in batch.samples:
         args = (batch.samples["group"].tolist(), batch.samples["prompt_length"].tolist())
