@@ -91,6 +91,7 @@ def scenario(
     rounds: tuple[str, ...] | None = None,
     packing: Packing = Packing.AUTO,
     stages: tuple | None = None,
+    share: bool | None = True,
 ) -> dict:
     rank = dist.get_rank()
     # the ranks that hold the batch in the source phase pass it (only emitters' copies are
@@ -102,7 +103,7 @@ def scenario(
     if movement(src, dst) is Move.NONE:
         got = redistribute(mine, src, dst, *args, keep, pattern, phases, packing, stages)
     else:  # some fields may leave first (as while a reward stage runs), the rest after
-        transfer = Transfer(src, dst, *args, pattern, phases, packing, stages)
+        transfer = Transfer(src, dst, *args, pattern, phases, packing, stages, share=share)
         transfer.send(mine, rounds or keep)
         if rounds:
             transfer.send(mine)
@@ -144,7 +145,7 @@ def scenario(
         "fields": fields,
         "tokens": got.num_tokens,
         "tokens_sent": sent,
-        "prompts_shared": shares_prompts(seed) and balance.keep_groups,
+        "prompts_shared": shares_prompts(seed) and balance.keep_groups and share is True,
         "fields_as_kept": fields
         == sorted([*reference.tokens, *reference.samples, *reference.objects]),
         "phases_timed": movement(src, dst) is Move.NONE
@@ -276,6 +277,7 @@ def run_scenarios(layouts: dict, result: dict) -> None:
         if stages:
             continue
         result[name + " split groups"] = scenario(src, dst, seed, Balance(keep_groups=False))
+        result[name + " unshared"] = scenario(src, dst, seed, Balance(), share=False)
         groups = sum(len(source_batch(r, seed)) for r in range(src.dp)) // GROUP
         if groups % dst.dp == 0:
             result[name + " equal counts"] = scenario(src, dst, seed, Balance(equal_counts=True))

@@ -243,23 +243,30 @@ def test_schedule_shapes_for_interleaved_pipelines():
 
 
 def test_measured_choice_tries_each_option_keeps_the_cheapest_and_revisits():
+    """A call chooses before its metadata exchange, which brings the time of the call
+    before: the option still being measured counts as tried."""
     from distflow_mc.data.redistribute import Packing, Pattern, _Measured
     from distflow_mc.parallel.layout import Layout
 
     key = (Layout("rollout", dp=2), Layout("train", dp=1, tp=2, replicated=True))
     packings = (Packing.CHUNKS, Packing.FIELDS)
-    options = [(p, k) for p in (Pattern.DIRECT, Pattern.LEADERS) for k in packings]
-    cost_ns = dict(zip(options, (40, 10, 30, 20), strict=True))  # per byte
+    options = [
+        (p, k, x) for p in (Pattern.DIRECT, Pattern.LEADERS) for k in packings for x in (0, 1)
+    ]
+    cost_ns = dict(zip(options, (40, 50, 10, 60, 30, 35, 20, 25), strict=True))  # per byte
     measured, chosen = _Measured(), []
-    for _ in range(2 * _Measured.REVISIT):
-        option = measured.choose(key, 1, options)
+    for _ in range(3 * _Measured.REVISIT):
+        option = measured.choose(key, options)
+        measured.update(cost_ns[chosen[-1]] if chosen else 0)  # the call before's time
+        measured.started(1)
         chosen.append(option)
-        measured.update(cost_ns[option])  # the next call's metadata brings the time
-    assert chosen[:4] == options  # each tried once, in order
-    cheapest = options[1]
-    revisits = [i for i, o in enumerate(chosen[4:], start=5) if o != cheapest]
+    assert chosen[: len(options)] == options  # each tried once, in order
+    cheapest = options[2]
+    revisits = [i for i, o in enumerate(chosen[len(options) :], start=9) if o != cheapest]
     assert revisits and all(i % _Measured.REVISIT == 0 for i in revisits)
-    assert measured.choose(key, 1, options[:1]) == options[0]  # one option: no measuring
+    # only those within NEAR x the best (until the FAR-th call)
+    assert all(cost_ns[chosen[i - 1]] <= 20 for i in revisits)
+    assert measured.choose(key, options[:1]) == options[0]  # one option: no measuring
 
 
 def trainer_view(budget: int, shared, cp: int = 1, aux: float = 0.0):

@@ -124,8 +124,9 @@ class _Meta:
     inline: dict[int, bytes] | None = None
 
     def nbytes(self) -> int:
-        """Bytes of the tensor fields of all senders' batches."""
-        tokens = sum(int(v.sum() - self.shared[s].sum()) for s, v in self.lengths.items())
+        """Bytes of the tensor fields of all senders' batches (whole: what a move costs is
+        measured per byte moved, whether a shared prefix travelled once or not)."""
+        tokens = sum(int(v.sum()) for v in self.lengths.values())
         samples = sum(len(v) for v in self.lengths.values())
         return sum(_row_bytes(f) * (tokens if f[0] == "t" else samples) for f in self.fields)
 
@@ -283,6 +284,31 @@ class _Plan:
         return next((c[0] for cs in self.classes for c in cs if rank in c), rank)
 
 
+def _options(
+    src: Layout,
+    dst: Layout,
+    balance: Balance,
+    pattern: Pattern,
+    packing: Packing,
+    share: bool | None,
+    view: Callable[[int], View],
+) -> tuple[tuple, list[tuple[Pattern, Packing, bool]]]:
+    """The measured choice's key and the (pattern, packing, share) options open to a move,
+    known before any metadata: whether a group's common prefix travels once (with groups
+    kept together only) is decided before the lengths are exchanged."""
+    holders = [sorted(set(ranks) & dst.holders()) for ranks in dst.replicas()]
+    # LEADERS differs from DIRECT where a set of ranks reading the same fields has several
+    multi = any(len([r for r in h if view(r) == v]) > 1 for h in holders for v in map(view, h))
+    patterns = [Pattern.DIRECT, Pattern.LEADERS] if multi else [Pattern.DIRECT]
+    if pattern is not Pattern.AUTO:
+        patterns = [pattern]
+    packings = [Packing.CHUNKS, Packing.FIELDS] if packing is Packing.AUTO else [packing]
+    shares = [False, True] if share is None else [share]
+    shares = shares if balance.keep_groups else [False]
+    options = [(p, k, x) for p in patterns for k in packings for x in shares]
+    return (src, dst, tuple(map(view, dst.ranks))), options
+
+
 def _plan(
     meta: _Meta,
     senders: list[int],
@@ -305,14 +331,6 @@ def _plan(
     classes = [
         [[r for r in h if view(r) == v] for v in dict.fromkeys(map(view, h))] for h in holders
     ]
-    multi = any(len(c) > 1 for cs in classes for c in cs)  # else both patterns are the same
-    patterns = [Pattern.DIRECT, Pattern.LEADERS] if multi else [Pattern.DIRECT]
-    if pattern is not Pattern.AUTO:
-        patterns = [pattern]
-    packings = [Packing.CHUNKS, Packing.FIELDS] if packing is Packing.AUTO else [packing]
-    options = [(p, k) for p in patterns for k in packings]
-    views = tuple(map(view, dst.ranks))
-    pattern, packing = _measured.choose((src, dst, views), meta.nbytes(), options)
     if pattern is Pattern.DIRECT:
         return _Plan(dest, holders, [[[r] for r in h] for h in holders], pattern, packing)
     recipients = [[c[0] for c in cs] for cs in classes]
@@ -320,47 +338,62 @@ def _plan(
 
 
 class _Measured:
-    """AUTO's choice by measured cost: each option (pattern, packing) is tried once per
-    (source, destination, per-rank views) key, then the one with fewer seconds per byte (the
-    slowest rank's, from the metadata exchange on) runs, its cost updated by every call;
-    every `REVISIT`-th call re-measures the option measured longest ago, so one unlucky
-    first measurement does not decide for good. Every rank reports its time of the last
-    measured call in the next call's metadata header, so all ranks hold the same numbers
-    and make the same choice."""
+    """AUTO's choice by measured cost: each option (pattern, packing, whether a group's
+    common prefix travels once) is tried once per (source, destination, per-rank views)
+    key, then the one with fewer seconds per byte of the batch (the slowest rank's, from
+    the metadata exchange on, plus the prefix sharing before it) runs, its cost updated by
+    every call; every `REVISIT`-th call re-measures the option measured longest ago (of
+    those within `NEAR` times the best; of all every `FAR`-th: a retry costs what it
+    measured), so one unlucky first measurement does not decide for good. Every rank
+    reports its time of the last measured call in the next call's metadata header, so all
+    ranks hold the same numbers and make the same choice. A call chooses before its
+    metadata exchange (whether to share prefixes changes what it sends), so the call before
+    is still being measured then: its option counts as tried."""
 
     REVISIT = 16
+    NEAR = 2.0  # options within this factor of the best are revisited every REVISIT calls,
+    FAR = 8 * REVISIT  # the others every FAR (sharing prefixes costs 4-5x on 2 CPU cores)
 
     def __init__(self) -> None:
-        self.cost: dict[tuple, dict[tuple[Pattern, Packing], float]] = {}
-        self.seen: dict[tuple, dict[tuple[Pattern, Packing], int]] = {}
+        self.cost: dict[tuple, dict[tuple, float]] = {}
+        self.seen: dict[tuple, dict[tuple, int]] = {}
         self.calls: dict[tuple, int] = {}
-        self.last: tuple[tuple, tuple[Pattern, Packing], int] | None = None
+        self.current: tuple[tuple, tuple] | None = None  # this call's key and option
+        self.pending: tuple[tuple, tuple, int] | None = None  # the last call's, and bytes
         self.elapsed_ns = 0  # this rank's, for the last measured call
 
     def update(self, slowest_ns: int) -> None:
-        if self.last is not None:
-            key, option, nbytes = self.last
+        """At a call's metadata exchange: the slowest rank's time of the call before."""
+        if self.pending is not None:
+            key, option, nbytes = self.pending
             costs = self.cost.setdefault(key, {})
             value = slowest_ns / max(nbytes, 1)
             costs[option] = value if option not in costs else (costs[option] + value) / 2
-        self.last, self.elapsed_ns = None, 0
+        self.pending, self.elapsed_ns = None, 0
 
-    def choose(
-        self, key: tuple, nbytes: int, options: list[tuple[Pattern, Packing]]
-    ) -> tuple[Pattern, Packing]:
+    def started(self, nbytes: int) -> None:
+        """After the metadata exchange: this call, of `nbytes`, is measured next."""
+        self.pending = (*self.current, nbytes) if self.current is not None else None
+        self.current = None
+
+    def choose(self, key: tuple, options: list[tuple]) -> tuple:
+        self.current = None
         if len(options) == 1:  # nothing to choose: nothing to measure
             return options[0]
         costs, seen = self.cost.get(key, {}), self.seen.setdefault(key, {})
         calls = self.calls[key] = self.calls.get(key, 0) + 1
-        untried = [o for o in options if o not in costs]
+        measuring = self.pending[1] if self.pending is not None and self.pending[0] == key else None
+        untried = [o for o in options if o not in costs and o != measuring]
         if untried:
             option = untried[0]
-        elif calls % self.REVISIT == 0:
-            option = min(options, key=seen.__getitem__)
+        elif calls % self.REVISIT == 0:  # the option measured longest ago, of those near
+            best = min(costs[o] for o in options if o in costs)
+            near = [o for o in options if costs.get(o, best) <= self.NEAR * best]
+            option = min(near if calls % self.FAR else options, key=seen.__getitem__)
         else:
-            option = min(options, key=costs.__getitem__)
+            option = min((o for o in options if o in costs), key=costs.__getitem__)
         seen[option] = calls
-        self.last = (key, option, nbytes)
+        self.current = (key, option)
         return option
 
 
@@ -581,10 +614,13 @@ class Transfer:
         packing: Packing = Packing.AUTO,
         stages: Sequence[Collection[str] | None] | None = None,
         group: dist.ProcessGroup | None = None,
+        share: bool | None = None,
     ) -> None:
         """`group`: a group over the whole world (its ranks numbered as the world's) for
         this transfer's collectives, e.g. a channel of its own that a thread drives
-        (rollout.placement=SEPARATE); it moves DIRECT, making no group of its own."""
+        (rollout.placement=SEPARATE); it moves DIRECT, making no group of its own.
+        `share`: whether a group's common prefix travels once (`prefixes.share`; with
+        groups kept together only); None: as measured to be faster."""
         world = range(dist.get_world_size())
         assert src.ranks[-1] in world and dst.ranks[-1] in world, (src, dst)
         assert movement(src, dst) is not Move.NONE, "nothing moves: no transfer needed"
@@ -594,7 +630,7 @@ class Transfer:
         self.group = group
         self.view = _views(dst, stages)
         self.src, self.dst, self.balance = src, dst, balance
-        self.pattern, self.packing = pattern, packing
+        self.pattern, self.packing, self.share = pattern, packing, share
         self.device, self.timeout, self.clock = device, timeout, _Clock(phases, device)
         self.rank, self.senders = dist.get_rank(), src.emitters()
         self.sent: set[str] = set()
@@ -610,11 +646,18 @@ class Transfer:
         self.clock.restart()
         begin = time.perf_counter_ns()
         encoded: list[bytes] = []
+        sharing = False
+        if first:  # how to move: chosen before the metadata, which sharing changes
+            args = (self.src, self.dst, self.balance, self.pattern, self.packing, self.share)
+            key, options = _options(*args, self.view)
+            self.pattern, self.packing, sharing = _measured.choose(key, options)
         if batch is not None:
             wanted = set(names if names is not None else batch.names()) - self.sent
             batch = batch.only(wanted)
-            if first and rank in senders and self.balance.keep_groups:
+            if sharing and rank in senders:
+                tick = time.perf_counter_ns()
                 batch = share(batch)  # a group's common prefix travels once
+                self.busy_ns += time.perf_counter_ns() - tick
             if rank in senders:
                 encoded = _encode_objects(batch, sorted(set(batch.objects) - self.sent))
         meta = _exchange_meta(batch, encoded, senders, self.device, self.sent, self.group)
@@ -622,6 +665,7 @@ class Transfer:
         if first:
             begin = time.perf_counter_ns()  # the ranks are in step from here
             self.meta = meta
+            _measured.started(meta.nbytes())
             args = (self.src, self.dst, self.balance, self.pattern, self.packing, self.view)
             self.plan = _plan(meta, senders, *args)
             self._receive_plan()
@@ -842,6 +886,7 @@ def redistribute(
     packing: Packing = Packing.AUTO,
     stages: Sequence[Collection[str] | None] | None = None,
     group: dist.ProcessGroup | None = None,
+    share: bool | None = None,
 ) -> Batch | None:
     """Called on every rank. `batch` is this rank's source-replica batch (only the
     replica's emitter's copy is read; other ranks may pass None). Returns this rank's
@@ -850,8 +895,8 @@ def redistribute(
     always) arrive, and with `stages` (per pipeline stage of `dst`: the fields its ranks
     read, None: all) only those of them a rank's stage reads. New process groups get
     `timeout`; `phases` collects seconds per phase (meta, plan, pack, exchange, broadcast,
-    unpack). `pattern` and `packing` left AUTO are chosen by measured cost; `group`: see
-    `Transfer`."""
+    unpack). `pattern` and `packing` left AUTO (and `share` None) are chosen by measured
+    cost; `group`, `share`: see `Transfer`."""
     if movement(src, dst) is Move.NONE:
         rank = dist.get_rank()
         assert batch is not None or rank not in dst.holders(), "holders hold their batch"
@@ -860,7 +905,7 @@ def redistribute(
         names = set(batch.names() if keep is None else keep)
         view = _views(dst, stages)(rank)
         return batch.only(names if view is None else names & view)  # itself if all stay
-    args = (pattern, phases, packing, stages, group)
+    args = (pattern, phases, packing, stages, group, share)
     transfer = Transfer(src, dst, balance, device, timeout, *args)
     transfer.send(batch, keep)
     return transfer.finish()
