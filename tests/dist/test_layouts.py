@@ -106,6 +106,7 @@ def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
         "forced_pass": ["trainer.total_steps=1", f"algo.workflow={json.dumps(workflow)}"],
         # trainer.shared_prefix: each group's prompt once per row, against the flat rows
         "shared_pp1": [*tiny4, small, SHARED],
+        "shared_pp2vpp2": [*tiny4, small, "parallel.pp=2", "parallel.vpp=2", SHARED],
         "shared": [*mixed, "parallel.pp=2", SHARED],
         "shared_sp_split": [*mixed, *sp, SHARED, "trainer.micro_batch_tokens=60"],
         "rows_gspo": [*mixed, "parallel.pp=2", *gspo, FLAT],
@@ -200,12 +201,14 @@ def test_pipeline_stages_get_only_what_they_read(four):
 def test_shared_prefix_is_the_same_math(two, four):
     """trainer.shared_prefix=ALWAYS (each group's prompt once per row, every sample's tokens
     attending to it): the first update equals the flat rows' (grad norm, entropy, loss) and
-    the actor's log-probs equal transformers' own (the engine's), on PP1 (token mean), PP2
-    with prompts of different lengths (per-sequence means), TP2 with sequence parallel and
-    groups split over rows by the token budget, GSPO with packed rows, experts over EP2,
-    multi-turn agent samples, and PPO on PP4 (reference, critic values, several epochs)."""
+    the actor's log-probs equal transformers' own (the engine's), on PP1 (token mean), an
+    interleaved PP2 x VPP2, PP2 with prompts of different lengths (per-sequence means),
+    TP2 with sequence parallel and groups split over rows by the token budget, GSPO with
+    packed rows, experts over EP2, multi-turn agent samples, and PPO on PP4 (reference,
+    critic values, several epochs)."""
     pairs = [  # (and the least share of the tokens not computed again)
         ("shared_pp1", "pp1", two, 0.2),
+        ("shared_pp2vpp2", "pp1", two, 0.2),
         ("shared", "rows", two, 0.2),
         ("shared_sp_split", "rows", two, 0.01),  # a 60-token budget: rows of 2-3 samples
         ("shared_packed_gspo", "rows_gspo", two, 0.2),
