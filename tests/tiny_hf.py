@@ -74,3 +74,20 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_hf(path: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+class SwapAfter:
+    """rollout.partial's interrupt: new weights are pending from the `after`-th token
+    boundary on; applying them loads `weights` into the engine."""
+
+    def __init__(self, engine, after: int, weights: dict) -> None:
+        self.engine, self.after, self.weights = engine, after, weights
+        self.boundaries, self.applied = 0, 0
+
+    def pending(self) -> bool:
+        self.boundaries += 1
+        return self.boundaries >= self.after and not self.applied
+
+    def apply(self) -> None:
+        self.engine.update_weights([list(self.weights.items())])
+        self.applied += 1

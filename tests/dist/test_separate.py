@@ -58,13 +58,15 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
             "rollout.partial=true",
             "rollout.max_new_tokens=48",
         ],
-        # the rest of the algorithms and layouts, a few steps each
+        # the rest of the algorithms and layouts, a few steps each (agent turns take the
+        # weights that arrive while they generate: rollout.partial)
         "agent": [
             *common,
             "experiment=cpu_tiny_agent",
             "trainer.total_steps=3",
             *PRESET,
             "rollout.agent.tools=[distflow_mc.data.tiny.SlowLookup]",
+            "rollout.partial=true",
         ],
         "dapo": [
             *common,
@@ -150,16 +152,20 @@ def test_weights_every_second_step(runs):
 
 
 def test_agents_dynamic_sampling_and_ppo_with_tensor_parallel_run_separate(runs):
-    """Multi-turn tool calls (a tool that answers after 50-200 ms) on the rollout group;
-    DAPO's extra sampling rounds agreed within the rollout group; PPO (critic, reference,
-    GAE) on a TP=2 train group; a rollout TP group to a pipeline: every step trains, one
-    step off."""
+    """Multi-turn tool calls (a tool that answers after 50-200 ms) on the rollout group,
+    their turns taking new weights as they arrive (rollout.partial: a sample's tokens are
+    as fresh as its start or fresher); DAPO's extra sampling rounds agreed within the
+    rollout group; PPO (critic, reference, GAE) on a TP=2 train group; a rollout TP group to
+    a pipeline: every step trains, one step off."""
     for name in ("agent", "dapo", "ppo_tp2", "rollout_tp2_pp2"):
         rows = runs[name]
         assert [r["step"] for r in rows] == [1, 2, 3], name
         assert [r["staleness/max"] for r in rows] == [0, 1, 1], name
         assert all(0 < r["actor/grad_norm"] < float("inf") for r in rows), name
     assert all(r["agent/tool_calls"] > 0 for r in runs["agent"])
+    for r in runs["agent"]:
+        fresher = r["staleness/token_mean"] < r["staleness/mean"]
+        assert fresher == (r["rollout/partial_frac"] > 0), r
     assert all(r["rollout/dynamic_rounds"] >= 1 for r in runs["dapo"])
     assert all(r["critic/value_loss"] >= 0 and "actor/kl" in r for r in runs["ppo_tp2"])
 

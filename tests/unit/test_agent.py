@@ -313,6 +313,52 @@ def test_real_engine_logprobs_match_a_forward_of_the_trajectory(tmp_path: Path):
         )
 
 
+def test_turns_crossing_a_weight_update_keep_each_tokens_behaviour(tmp_path: Path):
+    """rollout.partial for agents: new weights arrive at the 4th token boundary, inside the
+    first turn; the turn goes on with them, later turns use them. Each trajectory marks the
+    updates before its tokens, and every generated token's log-prob is that of a forward of
+    the weights that drew it."""
+    from distflow_mc.data.tiny import make_model
+    from distflow_mc.rollout.hf_engine import HFEngine
+    from tests.tiny_hf import SwapAfter, load_hf, load_tensors
+
+    model_dir = tmp_path / "m"
+    tok = make_tokenizer(model_dir, AGENT_TOKENS)
+    make_model(model_dir, tok, seed=3)
+    old = load_tensors(model_dir)
+    g = torch.Generator().manual_seed(0)
+    new = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in old.items()}
+    engine = HFEngine(model_dir, tok.pad_token_id, torch.device("cpu"))
+    engine.update_weights([list(old.items())])
+    config = AgentConfig(parser=f"{__name__}.always_lookup", max_turns=3, max_total_tokens=80)
+    loop = AgentLoop(config, tok, {"lookup": Lookup()})
+    params = SamplingParams(n=2, max_new_tokens=6, stop_token_ids=(10, 11, 12), seed=1)
+    prompts = [enc(tok, "<|user|>key: 1\n<|assistant|>"), enc(tok, "key: 22")]
+    swap = SwapAfter(engine, 4, new)
+    done = loop.run(engine, prompts, [loop.tools] * 2, params, interrupt=swap)
+    assert swap.applied == 1 and max(t.turns for t in done) >= 2
+    models = {0: load_hf(model_dir), 1: load_hf(model_dir)}
+    models[1].load_state_dict(new, strict=False)
+    crossed_in_a_turn = False
+    for t in done:
+        per_token = torch.zeros(len(t.ids), dtype=torch.int64)
+        for start, count in t.versions:
+            per_token[start:] = count
+        ids, mask = torch.tensor([t.ids]), torch.tensor(t.mask).bool()
+        drawn = per_token[mask]
+        assert drawn[0] == 0 and drawn[-1] == 1, t.versions  # the swap came in turn 1
+        assert (drawn.diff() >= 0).all()
+        crossed_in_a_turn |= bool(t.mask[3 + len(prompts[t.prompt])])  # 4th token generated
+        for version, model in models.items():
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            want = logp.gather(-1, ids[0, 1:, None])[:, 0]
+            at = (mask & (per_token == version))[1:]
+            got = torch.tensor(t.logprobs[1:])[at]
+            torch.testing.assert_close(got, want[at], atol=2e-5, rtol=0)
+    assert crossed_in_a_turn
+
+
 def test_a_template_without_tool_messages_is_refused_by_name(tmp_path):
     tok = make_tokenizer(tmp_path)
     tok.chat_template = (

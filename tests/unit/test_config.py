@@ -228,9 +228,11 @@ AGENT_SEPARATE = ["experiment=cpu_tiny_agent", "placement=separate", "rollout.ra
                 "experiment=cpu_tiny_agent",
                 "placement=separate",
                 "rollout.ranks=1",
+                "trainer.max_staleness=2",
                 "rollout.partial=true",
+                "rollout.stream=true",
             ],
-            "partial",
+            "rollout.partial",
         ),
         (["placement=separate", "rollout.ranks=1", "trainer.weight_sync_every=0"], "weight_sync"),
         (["experiment=cpu_tiny_agent", "rollout.stream=true"], "rollout.stream"),  # colocated

@@ -11,7 +11,7 @@ import torch
 
 from distflow_mc.rollout.engine import SamplingParams
 from distflow_mc.rollout.hf_engine import HFEngine
-from tests.tiny_hf import load_hf, load_tensors, make_tiny_model
+from tests.tiny_hf import SwapAfter, load_hf, load_tensors, make_tiny_model
 
 PROMPTS = [[5, 17, 33, 2], [9], [40, 41, 42, 43, 44, 45, 46]]
 
@@ -111,23 +111,6 @@ def test_each_prompt_is_prefilled_once_with_the_samples_of_generate(engine, mode
         pad_token_id=0,
     )[:, longest:]
     assert [r.tolist() for r in got.response_ids] == ref.tolist()
-
-
-class SwapAfter:
-    """rollout.partial's interrupt: new weights are pending from the `after`-th token
-    boundary on; applying them loads `weights` into the engine."""
-
-    def __init__(self, engine: HFEngine, after: int, weights: dict) -> None:
-        self.engine, self.after, self.weights = engine, after, weights
-        self.boundaries, self.applied = 0, 0
-
-    def pending(self) -> bool:
-        self.boundaries += 1
-        return self.boundaries >= self.after and not self.applied
-
-    def apply(self) -> None:
-        self.engine.update_weights([list(self.weights.items())])
-        self.applied += 1
 
 
 def test_a_generation_crossing_a_weight_update_keeps_each_tokens_behaviour(model_dir):

@@ -26,6 +26,7 @@ from distflow_mc.agent.parser import get_parser
 from distflow_mc.agent.tools import Call, Result, Tool, gather_calls
 from distflow_mc.config.schema import AgentConfig
 from distflow_mc.rollout.engine import RolloutEngine, SamplingParams
+from distflow_mc.rollout.hf_engine import Interrupt
 
 MARK = "\x00distflow-assistant-turn\x00"
 
@@ -77,7 +78,8 @@ class Trajectory:
     tool_errors: int = 0  # unparsable calls and failed ones (timeouts included)
     tool_timeouts: int = 0
     finish: str = "stop"  # stop | length | turns
-    # rollout.stream: (first token, version) of each weight version that drew its turns
+    # (first token, version) of each weight version that drew its tokens: rollout.stream's
+    # versions per turn, or rollout.partial's count of weight updates before them
     versions: list[tuple[int, int]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -89,6 +91,20 @@ class Trajectory:
             "tool_errors": self.tool_errors,
             "finish": self.finish,
         }
+
+
+class _Counted:
+    """rollout.partial's interrupt, counting the updates it applied."""
+
+    def __init__(self, interrupt: Interrupt) -> None:
+        self.interrupt, self.applied = interrupt, 0
+
+    def pending(self) -> bool:
+        return self.interrupt.pending()
+
+    def apply(self) -> None:
+        self.interrupt.apply()
+        self.applied += 1
 
 
 @dataclass
@@ -130,16 +146,23 @@ class AgentLoop:
         prompts: list[list[int]],
         tools: list[dict[str, Tool]],
         params: SamplingParams,
+        interrupt: Interrupt | None = None,
     ) -> list[Trajectory]:
         """`params.n` trajectories per prompt (prompt i's at [i*n, (i+1)*n)); `params`
-        applies per turn, its seed moved on every turn."""
+        applies per turn, its seed moved on every turn. With `interrupt` (rollout.partial)
+        a turn goes on with the weights that arrive during it: each trajectory's `versions`
+        marks how many updates came before its tokens (tool tokens: as the turn before)."""
         trajectories = self.start(prompts, tools, params.n)
+        counted = _Counted(interrupt) if interrupt is not None else None
+        if counted is not None:
+            for t in trajectories:
+                t.versions = [(0, 0)]
         active = trajectories
         for turn in range(self.config.max_turns):
             if not active:
                 break
             step = replace(params, seed=params.seed + 1_000_003 * turn)
-            pending = self.turn(engine, active, step, prompts if turn == 0 else None)
+            pending = self.turn(engine, active, step, prompts if turn == 0 else None, counted)
             active = self.answer(pending)
         return trajectories
 
@@ -149,10 +172,13 @@ class AgentLoop:
         active: list[Trajectory],
         params: SamplingParams,
         prompts: list[list[int]] | None = None,
+        counted: _Counted | None = None,
     ) -> list[Pending]:
         """One engine call, a turn of each of `active`; the tool calls they make. With
         `prompts` (their first turn, `params.n` trajectories of each prompt in order), the
-        engine gets each prompt once with n samples (an engine encodes it once for them)."""
+        engine gets each prompt once with n samples (an engine encodes it once for them).
+        With `counted` (rollout.partial), the call may take new weights at a token boundary:
+        each part of a turn is marked with the count of updates before it."""
         c = self.config
         # > 0: prompts are shorter (checked), and answer() ends those left without room
         room = [c.max_total_tokens - len(t.ids) for t in active]
@@ -162,15 +188,23 @@ class AgentLoop:
             max_new_tokens=min(params.max_new_tokens, max(room)),
             stop_token_ids=(*params.stop_token_ids, *self.stop_ids),
         )
-        if prompts is not None:
-            gen = engine.generate(prompts, replace(step, n=params.n))
-        else:
-            gen = engine.generate([t.ids for t in active], step)
+        rows = prompts if prompts is not None else [t.ids for t in active]
+        step = replace(step, n=params.n) if prompts is not None else step
+        before = counted.applied if counted is not None else 0
+        extra = {"interrupt": counted} if counted is not None else {}
+        gen = engine.generate(rows, step, **extra)
         pending = []
-        for t, r, ids, logp, finish in zip(
-            active, room, gen.response_ids, gen.logprobs, gen.finish_reasons, strict=True
+        for i, (t, r, ids, logp, finish) in enumerate(
+            zip(active, room, gen.response_ids, gen.logprobs, gen.finish_reasons, strict=True)
         ):
+            start = len(t.ids)
             pending += self._turn(t, ids.tolist(), logp.tolist(), finish, r)
+            if counted is None:
+                continue
+            for j, count in enumerate(gen.segments[i] if gen.segments else [len(ids)]):
+                if count and start < len(t.ids):  # (a part past the budget's cut is gone)
+                    t.versions.append((start, before + j))
+                start += count
         return pending
 
     def _turn(

@@ -82,7 +82,8 @@ def streamed(w: Workers, m: Metrics, step: int) -> Batch:
 
 def _versions(done: list[Trajectory], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token, the weight version that drew it (prompt and tool tokens: the turn's
-    before them); per sample, the version of its first turn."""
+    before them; rollout.partial: the count of updates before it); per sample, the version
+    of its first turn."""
     versions, lengths = [], []
     for t in done:
         ends = [start for start, _ in t.versions[1:]] + [len(t.ids)]
@@ -145,10 +146,13 @@ def rollouts(
         return batch
     extras = prompts.objects["extra"]
     offered = [w.agent.offered(row_tools(e)) for e in extras]
-    done = w.agent.run(w.engine, [p.tolist() for p in host], offered, params)
+    done = w.agent.run(w.engine, [p.tolist() for p in host], offered, params, interrupt)
     if m is not None:
         _agent_metrics(done, m)
-    return _agent_batch(done, prompts, params.n, w.ctx.device)
+    batch = _agent_batch(done, prompts, params.n, w.ctx.device)
+    if interrupt is not None:  # each token's count of updates before it
+        batch.tokens["weight_updates"] = _versions(done, w.ctx.device)[0]
+    return batch
 
 
 def _to_batch(
