@@ -118,6 +118,10 @@ def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
         "agent": [*AGENT, FLAT],
         "agent_shared": [*AGENT, SHARED],
         "cp2": ["trainer.total_steps=1", "parallel.cp=2"],
+        # per-sequence rules under CP: GSPO's sequence ratio, per-sequence sums, MIS over
+        # whole sequences, each sequence counted once (against the same on DP=2)
+        "cp2_sequences": [*mixed, *gspo, *corrected, "algo.mis_level=SEQUENCE", "parallel.cp=2"],
+        "sequences": [*mixed, *gspo, *corrected, "algo.mis_level=SEQUENCE", FLAT],
     }
 
 
@@ -288,6 +292,7 @@ def test_context_parallel_equals_data_parallel(two, four):
     log-probs equal transformers' own; GRPO on 2 ranks, and PPO (reference and critic
     passes, values, several epochs) on 4 ranks with CP=2 x TP=2 under sequence parallel."""
     assert_same_first_step(two["cp2"], two["on_policy"], "cp2")
+    assert_same_first_step(two["cp2_sequences"], two["sequences"], "cp2_sequences")
     assert two["cp2"][0]["rollout/logprob_gap_max"] < 1e-4
     cp, flat = four["ppo_cp2_tp2_sp"], four["ppo_dp4"]
     assert_same_first_step(cp, flat, "ppo_cp2_tp2_sp")
@@ -297,11 +302,11 @@ def test_context_parallel_equals_data_parallel(two, four):
 def test_context_parallel_limits_are_refused_on_every_rank(tmp_path):
     """Each rank refuses what CP does not run yet on its own, in its own log file, before
     any collective, naming the setting."""
-    args = ["parallel.cp=2", "algo.policy_loss=GSPO", "parallel.timeout_s=30"]
+    args = ["parallel.cp=2", "trainer.sequence_packing=true", "parallel.timeout_s=30"]
     for code, _ in run_nodes(2, [*args, f"hydra.run.dir={tmp_path}"], cwd=tmp_path):
         assert code != 0
     for log in rank_logs(tmp_path, 2):
-        assert "algo.policy_loss: GSPO (a per-sequence ratio) is not built with parallel.cp" in log
+        assert "trainer.sequence_packing: is not built with parallel.cp > 1 yet" in log
 
 
 def test_sglang_rollout_group_across_nodes_is_refused(tmp_path):

@@ -387,13 +387,12 @@ def test_rollout_tp_with_either_engine():
         (["parallel.ep=2"], "parallel.ep"),
         (["trainer.sequence_packing=true"], "trainer.sequence_packing"),
         (["trainer.shared_prefix=ALWAYS"], "trainer.shared_prefix"),
-        (["algo.loss_agg=SEQ_MEAN_TOKEN_MEAN"], "algo.loss_agg"),
-        (["algo.policy_loss=GSPO"], "algo.policy_loss"),
-        (["algo.mis_low=0.5", "algo.mis_level=SEQUENCE"], "algo.mis_level"),
     ],
 )
 def test_context_parallel_limits_are_refused_by_name(overrides, key):
     load_config(compose_config(["parallel.cp=2"]))  # GRPO's defaults run under CP
+    per_sequence = ["algo.loss_agg=SEQ_MEAN_TOKEN_MEAN", "algo.policy_loss=GSPO"]
+    load_config(compose_config(["parallel.cp=2", *per_sequence, "algo.mis_level=SEQUENCE"]))
     with pytest.raises(ValueError, match=key.replace(".", r"\.") + ".*parallel.cp > 1"):
         load_config(compose_config(["parallel.cp=2", *overrides]))
 
@@ -419,9 +418,10 @@ def test_movement_between_phases(rollout_tp, train_tp, pp, move):
     assert (f"({move.value} in)" in text) == (move is not Move.NONE), text
     # with what the stages read: the move lists its fields, the early round its own
     text = "\n".join(describe_plan(plan, layouts, *carried(plan, config, layouts)))
-    moved = "input_ids, response_mask, reward, rollout_logprobs"
+    # (prompt_length: trainer.shared_prefix=AUTO lays micro-batches out by it)
+    moved = "input_ids, prompt_length, response_mask, reward, rollout_logprobs"
     assert (f"({move.value} in: {moved})" in text) == (move is not Move.NONE), text
-    early = "(then starts sending input_ids, response_mask, rollout_logprobs)"
+    early = "(then starts sending input_ids, prompt_length, response_mask, rollout_logprobs)"
     assert (early in text) == (move is not Move.NONE), text
 
 

@@ -252,11 +252,23 @@ def test_liveness_of_the_shipped_workflows(overrides, dropped):
 @pytest.mark.parametrize(
     ("overrides", "moved"),
     [
-        # on-policy GRPO: the loss reads the rollout log-probs for the gap
-        ([], {"input_ids", "response_mask", "rollout_logprobs", "reward"}),
+        # on-policy GRPO: the loss reads the rollout log-probs for the gap (and every model
+        # node the prompts' lengths: trainer.shared_prefix=AUTO lays its rows out by them)
+        ([], {"input_ids", "response_mask", "rollout_logprobs", "reward", "prompt_length"}),
         # the old-log-prob pass reads them
-        (["algo.ppo_epochs=2"], {"input_ids", "response_mask", "rollout_logprobs", "reward"}),
-        (["algo=ppo"], {"input_ids", "response_mask", "rollout_logprobs", "reward"}),
+        (
+            ["algo.ppo_epochs=2"],
+            {"input_ids", "response_mask", "rollout_logprobs", "reward", "prompt_length"},
+        ),
+        (
+            ["algo=ppo"],
+            {"input_ids", "response_mask", "rollout_logprobs", "reward", "prompt_length"},
+        ),
+        # flat rows: no prompt lengths
+        (
+            ["trainer.shared_prefix=NEVER"],
+            {"input_ids", "response_mask", "rollout_logprobs", "reward"},
+        ),
     ],
 )
 def test_moves_carry_what_later_stages_read(overrides, moved):
@@ -292,7 +304,8 @@ def test_moves_carry_what_later_stages_read(overrides, moved):
 
 def test_pipeline_stages_read_their_part():
     """With every node's reads declared, a pipeline's first stage reads the tokens, the
-    middle ones nothing, the last the rest; without a pipeline, or with a node of its own
+    middle ones nothing (but the prompts' lengths, under trainer.shared_prefix), the last
+    the rest; without a pipeline, or with a node of its own
     fn (it may read anything anywhere), every stage reads everything."""
     from dataclasses import replace
 
@@ -304,7 +317,8 @@ def test_pipeline_stages_read_their_part():
     config = load_config(compose_config(["algo=ppo"]))
     plan = prune(plan_workflow(config.algo.workflow), node_fields(config))
     assert stage_reads(plan, config, 1) is None
-    assert stage_reads(plan, config, 3) == (frozenset({"input_ids"}), frozenset(), None)
+    rows = frozenset({"prompt_length"})  # every stage lays its micro-batches out by them
+    assert stage_reads(plan, config, 3) == (frozenset({"input_ids"}) | rows, rows, None)
     own = [
         replace(n, fn="distflow_mc.stages.advantage.compute") if n.id == "advantage" else n
         for n in config.algo.workflow

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from distflow_mc.algos.losses import per_sequence
 
@@ -41,16 +42,17 @@ def behaviour_weights(
     mis_high: float | None = None,
     sequence: bool = False,
     segments: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> Correction:
     """Per-token weights and the reduced mask; `sequence`: MIS judges each sequence by the
-    product of its tokens' ratios."""
+    product of its tokens' ratios (with a CP `group`, over the whole sequence)."""
     mask = mask.to(prox_logp.dtype)
     response = mask.bool()
     log_ratio = ((prox_logp - behav_logp) * mask).detach()
     # the exponent's range keeps exp finite; the bounds below act far inside it
     ratio = torch.where(response, torch.exp(log_ratio.clamp(-80.0, 80.0)), 0.0)
     if sequence:
-        seq = per_sequence(log_ratio, segments)
+        seq = per_sequence(log_ratio, segments, group)
         per_token = seq[:, None].expand_as(log_ratio) if segments is None else seq[segments]
         judged = torch.exp(per_token.clamp(-80.0, 80.0))
     else:

@@ -5,36 +5,55 @@ the denominator summed over all micro-batches and data-parallel ranks: the aggre
 then exact for the global batch, not an average of per-micro-batch averages.
 Tensors are right-padded [B, T] over response tokens with a 0/1 `mask`; a row is one
 sequence, or, given `segments` [B, T] (packed rows: each token's sequence, counted over
-the micro-batch), several.
+the micro-batch), several. Under context parallelism (`group`: each rank of the CP group
+holds part of every row) what a per-sequence rule needs of the whole sequence (its token
+count, GSPO's ratio) is summed over the group; the numerators stay each rank's own, and
+megatron sums them (and the denominators) over the group.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
-def per_sequence(x: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+def per_sequence(
+    x: torch.Tensor, segments: torch.Tensor | None, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
     """Sums of [B, T] `x` per sequence: per row, or per segment of packed rows (as many
-    entries as tokens, the unused ones 0)."""
+    entries as tokens, the unused ones 0); with `group`, of the whole sequences (summed
+    over the CP group: no gradient)."""
     if segments is None:
-        return x.sum(-1)
-    return x.new_zeros(segments.numel()).index_add_(0, segments.flatten(), x.flatten())
+        out = x.sum(-1)
+    else:
+        out = x.new_zeros(segments.numel()).index_add_(0, segments.flatten(), x.flatten())
+    if group is not None:
+        out = out.detach().clone()
+        dist.all_reduce(out, group=group)
+    return out
 
 
 def aggregate(
-    per_token: torch.Tensor, mask: torch.Tensor, mode: str, segments: torch.Tensor | None = None
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    segments: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> Pair:
     """TOKEN_MEAN: sum / tokens. SEQ_MEAN_TOKEN_SUM: per-sequence sums, mean over
     sequences (Dr. GRPO's choice). SEQ_MEAN_TOKEN_MEAN: per-sequence means, mean over
-    sequences (the original GRPO)."""
+    sequences (the original GRPO). With a CP `group`, a sequence's tokens are counted over
+    the group and it is counted once, by the group's first rank."""
     mask = mask.to(per_token.dtype)
     if mode == "TOKEN_MEAN":
         return (per_token * mask).sum(), mask.sum()
     sums = per_sequence(per_token * mask, segments)
-    tokens = per_sequence(mask, segments)
+    tokens = per_sequence(mask, segments, group)
     sequences = (tokens > 0).sum().to(per_token.dtype)  # padding rows are no sequences
+    if group is not None and dist.get_rank(group) != 0:
+        sequences = sequences * 0
     if mode == "SEQ_MEAN_TOKEN_SUM":
         return sums.sum(), sequences
     if mode == "SEQ_MEAN_TOKEN_MEAN":
@@ -73,13 +92,15 @@ def gspo(
     clip_low: float = 3e-4,
     clip_high: float = 4e-4,
     segments: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GSPO (Zheng et al. 2025, arXiv 2507.18071): the importance ratio is per sequence,
     s = exp(mean_t(logp - old_logp)), clipped around 1; its token form
     sg[s] * exp(logp_t - sg[logp_t]) carries the gradient to every token. Per-token loss
     (aggregate with SEQ_MEAN_TOKEN_MEAN) and clipped flags."""
     mask = mask.to(logp.dtype)
-    seq = per_sequence((logp - old_logp) * mask, segments) / per_sequence(mask, segments).clamp(1)
+    log_ratio = per_sequence((logp - old_logp).detach() * mask, segments, group)
+    seq = log_ratio / per_sequence(mask, segments, group).clamp(1)
     per_token = seq[:, None] if segments is None else seq[segments]
     token_log_ratio = per_token.detach() + logp - logp.detach()
     ratio = torch.exp(token_log_ratio)

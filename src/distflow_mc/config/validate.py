@@ -17,14 +17,11 @@ from distflow_mc.config.schema import (
     Config,
     DataConfig,
     Engine,
-    LossAgg,
-    MisLevel,
     ModelConfig,
     OnStale,
     OptimConfig,
     ParallelConfig,
     Placement,
-    PolicyLoss,
     RewardConfig,
     RolloutConfig,
     SharedPrefix,
@@ -241,7 +238,7 @@ def _context_parallel(c: Config) -> list[str]:
     """What parallel.cp > 1 runs so far (models/context.py): the rest, refused by name."""
     if c.parallel.cp == 1:
         return []
-    t, a, p = c.trainer, c.algo, c.parallel
+    t, p = c.trainer, c.parallel
     why = "is not built with parallel.cp > 1 yet (each CP rank holds chunks of every row)"
     return [
         *_check(not _transformer_engine(), "parallel.cp", "with TransformerEngine's spec " + why),
@@ -252,21 +249,6 @@ def _context_parallel(c: Config) -> list[str]:
             t.shared_prefix is not SharedPrefix.ALWAYS,
             "trainer.shared_prefix",
             f"ALWAYS {why}: set it NEVER (AUTO stays off)",
-        ),
-        *_check(
-            a.loss_agg is LossAgg.TOKEN_MEAN,
-            "algo.loss_agg",
-            f"{a.loss_agg.name} (per-sequence sums) {why}: use TOKEN_MEAN",
-        ),
-        *_check(
-            a.policy_loss is PolicyLoss.PPO,
-            "algo.policy_loss",
-            f"{a.policy_loss.name} (a per-sequence ratio) {why}: use PPO",
-        ),
-        *_check(
-            a.mis_level is MisLevel.TOKEN or (a.mis_low is None and a.mis_high is None),
-            "algo.mis_level",
-            f"SEQUENCE {why}: use TOKEN",
         ),
     ]
 

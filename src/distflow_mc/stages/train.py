@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from megatron.core import parallel_state
 
 from distflow_mc.algos.correction import Correction
 from distflow_mc.algos.losses import aggregate, kl_penalty, value_loss
@@ -56,6 +57,8 @@ def actor(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
     a, t = w.config.algo, w.config.rollout.temperature
     agg = a.loss_agg.name
     kl_loss = a.kl_coef > 0 and not a.kl_in_reward and w.reference is not None
+    # context parallelism: per-sequence rules see the whole sequence (algos/losses.py)
+    cp = parallel_state.get_context_parallel_group() if w.mp.cp > 1 else None
 
     def loss_fn(mb: dict, out: torch.Tensor):
         logp, ent = token_logprobs(out, mb, t, w.arch.vocab_size, entropy=True)
@@ -71,13 +74,13 @@ def actor(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
             metrics["rollout/logprob_gap_max"] = _pair(gap["max"], gap["tokens"])
         segments = mb.get("segments")  # packed rows: several sequences per row
         if w.correction is not None:  # decoupled objective: weighted by pi_prox / pi_behav
-            c = w.correction(old, mb["rollout_logprobs"], mask, segments=segments)
+            c = w.correction(old, mb["rollout_logprobs"], mask, segments=segments, group=cp)
             metrics |= _correction_metrics(c, tokens)
             mask, tokens = c.mask, c.mask.sum()
-        pg, clipped = w.policy_loss(logp, old, mb["advantages"], mask, segments=segments)
+        pg, clipped = w.policy_loss(logp, old, mb["advantages"], mask, segments=segments, group=cp)
         if w.correction is not None:
             pg = pg * c.weight
-        num, den = aggregate(pg, mask, agg, segments)
+        num, den = aggregate(pg, mask, agg, segments, cp)
         metrics |= {
             "pg_loss": _pair(num, den),
             "clip_frac": _pair((clipped * mask).sum(), tokens),
@@ -86,10 +89,10 @@ def actor(w: Workers, batch: Batch, m: Metrics, step: int) -> Batch:
         loss = num
         if kl_loss:
             kl = kl_penalty(logp, mb["ref_logprobs"], a.kl_estimator.name)
-            loss = loss + a.kl_coef * aggregate(kl, mask, agg, segments)[0]
+            loss = loss + a.kl_coef * aggregate(kl, mask, agg, segments, cp)[0]
             metrics["kl"] = _pair((kl * mask).sum(), tokens)
         if a.entropy_coef:
-            loss = loss - a.entropy_coef * aggregate(ent, mask, agg, segments)[0]
+            loss = loss - a.entropy_coef * aggregate(ent, mask, agg, segments, cp)[0]
         return loss, den.to(torch.int), metrics
 
     _optimize(w, w.actor, batch, loss_fn, m, "actor")
