@@ -3,6 +3,7 @@ on one sequence of 2K-32K tokens at parallel.cp = 1, 2, 4 (gloo ranks on this ma
 
     python scripts/bench_long_context.py
     python scripts/bench_long_context.py --lengths 8192 32768 --cp 1 4
+    python scripts/bench_long_context.py --recompute 0 1   # also with trainer.recompute=FULL
 
 One launch per (CP, length): a single sequence (its last 3/4 the "response"), one optimizer
 step (forward and backward through the trainer's own schedule and CP view) after a warm-up
@@ -33,7 +34,7 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # (Linux: KB)
 
 
-def worker(out: str, length: int, repeats: int) -> None:
+def worker(out: str, length: int, repeats: int, recompute: bool) -> None:
     import os
 
     import torch
@@ -53,7 +54,8 @@ def worker(out: str, length: int, repeats: int) -> None:
     mp = init_model_parallel(ParallelConfig(cp=cp), seed=1)
     s, arch = SIZE, small_arch(length + 8 * cp)
     torch.manual_seed(1)
-    model = TrainableModel(build_gpt(arch, mp, torch.float32), OptimConfig(lr=1e-5), 100)
+    chunks = build_gpt(arch, mp, torch.float32, recompute=recompute)
+    model = TrainableModel(chunks, OptimConfig(lr=1e-5), 100)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, s["vocab"], (length,), generator=g)
     mask = (torch.arange(length) >= length // 4).float()
@@ -88,31 +90,34 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
     parser.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--recompute", type=int, nargs="+", default=[0])
     parser.add_argument("--length", type=int, default=0)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.length, args.repeats)
+        worker(args.worker, args.length, args.repeats, bool(args.recompute[0]))
         return
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     rows = []
-    for length in args.lengths:
-        for cp in args.cp:
-            with tempfile.NamedTemporaryFile(suffix=".json") as f:
-                cmd = [torchrun, "--standalone", f"--nproc-per-node={cp}", __file__]
-                cmd += ["--worker", f.name, "--length", str(length), "--repeats", str(args.repeats)]
-                subprocess.run(cmd, check=True, capture_output=True, timeout=3600)
-                every = json.loads(Path(f.name).read_text())
-            seconds = max(r["seconds"] for r in every)
-            row = {
-                "tokens": length,
-                "cp": cp,
-                "s_per_step": round(seconds, 2),
-                "tokens_per_s": round(length / seconds),
-                "peak_step_mb_per_rank": round(max(r["peak_mb"] for r in every)),
-                "rss_mb_per_rank": round(max(r["rss_mb"] for r in every)),
-            }
-            rows.append(row)
-            print(row, flush=True)
+    runs = [(n, cp, r) for n in args.lengths for cp in args.cp for r in args.recompute]
+    for length, cp, recompute in runs:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [torchrun, "--standalone", f"--nproc-per-node={cp}", __file__]
+            cmd += ["--worker", f.name, "--length", str(length), "--repeats", str(args.repeats)]
+            cmd += ["--recompute", str(recompute)]
+            subprocess.run(cmd, check=True, capture_output=True, timeout=3600)
+            every = json.loads(Path(f.name).read_text())
+        seconds = max(r["seconds"] for r in every)
+        row = {
+            "tokens": length,
+            "cp": cp,
+            "recompute": bool(recompute),
+            "s_per_step": round(seconds, 2),
+            "tokens_per_s": round(length / seconds),
+            "peak_step_mb_per_rank": round(max(r["peak_mb"] for r in every)),
+            "rss_mb_per_rank": round(max(r["rss_mb"] for r in every)),
+        }
+        rows.append(row)
+        print(row, flush=True)
     report(rows, "bench_long_context.csv", width=12)
 
 

@@ -118,6 +118,8 @@ def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
         "agent": [*AGENT, FLAT],
         "agent_shared": [*AGENT, SHARED],
         "cp2": ["trainer.total_steps=1", "parallel.cp=2"],
+        # trainer.recompute: activations made again in the backward pass, the same update
+        "cp2_recompute": ["trainer.total_steps=1", "parallel.cp=2", "trainer.recompute=FULL"],
         # per-sequence rules under CP: GSPO's sequence ratio, per-sequence sums, MIS over
         # whole sequences, each sequence counted once (against the same on DP=2)
         "cp2_sequences": [*mixed, *gspo, *corrected, "algo.mis_level=SEQUENCE", "parallel.cp=2"],
@@ -289,10 +291,12 @@ def test_behaviour_correction_against_an_exact_engine_changes_nothing(two):
 def test_context_parallel_equals_data_parallel(two, four):
     """parallel.cp=2 (each rank two of the four chunks of every row, K and V gathered over
     the CP group): the first update equals the same batch's over DP ranks, and the actor's
-    log-probs equal transformers' own; GRPO on 2 ranks, and PPO (reference and critic
+    log-probs equal transformers' own; GRPO on 2 ranks (also with GSPO, per-sequence sums
+    and sequence-level MIS, and with trainer.recompute=FULL), and PPO (reference and critic
     passes, values, several epochs) on 4 ranks with CP=2 x TP=2 under sequence parallel."""
     assert_same_first_step(two["cp2"], two["on_policy"], "cp2")
     assert_same_first_step(two["cp2_sequences"], two["sequences"], "cp2_sequences")
+    assert_same_first_step(two["cp2_recompute"], two["on_policy"], "cp2_recompute")
     assert two["cp2"][0]["rollout/logprob_gap_max"] < 1e-4
     cp, flat = four["ppo_cp2_tp2_sp"], four["ppo_dp4"]
     assert_same_first_step(cp, flat, "ppo_cp2_tp2_sp")

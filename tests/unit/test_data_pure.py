@@ -273,8 +273,13 @@ def trainer_view(budget: int, shared, cp: int = 1, aux: float = 0.0):
     """What stages.passes.microbatches reads of the workers."""
     from types import SimpleNamespace
 
+    from distflow_mc.config.schema import Recompute
+
     trainer = SimpleNamespace(
-        micro_batch_tokens=budget, sequence_packing=False, shared_prefix=shared
+        micro_batch_tokens=budget,
+        sequence_packing=False,
+        shared_prefix=shared,
+        recompute=Recompute.NONE,
     )
     model = SimpleNamespace(router_aux_loss_coef=aux)
     return SimpleNamespace(

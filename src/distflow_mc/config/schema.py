@@ -41,6 +41,12 @@ class SharedPrefix(Enum):  # (not ON/OFF: YAML reads those as booleans)
     AUTO = "AUTO"  # when the shared tokens are a large enough share of a batch's
 
 
+class Recompute(Enum):
+    NONE = "NONE"
+    FULL = "FULL"  # megatron's full recompute: a layer's activations made again in backward
+    SELECTIVE = "SELECTIVE"  # (refused: the rope travels beside the core attention's call)
+
+
 class OnStale(Enum):
     WAIT = "WAIT"  # a group deferred once goes in the next step: the step waits for it
     DROP = "DROP"  # ...unless it is still running when the step is full: dropped, counted
@@ -238,6 +244,9 @@ class TrainerConfig:
     # (attending to the prompt and to themselves), the same math with less work; AUTO: when
     # it saves enough, on the local layer spec, without CP or an MoE load-balancing loss
     shared_prefix: SharedPrefix = SharedPrefix.AUTO
+    # activation recomputation for long sequences: FULL keeps each layer's input only and
+    # computes the rest again in the backward pass (more compute, much less memory)
+    recompute: Recompute = Recompute.NONE
     val_every: int = 0  # validate on data.val_files every N steps (and at the end); 0: off
     progress_bar: bool = True  # rank 0: step, reward, tokens/s, ETA
     tensorboard: bool = True  # rank 0 writes <output dir>/tensorboard

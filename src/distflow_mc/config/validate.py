@@ -22,6 +22,7 @@ from distflow_mc.config.schema import (
     OptimConfig,
     ParallelConfig,
     Placement,
+    Recompute,
     RewardConfig,
     RolloutConfig,
     SharedPrefix,
@@ -217,6 +218,20 @@ def _trainer_and_data(
             "trainer.sequence_packing",
             "packs rows for the local layer spec's attention; with TransformerEngine installed"
             " on GPU the TE spec runs, whose packed (THD) path is not wired here: set it false",
+        ),
+        *_check(
+            t.recompute is not Recompute.SELECTIVE,
+            "trainer.recompute",
+            "SELECTIVE (megatron's core-attention checkpoint) is not built: the rotary"
+            " embedding travels beside the core attention's call here; use FULL",
+        ),
+        *_check(
+            t.recompute is Recompute.NONE
+            or not (t.sequence_packing or t.shared_prefix is SharedPrefix.ALWAYS),
+            "trainer.recompute",
+            "FULL with trainer.sequence_packing or trainer.shared_prefix=ALWAYS is not built"
+            " (their span attention is no tensor a checkpoint can save); set those off"
+            " (shared_prefix AUTO stays off under recompute)",
         ),
         *_check(
             t.shared_prefix is not SharedPrefix.ALWAYS or not _transformer_engine(),

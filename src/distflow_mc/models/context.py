@@ -14,8 +14,6 @@ another rank), so a loss needs no neighbour. Forward-only outputs come back whol
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.distributed as dist
 
@@ -35,29 +33,23 @@ def chunks(size: int, rank: int, length: int) -> torch.Tensor:
     )
 
 
-@dataclass(frozen=True)
-class ContextParallel:
-    """What every layer's attention needs of a micro-batch under CP (its attention mask)."""
+def position_mask(
+    group: dist.ProcessGroup, length: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """What every layer's attention needs of a micro-batch under CP: [1, 1, local, full]
+    in SDPA's additive form (0 / -inf), a key allowed where its position <= the query's;
+    made once for every layer, and a tensor, so that activation recomputation
+    (trainer.recompute) saves it with a layer's input."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    mine = chunks(size, rank, length).to(device)
+    order = torch.cat([chunks(size, r, length) for r in range(size)]).to(device)
+    return additive((order[None, :] <= mine[:, None])[None, None], dtype, {})
 
-    group: dist.ProcessGroup
-    allowed: torch.Tensor  # [1, 1, local, full]: a key's position <= the query's
-    additive: dict = field(default_factory=dict, compare=False)  # dtype -> 0 / -inf
 
-    @staticmethod
-    def build(group: dist.ProcessGroup, length: int, device: torch.device) -> ContextParallel:
-        size, rank = dist.get_world_size(group), dist.get_rank(group)
-        mine = chunks(size, rank, length).to(device)
-        order = torch.cat([chunks(size, r, length) for r in range(size)]).to(device)
-        return ContextParallel(group, (order[None, :] <= mine[:, None])[None, None])
-
-    def mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """The mask in SDPA's additive form, made once for every layer."""
-        return additive(self.allowed, dtype, self.additive)
-
-    def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """[b, heads, local, d] from every rank of the group -> [b, heads, full, d], in
-        rank order; the backward sums each part's gradient onto its rank."""
-        return _Gather.apply(t, self.group)
+def gather(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """[b, heads, local, d] from every rank of the group -> [b, heads, full, d], in rank
+    order; the backward sums each part's gradient onto its rank."""
+    return _Gather.apply(t, group)
 
 
 class _Gather(torch.autograd.Function):

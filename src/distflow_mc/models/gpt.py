@@ -23,7 +23,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
-from distflow_mc.models.context import ContextParallel
+from distflow_mc.models.context import gather
 from distflow_mc.models.hf_config import HFArch, Llama3Rope
 from distflow_mc.models.spans import Spans
 from distflow_mc.parallel.megatron_state import ModelParallel
@@ -102,12 +102,16 @@ def check_divisibility(arch: HFArch, mp: ModelParallel) -> None:
 
 
 def transformer_config(
-    arch: HFArch, mp: ModelParallel, dtype: torch.dtype, router_aux_loss_coef: float = 0.0
+    arch: HFArch,
+    mp: ModelParallel,
+    dtype: torch.dtype,
+    router_aux_loss_coef: float = 0.0,
+    recompute: bool = False,
 ) -> TransformerConfig:
     with warnings.catch_warnings():
         # megatron's own default cuda_graph_scope trips its deprecation notice (no CUDA graphs here)
         warnings.filterwarnings("ignore", message="full scope is deprecated")
-        return _transformer_config(arch, mp, dtype, router_aux_loss_coef)
+        return _transformer_config(arch, mp, dtype, router_aux_loss_coef, recompute)
 
 
 def _moe_settings(arch: HFArch, aux_loss_coef: float) -> dict:
@@ -129,13 +133,21 @@ def _moe_settings(arch: HFArch, aux_loss_coef: float) -> dict:
 
 
 def _transformer_config(
-    arch: HFArch, mp: ModelParallel, dtype: torch.dtype, router_aux_loss_coef: float
+    arch: HFArch,
+    mp: ModelParallel,
+    dtype: torch.dtype,
+    router_aux_loss_coef: float,
+    recompute: bool,
 ) -> TransformerConfig:
     first, last = pipeline_split(
         arch.num_layers, mp.pp, mp.vpp, mp.first_stage_layers, mp.last_stage_layers
     )
+    # trainer.recompute: every layer's input kept, the rest of its activations made again
+    # in the backward pass (megatron's full recompute, one layer per checkpoint)
+    full = {"recompute_granularity": "full", "recompute_method": "uniform"}
     return TransformerConfig(
         **_moe_settings(arch, router_aux_loss_coef),
+        **({**full, "recompute_num_layers": 1} if recompute else {}),
         expert_model_parallel_size=mp.ep,
         num_layers_in_first_pipeline_stage=first,
         num_layers_in_last_pipeline_stage=last,
@@ -189,11 +201,13 @@ def build_gpt(
     dtype: torch.dtype,
     value_head: bool = False,
     router_aux_loss_coef: float = 0.0,
+    recompute: bool = False,
 ) -> list[MegatronModule]:
     """This rank's model chunks (one, or vpp with virtual pipeline stages). With
-    `value_head`, the output layer is a scalar head (critic) and embeddings are untied."""
+    `value_head`, the output layer is a scalar head (critic) and embeddings are untied;
+    `recompute`: trainer.recompute."""
     check_divisibility(arch, mp)
-    config = transformer_config(arch, mp, dtype, router_aux_loss_coef)
+    config = transformer_config(arch, mp, dtype, router_aux_loss_coef, recompute)
     chunks = []
     for vp_stage in range(mp.vpp or 1):
         vp = vp_stage if mp.vpp else None
@@ -353,6 +367,8 @@ class SDPAttention(DotProductAttention):
     def __init__(self, config: TransformerConfig, *args: object, **kwargs: object) -> None:
         # (megatron's DotProductAttention refuses CP; this one gathers K and V itself)
         super().__init__(dataclasses.replace(config, context_parallel_size=1), *args, **kwargs)
+        cp = config.context_parallel_size > 1
+        self.cp_group = mpu.get_context_parallel_group() if cp else None
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, **_: object):
         # causal self-attention over whole rows, or over the spans of packed rows (Spans:
@@ -366,11 +382,12 @@ class SDPAttention(DotProductAttention):
         v = rope_batch_major(value, None)
         if isinstance(attention_mask, Spans):
             out = attention_mask.attention(q, k, v, scale)
-        elif isinstance(attention_mask, ContextParallel):
-            k, v = attention_mask.gather(k), attention_mask.gather(v)
-            allowed = attention_mask.mask(q.dtype)
+        elif self.cp_group is not None:  # the mask: models/context.py's position_mask
+            k, v = gather(k, self.cp_group), gather(v, self.cp_group)
             gqa = q.size(1) != k.size(1)
-            out = F.scaled_dot_product_attention(q, k, v, allowed, scale=scale, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attention_mask, scale=scale, enable_gqa=gqa
+            )
         else:
             assert attention_mask is None, "a dense mask: pass Spans"
             out = F.scaled_dot_product_attention(

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from distflow_mc.models.context import ContextParallel, unview, view
+from distflow_mc.models.context import position_mask, unview, view
 from distflow_mc.models.spans import Spans
 
 MicroBatch = dict[str, torch.Tensor]
@@ -34,7 +34,7 @@ def _forward(model: torch.nn.Module, mb: MicroBatch, cp: dist.ProcessGroup | Non
     group) a view's tokens attend by position to the whole row (models/context.py)."""
     if cp is not None:
         full = _rows(mb).shape[1] * dist.get_world_size(cp)
-        mask = ContextParallel.build(cp, full, _rows(mb).device)
+        mask = position_mask(cp, full, _rows(mb).device, model.config.params_dtype)
         return model(mb.get("input_ids"), mb["positions"], attention_mask=mask)
     if "spans" not in mb:
         return model(mb.get("input_ids"), None, attention_mask=None)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from distflow_mc.config.schema import SharedPrefix
+from distflow_mc.config.schema import Recompute, SharedPrefix
 from distflow_mc.data.batch import Batch
 from distflow_mc.data.microbatch import (
     Item,
@@ -40,9 +40,10 @@ def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict],
     lengths = batch.lengths.tolist()
     items = [Item((i,)) for i in range(len(batch))]
     # AUTO only where the math is the flat rows' exactly: not under an MoE router's
-    # load-balancing loss (it counts the tokens it routes: a shared prompt once)
+    # load-balancing loss (it counts the tokens it routes: a shared prompt once), and where
+    # spans run (not under activation recomputation, which saves tensors only)
     auto = not use_transformer_engine() and w.mp.cp == 1
-    auto &= w.config.model.router_aux_loss_coef == 0
+    auto &= w.config.model.router_aux_loss_coef == 0 and t.recompute is Recompute.NONE
     shared = t.shared_prefix is SharedPrefix.ALWAYS or (
         t.shared_prefix is SharedPrefix.AUTO and auto
     )

@@ -25,6 +25,7 @@ from distflow_mc.config.schema import (
     MisLevel,
     Placement,
     PolicyLoss,
+    Recompute,
 )
 from distflow_mc.dag import Plan, Role
 from distflow_mc.data.loader import PromptLoader
@@ -182,12 +183,13 @@ def _models(
     model_dir, dtype = Path(config.model.path), model_dtype(config.model.dtype)
     aux = config.model.router_aux_loss_coef
     steps = t.total_steps * a.ppo_epochs * a.mini_batches
-    arch, chunks = load_model(model_dir, mp, dtype, router_aux_loss_coef=aux)
+    recompute = t.recompute is Recompute.FULL
+    arch, chunks = load_model(model_dir, mp, dtype, router_aux_loss_coef=aux, recompute=recompute)
     actor = TrainableModel(chunks, t.actor_optim, steps, group=mp.group)
     reference = load_reference(model_dir, mp, dtype)[1] if Role.REFERENCE in roles else None
     critic = None
     if Role.CRITIC in roles:
-        _, critic_chunks = load_model(model_dir, mp, dtype, True, aux)
+        _, critic_chunks = load_model(model_dir, mp, dtype, True, aux, recompute)
         critic = TrainableModel(critic_chunks, t.critic_optim, steps, group=mp.group)
     return arch, actor, reference, critic
 
