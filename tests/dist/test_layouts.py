@@ -143,6 +143,8 @@ def cases_on_four_ranks(task: Path) -> dict[str, list[str]]:
         "ppo_pp4": [*tiny4, *ppo, "parallel.pp=4"],
         "ppo_pp4_shared": [*tiny4, *ppo, "parallel.pp=4", SHARED],
         "ppo_cp2_tp2_sp": [*tiny4, *ppo, "parallel.cp=2", *TP2_SP],
+        # CP over an interleaved pipeline: views per stage, fixed p2p shapes of the chunks
+        "ppo_cp2_pp2_vpp2": [*tiny4, *ppo, "parallel.cp=2", "parallel.pp=2", "parallel.vpp=2"],
         "empty_replicas": [
             "experiment=cpu_tiny_ppo",
             "data.shuffle=false",
@@ -293,7 +295,8 @@ def test_context_parallel_equals_data_parallel(two, four):
     the CP group): the first update equals the same batch's over DP ranks, and the actor's
     log-probs equal transformers' own; GRPO on 2 ranks (also with GSPO, per-sequence sums
     and sequence-level MIS, and with trainer.recompute=FULL), and PPO (reference and critic
-    passes, values, several epochs) on 4 ranks with CP=2 x TP=2 under sequence parallel."""
+    passes, values, several epochs) on 4 ranks with CP=2 x TP=2 under sequence parallel and
+    with CP=2 over an interleaved pipeline (PP=2 x VPP=2)."""
     assert_same_first_step(two["cp2"], two["on_policy"], "cp2")
     assert_same_first_step(two["cp2_sequences"], two["sequences"], "cp2_sequences")
     assert_same_first_step(two["cp2_recompute"], two["on_policy"], "cp2_recompute")
@@ -301,6 +304,9 @@ def test_context_parallel_equals_data_parallel(two, four):
     cp, flat = four["ppo_cp2_tp2_sp"], four["ppo_dp4"]
     assert_same_first_step(cp, flat, "ppo_cp2_tp2_sp")
     assert cp[0]["critic/value_loss"] == pytest.approx(flat[0]["critic/value_loss"], rel=1e-5)
+    piped = four["ppo_cp2_pp2_vpp2"]
+    assert_same_first_step(piped, flat, "ppo_cp2_pp2_vpp2")
+    assert piped[0]["critic/value_loss"] == pytest.approx(flat[0]["critic/value_loss"], rel=1e-5)
 
 
 def test_context_parallel_limits_are_refused_on_every_rank(tmp_path):

@@ -257,7 +257,6 @@ def _context_parallel(c: Config) -> list[str]:
     why = "is not built with parallel.cp > 1 yet (each CP rank holds chunks of every row)"
     return [
         *_check(not _transformer_engine(), "parallel.cp", "with TransformerEngine's spec " + why),
-        *_check(p.pp == 1, "parallel.pp", f"> 1 {why}; use parallel.pp=1"),
         *_check(p.ep == 1, "parallel.ep", f"> 1 {why}; use parallel.ep=1"),
         *_check(not t.sequence_packing, "trainer.sequence_packing", f"{why}: set it false"),
         *_check(

@@ -115,7 +115,8 @@ def run_microbatches(
         data_iterator=[iter(shaped) for _ in chunks],
         model=list(chunks),
         num_microbatches=len(shaped),
-        seq_length=max(_rows(mb).shape[1] for mb in shaped),
+        # (the whole rows' length: megatron divides it by CP, as by TP under SP)
+        seq_length=max(_rows(mb).shape[1] for mb in shaped) * cp,
         micro_batch_size=max(_rows(mb).shape[0] for mb in shaped),
         forward_only=forward_only,
         collect_non_loss_data=forward_only,
