@@ -137,12 +137,21 @@ AGENT = ["experiment=cpu_tiny_agent", "data.val_files=[]", "trainer.total_steps=
 def cases_on_four_ranks(task: Path) -> dict[str, list[str]]:
     tiny4 = [f"model.path={task / 'tiny4'}", f"data.tokenizer={task / 'tiny_llama'}"]
     ppo = ["experiment=cpu_tiny_ppo", "data.val_files=[]", "trainer.total_steps=1"]
+    moe_flat = [
+        f"model.path={task / 'tiny_moe'}",
+        f"data.tokenizer={task / 'tiny_llama'}",
+        "trainer.total_steps=1",
+        FLAT,
+    ]
     return {
         "rollout_tp2": ["rollout.tp=2", "parallel.tp=2"],
         "ppo_dp4": [*tiny4, *ppo, FLAT],
         "ppo_pp4": [*tiny4, *ppo, "parallel.pp=4"],
         "ppo_pp4_shared": [*tiny4, *ppo, "parallel.pp=4", SHARED],
         "ppo_cp2_tp2_sp": [*tiny4, *ppo, "parallel.cp=2", *TP2_SP],
+        # experts over EP=2 with CP=2 (and without), no load-balancing loss (refused under CP)
+        "moe_ep2": [*moe_flat, "parallel.ep=2"],
+        "moe_cp2_ep2": [*moe_flat, "parallel.ep=2", "parallel.cp=2"],
         # CP over an interleaved pipeline: views per stage, fixed p2p shapes of the chunks
         "ppo_cp2_pp2_vpp2": [*tiny4, *ppo, "parallel.cp=2", "parallel.pp=2", "parallel.vpp=2"],
         "empty_replicas": [
@@ -296,7 +305,8 @@ def test_context_parallel_equals_data_parallel(two, four):
     log-probs equal transformers' own; GRPO on 2 ranks (also with GSPO, per-sequence sums
     and sequence-level MIS, and with trainer.recompute=FULL), and PPO (reference and critic
     passes, values, several epochs) on 4 ranks with CP=2 x TP=2 under sequence parallel and
-    with CP=2 over an interleaved pipeline (PP=2 x VPP=2)."""
+    with CP=2 over an interleaved pipeline (PP=2 x VPP=2); experts over EP=2 with CP=2
+    equal them without CP."""
     assert_same_first_step(two["cp2"], two["on_policy"], "cp2")
     assert_same_first_step(two["cp2_sequences"], two["sequences"], "cp2_sequences")
     assert_same_first_step(two["cp2_recompute"], two["on_policy"], "cp2_recompute")
@@ -304,6 +314,7 @@ def test_context_parallel_equals_data_parallel(two, four):
     cp, flat = four["ppo_cp2_tp2_sp"], four["ppo_dp4"]
     assert_same_first_step(cp, flat, "ppo_cp2_tp2_sp")
     assert cp[0]["critic/value_loss"] == pytest.approx(flat[0]["critic/value_loss"], rel=1e-5)
+    assert_same_first_step(four["moe_cp2_ep2"], four["moe_ep2"], "moe_cp2_ep2")
     piped = four["ppo_cp2_pp2_vpp2"]
     assert_same_first_step(piped, flat, "ppo_cp2_pp2_vpp2")
     assert piped[0]["critic/value_loss"] == pytest.approx(flat[0]["critic/value_loss"], rel=1e-5)

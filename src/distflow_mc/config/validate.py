@@ -253,11 +253,16 @@ def _context_parallel(c: Config) -> list[str]:
     """What parallel.cp > 1 runs so far (models/context.py): the rest, refused by name."""
     if c.parallel.cp == 1:
         return []
-    t, p = c.trainer, c.parallel
+    t = c.trainer
     why = "is not built with parallel.cp > 1 yet (each CP rank holds chunks of every row)"
     return [
         *_check(not _transformer_engine(), "parallel.cp", "with TransformerEngine's spec " + why),
-        *_check(p.ep == 1, "parallel.ep", f"> 1 {why}; use parallel.ep=1"),
+        *_check(
+            c.model.router_aux_loss_coef == 0,
+            "model.router_aux_loss_coef",
+            "> 0 with parallel.cp > 1 is refused: each CP rank's router would balance the"
+            " tokens it holds (part of every sequence), not the whole batch's: set it 0",
+        ),
         *_check(not t.sequence_packing, "trainer.sequence_packing", f"{why}: set it false"),
         *_check(
             t.shared_prefix is not SharedPrefix.ALWAYS,
