@@ -4,13 +4,17 @@ on one sequence of 2K-32K tokens at parallel.cp = 1, 2, 4 (gloo ranks on this ma
     python scripts/bench_long_context.py
     python scripts/bench_long_context.py --lengths 8192 32768 --cp 1 4
     python scripts/bench_long_context.py --recompute 0 1   # also with trainer.recompute=FULL
+    python scripts/bench_long_context.py --size qwen0.5b --dtype bf16 --cp 1   # one GPU
 
 One launch per (CP, length): a single sequence (its last 3/4 the "response"), one optimizer
 step (forward and backward through the trainer's own schedule and CP view) after a warm-up
 step, medians of `--repeats`. Memory is each rank's peak resident set during the steps above what
 it held before the first one (the process's high-water mark, getrusage(RUSAGE_SELF)
 .ru_maxrss, read before and after: the whole process, allocator slack included, so an upper
-bound on a step's activations); the most of any rank is reported.
+bound on a step's activations); on a GPU, torch's peak allocated memory during the steps
+above what was allocated before them. The most of any rank is reported. `--size` takes
+bench_model.py's shapes (qwen0.5b: Qwen2.5-0.5B's, random weights) instead of the
+4M-parameter model (4m, the default).
 Prints tokens/s and peak MB per rank; writes bench_long_context.csv.
 """
 
@@ -27,6 +31,7 @@ import time
 from pathlib import Path
 
 from bench_common import report
+from bench_model import SIZES, arch_of
 from bench_packing import SIZE, small_arch
 
 
@@ -34,7 +39,7 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # (Linux: KB)
 
 
-def worker(out: str, length: int, repeats: int, recompute: bool) -> None:
+def worker(out: str, length: int, repeats: int, recompute: bool, size: str, dtype: str) -> None:
     import os
 
     import torch
@@ -52,14 +57,15 @@ def worker(out: str, length: int, repeats: int, recompute: bool) -> None:
     ctx = init_distributed(timeout_s=1800)
     cp = int(os.environ["WORLD_SIZE"])
     mp = init_model_parallel(ParallelConfig(cp=cp), seed=1)
-    s, arch = SIZE, small_arch(length + 8 * cp)
+    room = length + 8 * cp
+    s, arch = (SIZE, small_arch(room)) if size == "4m" else (SIZES[size], arch_of(size, room))
     torch.manual_seed(1)
-    chunks = build_gpt(arch, mp, torch.float32, recompute=recompute)
+    chunks = build_gpt(arch, mp, getattr(torch, dtype), recompute=recompute)
     model = TrainableModel(chunks, OptimConfig(lr=1e-5), 100)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, s["vocab"], (length,), generator=g)
-    mask = (torch.arange(length) >= length // 4).float()
-    uid = torch.zeros(1, dtype=torch.int64)
+    ids = torch.randint(0, s["vocab"], (length,), generator=g).to(ctx.device)
+    mask = (torch.arange(length) >= length // 4).float().to(ctx.device)
+    uid = torch.zeros(1, dtype=torch.int64, device=ctx.device)
     batch = Batch.from_sequences(
         {"input_ids": [ids], "response_mask": [mask]}, {"uid": uid, "group": uid}
     )
@@ -70,14 +76,20 @@ def worker(out: str, length: int, repeats: int, recompute: bool) -> None:
         m = mb["response_mask"]
         return -(logp * m).sum(), m.sum().to(torch.int), {}
 
-    before = rss_mb()  # (a high-water mark: read before any step)
+    gpu = ctx.device.type == "cuda"
+    before = torch.cuda.memory_allocated() / 2**20 if gpu else rss_mb()  # (RSS: high-water)
     model.step(mbs, loss_fn)  # warm-up
     times = []
     for _ in range(repeats):
+        if gpu:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         model.step(mbs, loss_fn)
+        if gpu:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    mine = {"seconds": statistics.median(times), "peak_mb": rss_mb() - before, "rss_mb": rss_mb()}
+    peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else rss_mb()
+    mine = {"seconds": statistics.median(times), "peak_mb": peak - before, "rss_mb": rss_mb()}
     every: list = [None] * cp
     dist.all_gather_object(every, mine)
     if ctx.rank == 0:
@@ -91,10 +103,13 @@ def main() -> None:
     parser.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--recompute", type=int, nargs="+", default=[0])
+    parser.add_argument("--size", default="4m", choices=["4m", *SIZES])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--length", type=int, default=0)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.length, args.repeats, bool(args.recompute[0]))
+        recompute = bool(args.recompute[0])
+        worker(args.worker, args.length, args.repeats, recompute, args.size, args.dtype)
         return
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     rows = []
@@ -103,11 +118,12 @@ def main() -> None:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             cmd = [torchrun, "--standalone", f"--nproc-per-node={cp}", __file__]
             cmd += ["--worker", f.name, "--length", str(length), "--repeats", str(args.repeats)]
-            cmd += ["--recompute", str(recompute)]
+            cmd += ["--recompute", str(recompute), "--size", args.size, "--dtype", args.dtype]
             subprocess.run(cmd, check=True, capture_output=True, timeout=3600)
             every = json.loads(Path(f.name).read_text())
         seconds = max(r["seconds"] for r in every)
         row = {
+            "size": args.size,
             "tokens": length,
             "cp": cp,
             "recompute": bool(recompute),

@@ -51,22 +51,13 @@ SIZES = {
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12}
 
 
-def worker(args: argparse.Namespace) -> None:
-    import torch
-
-    from distflow_mc.config.schema import OptimConfig, ParallelConfig
-    from distflow_mc.models.gpt import build_gpt
+def arch_of(size: str, max_positions: int):
+    """The HFArch of a SIZES entry, with room for `max_positions` tokens."""
     from distflow_mc.models.hf_config import HFArch, Moe
-    from distflow_mc.models.logprobs import vocab_parallel_logprobs
-    from distflow_mc.models.train import TrainableModel
-    from distflow_mc.parallel.dist import init_distributed
-    from distflow_mc.parallel.megatron_state import init_model_parallel
 
-    s = SIZES[args.size]
-    ctx = init_distributed(timeout_s=600)
-    mp = init_model_parallel(ParallelConfig(tp=args.tp, ep=args.ep), seed=1)
+    s = SIZES[size]
     moe = Moe(s["experts"], s["top_k"], s["moe_inter"], True) if "experts" in s else None
-    arch = HFArch(
+    return HFArch(
         "Qwen2ForCausalLM",
         s["vocab"],
         s["hidden"],
@@ -77,12 +68,29 @@ def worker(args: argparse.Namespace) -> None:
         s["hidden"] // s["heads"],
         1e-6,
         1e6,
-        s["seq"],
+        max_positions,
         True,
         moe is None,
         qk_norm=moe is not None,
         moe=moe,
     )
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from distflow_mc.config.schema import OptimConfig, ParallelConfig
+    from distflow_mc.models.gpt import build_gpt
+    from distflow_mc.models.logprobs import vocab_parallel_logprobs
+    from distflow_mc.models.train import TrainableModel
+    from distflow_mc.parallel.dist import init_distributed
+    from distflow_mc.parallel.megatron_state import init_model_parallel
+
+    s = SIZES[args.size]
+    ctx = init_distributed(timeout_s=600)
+    mp = init_model_parallel(ParallelConfig(tp=args.tp, ep=args.ep), seed=1)
+    arch = arch_of(args.size, s["seq"])
+    moe = arch.moe
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = TrainableModel(build_gpt(arch, mp, dtype), OptimConfig(lr=1e-5), total_steps=100)
     n_params = sum(p.numel() for c in model.chunks for p in c.parameters()) * mp.tp
