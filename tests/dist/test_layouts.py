@@ -120,6 +120,8 @@ def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
         "cp2": ["trainer.total_steps=1", "parallel.cp=2"],
         # trainer.recompute: activations made again in the backward pass, the same update
         "cp2_recompute": ["trainer.total_steps=1", "parallel.cp=2", "trainer.recompute=FULL"],
+        # packed rows under CP: each token attends within its own sample, by row position
+        "cp2_packed": [*mixed, "parallel.cp=2", packing],
         # per-sequence rules under CP: GSPO's sequence ratio, per-sequence sums, MIS over
         # whole sequences, each sequence counted once (against the same on DP=2)
         "cp2_sequences": [*mixed, *gspo, *corrected, "algo.mis_level=SEQUENCE", "parallel.cp=2"],
@@ -152,8 +154,12 @@ def cases_on_four_ranks(task: Path) -> dict[str, list[str]]:
         # experts over EP=2 with CP=2 (and without), no load-balancing loss (refused under CP)
         "moe_ep2": [*moe_flat, "parallel.ep=2"],
         "moe_cp2_ep2": [*moe_flat, "parallel.ep=2", "parallel.cp=2"],
-        # CP over an interleaved pipeline: views per stage, fixed p2p shapes of the chunks
-        "ppo_cp2_pp2_vpp2": [*tiny4, *ppo, "parallel.cp=2", "parallel.pp=2", "parallel.vpp=2"],
+        # CP over an interleaved pipeline: views per stage, fixed p2p shapes of the chunks,
+        # micro-batches of different lengths padded to one (a 40-token budget per rank)
+        "ppo_cp2_pp2_vpp2": [
+            *[*tiny4, *ppo, "parallel.cp=2", "parallel.pp=2", "parallel.vpp=2"],
+            "trainer.micro_batch_tokens=40",
+        ],
         "empty_replicas": [
             "experiment=cpu_tiny_ppo",
             "data.shuffle=false",
@@ -303,13 +309,15 @@ def test_context_parallel_equals_data_parallel(two, four):
     """parallel.cp=2 (each rank two of the four chunks of every row, K and V gathered over
     the CP group): the first update equals the same batch's over DP ranks, and the actor's
     log-probs equal transformers' own; GRPO on 2 ranks (also with GSPO, per-sequence sums
-    and sequence-level MIS, and with trainer.recompute=FULL), and PPO (reference and critic
+    and sequence-level MIS, with trainer.recompute=FULL, and with packed rows on prompts of
+    mixed lengths), and PPO (reference and critic
     passes, values, several epochs) on 4 ranks with CP=2 x TP=2 under sequence parallel and
     with CP=2 over an interleaved pipeline (PP=2 x VPP=2); experts over EP=2 with CP=2
     equal them without CP."""
     assert_same_first_step(two["cp2"], two["on_policy"], "cp2")
     assert_same_first_step(two["cp2_sequences"], two["sequences"], "cp2_sequences")
     assert_same_first_step(two["cp2_recompute"], two["on_policy"], "cp2_recompute")
+    assert_same_first_step(two["cp2_packed"], two["rows"], "cp2_packed")
     assert two["cp2"][0]["rollout/logprob_gap_max"] < 1e-4
     cp, flat = four["ppo_cp2_tp2_sp"], four["ppo_dp4"]
     assert_same_first_step(cp, flat, "ppo_cp2_tp2_sp")
@@ -323,11 +331,11 @@ def test_context_parallel_equals_data_parallel(two, four):
 def test_context_parallel_limits_are_refused_on_every_rank(tmp_path):
     """Each rank refuses what CP does not run yet on its own, in its own log file, before
     any collective, naming the setting."""
-    args = ["parallel.cp=2", "trainer.sequence_packing=true", "parallel.timeout_s=30"]
+    args = ["parallel.cp=2", "trainer.shared_prefix=ALWAYS", "parallel.timeout_s=30"]
     for code, _ in run_nodes(2, [*args, f"hydra.run.dir={tmp_path}"], cwd=tmp_path):
         assert code != 0
     for log in rank_logs(tmp_path, 2):
-        assert "trainer.sequence_packing: is not built with parallel.cp > 1 yet" in log
+        assert "trainer.shared_prefix: ALWAYS is not built with parallel.cp > 1 yet" in log
 
 
 def test_sglang_rollout_group_across_nodes_is_refused(tmp_path):

@@ -383,7 +383,6 @@ def test_rollout_tp_with_either_engine():
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
-        (["trainer.sequence_packing=true"], "trainer.sequence_packing"),
         (["trainer.shared_prefix=ALWAYS"], "trainer.shared_prefix"),
     ],
 )

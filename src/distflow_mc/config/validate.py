@@ -263,7 +263,6 @@ def _context_parallel(c: Config) -> list[str]:
             "> 0 with parallel.cp > 1 is refused: each CP rank's router would balance the"
             " tokens it holds (part of every sequence), not the whole batch's: set it 0",
         ),
-        *_check(not t.sequence_packing, "trainer.sequence_packing", f"{why}: set it false"),
         *_check(
             t.shared_prefix is not SharedPrefix.ALWAYS,
             "trainer.shared_prefix",

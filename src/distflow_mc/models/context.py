@@ -19,8 +19,9 @@ import torch.distributed as dist
 
 from distflow_mc.models.spans import additive
 
-# what a view keeps at its own position: the model's inputs
-INPUTS = ("input_ids", "attention_mask")
+# what a view keeps at its own position: the model's inputs (packed rows: each token's
+# position in its sample and its sample's span)
+INPUTS = ("input_ids", "attention_mask", "positions", "spans")
 
 
 def chunks(size: int, rank: int, length: int) -> torch.Tensor:
@@ -34,16 +35,26 @@ def chunks(size: int, rank: int, length: int) -> torch.Tensor:
 
 
 def position_mask(
-    group: dist.ProcessGroup, length: int, device: torch.device, dtype: torch.dtype
+    group: dist.ProcessGroup,
+    length: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    spans: torch.Tensor | None = None,
+    key_spans: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """What every layer's attention needs of a micro-batch under CP: [1, 1, local, full]
-    in SDPA's additive form (0 / -inf), a key allowed where its position <= the query's;
-    made once for every layer, and a tensor, so that activation recomputation
+    in SDPA's additive form (0 / -inf), a key allowed where its position in the row <= the
+    query's; with packed rows ([b, local] `spans` of the view's tokens, [b, 1, length]
+    `key_spans` of the whole rows') [b, 1, local, full], and only within the query's own
+    sample. Made once for every layer, and a tensor, so that activation recomputation
     (trainer.recompute) saves it with a layer's input."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     mine = chunks(size, rank, length).to(device)
     order = torch.cat([chunks(size, r, length) for r in range(size)]).to(device)
-    return additive((order[None, :] <= mine[:, None])[None, None], dtype, {})
+    allowed = (order[None, :] <= mine[:, None])[None, None]
+    if key_spans is not None:  # the keys in the order the gather puts them
+        allowed = allowed & (spans[:, None, :, None] == key_spans[:, :, None, order])
+    return additive(allowed, dtype, {})
 
 
 def gather(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -85,7 +96,10 @@ def view(mb: dict, size: int, rank: int, multiple: int) -> dict:
         out[k] = v if k in INPUTS else v.roll(-1, dims=1)
     if "input_ids" in out:
         out["labels"] = out["input_ids"].roll(-1, dims=1)
-    out["positions"] = torch.arange(length, device=ids.device).expand(b, length)
+    if "positions" not in out:  # (packed rows bring each token's position in its sample)
+        out["positions"] = torch.arange(length, device=ids.device).expand(b, length)
+    if "spans" in out:  # packed rows: every key's sample, whole (for `position_mask`)
+        out["key_spans"] = out["spans"][:, None, :]
     index = chunks(size, rank, length).to(ids.device)
     return {
         k: v[:, index] if v.dim() >= 2 and v.shape[1] == length and v.shape[0] == b else v

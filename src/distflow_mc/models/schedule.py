@@ -34,7 +34,9 @@ def _forward(model: torch.nn.Module, mb: MicroBatch, cp: dist.ProcessGroup | Non
     group) a view's tokens attend by position to the whole row (models/context.py)."""
     if cp is not None:
         full = _rows(mb).shape[1] * dist.get_world_size(cp)
-        mask = position_mask(cp, full, _rows(mb).device, model.config.params_dtype)
+        spans = (mb.get("spans"), mb.get("key_spans"))  # packed rows: within each sample
+        assert "prefixes" not in mb or not mb["prefixes"].any(), "no shared prefix under CP"
+        mask = position_mask(cp, full, _rows(mb).device, model.config.params_dtype, *spans)
         return model(mb.get("input_ids"), mb["positions"], attention_mask=mask)
     if "spans" not in mb:
         return model(mb.get("input_ids"), None, attention_mask=None)
@@ -98,10 +100,13 @@ def run_microbatches(
     cp = config.context_parallel_size
     group = parallel_state.get_context_parallel_group() if cp > 1 else None
     given = microbatches
-    if group is not None:  # this rank's chunks of every row (models/context.py)
+    if group is None:
+        shaped = schedule_shapes(microbatches, pp, len(chunks) > 1, seq_multiple)
+    else:  # whole rows shaped first (their chunks follow from the length), then this rank's
+        whole = schedule_shapes(microbatches, pp, len(chunks) > 1, seq_multiple * 2 * cp)
         rank = dist.get_rank(group)
-        microbatches = [view(mb, cp, rank, seq_multiple) for mb in microbatches]
-    shaped = schedule_shapes(microbatches, pp, len(chunks) > 1, seq_multiple)
+        shaped = [view(mb, cp, rank, seq_multiple) for mb in whole]
+    microbatches = shaped[: len(given)]
 
     def step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
         mb = next(data_iterator)
