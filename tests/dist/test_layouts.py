@@ -122,6 +122,8 @@ def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
         "cp2_recompute": ["trainer.total_steps=1", "parallel.cp=2", "trainer.recompute=FULL"],
         # packed rows under CP: each token attends within its own sample, by row position
         "cp2_packed": [*mixed, "parallel.cp=2", packing],
+        # shared-prefix rows under CP: a sample's tokens attend to its group's prompt too
+        "cp2_shared": [*mixed, "parallel.cp=2", SHARED],
         # per-sequence rules under CP: GSPO's sequence ratio, per-sequence sums, MIS over
         # whole sequences, each sequence counted once (against the same on DP=2)
         "cp2_sequences": [*mixed, *gspo, *corrected, "algo.mis_level=SEQUENCE", "parallel.cp=2"],
@@ -309,8 +311,8 @@ def test_context_parallel_equals_data_parallel(two, four):
     """parallel.cp=2 (each rank two of the four chunks of every row, K and V gathered over
     the CP group): the first update equals the same batch's over DP ranks, and the actor's
     log-probs equal transformers' own; GRPO on 2 ranks (also with GSPO, per-sequence sums
-    and sequence-level MIS, with trainer.recompute=FULL, and with packed rows on prompts of
-    mixed lengths), and PPO (reference and critic
+    and sequence-level MIS, with trainer.recompute=FULL, and with packed and shared-prefix
+    rows on prompts of mixed lengths), and PPO (reference and critic
     passes, values, several epochs) on 4 ranks with CP=2 x TP=2 under sequence parallel and
     with CP=2 over an interleaved pipeline (PP=2 x VPP=2); experts over EP=2 with CP=2
     equal them without CP."""
@@ -318,6 +320,8 @@ def test_context_parallel_equals_data_parallel(two, four):
     assert_same_first_step(two["cp2_sequences"], two["sequences"], "cp2_sequences")
     assert_same_first_step(two["cp2_recompute"], two["on_policy"], "cp2_recompute")
     assert_same_first_step(two["cp2_packed"], two["rows"], "cp2_packed")
+    assert_same_first_step(two["cp2_shared"], two["rows"], "cp2_shared")
+    assert two["cp2_shared"][0]["actor/shared_prefix_saved"] > 0.2
     assert two["cp2"][0]["rollout/logprob_gap_max"] < 1e-4
     cp, flat = four["ppo_cp2_tp2_sp"], four["ppo_dp4"]
     assert_same_first_step(cp, flat, "ppo_cp2_tp2_sp")
@@ -331,11 +335,11 @@ def test_context_parallel_equals_data_parallel(two, four):
 def test_context_parallel_limits_are_refused_on_every_rank(tmp_path):
     """Each rank refuses what CP does not run yet on its own, in its own log file, before
     any collective, naming the setting."""
-    args = ["parallel.cp=2", "trainer.shared_prefix=ALWAYS", "parallel.timeout_s=30"]
+    args = ["parallel.cp=2", "model.router_aux_loss_coef=0.01", "parallel.timeout_s=30"]
     for code, _ in run_nodes(2, [*args, f"hydra.run.dir={tmp_path}"], cwd=tmp_path):
         assert code != 0
     for log in rank_logs(tmp_path, 2):
-        assert "trainer.shared_prefix: ALWAYS is not built with parallel.cp > 1 yet" in log
+        assert "model.router_aux_loss_coef: > 0 with parallel.cp > 1 is refused" in log
 
 
 def test_sglang_rollout_group_across_nodes_is_refused(tmp_path):

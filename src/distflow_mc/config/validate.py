@@ -253,8 +253,7 @@ def _context_parallel(c: Config) -> list[str]:
     """What parallel.cp > 1 runs so far (models/context.py): the rest, refused by name."""
     if c.parallel.cp == 1:
         return []
-    t = c.trainer
-    why = "is not built with parallel.cp > 1 yet (each CP rank holds chunks of every row)"
+    why = "is not built with parallel.cp > 1 yet (TransformerEngine's own CP attention)"
     return [
         *_check(not _transformer_engine(), "parallel.cp", "with TransformerEngine's spec " + why),
         *_check(
@@ -262,11 +261,6 @@ def _context_parallel(c: Config) -> list[str]:
             "model.router_aux_loss_coef",
             "> 0 with parallel.cp > 1 is refused: each CP rank's router would balance the"
             " tokens it holds (part of every sequence), not the whole batch's: set it 0",
-        ),
-        *_check(
-            t.shared_prefix is not SharedPrefix.ALWAYS,
-            "trainer.shared_prefix",
-            f"ALWAYS {why}: set it NEVER (AUTO stays off)",
         ),
     ]
 

@@ -19,9 +19,9 @@ import torch.distributed as dist
 
 from distflow_mc.models.spans import additive
 
-# what a view keeps at its own position: the model's inputs (packed rows: each token's
-# position in its sample and its sample's span)
-INPUTS = ("input_ids", "attention_mask", "positions", "spans")
+# what a view keeps at its own position: the model's inputs (packed or shared-prefix rows:
+# each token's position in its sample, its span and the span its span continues)
+INPUTS = ("input_ids", "attention_mask", "positions", "spans", "prefixes")
 
 
 def chunks(size: int, rank: int, length: int) -> torch.Tensor:
@@ -41,19 +41,27 @@ def position_mask(
     dtype: torch.dtype,
     spans: torch.Tensor | None = None,
     key_spans: torch.Tensor | None = None,
+    prefixes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """What every layer's attention needs of a micro-batch under CP: [1, 1, local, full]
     in SDPA's additive form (0 / -inf), a key allowed where its position in the row <= the
-    query's; with packed rows ([b, local] `spans` of the view's tokens, [b, 1, length]
-    `key_spans` of the whole rows') [b, 1, local, full], and only within the query's own
-    sample. Made once for every layer, and a tensor, so that activation recomputation
-    (trainer.recompute) saves it with a layer's input."""
+    query's; with packed or shared-prefix rows ([b, local] `spans` of the view's tokens and
+    `prefixes`, the span each one's span continues, 0: none; [b, 1, length] `key_spans` of
+    the whole rows') [b, 1, local, full], and only within the query's own span and the
+    span it continues (its group's prompt: models/spans.py). Made once for every layer,
+    and a tensor, so that activation recomputation (trainer.recompute) saves it with a
+    layer's input."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     mine = chunks(size, rank, length).to(device)
     order = torch.cat([chunks(size, r, length) for r in range(size)]).to(device)
     allowed = (order[None, :] <= mine[:, None])[None, None]
     if key_spans is not None:  # the keys in the order the gather puts them
-        allowed = allowed & (spans[:, None, :, None] == key_spans[:, :, None, order])
+        keys = key_spans[:, :, None, order]
+        within = spans[:, None, :, None] == keys
+        if prefixes is not None:
+            continued = prefixes[:, None, :, None]
+            within |= (continued > 0) & (continued == keys)
+        allowed = allowed & within
     return additive(allowed, dtype, {})
 
 

@@ -34,8 +34,8 @@ def _forward(model: torch.nn.Module, mb: MicroBatch, cp: dist.ProcessGroup | Non
     group) a view's tokens attend by position to the whole row (models/context.py)."""
     if cp is not None:
         full = _rows(mb).shape[1] * dist.get_world_size(cp)
-        spans = (mb.get("spans"), mb.get("key_spans"))  # packed rows: within each sample
-        assert "prefixes" not in mb or not mb["prefixes"].any(), "no shared prefix under CP"
+        # packed or shared-prefix rows: within each span and the span it continues
+        spans = (mb.get("spans"), mb.get("key_spans"), mb.get("prefixes"))
         mask = position_mask(cp, full, _rows(mb).device, model.config.params_dtype, *spans)
         return model(mb.get("input_ids"), mb["positions"], attention_mask=mask)
     if "spans" not in mb:

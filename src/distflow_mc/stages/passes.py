@@ -42,8 +42,8 @@ def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict],
     # AUTO only where the math is the flat rows' exactly: not under an MoE router's
     # load-balancing loss (it counts the tokens it routes: a shared prompt once), and where
     # spans run (not under activation recomputation, which saves tensors only)
-    auto = not use_transformer_engine() and w.mp.cp == 1
-    auto &= w.config.model.router_aux_loss_coef == 0 and t.recompute is Recompute.NONE
+    auto = not use_transformer_engine() and w.config.model.router_aux_loss_coef == 0
+    auto &= t.recompute is Recompute.NONE
     shared = t.shared_prefix is SharedPrefix.ALWAYS or (
         t.shared_prefix is SharedPrefix.AUTO and auto
     )
