@@ -242,7 +242,8 @@ class TrainerConfig:
     sequence_packing: bool = False
     # a group's samples in one row: their common prompt once, then each sample's own tokens
     # (attending to the prompt and to themselves), the same math with less work; AUTO: when
-    # it saves enough, on the local layer spec, without CP or an MoE load-balancing loss
+    # it saves enough, on the local layer spec, without an MoE load-balancing loss or
+    # activation recomputation
     shared_prefix: SharedPrefix = SharedPrefix.AUTO
     # activation recomputation for long sequences: FULL keeps each layer's input only and
     # computes the rest again in the backward pass (more compute, much less memory)

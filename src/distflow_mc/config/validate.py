@@ -253,9 +253,13 @@ def _context_parallel(c: Config) -> list[str]:
     """What parallel.cp > 1 runs so far (models/context.py): the rest, refused by name."""
     if c.parallel.cp == 1:
         return []
-    why = "is not built with parallel.cp > 1 yet (TransformerEngine's own CP attention)"
     return [
-        *_check(not _transformer_engine(), "parallel.cp", "with TransformerEngine's spec " + why),
+        *_check(
+            not _transformer_engine(),
+            "parallel.cp",
+            "with TransformerEngine's spec is not built with parallel.cp > 1 yet"
+            " (TransformerEngine's own CP attention)",
+        ),
         *_check(
             c.model.router_aux_loss_coef == 0,
             "model.router_aux_loss_coef",

@@ -63,8 +63,8 @@ def share(batch: Batch) -> Batch:
     # matched so far: a batch without common prefixes costs one comparison per sample
     shared = _matched(batch, head, common.clamp(max=1), batch.tokens.values())
     shared = torch.where(shared > 0, common, 0)
-    first = ["input_ids"] if "input_ids" in batch.tokens else []
-    for name in [*first, *(k for k in batch.tokens if k not in first)]:
+    ids = ["input_ids"] if "input_ids" in batch.tokens else []
+    for name in [*ids, *(k for k in batch.tokens if k not in ids)]:
         shared = _matched(batch, head, shared, [batch.tokens[name]])
     prefix = torch.where(head == index, HEAD, shared).to(torch.int32)
     if not shared.any():  # nothing in common: nothing to leave out

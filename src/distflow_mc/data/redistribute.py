@@ -284,6 +284,16 @@ class _Plan:
         return next((c[0] for cs in self.classes for c in cs if rank in c), rank)
 
 
+def _classes(dst: Layout, view: Callable[[int], View]) -> tuple[list, list]:
+    """Per destination replica, its holders, and its holders in sets reading the same
+    fields (a LEADERS leader, a set's first rank, broadcasts to the rest of its set)."""
+    holders = [sorted(set(ranks) & dst.holders()) for ranks in dst.replicas()]
+    classes = [
+        [[r for r in h if view(r) == v] for v in dict.fromkeys(map(view, h))] for h in holders
+    ]
+    return holders, classes
+
+
 def _options(
     src: Layout,
     dst: Layout,
@@ -296,9 +306,8 @@ def _options(
     """The measured choice's key and the (pattern, packing, share) options open to a move,
     known before any metadata: whether a group's common prefix travels once (with groups
     kept together only) is decided before the lengths are exchanged."""
-    holders = [sorted(set(ranks) & dst.holders()) for ranks in dst.replicas()]
     # LEADERS differs from DIRECT where a set of ranks reading the same fields has several
-    multi = any(len([r for r in h if view(r) == v]) > 1 for h in holders for v in map(view, h))
+    multi = any(len(c) > 1 for cs in _classes(dst, view)[1] for c in cs)
     patterns = [Pattern.DIRECT, Pattern.LEADERS] if multi else [Pattern.DIRECT]
     if pattern is not Pattern.AUTO:
         patterns = [pattern]
@@ -327,10 +336,7 @@ def _plan(
         flat = destinations(lengths, dst.dp, groups, balance.equal_counts)
         bounds = np.cumsum([0] + [len(meta.lengths[s]) for s in senders])
         dest = {s: flat[bounds[i] : bounds[i + 1]] for i, s in enumerate(senders)}
-    holders = [sorted(set(ranks) & dst.holders()) for ranks in dst.replicas()]
-    classes = [
-        [[r for r in h if view(r) == v] for v in dict.fromkeys(map(view, h))] for h in holders
-    ]
+    holders, classes = _classes(dst, view)
     if pattern is Pattern.DIRECT:
         return _Plan(dest, holders, [[[r] for r in h] for h in holders], pattern, packing)
     recipients = [[c[0] for c in cs] for cs in classes]

@@ -34,6 +34,11 @@ def chunks(size: int, rank: int, length: int) -> torch.Tensor:
     )
 
 
+def _gathered_order(size: int, length: int) -> torch.Tensor:
+    """The row positions of a gather over the group: every rank's chunks, in rank order."""
+    return torch.cat([chunks(size, r, length) for r in range(size)])
+
+
 def position_mask(
     group: dist.ProcessGroup,
     length: int,
@@ -53,7 +58,7 @@ def position_mask(
     layer's input."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     mine = chunks(size, rank, length).to(device)
-    order = torch.cat([chunks(size, r, length) for r in range(size)]).to(device)
+    order = _gathered_order(size, length).to(device)
     allowed = (order[None, :] <= mine[:, None])[None, None]
     if key_spans is not None:  # the keys in the order the gather puts them
         keys = key_spans[:, :, None, order]
@@ -62,7 +67,7 @@ def position_mask(
             continued = prefixes[:, None, :, None]
             within |= (continued > 0) & (continued == keys)
         allowed = allowed & within
-    return additive(allowed, dtype, {})
+    return additive(allowed, dtype)
 
 
 def gather(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -121,7 +126,7 @@ def unview(out: torch.Tensor, group: dist.ProcessGroup, length: int) -> torch.Te
     size = dist.get_world_size(group)
     parts = [torch.empty_like(out) for _ in range(size)]
     dist.all_gather(parts, out.contiguous(), group=group)
-    order = torch.cat([chunks(size, r, length) for r in range(size)]).to(out.device)
+    order = _gathered_order(size, length).to(out.device)
     whole = torch.empty((out.shape[0], length, *out.shape[2:]), dtype=out.dtype, device=out.device)
     whole[:, order] = torch.cat(parts, dim=1)
     return torch.cat([torch.zeros_like(whole[:, :1]), whole[:, :-1]], dim=1)

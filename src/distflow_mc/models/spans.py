@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 
 
-def additive(allowed: torch.Tensor, dtype: torch.dtype, cache: dict) -> torch.Tensor:
-    """`allowed` as SDPA's additive mask (0 / -inf) in `dtype`, made once (in `cache`) for
-    every layer: given the boolean, torch converts it in each call and keeps each layer's
-    copy for the backward (4 layers, a [4K, 8K] mask: 531 MB against 26)."""
+def additive(allowed: torch.Tensor, dtype: torch.dtype, cache: dict | None = None) -> torch.Tensor:
+    """`allowed` as SDPA's additive mask (0 / -inf) in `dtype`, made once (kept in `cache`
+    when given) for every layer: given the boolean, torch converts it in each call and keeps
+    each layer's copy for the backward (4 layers, a [4K, 8K] mask: 531 MB against 26)."""
+    cache = {} if cache is None else cache
     if dtype not in cache:
         zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         cache[dtype] = zeros.masked_fill_(~allowed, float("-inf"))
