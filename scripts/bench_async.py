@@ -4,15 +4,20 @@
     python scripts/bench_async.py --tasks agent_slow --steps 100 --repeats 3
     python scripts/bench_async.py --separate-nproc 3 --rollout-ranks 2   # 2 generate, 1 trains
     python scripts/bench_async.py --tasks agent_slow --modes COLOCATED "SEPARATE k=2 stream"
+    python scripts/bench_async.py --tasks grpo_long --modes COLOCATED "SEPARATE k=2" \
+        "SEPARATE k=2 stream" --chunk 8
 
 Per task, the same run as COLOCATED (every rank generates, then trains) and as SEPARATE with
 trainer.max_staleness k = 0, 1, 2 (the last rank generates, the others train; k > 0 with
-algo.tis_cap=2, the placement=separate preset), and on the agent task k = 2 with
-rollout.stream, on the same ranks, in turns (`--repeats` rounds of all of them, so a slow
-minute of a noisy machine hits them alike). Tasks:
-`grpo` is the embedded GRPO task (compute-bound: on 2 shared cores the groups split the
-cores they had together); `agent_slow` is the embedded agent task whose tool answers after
-50-200 ms (data/tiny.py SlowLookup), the slow environment asynchronous RL exists for.
+algo.tis_cap=2, the placement=separate preset), and k = 2 with rollout.stream (single-turn
+tasks in pieces of `--chunk` tokens, rollout.stream_chunk), on the same ranks, in turns
+(`--repeats` rounds of all of them, so a slow minute of a noisy machine hits them alike).
+Tasks: `grpo` is the embedded GRPO task (compute-bound: on 2 shared cores the groups split
+the cores they had together); `grpo_long` the same with room for 48-token responses (the
+untrained model's run to the limit, the trained one's stop after a digit: long and short
+responses in the same batch, the straggler that streaming in pieces is for);
+`agent_slow` is the embedded agent task whose tool answers after 50-200 ms (data/tiny.py
+SlowLookup), the slow environment asynchronous RL exists for.
 
 Prints per run (medians over the rounds; means over the steps after the first 5): seconds per
 step, generated tokens/s and the ratio to the first mode (COLOCATED by default), each
@@ -36,6 +41,7 @@ from distflow_mc.data.tiny import make_task
 
 TASKS = {
     "grpo": ["experiment=cpu_tiny_grpo"],
+    "grpo_long": ["experiment=cpu_tiny_grpo", "rollout.max_new_tokens=48"],
     "agent_slow": [
         "experiment=cpu_tiny_agent",
         "rollout.agent.tools=[distflow_mc.data.tiny.SlowLookup]",
@@ -47,8 +53,10 @@ MODES = {
     "SEPARATE k=0": ["placement=separate", "trainer.max_staleness=0", "algo.tis_cap=null"],
     "SEPARATE k=1": ["placement=separate", "trainer.max_staleness=1"],
     "SEPARATE k=2": ["placement=separate", "trainer.max_staleness=2"],
-    # agent tasks only: groups waiting for a tool go on while others generate
+    # groups waiting for a tool, or still generating, go on while others generate; the
+    # rollout runs k - 1 ahead (k=3: as far as k=2 without the stream)
     "SEPARATE k=2 stream": ["placement=separate", "trainer.max_staleness=2", STREAM],
+    "SEPARATE k=3 stream": ["placement=separate", "trainer.max_staleness=3", STREAM],
 }
 WARMUP = 5
 
@@ -91,7 +99,7 @@ def summary(rows: list[dict]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", default=["grpo", "agent_slow"], choices=list(TASKS))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--nproc", type=int, default=2)
@@ -100,17 +108,17 @@ def main() -> None:
     )
     parser.add_argument("--rollout-ranks", type=int, default=1, help="of the SEPARATE runs")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--chunk", type=int, default=8, help="rollout.stream_chunk of single-turn streams"
+    )
     parser.add_argument("--csv", default="bench_async.csv")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_async_"))
     env = {**os.environ, "DISTFLOW_DATA_DIR": str(make_task(work / "data"))}
     rows = []
     for task in args.tasks:
-        modes = {
-            m: x
-            for m, x in MODES.items()
-            if m in args.modes and (STREAM not in x or task.startswith("agent"))
-        }
+        chunk = [] if task.startswith("agent") else [f"rollout.stream_chunk={args.chunk}"]
+        modes = {m: x + chunk * (STREAM in x) for m, x in MODES.items() if m in args.modes}
         got: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
         for _ in range(args.repeats):
             for mode, extra in modes.items():

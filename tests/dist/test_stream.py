@@ -9,6 +9,9 @@ launch runs:
 - DROP: no group twice; the prompts not trained are at most the groups counted dropped.
 - A run stopped after 3 steps (a checkpoint with groups still in flight) and resumed: the
   two together train every prompt of the epoch exactly once.
+- Single turns (the embedded GRPO task, no tools) streamed in pieces of 2 tokens
+  (rollout.stream_chunk): every prompt of the epoch trained exactly once, a step's groups
+  generated over several engine calls.
 
 Which groups a step takes, defers, waits for and drops, call by call:
 tests/unit/test_agent_stream.py.
@@ -23,7 +26,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from distflow_mc.data.tiny import make_agent_dataset, make_task
+from distflow_mc.data.tiny import make_agent_dataset, make_dataset, make_task
 from tests.conftest import compose_config, run_sweep
 
 pytestmark = pytest.mark.dist
@@ -39,17 +42,15 @@ def test_stream_defers_drops_and_resumes(tmp_path):
     task = make_task(tmp_path / "task")
     data = tmp_path / "agent.parquet"
     make_agent_dataset(data, ROWS, seed=0)
+    single_data = tmp_path / "single.parquet"
+    make_dataset(single_data, ROWS, seed=0)
     workflow = OmegaConf.to_container(compose_config().algo.workflow, enum_to_str=True)
     (node,) = [n for n in workflow if n["id"] == "advantage"]
     node["fn"] = "tests.dist.stream_probe.advantage"
-    common = [
-        "experiment=cpu_tiny_agent",
-        f"model.path={task / 'tiny_agent_llama'}",
-        f"data.train_files=[{data}]",
+    shared = [
         "data.val_files=[]",
         f"data.batch_size={BATCH}",
         "rollout.n=4",
-        "rollout.agent.tools=[tests.dist.stream_probe.StallLookup]",
         f"algo.workflow={json.dumps(workflow)}",
         "placement=separate",
         "rollout.ranks=1",
@@ -60,8 +61,24 @@ def test_stream_defers_drops_and_resumes(tmp_path):
         "trainer.tensorboard=false",
         "parallel.timeout_s=120",
     ]
+    common = [
+        "experiment=cpu_tiny_agent",
+        f"model.path={task / 'tiny_agent_llama'}",
+        f"data.train_files=[{data}]",
+        "rollout.agent.tools=[tests.dist.stream_probe.StallLookup]",
+        *shared,
+    ]
+    single = [
+        "experiment=cpu_tiny_grpo",
+        f"model.path={task / 'tiny_llama'}",
+        f"data.train_files=[{single_data}]",
+        "rollout.max_new_tokens=8",
+        "rollout.stream_chunk=2",
+        *shared,
+    ]
     ckpt = f"trainer.checkpoint_dir={tmp_path / 'ckpt'}"
     cases = {
+        "single": [*single, "trainer.total_steps=7"],
         "wait": [*common, "trainer.total_steps=7"],
         "drop": [*common, "trainer.total_steps=7", "trainer.on_stale=DROP"],
         "first": [*common, "trainer.total_steps=3", "trainer.save_every=3", ckpt],
@@ -75,13 +92,15 @@ def test_stream_defers_drops_and_resumes(tmp_path):
 
     epoch = set(range(ROWS))  # uid = epoch * rows + row: epoch 0's are the rows
     n = 4  # samples per group
-    for name in ("wait", "drop"):
+    for name in ("single", "wait", "drop"):
         records = runs[name]
         assert max(r["staleness/max"] for r in records) <= K, name
         for r in trained(jobs[name]):  # the probe's versions agree with the metrics
             assert all(r["step"] - v <= K for v in r["version"])
         got = counts(name)
         assert all(c == n for c in got.values()), (name, got)  # a group once, all its samples
+    assert epoch <= set(counts("single"))
+    assert max(r["stream/engine_calls"] for r in runs["single"]) >= 4  # 8 tokens in pieces of 2
     wait = counts("wait")
     assert epoch <= set(wait), epoch - set(wait)
     assert sum(r["stream/deferred_groups"] for r in runs["wait"]) > 0

@@ -6,6 +6,7 @@ weight version drew each token."""
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -127,3 +128,50 @@ def test_drop_leaves_a_slow_due_group_out(tok):
     tool.gate.set()  # its late answer is ignored
     third = take(s, prompts(tok, "", 12), 2, Metrics(), tok)
     assert 0 not in third and len(set(got + second + third)) == len(got + second + third)
+
+
+def test_single_turns_in_pieces_equal_whole_generations_and_defer_long_ones(tmp_path):
+    """Single turns (no tools) streamed in pieces of 3 tokens through the real engine:
+    each response, its log-probs and finish equal one whole greedy generation of its prompt
+    (a piece goes on from its tokens so far); a step takes the groups that finished first,
+    the longer ones go into the next step, and every group is taken once."""
+    from distflow_mc.data.tiny import make_model
+    from distflow_mc.rollout.hf_engine import HFEngine
+    from tests.tiny_hf import load_tensors
+
+    tok = make_tokenizer(tmp_path, AGENT_TOKENS)
+    make_model(tmp_path, tok, seed=3)
+    engine = HFEngine(tmp_path, tok.pad_token_id, torch.device("cpu"))
+    engine.update_weights([list(load_tensors(tmp_path).items())])
+    chunk, keys = 3, "0123456789"
+    batch = prompts(tok, keys, 0)
+    rows = [batch.token_slice("input_ids", i).tolist() for i in range(len(batch))]
+    # greedy; a third of the vocabulary stops: responses of many lengths, some cut at 12
+    params = SamplingParams(
+        n=2, temperature=0.0, max_new_tokens=12, stop_token_ids=tuple(range(40, 128, 3))
+    )
+    whole = engine.generate(rows, replace(params, n=1))
+    lengths = [len(r) for r in whole.response_ids]
+    assert len(set(lengths)) >= 3 and min(lengths) <= chunk < max(lengths)
+    s = AgentStream(AgentLoop(AgentConfig(), tok, {}), engine, lambda: 0, False, chunk)
+    quota = 4
+    m = Metrics()
+    done, taken = s.take(batch, [{}] * len(batch), params, 0, quota, m)
+    # all groups start in the first call: group g finishes in call ceil(length / chunk)
+    need = [-(-n // chunk) for n in lengths]
+    calls = sorted(need)[quota - 1]
+    first = [g for g in range(len(keys)) if need[g] <= calls][:quota]
+    assert taken.samples["uid"].tolist() == first
+    assert m.totals["stream/deferred_groups"] == len(keys) - quota
+    rest, later = s.take(prompts(tok, "", 10), [], params, 1, quota * 2, Metrics())
+    later_uids = later.samples["uid"].tolist()
+    got = taken.samples["uid"].tolist() + later_uids
+    assert sorted(got) == list(range(len(keys))) and not s.pending()
+    for t, g in [(t, first[t.prompt]) for t in done] + [(t, later_uids[t.prompt]) for t in rest]:
+        p = len(rows[g])
+        assert t.ids[p:] == whole.response_ids[g].tolist()
+        assert t.mask == [0.0] * p + [1.0] * lengths[g]
+        torch.testing.assert_close(
+            torch.tensor(t.logprobs[p:]), whole.logprobs[g], atol=1e-5, rtol=0
+        )
+        assert t.finish == whole.finish_reasons[g] and t.turns == 1

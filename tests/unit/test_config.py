@@ -209,6 +209,7 @@ def test_separate_layouts_split_the_world():
 
 STREAM = "rollout.stream=true"
 AGENT_SEPARATE = ["experiment=cpu_tiny_agent", "placement=separate", "rollout.ranks=1"]
+SINGLE_SEPARATE = ["placement=separate", "rollout.ranks=1"]
 
 
 @pytest.mark.parametrize(
@@ -236,9 +237,10 @@ AGENT_SEPARATE = ["experiment=cpu_tiny_agent", "placement=separate", "rollout.ra
         ),
         (["placement=separate", "rollout.ranks=1", "trainer.weight_sync_every=0"], "weight_sync"),
         (["experiment=cpu_tiny_agent", "rollout.stream=true"], "rollout.stream"),  # colocated
-        (  # no tools: nothing to stream
-            ["placement=separate", "rollout.ranks=1", "trainer.max_staleness=2", STREAM],
-            "rollout.stream",
+        (["rollout.stream_chunk=8"], "rollout.stream_chunk"),  # without the stream
+        (
+            [*SINGLE_SEPARATE, "trainer.max_staleness=2", STREAM, "rollout.stream_chunk=-1"],
+            "rollout.stream_chunk",
         ),
         ([*AGENT_SEPARATE, STREAM], "max_staleness >= 2"),  # the preset's k=1
         (
@@ -254,6 +256,8 @@ def test_placement_settings_are_checked(overrides, key):
 
 
 def test_stream_is_accepted_where_it_runs():
+    single = [*SINGLE_SEPARATE, "trainer.max_staleness=2", STREAM, "rollout.stream_chunk=8"]
+    assert load_config(compose_config(single)).rollout.stream_chunk == 8
     overrides = [*AGENT_SEPARATE, STREAM, "trainer.max_staleness=2", "trainer.on_stale=DROP"]
     config = load_config(compose_config(overrides))
     assert config.rollout.stream and config.trainer.on_stale.name == "DROP"

@@ -211,3 +211,40 @@ def test_update_weights_adopts_whole_tensors_and_copies_the_rest(model_dir):
         assert params[n].data_ptr() != doubled[n].data_ptr()
         torch.testing.assert_close(params[n], (given[n] * 2).float())
         assert torch.equal(tensors[n], given[n])
+
+
+def test_kept_rows_go_on_from_their_cache_beside_new_prompts(model_dir):
+    """rollout.stream_chunk's pieces: greedy pieces of 3 tokens, each call with the rows the
+    call before cut (`keep`) beside a new prompt's two rows, equal transformers' own
+    generation of the whole response; the kept rows are not encoded again (only the new
+    prompt is, once for both of its rows), and new weights drop the kept cache."""
+    engine = HFEngine(model_dir, pad_token_id=0, device=torch.device("cpu"))
+    engine.update_weights([list(load_tensors(model_dir).items())])
+    whole = greedy_one_at_a_time(model_dir, 9)
+    piece = SamplingParams(temperature=0, max_new_tokens=3)
+    shapes = []
+    hook = engine.model.register_forward_pre_hook(
+        lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    rows = [list(PROMPTS[0])]
+    for new in PROMPTS[1:]:  # each call: the rows going on, then a new prompt twice
+        shapes.clear()
+        # the rows not kept, each distinct one once, but their last token
+        fresh = {tuple(r) for r in [*rows, new, new] if tuple(r) not in engine.kept}
+        gen = engine.generate([*rows, new, new], piece, keep=True)
+        heads = [r for r in fresh if len(r) > 1]
+        assert shapes[0] == (len(heads), max(map(len, heads)) - 1)
+        rows = [r + g.tolist() for r, g in zip([*rows, new, new], gen.response_ids, strict=True)]
+        assert len(engine.kept) == len({tuple(r) for r in rows})  # all ran to the limit
+    hook.remove()
+    gen = engine.generate(rows, piece, keep=True)
+    done = [r + g.tolist() for r, g in zip(rows, gen.response_ids, strict=True)]
+    # PROMPTS[0] and PROMPTS[1] (twice): 3 pieces; PROMPTS[2] (twice): 2
+    expect = [
+        PROMPTS[0] + whole[0],
+        *[PROMPTS[1] + whole[1]] * 2,
+        *[PROMPTS[2] + whole[2][:6]] * 2,
+    ]
+    assert done == expect
+    engine.update_weights([list(load_tensors(model_dir).items())])
+    assert engine.kept == {}

@@ -10,6 +10,11 @@ break the match between the engine's and the trainer's log-probs. A turn ends at
 of sequence, or at a `rollout.agent.stop` token. A trajectory ends when a turn makes no
 call ("stop"), at `max_total_tokens` or a turn's `max_new_tokens`
 ("length"), or after `max_turns` turns that all called tools ("turns").
+
+Without tools the loop generates single turns (rollout.stream of single-turn tasks): a
+trajectory is the prompt and one response of at most the sampling's `max_new_tokens`. A
+stream may generate a turn in pieces (`chunk` tokens an engine call): a piece that ends
+without a stop goes on from its tokens so far in the next call, with the others.
 """
 
 from __future__ import annotations
@@ -72,12 +77,14 @@ class Trajectory:
     logprobs: list[float]  # the engine's, on generated tokens; 0 elsewhere
     mask: list[float]  # 1 on generated tokens
     tools: dict[str, Tool]  # what its prompt offers
+    limit: int  # the most tokens it may hold
     messages: list[dict[str, str]] = field(default_factory=list)  # assistant and tool turns
     turns: int = 0
     tool_calls: int = 0
     tool_errors: int = 0  # unparsable calls and failed ones (timeouts included)
     tool_timeouts: int = 0
     finish: str = "stop"  # stop | length | turns
+    turn_start: int = -1  # where its turn being generated in pieces began (-1: none)
     # (first token, version) of each weight version that drew its tokens: rollout.stream's
     # versions per turn, or rollout.partial's count of weight updates before them
     versions: list[tuple[int, int]] = field(default_factory=list)
@@ -113,16 +120,18 @@ class Pending:
     stop_text: str
     calls: list[Call]
     errors: list[str]
+    more: bool = False  # a turn cut at its piece's end, to go on (no calls)
 
 
 class AgentLoop:
     def __init__(
         self, config: AgentConfig, tokenizer: PreTrainedTokenizerBase, tools: dict[str, Tool]
     ) -> None:
+        """No `tools`: single turns, as a task without tools generates them."""
         self.config, self.tokenizer, self.tools = config, tokenizer, tools
         self.parse = get_parser(config.parser)
-        self.turns = ToolTurns(tokenizer)
-        self.stop_ids = stop_ids(tokenizer, config.stop)
+        self.turns = ToolTurns(tokenizer) if tools else None
+        self.stop_ids = stop_ids(tokenizer, config.stop) if tools else ()
 
     def offered(self, row_tools: list[dict[str, Any]] | None) -> dict[str, Tool]:
         """The tools a prompt offers: those its `tools` column names, else all."""
@@ -131,13 +140,22 @@ class AgentLoop:
         return {s["function"]["name"]: self.tools[s["function"]["name"]] for s in row_tools}
 
     def start(
-        self, prompts: list[list[int]], tools: list[dict[str, Tool]], n: int
+        self, prompts: list[list[int]], tools: list[dict[str, Tool]], params: SamplingParams
     ) -> list[Trajectory]:
-        """`n` trajectories per prompt, prompt i's at [i*n, (i+1)*n)."""
+        """`params.n` trajectories per prompt, prompt i's at [i*n, (i+1)*n); without tools
+        each may hold its prompt and `params.max_new_tokens` more."""
+        c, single = self.config, self.turns is None
         return [
-            Trajectory(i, list(p), [0.0] * len(p), [0.0] * len(p), tools[i])
+            Trajectory(
+                i,
+                list(p),
+                [0.0] * len(p),
+                [0.0] * len(p),
+                tools[i],
+                len(p) + params.max_new_tokens if single else c.max_total_tokens,
+            )
             for i, p in enumerate(prompts)
-            for _ in range(n)
+            for _ in range(params.n)
         ]
 
     def run(
@@ -152,7 +170,7 @@ class AgentLoop:
         applies per turn, its seed moved on every turn. With `interrupt` (rollout.partial)
         a turn goes on with the weights that arrive during it: each trajectory's `versions`
         marks how many updates came before its tokens (tool tokens: as the turn before)."""
-        trajectories = self.start(prompts, tools, params.n)
+        trajectories = self.start(prompts, tools, params)
         counted = _Counted(interrupt) if interrupt is not None else None
         if counted is not None:
             for t in trajectories:
@@ -173,32 +191,38 @@ class AgentLoop:
         params: SamplingParams,
         prompts: list[list[int]] | None = None,
         counted: _Counted | None = None,
+        chunk: int = 0,
     ) -> list[Pending]:
         """One engine call, a turn of each of `active`; the tool calls they make. With
         `prompts` (their first turn, `params.n` trajectories of each prompt in order), the
         engine gets each prompt once with n samples (an engine encodes it once for them).
         With `counted` (rollout.partial), the call may take new weights at a token boundary:
-        each part of a turn is marked with the count of updates before it."""
-        c = self.config
-        # > 0: prompts are shorter (checked), and answer() ends those left without room
-        room = [c.max_total_tokens - len(t.ids) for t in active]
+        each part of a turn is marked with the count of updates before it. With `chunk`,
+        the call generates at most that many tokens: a turn it cuts is Pending with `more`
+        (and the engine keeps its keys and values for the next call).
+        """
+        # what each may still generate in this turn: > 0 (prompts are shorter, checked;
+        # answer() ends those left without room)
+        room = [min(t.limit - len(t.ids), params.max_new_tokens - _generated(t)) for t in active]
         step = replace(
             params,
             n=1,
-            max_new_tokens=min(params.max_new_tokens, max(room)),
+            max_new_tokens=min(max(room), chunk or max(room)),
             stop_token_ids=(*params.stop_token_ids, *self.stop_ids),
         )
         rows = prompts if prompts is not None else [t.ids for t in active]
         step = replace(step, n=params.n) if prompts is not None else step
         before = counted.applied if counted is not None else 0
         extra = {"interrupt": counted} if counted is not None else {}
+        if chunk:  # the rows cut go on in the next call: the engine keeps their cache
+            extra["keep"] = True
         gen = engine.generate(rows, step, **extra)
         pending = []
         for i, (t, r, ids, logp, finish) in enumerate(
             zip(active, room, gen.response_ids, gen.logprobs, gen.finish_reasons, strict=True)
         ):
             start = len(t.ids)
-            pending += self._turn(t, ids.tolist(), logp.tolist(), finish, r)
+            pending += self._turn(t, ids.tolist(), logp.tolist(), finish, r, step.max_new_tokens)
             if counted is None:
                 continue
             for j, count in enumerate(gen.segments[i] if gen.segments else [len(ids)]):
@@ -208,14 +232,21 @@ class AgentLoop:
         return pending
 
     def _turn(
-        self, t: Trajectory, ids: list[int], logp: list[float], finish: str, room: int
+        self, t: Trajectory, ids: list[int], logp: list[float], finish: str, room: int, limit: int
     ) -> list[Pending]:
-        """Append one generated turn; a Pending when it calls tools and may go on."""
+        """Append one generated turn (or a piece of it); a Pending when it calls tools and
+        may go on, or when the call's token `limit` (a piece's) cut it with room left
+        (`more`)."""
         if len(ids) > room:  # past the trajectory's budget: cut, as a stop there would
             ids, logp, finish = ids[:room], logp[:room], "length"
+        if t.turn_start < 0:
+            t.turn_start = len(t.ids)
         t.ids += ids
         t.logprobs += logp
         t.mask += [1.0] * len(ids)
+        if finish == "length" and len(ids) == limit < room:
+            return [Pending(t, "", [], [], more=True)]
+        ids, t.turn_start = t.ids[t.turn_start :], -1
         t.turns += 1
         stopped = finish == "stop"
         # an end-of-sequence stop closes the message (the template may write it itself); a
@@ -225,6 +256,9 @@ class AgentLoop:
         t.messages.append({"role": "assistant", "content": text})
         if not stopped:
             t.finish = "length"
+            return []
+        if self.turns is None:  # single turns
+            t.finish = "stop"
             return []
         calls, errors = self.parse(text)
         if not calls and not errors:
@@ -251,6 +285,8 @@ class AgentLoop:
     def append(self, p: Pending, results: list[Result]) -> bool:
         """The results of `p`'s calls into its trajectory; whether it goes on."""
         t = p.trajectory
+        if p.more:  # a turn cut at its piece's end: nothing to add
+            return True
         texts = [f"error: {e}" for e in p.errors]
         for result in results:
             t.tool_errors += result.error is not None
@@ -266,6 +302,11 @@ class AgentLoop:
         t.logprobs += [0.0] * len(delta)
         t.mask += [0.0] * len(delta)
         return True
+
+
+def _generated(t: Trajectory) -> int:
+    """The tokens of its turn generated so far (in pieces)."""
+    return len(t.ids) - t.turn_start if t.turn_start >= 0 else 0
 
 
 def stop_ids(tokenizer: PreTrainedTokenizerBase, stops: list[str]) -> tuple[int, ...]:

@@ -1,15 +1,19 @@
-"""rollout.stream: a rollout rank's agent groups, in flight across steps.
+"""rollout.stream: a rollout rank's groups, in flight across steps.
 
 A step adds its prompts' groups and takes its share (`quota`) of finished groups as soon
-as that many are finished, instead of waiting for the slowest tool call: while some
-trajectories wait for tools (the calls run on an event loop of the stream's own),
-the others generate their next turn, batched in one engine call. Groups still running
-when the share is full go on in the next step; there they are due (one step more would
-take them past trainer.max_staleness) and go first: with `drop` false the step waits for
-them, with `drop` true the ones still running then are dropped and counted.
+as that many are finished, instead of waiting for the slowest tool call or the longest
+response: while some trajectories wait for tools (the calls run on an event loop of the
+stream's own), the others generate their next turn, batched in one engine call. With
+`chunk` (rollout.stream_chunk) an engine call generates at most that many tokens: the
+trajectories it cut go on in the next call, from their tokens so far, so a long response
+no longer holds the groups that finished (single-turn tasks stream this way).
+Groups still running when the share is full go on in the next step; there they are due
+(one step more would take them past trainer.max_staleness) and go first: with `drop` false
+the step waits for them, with `drop` true the ones still running then are dropped and
+counted.
 
 The weights may change between steps while a group runs, so each trajectory records which
-version drew each of its turns (`Trajectory.versions`). Which groups finish first depends
+version drew each of its turns and pieces (`Trajectory.versions`). Which groups finish first depends
 on the tools' timing: a streamed run is not bit-reproducible, as no asynchronous system is.
 """
 
@@ -46,12 +50,15 @@ class AgentStream:
         engine: RolloutEngine,
         version: Callable[[], int],
         drop: bool,
+        chunk: int = 0,
     ) -> None:
-        """`version`: the engine's weight version now; `drop`: trainer.on_stale=DROP."""
+        """`version`: the engine's weight version now; `drop`: trainer.on_stale=DROP;
+        `chunk`: the most tokens an engine call generates (0: a whole turn)."""
         self.loop, self.engine, self.version, self.drop = loop, engine, version, drop
+        self.chunk = chunk
         self.groups: dict[int, _Group] = {}  # by uid, in the order they started
         self.fresh: list[_Group] = []  # not generated yet
-        self.ready: list[Trajectory] = []  # its tools answered: the next turn
+        self.ready: list[Trajectory] = []  # tools answered or turn cut: the next call
         self.owner: dict[int, _Group] = {}  # id(trajectory) -> its group
         self.answers: queue.Queue[tuple[Pending, list[Result] | BaseException]] = queue.Queue()
         # the tool calls run on one event loop of their own thread (a plain tool in a
@@ -82,7 +89,7 @@ class AgentStream:
         started. Returns their trajectories (prompt index: the group's row in the prompts
         returned) and prompts."""
         ids = [prompts.token_slice("input_ids", i).tolist() for i in range(len(prompts))]
-        trajectories = self.loop.start(ids, tools, params.n)
+        trajectories = self.loop.start(ids, tools, params)
         for i in range(len(prompts)):
             own = trajectories[i * params.n : (i + 1) * params.n]
             uid = int(prompts.samples["uid"][i])
@@ -128,42 +135,28 @@ class AgentStream:
                 group.running -= 1
 
     def _generate(self, params: SamplingParams) -> int:
-        """One engine call for the fresh groups' first turns, one for the trajectories whose
-        tools answered; their tool calls go to the event loop. Returns the engine calls
-        made."""
-        version, calls = self.version(), bool(self.fresh) + bool(self.ready)
-        pending = []
-        if self.fresh:
-            active = [t for g in self.fresh for t in g.trajectories]
-            prompts = [g.trajectories[0].ids for g in self.fresh]
-            pending += self._turn(active, params, version, prompts)
-            self.fresh = []
-        if self.ready:
-            active, self.ready = self.ready, []
-            pending += self._turn(active, replace(params, seed=params.seed + 1), version)
-        for p in pending:
-            if p.calls:
-                future = asyncio.run_coroutine_threadsafe(self.loop.call([p]), self.events)
-                future.add_done_callback(partial(self._answered, p))
-            else:  # only unparsable calls: answered at once
-                self.answers.put((p, []))
-        return calls
-
-    def _turn(
-        self,
-        active: list[Trajectory],
-        params: SamplingParams,
-        version: int,
-        prompts: list[list[int]] | None = None,
-    ) -> list[Pending]:
+        """One engine call: the fresh groups' first turns (each prompt's rows encoded once by
+        the engine) with the trajectories whose tools answered or whose turn goes on; their
+        tool calls go to the event loop. Returns the engine calls made."""
+        active = [t for g in self.fresh for t in g.trajectories] + self.ready
+        self.fresh, self.ready = [], []
+        version = self.version()
         for t in active:
             t.versions.append((len(t.ids), version))
-        pending = self.loop.turn(self.engine, active, params, prompts)
+        pending = self.loop.turn(self.engine, active, params, chunk=self.chunk)
         going = {id(p.trajectory) for p in pending}
         for t in active:
             if id(t) not in going:
                 self.owner[id(t)].running -= 1
-        return pending
+        for p in pending:
+            if p.more:  # cut at the piece's end: goes on in the next call
+                self.ready.append(p.trajectory)
+            elif p.calls:
+                future = asyncio.run_coroutine_threadsafe(self.loop.call([p]), self.events)
+                future.add_done_callback(partial(self._answered, p))
+            else:  # only unparsable calls: answered at once
+                self.answers.put((p, []))
+        return 1
 
     def _answered(self, p: Pending, future: Future) -> None:
         error = future.exception()

@@ -191,10 +191,14 @@ class RolloutConfig:
     # boundary and goes on with them (each token's log-prob and version from the weights
     # that drew it), instead of finishing on the old ones
     partial: bool = False
-    # SEPARATE with agent tools: a step takes its share of groups as soon as that many are
-    # finished; the rest (a slow tool call) go on while the next step's groups generate and
-    # go in that step (trainer.on_stale); the rollout then runs k - 1 versions ahead
+    # SEPARATE: a step takes its share of groups as soon as that many are finished; the
+    # rest (a slow tool call, a long response) go on while the next step's groups generate
+    # and go in that step (trainer.on_stale); the rollout then runs k - 1 versions ahead
     stream: bool = False
+    # rollout.stream: the most tokens an engine call generates (0: a whole turn); a turn
+    # cut there goes on in the next call, with the new groups: a long response does not
+    # hold the finished ones (single-turn tasks need it to stream at all)
+    stream_chunk: int = 0
     agent: AgentConfig = field(default_factory=AgentConfig)
 
 

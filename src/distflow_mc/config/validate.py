@@ -273,11 +273,15 @@ def _stream(c: Config) -> list[str]:
     r = c.rollout
     return [
         *_check(
-            not r.stream or (r.placement is Placement.SEPARATE and bool(r.agent.tools)),
+            not r.stream or r.placement is Placement.SEPARATE,
             "rollout.stream",
-            "needs rollout.placement=SEPARATE and rollout.agent.tools: it defers the groups"
-            " whose tool calls still run; without tools every group of a step ends in the same"
-            " engine call",
+            "needs rollout.placement=SEPARATE: groups go on across steps only while the"
+            " train group trains",
+        ),
+        *_check(
+            r.stream_chunk >= 0 and (r.stream or not r.stream_chunk),
+            "rollout.stream_chunk",
+            f"must be >= 0, and is read only with rollout.stream=true, got {r.stream_chunk}",
         ),
         *_check(
             not r.stream or c.trainer.max_staleness >= 2,

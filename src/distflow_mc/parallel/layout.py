@@ -246,8 +246,10 @@ def describe_placement(config: Config, layouts: Layouts) -> list[str]:
     ]
     if stream:
         then = "waits for it" if config.trainer.on_stale is OnStale.WAIT else "drops it"
+        c = config.rollout.stream_chunk
+        pieces = f"; engine calls of at most {c} tokens (rollout.stream_chunk)" if c else ""
         lines.append(
             "  stream: a step takes its share of finished groups; one still running goes on"
-            f" into the next step, which {then} if it still runs then (trainer.on_stale)"
+            f" into the next step, which {then} if it still runs then (trainer.on_stale)" + pieces
         )
     return lines

@@ -1,7 +1,10 @@
 """Hugging Face transformers engine: the CPU default, also runs on a GPU.
 
 All prompts of the rank (n samples each) decode together in one left-padded batch with a
-KV cache (transformers' `generate`); log-probs come from the raw logits of each step.
+KV cache (transformers' `generate`); log-probs come from the raw logits of each step. With
+`keep` (rollout.stream_chunk's pieces), the keys and values of the rows a call cuts at its
+token limit wait for the next call: a row that comes back as its prompt and response goes
+on from them, not encoded again (what SGLang's prefix cache does for it).
 """
 
 from __future__ import annotations
@@ -77,6 +80,9 @@ class HFEngine:
         self.loaded: set[str] = set()
         self.adopted: set[str] = set()  # parameters that are a tensor given to update_weights
         self.asleep = False
+        # rows the last call cut (`keep`): sequence -> per layer, its keys and values [heads,
+        # tokens but the last, dim]
+        self.kept: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @torch.no_grad()
     def update_weights(self, buckets: Iterable[Bucket]) -> None:
@@ -88,6 +94,7 @@ class HFEngine:
         engine reads those tensors as they are; the step syncs right after the optimizer,
         before anything generates."""
         self.wake()
+        self.kept = {}  # keys and values of the old weights
         params = dict(self.model.named_parameters())
         for bucket in buckets:
             for name, tensor in bucket:
@@ -119,8 +126,11 @@ class HFEngine:
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
         interrupt: Interrupt | None = None,
+        keep: bool = False,
     ) -> Generation:
         """Responses and log-probs stay on the engine's device (the batch's from here on).
+        Rows the call before cut with `keep` go on from their keys and values; with `keep`
+        the rows this call cuts at `params.max_new_tokens` are kept for the next.
 
         With `interrupt` (rollout.partial), generation stops at the token boundary after
         `interrupt.pending()` turns true, `interrupt.apply()` puts new weights in, and the
@@ -130,15 +140,18 @@ class HFEngine:
         if not prompts or not params.n:
             return Generation()
         self.wake()
+        kept, self.kept = self.kept, {}
         ids, mask = self._left_padded(prompts)  # each prompt once, then its n rows
-        cache = self._prefill(ids, mask, params.n)
+        cache = self._prefill(prompts, ids, mask, params.n, kept)
         ids, mask = ids.repeat_interleave(params.n, 0), mask.repeat_interleave(params.n, 0)
         index = [r // params.n for r in range(len(ids))]
         cut = _Cut(interrupt)
-        new, logp, lengths, stopped = self._decode(
+        new, logp, lengths, stopped, cache = self._decode(
             ids, mask, cache, params, params.max_new_tokens, 0, cut
         )
         if not (cut.fired and new.shape[1] < params.max_new_tokens and not stopped.all()):
+            if keep:
+                self._keep([prompts[i] for i in index], new, stopped, cache)
             kept = torch.arange(new.shape[1], device=new.device) < lengths[:, None]
             counts = lengths.tolist()
             return Generation(
@@ -172,7 +185,9 @@ class HFEngine:
                 [list(prompts[r // params.n]) + torch.cat(tokens[r]).tolist() for r in active]
             )
             cut = _Cut(interrupt)
-            new, logp, lengths, stopped = self._decode(ids, mask, None, params, budget, part, cut)
+            new, logp, lengths, stopped, _ = self._decode(
+                ids, mask, None, params, budget, part, cut
+            )
         for seg in segments:  # rows that stopped early drew nothing under later weights
             seg += [0] * (part + 1 - len(seg))
         return Generation(
@@ -201,9 +216,10 @@ class HFEngine:
         budget: int,
         part: int,
         cut: _Cut,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
         """One `generate` call of at most `budget` tokens: the new tokens [rows, T], their
-        log-probs, each row's kept length (through its stop token) and whether it stopped."""
+        log-probs, each row's kept length (through its stop token), whether it stopped, and
+        the cache (every token's keys and values but the last's)."""
         greedy = params.temperature == 0
         # every setting that shapes the distribution is explicit: transformers fills unset
         # ones from its global defaults (top_k=50), which would sample from another
@@ -237,20 +253,87 @@ class HFEngine:
         is_stop = torch.isin(new, stops)
         stopped = is_stop.any(dim=1)
         lengths = torch.where(stopped, is_stop.int().argmax(dim=1) + 1, new.shape[1])
-        return new, token_logp, lengths, stopped
+        return new, token_logp, lengths, stopped, out.cache
 
-    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int) -> DynamicCache | None:
-        """Each prompt's keys and values (all but its last token, which generation's first
-        step reads) computed once, then repeated for its n samples: the prompt is encoded
-        once per group, not n times. Positions as generation makes them from the mask."""
-        if n == 1 or ids.shape[1] < 2:
+    def _prefill(
+        self,
+        prompts: Sequence[Sequence[int]],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        n: int,
+        kept: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]],
+    ) -> DynamicCache | None:
+        """Each row's keys and values but its last token's (generation's first step reads
+        it): the rows the call before cut (`kept`) from theirs, the others computed, each
+        distinct prompt once and repeated for its n samples. None: nothing to share, the
+        generation encodes the prompts itself."""
+        rows = [tuple(p) for p in prompts]
+        found = [kept.get(r) for r in rows]
+        todo = list(dict.fromkeys(r for r, f in zip(rows, found, strict=True) if f is None))
+        if ids.shape[1] < 2 or (n == 1 and len(todo) == len(rows)):
             return None
+        if len(todo) == len(rows):  # distinct prompts, nothing kept: one forward in place
+            cache = self._encode(ids[:, :-1], mask[:, :-1])
+            cache.batch_repeat_interleave(n)
+            return cache
+        computed = dict(zip(todo, self._heads(todo), strict=True))
+        entries = [f if f is not None else computed[r] for r, f in zip(rows, found, strict=True)]
+        width, shapes = ids.shape[1] - 1, next(e for e in entries if e)
+        layers = []
+        for layer, (k0, v0) in enumerate(shapes):
+            keys = k0.new_zeros(len(rows), k0.shape[0], width, k0.shape[2])
+            values = v0.new_zeros(len(rows), v0.shape[0], width, v0.shape[2])
+            for i, entry in enumerate(entries):  # right-aligned, as the rows are
+                if entry:
+                    k, v = entry[layer]
+                    keys[i, :, width - k.shape[1] :] = k
+                    values[i, :, width - v.shape[1] :] = v
+            layers.append((keys.repeat_interleave(n, 0), values.repeat_interleave(n, 0)))
+        return DynamicCache(layers, config=self.model.config)
+
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> DynamicCache:
+        """The keys and values of left-padded rows, positions as generation makes them."""
         cache = DynamicCache(config=self.model.config)
-        head, head_mask = ids[:, :-1], mask[:, :-1]
-        positions = (head_mask.cumsum(-1) - 1).masked_fill(head_mask == 0, 0)
-        self.model(input_ids=head, attention_mask=head_mask, position_ids=positions, cache=cache)
-        cache.batch_repeat_interleave(n)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache)
         return cache
+
+    def _heads(
+        self, seqs: list[tuple[int, ...]]
+    ) -> list[list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        """Per sequence, its keys and values but its last token's, cut to its own tokens
+        (None: a one-token sequence has none)."""
+        heads = [s[:-1] for s in seqs if len(s) > 1]
+        if not heads:
+            return [None] * len(seqs)
+        cache = self._encode(*self._left_padded(heads))
+        out, j = [], 0
+        for s in seqs:
+            if len(s) < 2:
+                out.append(None)
+                continue
+            size = len(s) - 1
+            out.append([(x.keys[j, :, -size:], x.values[j, :, -size:]) for x in cache.layers])
+            j += 1
+        return out
+
+    def _keep(
+        self,
+        rows: list[Sequence[int]],
+        new: torch.Tensor,
+        stopped: torch.Tensor,
+        cache: DynamicCache,
+    ) -> None:
+        """The keys and values of every row that ran to the call's limit, for the next
+        call (a sliding-window cache is not kept: its rows are not right-aligned)."""
+        if any(cache.is_sliding):
+            return
+        for r in (~stopped).nonzero().flatten().tolist():
+            seq = (*rows[r], *new[r].tolist())
+            size = len(seq) - 1
+            self.kept[seq] = [
+                (x.keys[r, :, -size:].clone(), x.values[r, :, -size:].clone()) for x in cache.layers
+            ]
 
     def sleep(self) -> None:
         """Idempotent; on a GPU the weights wait in host memory while the trainer runs."""

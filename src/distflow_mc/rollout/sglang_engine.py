@@ -46,7 +46,11 @@ class SGLangEngine:
         )
         self.asleep = False
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Generation:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, keep: bool = False
+    ) -> Generation:
+        """`keep` (rollout.stream_chunk's pieces) asks nothing more: SGLang's radix cache
+        keeps every sequence's prefix, and a row that comes back goes on from it."""
         greedy = params.temperature == 0
         sampling = {
             "temperature": 0.0 if greedy else params.temperature,

@@ -59,8 +59,8 @@ def generate(w: Workers, batch: Batch | None, m: Metrics, step: int) -> Batch | 
 
 def streamed(w: Workers, m: Metrics, step: int) -> Batch:
     """rollout.stream: this step's prompts into the stream, its share of finished groups
-    out, each sample with the version that started it and each token with the one that
-    drew it."""
+    out (agent trajectories, or single turns without tools), each sample with the version
+    that started it and each token with the one that drew it."""
     quota = w.config.data.batch_size // w.layouts.rollout.dp
     # one share more in flight than a step takes: a share's worth of groups to generate
     # while others wait for tools (two draws at the start, and after groups were dropped)
@@ -69,11 +69,15 @@ def streamed(w: Workers, m: Metrics, step: int) -> Batch:
         m.add_total("data/malformed_rows", got.malformed)
         m.add_total("data/overlong_prompts", got.overlong)
     prompts = Batch.concat([got.batch for got in draws])
-    offered = [w.agent.offered(row_tools(e)) for e in prompts.objects["extra"]]
+    extras = prompts.objects["extra"]
+    offered = [w.agent.offered(row_tools(e)) if w.agent else {} for e in extras]
     params = _params(w, step, 0)
     done, prompts = w.stream.take(prompts, offered, params, step, quota, m)
-    _agent_metrics(done, m)
     batch = _agent_batch(done, prompts, params.n, w.ctx.device)
+    if w.agent is not None:
+        _agent_metrics(done, m)
+    else:  # single turns: the reward reads the response, as without the stream
+        del batch.objects["trajectory"]
     batch.tokens["token_version"], batch.samples["version"] = _versions(done, w.ctx.device)
     m.add("rollout/groups", len(prompts))
     m.add_total("rollout/samples", len(batch))

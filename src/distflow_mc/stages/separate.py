@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distflow_mc.agent.loop import AgentLoop
 from distflow_mc.agent.stream import AgentStream
 from distflow_mc.config.schema import OnStale
 from distflow_mc.data.batch import Batch
@@ -214,7 +215,9 @@ def _rollout_side(w: Workers, ch: Channels, schedule: Schedule, nodes: list, kee
         w.interrupt = weights
     if w.config.rollout.stream and w.is_rollout_emitter:
         drop = w.config.trainer.on_stale is OnStale.DROP
-        w.stream = AgentStream(w.agent, w.engine, lambda: weights.version, drop)
+        r = w.config.rollout
+        loop = w.agent or AgentLoop(r.agent, w.tokenizer, {})  # single turns without tools
+        w.stream = AgentStream(loop, w.engine, lambda: weights.version, drop, r.stream_chunk)
 
     def send() -> None:
         while (item := outbox.get()) is not None:
