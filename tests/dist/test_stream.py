@@ -10,8 +10,8 @@ launch runs:
 - A run stopped after 3 steps (a checkpoint with groups still in flight) and resumed: the
   two together train every prompt of the epoch exactly once.
 - Single turns (the embedded GRPO task, no tools) streamed in pieces of 2 tokens
-  (rollout.stream_chunk): every prompt of the epoch trained exactly once, a step's groups
-  generated over several engine calls.
+  (rollout.stream_chunk) with rollout.partial: every prompt of the epoch trained exactly
+  once, a step's groups generated over several engine calls.
 
 Which groups a step takes, defers, waits for and drops, call by call:
 tests/unit/test_agent_stream.py.
@@ -74,6 +74,7 @@ def test_stream_defers_drops_and_resumes(tmp_path):
         f"data.train_files=[{single_data}]",
         "rollout.max_new_tokens=8",
         "rollout.stream_chunk=2",
+        "rollout.partial=true",  # weights arriving during a step go in between pieces
         *shared,
     ]
     ckpt = f"trainer.checkpoint_dir={tmp_path / 'ckpt'}"
@@ -101,6 +102,7 @@ def test_stream_defers_drops_and_resumes(tmp_path):
         assert all(c == n for c in got.values()), (name, got)  # a group once, all its samples
     assert epoch <= set(counts("single"))
     assert max(r["stream/engine_calls"] for r in runs["single"]) >= 4  # 8 tokens in pieces of 2
+    assert all("rollout/partial_updates" in r for r in runs["single"])
     wait = counts("wait")
     assert epoch <= set(wait), epoch - set(wait)
     assert sum(r["stream/deferred_groups"] for r in runs["wait"]) > 0

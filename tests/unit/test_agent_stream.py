@@ -175,3 +175,39 @@ def test_single_turns_in_pieces_equal_whole_generations_and_defer_long_ones(tmp_
             torch.tensor(t.logprobs[p:]), whole.logprobs[g], atol=1e-5, rtol=0
         )
         assert t.finish == whole.finish_reasons[g] and t.turns == 1
+
+
+def test_weights_arriving_during_a_step_go_in_between_pieces(tmp_path):
+    """rollout.partial with the stream: new weights pending before the second engine call go
+    in there; every response's first piece is drawn by version 0 and the rest by version 1,
+    each token's log-prob that of a forward of the weights that drew it (the kept cache of
+    the old weights is not used for the new)."""
+    from distflow_mc.data.tiny import make_model
+    from distflow_mc.rollout.hf_engine import HFEngine
+    from tests.tiny_hf import SwapAfter, load_hf, load_tensors
+
+    tok = make_tokenizer(tmp_path, AGENT_TOKENS)
+    make_model(tmp_path, tok, seed=3)
+    old = load_tensors(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    new = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in old.items()}
+    engine = HFEngine(tmp_path, tok.pad_token_id, torch.device("cpu"))
+    engine.update_weights([list(old.items())])
+    swap = SwapAfter(engine, 2, new)  # pending at the stream's second check
+    loop = AgentLoop(AgentConfig(), tok, {})
+    s = AgentStream(loop, engine, lambda: swap.applied, False, 3, swap)
+    params = SamplingParams(n=2, max_new_tokens=9, stop_token_ids=(), seed=5)
+    done, _ = s.take(prompts(tok, "123", 0), [{}] * 3, params, 0, 3, Metrics())
+    assert swap.applied == 1 and len(done) == 6
+    models = {0: load_hf(tmp_path), 1: load_hf(tmp_path)}
+    models[1].load_state_dict(new, strict=False)
+    for t in done:
+        p = len(t.ids) - 9
+        assert t.versions == [(p, 0), (p + 3, 1), (p + 6, 1)]
+        ids = torch.tensor([t.ids])
+        for version, span in ((0, slice(p, p + 3)), (1, slice(p + 3, p + 9))):
+            with torch.no_grad():
+                logp = torch.log_softmax(models[version](ids).logits[0, :-1].float(), -1)
+            want = logp.gather(-1, ids[0, 1:, None])[:, 0]
+            got = torch.tensor(t.logprobs)[span]
+            torch.testing.assert_close(got, want[span.start - 1 : span.stop - 1], atol=2e-5, rtol=0)

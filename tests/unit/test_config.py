@@ -224,17 +224,6 @@ SINGLE_SEPARATE = ["placement=separate", "rollout.ranks=1"]
             ["placement=separate", "rollout.ranks=1", "rollout=sglang", "rollout.partial=true"],
             "partial",
         ),
-        (
-            [
-                "experiment=cpu_tiny_agent",
-                "placement=separate",
-                "rollout.ranks=1",
-                "trainer.max_staleness=2",
-                "rollout.partial=true",
-                "rollout.stream=true",
-            ],
-            "rollout.partial",
-        ),
         (["placement=separate", "rollout.ranks=1", "trainer.weight_sync_every=0"], "weight_sync"),
         (["experiment=cpu_tiny_agent", "rollout.stream=true"], "rollout.stream"),  # colocated
         (["rollout.stream_chunk=8"], "rollout.stream_chunk"),  # without the stream
@@ -258,6 +247,7 @@ def test_placement_settings_are_checked(overrides, key):
 def test_stream_is_accepted_where_it_runs():
     single = [*SINGLE_SEPARATE, "trainer.max_staleness=2", STREAM, "rollout.stream_chunk=8"]
     assert load_config(compose_config(single)).rollout.stream_chunk == 8
+    assert load_config(compose_config([*single, "rollout.partial=true"])).rollout.partial
     overrides = [*AGENT_SEPARATE, STREAM, "trainer.max_staleness=2", "trainer.on_stale=DROP"]
     config = load_config(compose_config(overrides))
     assert config.rollout.stream and config.trainer.on_stale.name == "DROP"

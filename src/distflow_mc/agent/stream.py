@@ -12,8 +12,9 @@ Groups still running when the share is full go on in the next step; there they a
 the step waits for them, with `drop` true the ones still running then are dropped and
 counted.
 
-The weights may change between steps while a group runs, so each trajectory records which
-version drew each of its turns and pieces (`Trajectory.versions`). Which groups finish first depends
+The weights may change between steps while a group runs (and, with rollout.partial, between
+a step's engine calls), so each trajectory records which version drew each of its turns
+and pieces (`Trajectory.versions`). Which groups finish first depends
 on the tools' timing: a streamed run is not bit-reproducible, as no asynchronous system is.
 """
 
@@ -32,6 +33,7 @@ from distflow_mc.agent.tools import Result, Tool
 from distflow_mc.data.batch import Batch
 from distflow_mc.observability.metrics import Metrics
 from distflow_mc.rollout.engine import RolloutEngine, SamplingParams
+from distflow_mc.rollout.hf_engine import Interrupt
 
 
 @dataclass
@@ -51,11 +53,14 @@ class AgentStream:
         version: Callable[[], int],
         drop: bool,
         chunk: int = 0,
+        interrupt: Interrupt | None = None,
     ) -> None:
         """`version`: the engine's weight version now; `drop`: trainer.on_stale=DROP;
-        `chunk`: the most tokens an engine call generates (0: a whole turn)."""
+        `chunk`: the most tokens an engine call generates (0: a whole turn); `interrupt`
+        (rollout.partial): weights that arrive during a step go in between engine calls,
+        the groups in flight going on with them."""
         self.loop, self.engine, self.version, self.drop = loop, engine, version, drop
-        self.chunk = chunk
+        self.chunk, self.interrupt = chunk, interrupt
         self.groups: dict[int, _Group] = {}  # by uid, in the order they started
         self.fresh: list[_Group] = []  # not generated yet
         self.ready: list[Trajectory] = []  # tools answered or turn cut: the next call
@@ -100,6 +105,8 @@ class AgentStream:
         calls = 0
         while not self._full(step, quota):
             self._harvest(block=not (self.fresh or self.ready))
+            if self.interrupt is not None and self.interrupt.pending():
+                self.interrupt.apply()
             if self.fresh or self.ready:
                 calls += self._generate(replace(params, seed=params.seed + 1_000_003 * calls))
         m.add_total("stream/engine_calls", calls)

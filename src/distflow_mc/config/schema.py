@@ -188,8 +188,9 @@ class RolloutConfig:
     logprob_gap_warn: float = 0.05  # warn when engine/actor log-probs differ more (mean)
     weight_sync_bucket_mb: int = 256
     # SEPARATE: a generation running when new weights arrive stops at the next token
-    # boundary and goes on with them (each token's log-prob and version from the weights
-    # that drew it), instead of finishing on the old ones
+    # boundary (with rollout.stream: at the end of its engine call) and goes on with them
+    # (each token's log-prob and version from the weights that drew it), instead of
+    # finishing on the old ones
     partial: bool = False
     # SEPARATE: a step takes its share of groups as soon as that many are finished; the
     # rest (a slow tool call, a long response) go on while the next step's groups generate

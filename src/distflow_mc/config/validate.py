@@ -87,12 +87,6 @@ def _rollout(r: RolloutConfig) -> list[str]:
             " and rollout.engine=HF (SGLang's pause and resume are not wired yet)",
         ),
         *_check(
-            not (r.partial and r.stream),
-            "rollout.partial",
-            "is not built with rollout.stream (the stream takes new weights between engine"
-            " calls, each turn recording its version): set one of them false",
-        ),
-        *_check(
             (r.placement is Placement.SEPARATE) == (r.ranks >= 1) and r.ranks >= 0,
             "rollout.ranks",
             f"must be >= 1 with rollout.placement=SEPARATE and 0 otherwise, got {r.ranks}",

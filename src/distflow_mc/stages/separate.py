@@ -217,7 +217,10 @@ def _rollout_side(w: Workers, ch: Channels, schedule: Schedule, nodes: list, kee
         drop = w.config.trainer.on_stale is OnStale.DROP
         r = w.config.rollout
         loop = w.agent or AgentLoop(r.agent, w.tokenizer, {})  # single turns without tools
-        w.stream = AgentStream(loop, w.engine, lambda: weights.version, drop, r.stream_chunk)
+        partial = weights if r.partial else None  # new weights between engine calls
+        w.stream = AgentStream(
+            loop, w.engine, lambda: weights.version, drop, r.stream_chunk, partial
+        )
 
     def send() -> None:
         while (item := outbox.get()) is not None:
@@ -262,6 +265,8 @@ def _rollout_side(w: Workers, ch: Channels, schedule: Schedule, nodes: list, kee
                     0, owner, crossed.float()
                 )
                 m.add("rollout/partial_frac", float((spans > 0).sum()), len(batch))
+        elif w.stream is not None and weights is not None and w.config.rollout.partial:
+            m.add_total("rollout/partial_updates", weights.updates - updates)
         # a rollout step: from handing over the batch before to this one's reduced metrics,
         # of which it waited for weights, and for the batch before to leave
         seconds = time.perf_counter() - cycle
