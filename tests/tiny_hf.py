@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
     Qwen3Config,
     Qwen3MoeConfig,
@@ -31,8 +33,9 @@ def make_tiny_model(
     """kind: 'llama' (untied, rope theta 5e5), 'llama3' (Llama 3.x RoPE scaling, with an
     original context short enough that all three frequency bands occur), 'qwen2' (tied
     embeddings, qkv bias) or 'qwen3' (q/k norms, head_dim != hidden / heads). llama3 and
-    qwen3 have an odd vocabulary (127: padded under TP, untied and tied). With
-    `max_shard_size`, transformers writes shards and a safetensors index."""
+    qwen3 have an odd vocabulary (127: padded under TP, untied and tied); 'qwen2_5_vl' a
+    vision-language model (`vl_config`). With `max_shard_size`, transformers writes shards
+    and a safetensors index."""
     torch.manual_seed(seed)
     if kind == "llama":
         config = LlamaConfig(**{**SIZES, "rope_theta": 500000.0, **overrides})
@@ -54,9 +57,47 @@ def make_tiny_model(
     elif kind == "qwen3":
         odd = {"head_dim": 32, "tie_word_embeddings": True, "vocab_size": 127}
         config = Qwen3Config(**{**SIZES, **odd, **overrides})
+    elif kind == "qwen2_5_vl":
+        return _save(Qwen2_5_VLForConditionalGeneration(vl_config(**overrides)), path, None)
     else:
         config = Qwen2Config(**{**SIZES, "tie_word_embeddings": True, **overrides})
-    model = AutoModelForCausalLM.from_config(config)
+    return _save(AutoModelForCausalLM.from_config(config), path, max_shard_size)
+
+
+IMAGE_TOKEN = 100  # the tiny vision-language model's image token
+
+
+def vl_config(**overrides) -> Qwen2_5_VLConfig:
+    """A tiny Qwen2.5-VL: the Qwen2 text sizes above (head_dim 16: multimodal RoPE sections
+    2, 3, 3 of its 8 frequencies) and a 2-block vision tower (one windowed, one full
+    attention block) of 14-pixel patches merged 2 x 2."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        num_heads=2,
+        intermediate_size=64,
+        out_hidden_size=SIZES["hidden_size"],
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=56,
+        fullatt_block_indexes=[1],
+    )
+    text = {**SIZES, "rope_parameters": rope, "bos_token_id": 1, "eos_token_id": 2}
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=IMAGE_TOKEN + 1,
+        vision_start_token_id=IMAGE_TOKEN + 2,
+        vision_end_token_id=IMAGE_TOKEN + 3,
+        tie_word_embeddings=False,
+        **overrides,
+    )
+
+
+def _save(model: torch.nn.Module, path: Path, max_shard_size: str | None) -> Path:
     with torch.no_grad():  # HF zero-inits some tensors; make every weight informative
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.02)

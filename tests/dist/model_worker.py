@@ -32,12 +32,13 @@ from distflow_mc.models.hf_config import read_hf_config
 from distflow_mc.models.logprobs import vocab_parallel_logprobs
 from distflow_mc.models.schedule import run_microbatches
 from distflow_mc.models.train import TrainableModel
+from distflow_mc.models.vision import mrope_positions
 from distflow_mc.parallel.dist import init_distributed
 from distflow_mc.parallel.megatron_state import init_model_parallel, world_of
 from distflow_mc.rollout.hf_engine import HFEngine
 from distflow_mc.rollout.weight_stream import stream_buckets
 from distflow_mc.rollout.weight_sync import sync_weights_to_group
-from tests.tiny_hf import load_hf, load_tensors
+from tests.tiny_hf import IMAGE_TOKEN, load_hf, load_tensors
 
 TEMPERATURE = 0.7
 
@@ -99,6 +100,98 @@ def equivalence(kind: str, model_dir: Path, mp) -> dict:
     result[f"{kind}_export_bitwise"] = all(
         torch.equal(exported[k], original[k]) for k in original if k in exported
     )
+    return result
+
+
+def vl_batches() -> list[dict[str, torch.Tensor]]:
+    """Qwen2.5-VL micro-batches: a row with two images of different grids between text
+    and a shorter text-only row (right-padded); then a row with one image. Random
+    patches; each token's three positions from models/vision.py."""
+    g = torch.Generator().manual_seed(5)
+
+    def text(n: int) -> torch.Tensor:
+        return torch.randint(0, IMAGE_TOKEN, (n,), generator=g)
+
+    def image(grid: list[int]) -> torch.Tensor:
+        return torch.full((grid[0] * grid[1] * grid[2] // 4,), IMAGE_TOKEN)
+
+    out = []
+    for grids, rows in (
+        ([[1, 4, 4], [1, 2, 6]], lambda a, b: [[text(3), a, text(2), b, text(4)], [text(9)]]),
+        ([[1, 6, 4]], lambda a: [[text(2), a, text(5)]]),
+    ):
+        seqs = [torch.cat(parts) for parts in rows(*(image(x) for x in grids))]
+        s = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), s, dtype=torch.int64)
+        mask = torch.zeros(len(seqs), s)
+        for i, seq in enumerate(seqs):
+            ids[i, : len(seq)], mask[i, : len(seq)] = seq, 1
+        grid = torch.tensor(grids)
+        positions = torch.stack([mrope_positions(row, grid, IMAGE_TOKEN, 2) for row in ids])
+        patches = int(grid.prod(-1).sum())
+        out.append(
+            {
+                "input_ids": ids,
+                "labels": ids.roll(-1, dims=1),
+                "attention_mask": mask,
+                "mrope_positions": positions,
+                "pixel_values": torch.randn(patches, 3 * 2 * 14 * 14, generator=g),
+                "image_grid_thw": grid,
+            }
+        )
+    return out
+
+
+def vl_equivalence(model_dir: Path, mp) -> dict:
+    """A tiny Qwen2.5-VL against transformers' Qwen2_5_VLForConditionalGeneration: logits
+    and log-probs on every real token, the 3-D positions, and the export round trip."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    arch, chunks = load_reference(model_dir, mp, torch.float32)
+    mbs = vl_batches()
+
+    def fn(mb, out):
+        logp, _ = vocab_parallel_logprobs(
+            out, mb["labels"], TEMPERATURE, vocab_size=arch.vocab_size
+        )
+        return gather_vocab(out), logp
+
+    outputs = run_microbatches(chunks, mbs, fn, forward_only=True)
+    result = {}
+    if mpu.is_pipeline_last_stage():
+        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+        logits_diff = logp_diff = positions_diff = 0.0
+        for mb, (logits, logp) in zip(mbs, outputs, strict=True):
+            ids, real = mb["input_ids"], mb["attention_mask"].bool()
+            kinds = (ids == IMAGE_TOKEN).int()
+            with torch.no_grad():
+                ref = hf(
+                    input_ids=ids,
+                    attention_mask=mb["attention_mask"].long(),
+                    pixel_values=mb["pixel_values"],
+                    image_grid_thw=mb["image_grid_thw"],
+                    mm_token_type_ids=kinds,
+                ).logits
+            theirs, _ = hf.model.get_rope_index(
+                ids, kinds, mb["image_grid_thw"], attention_mask=mb["attention_mask"].long()
+            )
+            ours = mb["mrope_positions"].permute(2, 0, 1)
+            positions_diff = max(positions_diff, (ours - theirs)[:, real].abs().max().item())
+            ref_logp = torch.log_softmax(ref / TEMPERATURE, -1).gather(-1, mb["labels"][..., None])
+            logits = logits[..., : ref.shape[-1]]
+            logits_diff = max(logits_diff, (logits - ref)[real].abs().max().item())
+            logp_diff = max(logp_diff, (logp - ref_logp[..., 0])[real].abs().max().item())
+        result |= {
+            "vl_logits_maxdiff": logits_diff,
+            "vl_logp_maxdiff": logp_diff,
+            "vl_positions_maxdiff": positions_diff,
+        }
+    exported = {}
+    for bucket in export_hf(chunks, arch, mp):
+        exported.update({n: t.clone() for n, t in bucket})
+    original = load_tensors(model_dir)
+    result["vl_export_keys_equal"] = sorted(exported) == sorted(original)
+    result["vl_export_bitwise"] = all(torch.equal(exported[k], original[k]) for k in original)
     return result
 
 
@@ -260,6 +353,7 @@ def main() -> None:
     parser.add_argument("--first-stage-layers", type=int, default=None)
     parser.add_argument("--ep", type=int, default=1)
     parser.add_argument("--jobs", type=Path)
+    parser.add_argument("--vl", type=Path, help="a tiny Qwen2.5-VL directory (check vl)")
     # only the first N ranks hold the model (rollout.placement=SEPARATE's train group)
     parser.add_argument("--train-ranks", type=int, default=None)
     args = parser.parse_args()
@@ -299,6 +393,8 @@ def run(args: argparse.Namespace) -> None:
             result |= equivalence(model_dir.name, model_dir, mp)
             _, chunks = load_reference(model_dir, mp, torch.float32)
             result["layers"] = [layer.layer_number for c in chunks for layer in c.decoder.layers]
+    if "vl" in checks:
+        result |= vl_equivalence(args.vl, mp)
     if "critic" in checks:
         result |= critic(args.models / "qwen2", mp)
     if "train" in checks:

@@ -1,5 +1,6 @@
-"""Megatron models against transformers on tiny Llama/Qwen2 checkpoints, at TP=1, TP=2 and
-PP=2; export round trip; critic; one train step at DP=2 equal to DP=1. The one-rank checks
+"""Megatron models against transformers on tiny Llama/Qwen2/Qwen3 checkpoints and a tiny
+Qwen2.5-VL (images and multimodal RoPE), at TP=1, TP=2 and PP=2; export round trip; critic;
+one train step at DP=2 equal to DP=1. The one-rank checks
 are one launch of tests/dist/model_worker.py, every 2-rank layout another (real processes
 on gloo, hard timeouts)."""
 
@@ -45,10 +46,15 @@ def launch(models: Path, out: Path, *args: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def dp1(models, tmp_path_factory) -> tuple[list[dict], Path]:
+def vl(tmp_path_factory) -> Path:
+    return make_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("vl") / "qwen2_5_vl")
+
+
+@pytest.fixture(scope="module")
+def dp1(models, vl, tmp_path_factory) -> tuple[list[dict], Path]:
     out = tmp_path_factory.mktemp("tp1")
-    checks = "equivalence,critic,train,schedule,malformed"
-    return [launch(models, out, "--checks", checks)], out
+    checks = "equivalence,critic,train,schedule,malformed,vl"
+    return [launch(models, out, "--checks", checks, "--vl", str(vl))], out
 
 
 KINDS = ("llama", "llama3", "qwen2", "qwen3", "qwen3_moe")
@@ -62,9 +68,18 @@ def assert_equivalent(result: dict, kinds: tuple[str, ...] = KINDS) -> None:
         assert result[f"{kind}_export_bitwise"], kind
 
 
+def assert_vl_equivalent(result: dict) -> None:
+    """Logits and log-probs of every real token (a row with two images of different grids,
+    a text-only row, a row with one image), the 3-D positions, the export round trip."""
+    assert result["vl_logits_maxdiff"] < TOL and result["vl_logp_maxdiff"] < TOL, result
+    assert result["vl_positions_maxdiff"] == 0
+    assert result["vl_export_keys_equal"] and result["vl_export_bitwise"]
+
+
 def test_tp1_matches_transformers(dp1):
     (result,), _ = dp1
     assert_equivalent(result)
+    assert_vl_equivalent(result)
     assert result["critic_shape"] == [2, 12]
     assert result["train_updated"]
     # one step equals transformers + torch.optim.AdamW + clip_grad_norm_, clipping included
@@ -86,7 +101,7 @@ def test_lr_warms_up(dp1):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(models, tmp_path_factory) -> Path:
+def two_ranks(models, vl, tmp_path_factory) -> Path:
     """Every 2-rank job in one launch (each re-initialises model parallelism); results
     under <out>/<job>/."""
     out = tmp_path_factory.mktemp("two")
@@ -110,6 +125,8 @@ def two_ranks(models, tmp_path_factory) -> Path:
             "--first-stage-layers",
             "1",
         ],
+        "vl_tp": ["--tp", "2", "--checks", "vl", "--vl", str(vl)],
+        "vl_pp": ["--pp", "2", "--checks", "vl", "--vl", str(vl)],
         "dp2": ["--checks", "train"],
         "dp2_distributed_optimizer": ["--checks", "train", "--distributed-optimizer"],
     }
@@ -123,6 +140,15 @@ def two_ranks(models, tmp_path_factory) -> Path:
 
 def results_of(two_ranks: Path, job: str) -> list[dict]:
     return [json.loads((two_ranks / job / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("layout", ["vl_tp", "vl_pp"])
+def test_vision_language_model_at_two_ranks_matches_transformers(two_ranks, layout):
+    """TP=2 (the vision tower replicated on both ranks) and PP=2 (it runs on the first
+    stage; the outputs come from the second)."""
+    first, last = results_of(two_ranks, layout)
+    assert_vl_equivalent(last)
+    assert first["vl_export_bitwise"]
 
 
 @pytest.mark.parametrize("layout", ["tp", "pp", "vpp"])

@@ -99,6 +99,8 @@ def rule_for(name: str, layer_numbers: list[int], arch: HFArch) -> Rule | None:
         return Rule("vocab", ("lm_head.weight",))
     if name == "decoder.final_layernorm.weight":
         return Rule("rep", ("model.norm.weight",))
+    if arch.vision is not None and name.startswith("visual."):  # transformers' own module
+        return Rule("rep", (name,))
     match = _LAYER.fullmatch(name)
     if not match:
         return None

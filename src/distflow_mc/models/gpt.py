@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_block import (
 from distflow_mc.models.context import gather
 from distflow_mc.models.hf_config import HFArch, Llama3Rope
 from distflow_mc.models.spans import Spans
+from distflow_mc.models.vision import attach_vision, mrope_angles
 from distflow_mc.parallel.megatron_state import ModelParallel
 
 # megatron-core 0.16 reads `te_general_gemm` in the MoE router but defines it only when
@@ -227,7 +228,9 @@ def build_gpt(
         if arch.rope_scaling is not None:
             rope = model.rotary_pos_emb
             rope.inv_freq = llama3_inv_freq(rope.inv_freq, arch.rope_scaling)
-        packed_rope(model)
+        packed_rope(model, arch.vision.mrope_section if arch.vision else None)
+        if arch.vision is not None:
+            attach_vision(model, arch.vision, dtype)
         model.rotary_pos_emb.cp_group = None  # whole rows' angles: views pass positions
         if value_head and model.post_process:
             model.output_layer = ValueHead(arch.hidden_size, dtype, mp.sequence_parallel)
@@ -239,11 +242,12 @@ def build_gpt(
     return chunks
 
 
-def packed_rope(model: GPTModel) -> None:
+def packed_rope(model: GPTModel, sections: tuple[int, ...] | None = None) -> None:
     """Packed rows (models/schedule.py) pass each token's position in its own sample as
     `position_ids`; megatron's rotary embedding covers the row's positions 0..s-1, so each
     token takes the angles of its own position: [s, 1, 1, d] -> [s, b, 1, d]. Unpacked
-    rows pass none and keep megatron's."""
+    rows pass none and keep megatron's. A vision-language model's rows pass each token's
+    three positions ([3, b, s]), turning the frequency `sections` (models/vision.py)."""
     positions: list[torch.Tensor | None] = [None]
 
     def remember(_: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -251,6 +255,8 @@ def packed_rope(model: GPTModel) -> None:
 
     def per_token(_: torch.nn.Module, __: tuple, freqs: torch.Tensor) -> torch.Tensor:
         p = positions[0]
+        if p is not None and p.dim() == 3:
+            return mrope_angles(freqs, p, sections)
         return freqs if p is None else freqs[:, 0][p.T]
 
     model.register_forward_pre_hook(remember, with_kwargs=True)

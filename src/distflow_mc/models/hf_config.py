@@ -1,11 +1,12 @@
 """What we read from a Hugging Face model directory's config.json, checked against what we
 can build (Llama 2/3.x, Qwen2/2.5 and Qwen3 dense: GQA, RoPE with Llama 3's scaling,
-RMSNorm, SwiGLU, Qwen2's qkv bias, Qwen3's per-head q/k RMSNorm and explicit head_dim)."""
+RMSNorm, SwiGLU, Qwen2's qkv bias, Qwen3's per-head q/k RMSNorm and explicit head_dim;
+Qwen2.5-VL: the Qwen2 text model with multimodal RoPE, and its vision tower)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ SUPPORTED = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
 }
 
 
@@ -38,6 +40,17 @@ class Moe:
 
 
 @dataclass(frozen=True)
+class Vision:
+    """Qwen2.5-VL's images (models/vision.py): the vision tower's HF config, the token its
+    merged patches replace, and the multimodal RoPE sections (how many of the head's
+    frequencies turn with each token's time, height and width position)."""
+
+    image_token_id: int
+    mrope_section: tuple[int, ...]
+    config: dict[str, Any] = field(compare=False, hash=False)
+
+
+@dataclass(frozen=True)
 class HFArch:
     architecture: str
     vocab_size: int
@@ -55,6 +68,7 @@ class HFArch:
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k
     rope_scaling: Llama3Rope | None = None
     moe: Moe | None = None  # Qwen3-MoE: every layer's MLP is a mixture of experts
+    vision: Vision | None = None  # Qwen2.5-VL: a vision tower and multimodal RoPE
 
 
 def _rope(raw: dict[str, Any], where: str) -> tuple[float, Llama3Rope | None]:
@@ -63,7 +77,7 @@ def _rope(raw: dict[str, Any], where: str) -> tuple[float, Llama3Rope | None]:
     params = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
     rope_type = params.get("rope_type") or params.get("type") or "default"
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-    if rope_type == "default":
+    if rope_type in ("default", "mrope"):  # (mrope: Qwen2.5-VL's, as transformers 4 wrote it)
         return theta, None
     if rope_type != "llama3":
         raise ValueError(
@@ -94,17 +108,29 @@ def _moe(raw: dict[str, Any], where: str) -> Moe:
     )
 
 
+def _vision(top: dict[str, Any], text: dict[str, Any]) -> Vision:
+    rope = {**(text.get("rope_scaling") or {}), **(text.get("rope_parameters") or {})}
+    return Vision(
+        image_token_id=int(top["image_token_id"]),
+        mrope_section=tuple(int(n) for n in rope["mrope_section"]),
+        config=top["vision_config"],
+    )
+
+
 def read_hf_config(model_dir: str | Path) -> HFArch:
     """Parse `<model_dir>/config.json`; ValueError names the file and the field."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise ValueError(f"model.path: no config.json in '{model_dir}'")
-    raw = json.loads(path.read_text())
-    archs = raw.get("architectures") or []
+    top = json.loads(path.read_text())
+    archs = top.get("architectures") or []
     if len(archs) != 1 or archs[0] not in SUPPORTED:
         raise ValueError(
             f"{path}: architecture {archs} is not supported (supported: {', '.join(SUPPORTED)})"
         )
+    family = SUPPORTED[archs[0]]
+    # a vision-language model nests its language model's settings in text_config
+    raw = {**top, **top.get("text_config", {})} if family == "qwen2_5_vl" else top
     if raw.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: hidden_act '{raw['hidden_act']}' is not supported (silu)")
     if raw.get("attention_bias") or raw.get("mlp_bias"):
@@ -116,7 +142,6 @@ def read_hf_config(model_dir: str | Path) -> HFArch:
     try:
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
-        family = SUPPORTED[archs[0]]
         theta, scaling = _rope(raw, str(path))
         return HFArch(
             architecture=archs[0],
@@ -131,10 +156,11 @@ def read_hf_config(model_dir: str | Path) -> HFArch:
             rope_theta=theta,
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=family == "qwen2",
+            qkv_bias=family in ("qwen2", "qwen2_5_vl"),
             qk_norm=family in ("qwen3", "qwen3_moe"),
             rope_scaling=scaling,
             moe=_moe(raw, str(path)) if family == "qwen3_moe" else None,
+            vision=_vision(top, raw) if family == "qwen2_5_vl" else None,
         )
     except KeyError as e:
         raise ValueError(f"{path}: missing field {e.args[0]}") from e

@@ -13,6 +13,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from distflow_mc.models.context import position_mask, unview, view
 from distflow_mc.models.spans import Spans
+from distflow_mc.models.vision import IMAGES
 
 MicroBatch = dict[str, torch.Tensor]
 # forward-only: (micro-batch, model output) -> anything, collected on the last stage.
@@ -38,8 +39,10 @@ def _forward(model: torch.nn.Module, mb: MicroBatch, cp: dist.ProcessGroup | Non
         spans = (mb.get("spans"), mb.get("key_spans"), mb.get("prefixes"))
         mask = position_mask(cp, full, _rows(mb).device, model.config.params_dtype, *spans)
         return model(mb.get("input_ids"), mb["positions"], attention_mask=mask)
-    if "spans" not in mb:
-        return model(mb.get("input_ids"), None, attention_mask=None)
+    if "spans" not in mb:  # (a vision-language model's: images, 3-D positions)
+        images = {k: mb[k] for k in IMAGES if k in mb}
+        positions = mb["mrope_positions"].permute(2, 0, 1) if "mrope_positions" in mb else None
+        return model(mb.get("input_ids"), positions, attention_mask=None, **images)
     spans = Spans.build(mb["spans"], mb["prefixes"])
     return model(mb.get("input_ids"), mb["positions"], attention_mask=spans)
 
@@ -49,8 +52,10 @@ def pad_to(mb: MicroBatch, rows: int, length: int) -> MicroBatch:
     ([b, ...]) to `rows`. Padded rows and tokens carry mask 0 (attention_mask False), so
     they add nothing to any sum the losses take."""
     b, s = _rows(mb).shape[:2]
-    out = {}
+    out = {k: mb[k] for k in IMAGES if k in mb}  # the micro-batch's images, as they are
     for k, v in mb.items():
+        if k in IMAGES:
+            continue
         per_token = v.dim() >= 2 and tuple(v.shape[:2]) == (b, s)
         pad = [0, 0] * (v.dim() - (2 if per_token else 1))  # trailing dims stay
         pad += [0, length - s, 0, rows - b] if per_token else [0, rows - b]
@@ -79,7 +84,7 @@ def schedule_shapes(
     rows = max(b for b, _ in sizes)
     length = _round_up(max(s for _, s in sizes), seq_multiple)
     shaped = [pad_to(mb, rows, length) for mb in microbatches]
-    filler = {k: torch.zeros_like(v) for k, v in shaped[0].items()}
+    filler = {k: torch.zeros_like(v) for k, v in shaped[0].items() if k not in IMAGES}
     return shaped + [filler] * (-len(shaped) % pp)
 
 

@@ -82,7 +82,15 @@ def check_inputs(config: Config) -> dict[str, Tool] | None:
                 f"{key}={path}: no {file} there; a local Hugging Face directory is expected"
                 " (nothing is downloaded)"
             )
-    check_lengths(config, read_hf_config(config.model.path))
+    arch = read_hf_config(config.model.path)
+    if arch.vision is not None:
+        raise ValueError(
+            f"model.path={config.model.path}: {arch.architecture} (vision-language) runs in the"
+            " model layer (models/vision.py: images and multimodal RoPE, equal to"
+            " transformers'), but training it is not wired yet: images in the data, the batch"
+            " and the rollout engines (issue #27)"
+        )
+    check_lengths(config, arch)
     for key, files in (("data.train_files", d.train_files), ("data.val_files", d.val_files)):
         if files:
             check_sources(config.reward, RowSource(files).data_sources(), f"{key} {files}")

@@ -1,0 +1,100 @@
+"""Qwen2.5-VL on megatron (issue #27): the language model is the GPTModel of the text
+config with multimodal RoPE, each token turning the head's frequency sections with its
+time, height and width position (text tokens: the same position in all three); the vision
+tower is transformers' own module, built from the checkpoint's vision config on the first
+pipeline stage, and its merged patches replace the embeddings of the image tokens before
+the first layer. A micro-batch carries its images as `pixel_values` (every image's
+patches, in the order their tokens appear, row by row) and `image_grid_thw` (each image's
+patch grid), and each token's three positions (`mrope_positions`, [b, s, 3]).
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import partial
+
+import torch
+from megatron.core.models.gpt import GPTModel
+
+from distflow_mc.models.hf_config import Vision
+
+IMAGES = ("pixel_values", "image_grid_thw")  # a micro-batch's, not per sample
+
+
+def attach_vision(model: GPTModel, vision: Vision, dtype: torch.dtype) -> None:
+    """The vision tower on the first stage, and its embedding of the images (the stages
+    after it read hidden states: they leave the images aside)."""
+    model.register_forward_pre_hook(partial(_embed, vision.image_token_id), with_kwargs=True)
+    if not model.pre_process:
+        return
+    from transformers import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+        Qwen2_5_VisionTransformerPretrainedModel,
+    )
+
+    config = Qwen2_5_VLVisionConfig(**vision.config)
+    model.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config, dtype=dtype)
+
+
+def _embed(image_token: int, model: GPTModel, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """GPTModel's input embeddings with each image token's replaced by the vision tower's
+    output for it (as `decoder_input`)."""
+    pixels, grid = (kwargs.pop(k, None) for k in IMAGES)
+    if pixels is None or not model.pre_process:
+        return args, kwargs
+    ids = args[0] if args else kwargs["input_ids"]
+    embeddings = model.embedding(input_ids=ids, position_ids=None)  # [s, b, h]
+    dtype = next(model.visual.parameters()).dtype
+    images = model.visual(pixels.to(dtype), grid_thw=grid).pooler_output
+    where = ids == image_token
+    if int(where.sum()) != len(images):
+        raise ValueError(
+            f"a micro-batch has {int(where.sum())} image tokens and its images"
+            f" {len(images)} embeddings (image_grid_thw {grid.tolist()})"
+        )
+    rows = embeddings.transpose(0, 1).masked_scatter(where[..., None], images.to(embeddings.dtype))
+    kwargs["decoder_input"] = rows.transpose(0, 1).contiguous()
+    return args, kwargs
+
+
+def mrope_positions(
+    ids: torch.Tensor, grids: torch.Tensor, image_token: int, merge: int
+) -> torch.Tensor:
+    """[len, 3]: each token's time, height and width positions for a sample's `ids`, as
+    transformers' Qwen2.5-VL computes them: text tokens count on in all three; a run of
+    image tokens is the next image of `grids` ([images, 3]: its patch grid t, h, w), whose
+    tokens take its merged grid's frames, rows and columns from where the text stopped;
+    the text after it goes on from one past the image's larger merged side."""
+    parts, start, images = [], 0, iter(grids.tolist())
+    for image, run in itertools.groupby((ids == image_token).tolist()):
+        n = len(list(run))
+        if not image:
+            parts.append(torch.arange(start, start + n).expand(3, n))
+            start += n
+            continue
+        t, h, w = next(images)
+        axes = (torch.arange(t), torch.arange(h // merge), torch.arange(w // merge))
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij")).reshape(3, -1)
+        if grid.shape[1] != n:
+            raise ValueError(f"an image of grid {[t, h, w]} has {n} image tokens")
+        parts.append(grid + start)
+        start += max(h, w) // merge
+    out = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.int64)
+    return out.T.to(ids.device)
+
+
+def mrope_angles(
+    freqs: torch.Tensor, positions: torch.Tensor, sections: tuple[int, ...]
+) -> torch.Tensor:
+    """Per-token rotary angles [s, b, 1, d] from megatron's per-position ones ([s, 1, 1, d]:
+    position p's in row p, both halves equal) and each token's three positions ([3, b, s]):
+    each frequency from the position of its section's axis."""
+    table = freqs[:, 0]
+    half = freqs.shape[-1] // 2
+    axis = torch.repeat_interleave(
+        torch.arange(len(sections), device=freqs.device),
+        torch.tensor(sections, device=freqs.device),
+        output_size=half,
+    ).repeat(2)
+    t, h, w = (table[p.T] for p in positions)  # [s, b, 1, d]
+    return torch.where(axis == 0, t, torch.where(axis == 1, h, w))

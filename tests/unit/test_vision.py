@@ -1,0 +1,52 @@
+"""Qwen2.5-VL's config and positions (models/hf_config.py, models/vision.py); the model
+against transformers at TP=1, TP=2 and PP=2: tests/dist/test_models.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distflow_mc.models.hf_config import read_hf_config
+from distflow_mc.models.vision import mrope_positions
+from tests.tiny_hf import IMAGE_TOKEN, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def vl(tmp_path_factory):
+    return make_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("vl") / "qwen2_5_vl")
+
+
+def test_the_text_model_comes_from_text_config_and_the_images_from_the_rest(vl):
+    arch = read_hf_config(vl)
+    assert arch.architecture == "Qwen2_5_VLForConditionalGeneration"
+    assert (arch.hidden_size, arch.num_layers, arch.num_kv_heads) == (64, 4, 2)
+    assert arch.qkv_bias and not arch.tie_word_embeddings
+    assert arch.vision.image_token_id == IMAGE_TOKEN and arch.vision.mrope_section == (2, 3, 3)
+    assert arch.vision.config["depth"] == 2
+
+
+def test_positions_of_text_and_images():
+    """Text counts on in all three; a 1 x 4 x 6 patch grid merged 2 x 2 is 2 rows of 3
+    columns from where the text stopped; the text after it goes on past its larger side."""
+    ids = torch.tensor([5, 6, *[IMAGE_TOKEN] * 6, 7])
+    got = mrope_positions(ids, torch.tensor([[1, 4, 6]]), IMAGE_TOKEN, 2)
+    t, h, w = got.T.tolist()
+    assert t == [0, 1, 2, 2, 2, 2, 2, 2, 5]
+    assert h == [0, 1, 2, 2, 2, 3, 3, 3, 5]
+    assert w == [0, 1, 2, 3, 4, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match=r"grid \[1, 4, 4\] has 6 image tokens"):
+        mrope_positions(ids, torch.tensor([[1, 4, 4]]), IMAGE_TOKEN, 2)
+
+
+def test_training_a_vision_language_model_is_refused_by_name_before_any_model(
+    vl, tmp_path, monkeypatch
+):
+    from distflow_mc.config.validate import load_config
+    from distflow_mc.data.tiny import make_task
+    from distflow_mc.stages.inputs import check_inputs
+    from tests.conftest import compose_config
+
+    monkeypatch.setenv("DISTFLOW_DATA_DIR", str(make_task(tmp_path)))
+    config = load_config(compose_config(["experiment=cpu_tiny_grpo", f"model.path={vl}"]))
+    with pytest.raises(ValueError, match=r"model\.path=.*not wired yet.*issue #27"):
+        check_inputs(config)
