@@ -132,3 +132,18 @@ class SwapAfter:
     def apply(self) -> None:
         self.engine.update_weights([list(self.weights.items())])
         self.applied += 1
+
+
+def engine_and_update(model_dir: Path, tok) -> tuple:
+    """The embedded task's tiny model written to `model_dir`, a transformers engine holding
+    its weights, those weights, and the weights moved a little (the next version)."""
+    from distflow_mc.data.tiny import make_model
+    from distflow_mc.rollout.hf_engine import HFEngine
+
+    make_model(model_dir, tok, seed=3)
+    old = load_tensors(model_dir)
+    g = torch.Generator().manual_seed(0)
+    new = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in old.items()}
+    engine = HFEngine(model_dir, tok.pad_token_id, torch.device("cpu"))
+    engine.update_weights([list(old.items())])
+    return engine, old, new

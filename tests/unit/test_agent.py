@@ -272,15 +272,11 @@ def test_real_engine_logprobs_match_a_forward_of_the_trajectory(tmp_path: Path):
     """Turns generated in left-padded batches of different lengths, with tool results
     between: a forward pass over each finished trajectory gives the engine's log-probs at
     every generated token (the sequence is what the engine saw, token for token)."""
-    from distflow_mc.data.tiny import make_model
-    from distflow_mc.rollout.hf_engine import HFEngine
-    from tests.tiny_hf import load_hf, load_tensors
+    from tests.tiny_hf import engine_and_update, load_hf
 
     model_dir = tmp_path / "m"
     tok = make_tokenizer(model_dir, AGENT_TOKENS)
-    make_model(model_dir, tok, seed=3)
-    engine = HFEngine(model_dir, tok.pad_token_id, torch.device("cpu"))
-    engine.update_weights([list(load_tensors(model_dir).items())])
+    engine, _, _ = engine_and_update(model_dir, tok)
     loop = AgentLoop(
         AgentConfig(parser=f"{__name__}.always_lookup", max_turns=3, max_total_tokens=60),
         tok,
@@ -318,18 +314,11 @@ def test_turns_crossing_a_weight_update_keep_each_tokens_behaviour(tmp_path: Pat
     first turn; the turn goes on with them, later turns use them. Each trajectory marks the
     updates before its tokens, and every generated token's log-prob is that of a forward of
     the weights that drew it."""
-    from distflow_mc.data.tiny import make_model
-    from distflow_mc.rollout.hf_engine import HFEngine
-    from tests.tiny_hf import SwapAfter, load_hf, load_tensors
+    from tests.tiny_hf import SwapAfter, engine_and_update, load_hf
 
     model_dir = tmp_path / "m"
     tok = make_tokenizer(model_dir, AGENT_TOKENS)
-    make_model(model_dir, tok, seed=3)
-    old = load_tensors(model_dir)
-    g = torch.Generator().manual_seed(0)
-    new = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in old.items()}
-    engine = HFEngine(model_dir, tok.pad_token_id, torch.device("cpu"))
-    engine.update_weights([list(old.items())])
+    engine, _, new = engine_and_update(model_dir, tok)
     config = AgentConfig(parser=f"{__name__}.always_lookup", max_turns=3, max_total_tokens=80)
     loop = AgentLoop(config, tok, {"lookup": Lookup()})
     params = SamplingParams(n=2, max_new_tokens=6, stop_token_ids=(10, 11, 12), seed=1)

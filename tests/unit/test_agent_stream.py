@@ -135,14 +135,10 @@ def test_single_turns_in_pieces_equal_whole_generations_and_defer_long_ones(tmp_
     each response, its log-probs and finish equal one whole greedy generation of its prompt
     (a piece goes on from its tokens so far); a step takes the groups that finished first,
     the longer ones go into the next step, and every group is taken once."""
-    from distflow_mc.data.tiny import make_model
-    from distflow_mc.rollout.hf_engine import HFEngine
-    from tests.tiny_hf import load_tensors
+    from tests.tiny_hf import engine_and_update
 
     tok = make_tokenizer(tmp_path, AGENT_TOKENS)
-    make_model(tmp_path, tok, seed=3)
-    engine = HFEngine(tmp_path, tok.pad_token_id, torch.device("cpu"))
-    engine.update_weights([list(load_tensors(tmp_path).items())])
+    engine, _, _ = engine_and_update(tmp_path, tok)
     chunk, keys = 3, "0123456789"
     batch = prompts(tok, keys, 0)
     rows = [batch.token_slice("input_ids", i).tolist() for i in range(len(batch))]
@@ -182,17 +178,10 @@ def test_weights_arriving_during_a_step_go_in_between_pieces(tmp_path):
     in there; every response's first piece is drawn by version 0 and the rest by version 1,
     each token's log-prob that of a forward of the weights that drew it (the kept cache of
     the old weights is not used for the new)."""
-    from distflow_mc.data.tiny import make_model
-    from distflow_mc.rollout.hf_engine import HFEngine
-    from tests.tiny_hf import SwapAfter, load_hf, load_tensors
+    from tests.tiny_hf import SwapAfter, engine_and_update, load_hf
 
     tok = make_tokenizer(tmp_path, AGENT_TOKENS)
-    make_model(tmp_path, tok, seed=3)
-    old = load_tensors(tmp_path)
-    g = torch.Generator().manual_seed(0)
-    new = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in old.items()}
-    engine = HFEngine(tmp_path, tok.pad_token_id, torch.device("cpu"))
-    engine.update_weights([list(old.items())])
+    engine, _, new = engine_and_update(tmp_path, tok)
     swap = SwapAfter(engine, 2, new)  # pending at the stream's second check
     loop = AgentLoop(AgentConfig(), tok, {})
     s = AgentStream(loop, engine, lambda: swap.applied, False, 3, swap)
