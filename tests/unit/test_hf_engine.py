@@ -248,3 +248,55 @@ def test_kept_rows_go_on_from_their_cache_beside_new_prompts(model_dir):
     assert done == expect
     engine.update_weights([list(load_tensors(model_dir).items())])
     assert engine.kept == {}
+
+
+def test_images_generate_as_transformers_does(tmp_path):
+    """A tiny Qwen2.5-VL: weights synced in checkpoint names (the vision tower's too), then
+    greedy generation of prompts with two images, none and one, n=2 each, left-padded in
+    one batch, equals transformers' own generation of each prompt alone with its images;
+    every token's log-prob equals a forward of the prompt, its images and the response."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from distflow_mc.rollout.engine import Images
+    from tests.tiny_hf import IMAGE_TOKEN
+
+    model_dir = make_tiny_model("qwen2_5_vl", tmp_path / "vl")
+    engine = HFEngine(model_dir, pad_token_id=0, device=torch.device("cpu"))
+    engine.update_weights([list(load_tensors(model_dir).items())])
+    g = torch.Generator().manual_seed(2)
+
+    def image(t: int, h: int, w: int) -> tuple[list[int], torch.Tensor]:
+        return [IMAGE_TOKEN] * (t * h * w // 4), torch.randn(t * h * w, 1176, generator=g)
+
+    (a, pa), (b, pb), (c, pc) = image(1, 4, 4), image(1, 2, 6), image(1, 6, 4)
+    prompts = [[5, 6, 7, *a, 8, 9, *b, 10, 11], [12, 13, 14, 15, 16], [17, *c, 18, 19, 20]]
+    images = [
+        Images(torch.cat([pa, pb]), torch.tensor([[1, 4, 4], [1, 2, 6]])),
+        None,
+        Images(pc, torch.tensor([[1, 6, 4]])),
+    ]
+    params = SamplingParams(n=2, temperature=0, max_new_tokens=6)
+    got = engine.generate(prompts, params, images=images)
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    for i, (prompt, im) in enumerate(zip(prompts, images, strict=True)):
+        ids = torch.tensor([prompt])
+        extra = {"pixel_values": im.pixel_values, "image_grid_thw": im.grid_thw} if im else {}
+        kinds = (ids == IMAGE_TOKEN).int()
+        ref = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            mm_token_type_ids=kinds,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+            **extra,
+        )[0, len(prompt) :]
+        for r in (2 * i, 2 * i + 1):
+            assert got.response_ids[r].tolist() == ref.tolist(), (i, r)
+        full = torch.tensor([prompt + ref.tolist()])
+        with torch.no_grad():
+            logits = hf(full, mm_token_type_ids=(full == IMAGE_TOKEN).int(), **extra).logits[
+                0, len(prompt) - 1 : -1
+            ]
+        want = torch.log_softmax(logits, -1).gather(-1, ref[:, None])[:, 0]
+        torch.testing.assert_close(got.logprobs[2 * i], want, atol=2e-5, rtol=0)

@@ -22,6 +22,16 @@ class SamplingParams:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class Images:
+    """A prompt's images as its model's processor makes them: every patch of every image,
+    in the order of their tokens ([patches, channels x frames x patch pixels]), and each
+    image's patch grid ([images, 3]: frames, rows, columns)."""
+
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+
+
 @dataclass
 class Generation:
     """Per sample (prompt i's samples at [i*n, (i+1)*n)): response tokens (a stop token

@@ -4,7 +4,9 @@ All prompts of the rank (n samples each) decode together in one left-padded batc
 KV cache (transformers' `generate`); log-probs come from the raw logits of each step. With
 `keep` (rollout.stream_chunk's pieces), the keys and values of the rows a call cuts at its
 token limit wait for the next call: a row that comes back as its prompt and response goes
-on from them, not encoded again (what SGLang's prefix cache does for it).
+on from them, not encoded again (what SGLang's prefix cache does for it). A vision-language
+checkpoint (Qwen2.5-VL) generates with its prompts' images: they are encoded with the
+prompt, once for its n samples, each token at its three positions (models/vision.py).
 """
 
 from __future__ import annotations
@@ -18,21 +20,26 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     DynamicCache,
     GenerationConfig,
     StoppingCriteria,
     StoppingCriteriaList,
 )
 
-from distflow_mc.rollout.engine import Bucket, Generation, SamplingParams
+from distflow_mc.models.vision import mrope_positions
+from distflow_mc.rollout.engine import Bucket, Generation, Images, SamplingParams
 
 _EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 
 
 def _target(params: dict[str, torch.Tensor], name: str) -> tuple[str, Any]:
-    """The parameter (name, index into it) that HF checkpoint tensor `name` fills."""
-    if name in params:
-        return name, slice(None)
+    """The parameter (name, index into it) that HF checkpoint tensor `name` fills (a
+    vision-language model keeps its text model under model.language_model and its vision
+    tower under model.visual, transformers 5's placement of the checkpoint's names)."""
+    for candidate in (name, re.sub(r"^model\.", "model.language_model.", name), f"model.{name}"):
+        if candidate in params:
+            return candidate, slice(None)
     match = _EXPERT.fullmatch(name)
     if match and f"{match[1]}.gate_up_proj" in params:  # [E, 2I, h]: gate rows, then up
         e, fused = int(match[2]), f"{match[1]}.gate_up_proj"
@@ -75,7 +82,9 @@ class HFEngine:
         """The architecture comes from `model_dir`'s config.json; the weights arrive through
         `update_weights` (from the actor), like every later update."""
         config = AutoConfig.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+        self.vision = getattr(config, "vision_config", None)
+        auto = AutoModelForImageTextToText if self.vision is not None else AutoModelForCausalLM
+        self.model = auto.from_config(config, dtype=dtype).to(device).eval()
         self.device, self.pad = device, pad_token_id
         self.loaded: set[str] = set()
         self.adopted: set[str] = set()  # parameters that are a tensor given to update_weights
@@ -127,10 +136,12 @@ class HFEngine:
         params: SamplingParams,
         interrupt: Interrupt | None = None,
         keep: bool = False,
+        images: Sequence[Images | None] | None = None,
     ) -> Generation:
         """Responses and log-probs stay on the engine's device (the batch's from here on).
         Rows the call before cut with `keep` go on from their keys and values; with `keep`
-        the rows this call cuts at `params.max_new_tokens` are kept for the next.
+        the rows this call cuts at `params.max_new_tokens` are kept for the next. A
+        vision-language model takes each prompt's `images` (None: a text-only prompt).
 
         With `interrupt` (rollout.partial), generation stops at the token boundary after
         `interrupt.pending()` turns true, `interrupt.apply()` puts new weights in, and the
@@ -142,7 +153,16 @@ class HFEngine:
         self.wake()
         kept, self.kept = self.kept, {}
         ids, mask = self._left_padded(prompts)  # each prompt once, then its n rows
-        cache = self._prefill(prompts, ids, mask, params.n, kept)
+        if self.vision is not None:
+            if keep or interrupt is not None:
+                raise ValueError(
+                    "a vision-language engine does not keep rows or take weights mid-call yet"
+                )
+            cache = self._prefill_images(prompts, ids, mask, params.n, images)
+        elif images is not None:
+            raise ValueError("images given to an engine whose model has no vision tower")
+        else:
+            cache = self._prefill(prompts, ids, mask, params.n, kept)
         ids, mask = ids.repeat_interleave(params.n, 0), mask.repeat_interleave(params.n, 0)
         index = [r // params.n for r in range(len(ids))]
         cut = _Cut(interrupt)
@@ -290,6 +310,55 @@ class HFEngine:
                     values[i, :, width - v.shape[1] :] = v
             layers.append((keys.repeat_interleave(n, 0), values.repeat_interleave(n, 0)))
         return DynamicCache(layers, config=self.model.config)
+
+    def _prefill_images(
+        self,
+        prompts: Sequence[Sequence[int]],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        n: int,
+        images: Sequence[Images | None] | None,
+    ) -> DynamicCache | None:
+        """A vision-language model's prompts, each with its images, encoded once for their
+        n samples but their last token, every token at its three positions (text: one in
+        all three; images: frame, row and column of their merged grid); the positions the
+        generation then gives (the mask's count) are moved on by each prompt's delta, as
+        transformers moves them after its own prefill."""
+        config = self.model.config
+        token, merge = config.image_token_id, self.vision.spatial_merge_size
+        given = list(images) if images is not None else [None] * len(prompts)
+        none = torch.zeros(0, 3, dtype=torch.int64)
+        grids = [im.grid_thw.cpu() if im is not None else none for im in given]
+        positions = torch.zeros(3, *ids.shape, dtype=torch.int64)
+        deltas = []
+        for r, (p, grid) in enumerate(zip(prompts, grids, strict=True)):
+            pos = mrope_positions(torch.tensor(p), grid, token, merge)
+            positions[:, r, ids.shape[1] - len(p) :] = pos.T
+            deltas.append(int(pos.max()) + 1 - len(p))
+        # (per generated row: a prompt's n rows follow it)
+        rows = torch.tensor(deltas, device=ids.device).repeat_interleave(n)[:, None]
+        self.model.model.rope_deltas = rows
+        if ids.shape[1] < 2:
+            return None
+        pictures = [im for im in given if im is not None]
+        extra = (
+            {
+                "pixel_values": torch.cat([im.pixel_values for im in pictures]).to(self.device),
+                "image_grid_thw": torch.cat(grids).to(self.device),
+            }
+            if pictures
+            else {}
+        )
+        cache = DynamicCache(config=config)
+        self.model(
+            input_ids=ids[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=positions[:, :, :-1].to(self.device),
+            cache=cache,
+            **extra,
+        )
+        cache.batch_repeat_interleave(n)
+        return cache
 
     def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> DynamicCache:
         """The keys and values of left-padded rows, positions as generation makes them."""
