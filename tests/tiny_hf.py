@@ -85,15 +85,17 @@ def vl_config(**overrides) -> Qwen2_5_VLConfig:
         fullatt_block_indexes=[1],
     )
     text = {**SIZES, "rope_parameters": rope, "bos_token_id": 1, "eos_token_id": 2}
+    tokens = {
+        "image_token_id": IMAGE_TOKEN,
+        "video_token_id": IMAGE_TOKEN + 1,
+        "vision_start_token_id": IMAGE_TOKEN + 2,
+        "vision_end_token_id": IMAGE_TOKEN + 3,
+    }
     return Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision,
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=IMAGE_TOKEN + 1,
-        vision_start_token_id=IMAGE_TOKEN + 2,
-        vision_end_token_id=IMAGE_TOKEN + 3,
         tie_word_embeddings=False,
-        **overrides,
+        **{**tokens, **overrides},
     )
 
 

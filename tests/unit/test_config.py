@@ -135,6 +135,7 @@ def test_misspelled_workflow_field_names_it(tmp_path: Path):
         ("+rollout.agent.tool_timeouts.python=0", "rollout.agent.tool_timeouts.python"),
         ("reward.max_failing_steps=0", "reward.max_failing_steps"),
         ("data.max_empty_steps=0", "data.max_empty_steps"),
+        ("data.max_image_pixels=0", "data.max_image_pixels"),
         ("algo.tis_cap=0", "algo.tis_cap"),
         ("algo.mis_high=-1", "algo.mis_high"),
         ("algo.mis_low=0.5", "algo.mis_low"),  # no upper bound on the weights

@@ -225,6 +225,8 @@ class DataConfig:
     on_overlong: OnBadRow = OnBadRow.SKIP  # prompts longer than max_prompt_length
     prefetch: bool = True  # read and tokenize the next batch while the step runs
     max_empty_steps: int = 3  # stop after this many steps in a row with no usable sample
+    # vision-language rows: an image of more pixels is a malformed row (before any resize)
+    max_image_pixels: int = 4096 * 4096
 
 
 @dataclass

@@ -199,6 +199,7 @@ def _trainer_and_data(
         *_check(reward.timeout_s > 0, "reward.timeout_s", "must be > 0"),
         *_check(reward.max_failing_steps >= 1, "reward.max_failing_steps", "must be >= 1"),
         *_check(d.max_empty_steps >= 1, "data.max_empty_steps", "must be >= 1"),
+        *_check(d.max_image_pixels >= 1, "data.max_image_pixels", "must be >= 1"),
         *_check(math.isfinite(reward.error_score), "reward.error_score", "must be finite"),
         *_check(model.router_aux_loss_coef >= 0, "model.router_aux_loss_coef", "must be >= 0"),
         *_check(t.total_steps >= 0, "trainer.total_steps", "must be >= 0"),

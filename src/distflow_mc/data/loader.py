@@ -23,6 +23,8 @@ from distflow_mc.agent.tools import Tool, schema
 from distflow_mc.config.schema import DataConfig, OnBadRow
 from distflow_mc.data.batch import Batch
 from distflow_mc.data.dataset import MalformedRow, PromptRow, RowSource, validate_row
+from distflow_mc.data.images import ImageInputs
+from distflow_mc.rollout.engine import Images
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +70,14 @@ class PromptLoader:
         seed: int,
         state: LoaderState | None = None,
         tools: dict[str, Tool] | None = None,
+        images: ImageInputs | None = None,
     ) -> None:
         """`tools`: agent rollouts' tools; a row's `tools` column may offer some of them
-        (all when it has none), and the prompt renders their schemas."""
+        (all when it has none), and the prompt renders their schemas. `images`: a
+        vision-language model's; each prompt then has its images (data/images.py), or
+        None."""
         self.config, self.tokenizer, self.seed = config, tokenizer, seed
-        self.tools = tools
+        self.tools, self.images = tools, images
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.source = RowSource(config.train_files)
         if config.batch_size % dp_size:
@@ -115,7 +120,7 @@ class PromptLoader:
         """This rank's prompts of the step at `state` (the state does not move)."""
         uids = self.uids_for(state)
         rows = [uid % len(self.source) for uid in uids]
-        ids, kept, skipped = [], [], {"malformed": 0, "overlong": 0}
+        ids, kept, pictures, skipped = [], [], [], {"malformed": 0, "overlong": 0}
         for uid, index, raw in zip(uids, rows, self.source.read(rows), strict=True):
             got = self._encode(index, raw, warn=True)
             if isinstance(got, str):
@@ -123,18 +128,25 @@ class PromptLoader:
                 continue
             ids.append(torch.tensor(got[0], dtype=torch.int64, device="cpu"))
             kept.append((uid, got[1]))
-        return PromptBatch(self._to_batch(ids, kept), skipped["malformed"], skipped["overlong"])
+            pictures.append(got[2])
+        batch = self._to_batch(ids, kept)
+        if self.images is not None:
+            batch.objects["images"] = pictures
+        return PromptBatch(batch, skipped["malformed"], skipped["overlong"])
 
     def _encode(
         self, index: int, raw: dict[str, Any], warn: bool
-    ) -> tuple[list[int], PromptRow] | str:
-        """A row's prompt tokens and fields, or why it is skipped ("malformed",
+    ) -> tuple[list[int], PromptRow, Images | None] | str:
+        """A row's prompt tokens, fields and images, or why it is skipped ("malformed",
         "overlong"); raises where data.on_malformed / data.on_overlong say ERROR."""
         path, row = self.source.locate(index)
         where = f"{path} row {row}"
+        pictures = None
         try:
             parsed = validate_row(raw, where)
             schemas = self._schemas(parsed, where)
+            if self.images is not None:
+                parsed, pictures = self.images.take(parsed, where)
         except MalformedRow as e:
             if self.config.on_malformed is OnBadRow.ERROR:
                 raise
@@ -149,7 +161,7 @@ class PromptLoader:
                     f"{self.config.max_prompt_length}"
                 )
             return "overlong"
-        return tokens, parsed
+        return tokens, parsed, pictures
 
     def check_usable(self, key: str, probe: int = 32) -> None:
         """At start-up, on every rank alike: each file has a usable row among `probe` rows
