@@ -36,17 +36,3 @@ def test_positions_of_text_and_images():
     assert w == [0, 1, 2, 3, 4, 2, 3, 4, 5]
     with pytest.raises(ValueError, match=r"grid \[1, 4, 4\] has 6 image tokens"):
         mrope_positions(ids, torch.tensor([[1, 4, 4]]), IMAGE_TOKEN, 2)
-
-
-def test_training_a_vision_language_model_is_refused_by_name_before_any_model(
-    vl, tmp_path, monkeypatch
-):
-    from distflow_mc.config.validate import load_config
-    from distflow_mc.data.tiny import make_task
-    from distflow_mc.stages.inputs import check_inputs
-    from tests.conftest import compose_config
-
-    monkeypatch.setenv("DISTFLOW_DATA_DIR", str(make_task(tmp_path)))
-    config = load_config(compose_config(["experiment=cpu_tiny_grpo", f"model.path={vl}"]))
-    with pytest.raises(ValueError, match=r"model\.path=.*not wired yet.*issue #27"):
-        check_inputs(config)

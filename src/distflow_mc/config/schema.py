@@ -117,6 +117,9 @@ class ModelConfig:
     embedded_task: bool = False  # the built-in CPU task: made locally on first use
     # MoE models: weight of megatron's router load-balancing loss (0: off, as RL recipes do)
     router_aux_loss_coef: float = 0.0
+    # vision-language models: the vision tower stays as loaded (most recipes); false: it
+    # trains with the rest (gradients all-reduced over DP, replicated over TP)
+    freeze_vision: bool = True
 
 
 @dataclass

@@ -135,6 +135,91 @@ def make_model(model_dir: Path, tok: PreTrainedTokenizerFast, seed: int) -> None
     LlamaForCausalLM(config).save_pretrained(model_dir)
 
 
+# The vision-language task: an image of one of ten colours, and the answer is the digit of
+# its colour, which only the image says. A Qwen2.5-VL-architecture model (its vision tower
+# merging 2 x 2 patches of 14 pixels) with the character tokenizer and Qwen's image tokens.
+VL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+COLORS = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (128, 128, 128), (0, 0, 0),
+)  # fmt: skip
+
+
+def make_vl_model(model_dir: Path, seed: int) -> None:
+    """Tokenizer, image processor (PIL backend) and a tiny random Qwen2.5-VL."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    tok = make_tokenizer(model_dir, VL_TOKENS)
+    start, end, image, video = tok.convert_tokens_to_ids(list(VL_TOKENS))
+    Qwen2VLImageProcessorPil(
+        min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2
+    ).save_pretrained(model_dir)
+    torch.manual_seed(seed)
+    text = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        depth=1,
+        hidden_size=32,
+        num_heads=2,
+        intermediate_size=64,
+        out_hidden_size=64,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=56,
+        fullatt_block_indexes=[0],
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=image,
+        video_token_id=video,
+        vision_start_token_id=start,
+        vision_end_token_id=end,
+        tie_word_embeddings=False,
+    )
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(model_dir)
+
+
+def make_vl_dataset(path: str | Path, rows: int, seed: int) -> None:
+    """'<image> digit?' (chat messages) with a 28 x 56 image of the digit's colour,
+    data_source tiny_copy, ground truth the digit."""
+    import io
+
+    from PIL import Image
+
+    rng = random.Random(seed)
+    table = []
+    for i in range(rows):
+        digit = rng.randrange(10)
+        png = io.BytesIO()
+        Image.new("RGB", (56, 28), COLORS[digit]).save(png, format="PNG")
+        table.append(
+            {
+                "prompt": [{"role": "user", "content": "<image> digit?"}],
+                "images": [{"bytes": png.getvalue(), "path": None}],
+                "data_source": "tiny_copy",
+                "reward_model": {"ground_truth": str(digit)},
+                "extra_info": {"index": i},
+            }
+        )
+    pq.write_table(pa.Table.from_pylist(table), path, row_group_size=256)
+
+
 # The agent task: the answer to "key: 3" is a secret only the `lookup` tool knows. The
 # tokenizer has each key's whole call as one token (as a BPE trained on tool-call data
 # would merge such frequent text), so a tiny random model can find the call; the turn ends

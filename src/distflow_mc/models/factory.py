@@ -20,10 +20,11 @@ def load_model(
     value_head: bool = False,
     router_aux_loss_coef: float = 0.0,
     recompute: bool = False,
+    freeze_vision: bool = True,
 ) -> tuple[HFArch, list[MegatronModule]]:
     """This rank's chunks with HF weights; a critic's value head is freshly initialised."""
     arch = read_hf_config(model_dir)
-    chunks = build_gpt(arch, mp, dtype, value_head, router_aux_loss_coef, recompute)
+    chunks = build_gpt(arch, mp, dtype, value_head, router_aux_loss_coef, recompute, freeze_vision)
     load_hf_weights(chunks, model_dir, arch, mp)
     return arch, chunks
 

@@ -203,10 +203,11 @@ def build_gpt(
     value_head: bool = False,
     router_aux_loss_coef: float = 0.0,
     recompute: bool = False,
+    freeze_vision: bool = True,
 ) -> list[MegatronModule]:
     """This rank's model chunks (one, or vpp with virtual pipeline stages). With
     `value_head`, the output layer is a scalar head (critic) and embeddings are untied;
-    `recompute`: trainer.recompute."""
+    `recompute`: trainer.recompute; `freeze_vision`: model.freeze_vision."""
     check_divisibility(arch, mp)
     config = transformer_config(arch, mp, dtype, router_aux_loss_coef, recompute)
     chunks = []
@@ -230,7 +231,7 @@ def build_gpt(
             rope.inv_freq = llama3_inv_freq(rope.inv_freq, arch.rope_scaling)
         packed_rope(model, arch.vision.mrope_section if arch.vision else None)
         if arch.vision is not None:
-            attach_vision(model, arch.vision, dtype)
+            attach_vision(model, arch.vision, dtype, freeze_vision)
         model.rotary_pos_emb.cp_group = None  # whole rows' angles: views pass positions
         if value_head and model.post_process:
             model.output_layer = ValueHead(arch.hidden_size, dtype, mp.sequence_parallel)

@@ -164,3 +164,13 @@ def read_hf_config(model_dir: str | Path) -> HFArch:
         )
     except KeyError as e:
         raise ValueError(f"{path}: missing field {e.args[0]}") from e
+
+
+def has_vision(model_dir: str | Path) -> bool:
+    """Whether `model_dir` holds a vision-language model (its batches carry images); False
+    where it has no config.json (yet: the embedded task is made later)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return False
+    archs = json.loads(path.read_text()).get("architectures") or []
+    return len(archs) == 1 and SUPPORTED.get(archs[0]) == "qwen2_5_vl"

@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import itertools
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
-from megatron.core.models.gpt import GPTModel
 
 from distflow_mc.models.hf_config import Vision
+from distflow_mc.rollout.engine import Images
+
+if TYPE_CHECKING:  # (the engines use the positions without megatron)
+    from megatron.core.models.gpt import GPTModel
 
 IMAGES = ("pixel_values", "image_grid_thw")  # a micro-batch's, not per sample
 
 
-def attach_vision(model: GPTModel, vision: Vision, dtype: torch.dtype) -> None:
-    """The vision tower on the first stage, and its embedding of the images (the stages
-    after it read hidden states: they leave the images aside)."""
+def attach_vision(model: GPTModel, vision: Vision, dtype: torch.dtype, frozen: bool) -> None:
+    """The vision tower on the first stage (`frozen`: it does not train, model.freeze_vision),
+    and its embedding of the images (the stages after it read hidden states: they leave
+    the images aside)."""
     model.register_forward_pre_hook(partial(_embed, vision.image_token_id), with_kwargs=True)
     if not model.pre_process:
         return
@@ -34,6 +39,7 @@ def attach_vision(model: GPTModel, vision: Vision, dtype: torch.dtype) -> None:
 
     config = Qwen2_5_VLVisionConfig(**vision.config)
     model.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config, dtype=dtype)
+    model.visual.requires_grad_(not frozen)
 
 
 def _embed(image_token: int, model: GPTModel, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -44,8 +50,8 @@ def _embed(image_token: int, model: GPTModel, args: tuple, kwargs: dict) -> tupl
         return args, kwargs
     ids = args[0] if args else kwargs["input_ids"]
     embeddings = model.embedding(input_ids=ids, position_ids=None)  # [s, b, h]
-    dtype = next(model.visual.parameters()).dtype
-    images = model.visual(pixels.to(dtype), grid_thw=grid).pooler_output
+    dtype, device = next(model.visual.parameters()).dtype, embeddings.device
+    images = model.visual(pixels.to(device, dtype), grid_thw=grid.to(device)).pooler_output
     where = ids == image_token
     if int(where.sum()) != len(images):
         raise ValueError(
@@ -55,6 +61,18 @@ def _embed(image_token: int, model: GPTModel, args: tuple, kwargs: dict) -> tupl
     rows = embeddings.transpose(0, 1).masked_scatter(where[..., None], images.to(embeddings.dtype))
     kwargs["decoder_input"] = rows.transpose(0, 1).contiguous()
     return args, kwargs
+
+
+def microbatch_images(images: list[Images | None]) -> dict[str, torch.Tensor]:
+    """A micro-batch's images (its samples' in the order its rows hold them: the order of
+    their image tokens), as the model takes them; none for text-only samples."""
+    given = [im for im in images if im is not None]
+    if not given:
+        return {}
+    return {
+        "pixel_values": torch.cat([im.pixel_values for im in given]),
+        "image_grid_thw": torch.cat([im.grid_thw for im in given]),
+    }
 
 
 def mrope_positions(

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from distflow_mc.config.schema import AdvEstimator, AlgoConfig, Config, Placement, SharedPrefix
 from distflow_mc.dag import Fields, NodeType, Plan, PlannedNode, Role
+from distflow_mc.models.hf_config import has_vision
 from distflow_mc.parallel.layout import Layouts, Move, movement
 
 MODEL_INPUTS = frozenset({"input_ids"})  # what a pipeline's first stage reads: it embeds them
@@ -36,7 +37,8 @@ def node_fields(config: Config) -> Callable[[PlannedNode], Fields | None]:
     gae = a.adv_estimator is AdvEstimator.GAE
     f = Fields
     rows = row_layout(config)  # what the model nodes' micro-batches are laid out by
-    model = TOKENS | rows
+    images = vision_fields(config)
+    model = TOKENS | rows | images
     actor_reads = model | {"advantages"}
     # on-policy, the loss measures the rollout gap itself; else the old-log-prob pass does
     actor_reads |= {"rollout_logprobs"} if on_policy(a) else {"old_logprobs"}
@@ -46,7 +48,7 @@ def node_fields(config: Config) -> Callable[[PlannedNode], Fields | None]:
     advantage_reads |= {"old_logprobs", "ref_logprobs"} if kl and a.kl_in_reward else set()
     table = {
         (Role.ROLLOUT, NodeType.MODEL_INFERENCE): f(
-            frozenset(), TOKENS | {"rollout_logprobs", "prompt_length"}
+            frozenset(), TOKENS | {"rollout_logprobs", "prompt_length"} | images
         ),
         (Role.REWARD, NodeType.COMPUTE): f(TOKENS, frozenset({"reward"})),
         (Role.REFERENCE, NodeType.MODEL_INFERENCE): f(
@@ -80,7 +82,14 @@ def stage_reads(plan: Plan, config: Config, pp: int) -> tuple[frozenset[str] | N
     if pp == 1 or any(fields(n) is None for n in plan.nodes):
         return None
     rows = row_layout(config)  # every stage lays its micro-batches out alike
-    return (MODEL_INPUTS | rows, *[rows] * (pp - 2), None)
+    rows |= vision_fields(config) - {"images"}  # every stage turns by the 3-D positions
+    return (MODEL_INPUTS | rows | vision_fields(config), *[rows] * (pp - 2), None)
+
+
+def vision_fields(config: Config) -> frozenset[str]:
+    """A vision-language model's: each prompt's images (the first stage embeds them) and
+    each token's three positions (every stage's rotary embedding reads them)."""
+    return frozenset({"images", "mrope_positions"} if has_vision(config.model.path) else ())
 
 
 def row_layout(config: Config) -> frozenset[str]:

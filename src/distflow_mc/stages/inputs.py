@@ -14,11 +14,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from distflow_mc.agent.loop import AgentLoop
 from distflow_mc.agent.parser import get_parser
 from distflow_mc.agent.tools import Tool, load_tools
-from distflow_mc.config.schema import Config
+from distflow_mc.config.schema import Config, Engine, Placement, SharedPrefix
 from distflow_mc.data.dataset import RowSource
+from distflow_mc.data.images import ImageInputs
 from distflow_mc.data.loader import PromptLoader
 from distflow_mc.data.tiny import ensure_task
-from distflow_mc.models.hf_config import HFArch, read_hf_config
+from distflow_mc.models.gpt import use_transformer_engine
+from distflow_mc.models.hf_config import HFArch, has_vision, read_hf_config
 from distflow_mc.parallel.layout import Layouts
 from distflow_mc.rewards.compute import check_sources
 
@@ -57,10 +59,12 @@ def loaders(
     stops every rank before any model is built."""
     rolls = rank in layouts.rollout.ranks  # else a train rank under SEPARATE: it checks only
     dp, size = layouts.rollout.coords(rank)["dp"] if rolls else 0, layouts.rollout.dp
-    built = [PromptLoader(config.data, tokenizer, dp, size, config.trainer.seed, tools=tools)]
+    d, path = config.data, config.model.path
+    images = ImageInputs.of(path, tokenizer, d.max_image_pixels) if has_vision(path) else None
+    built = [PromptLoader(d, tokenizer, dp, size, config.trainer.seed, tools=tools, images=images)]
     built[0].check_usable("data.train_files")
     if config.trainer.val_every and config.data.val_files:
-        built.append(validation_loader(config, tokenizer, dp, size, tools))
+        built.append(validation_loader(config, tokenizer, dp, size, tools, images))
         built[1].check_usable("data.val_files")
     if rank not in layouts.rollout.emitters():
         return None, None
@@ -84,12 +88,7 @@ def check_inputs(config: Config) -> dict[str, Tool] | None:
             )
     arch = read_hf_config(config.model.path)
     if arch.vision is not None:
-        raise ValueError(
-            f"model.path={config.model.path}: {arch.architecture} (vision-language) runs in the"
-            " model layer (models/vision.py: images and multimodal RoPE, equal to"
-            " transformers'), but training it is not wired yet: images in the data, the batch"
-            " and the rollout engines (issue #27)"
-        )
+        check_vision(config)
     check_lengths(config, arch)
     for key, files in (("data.train_files", d.train_files), ("data.val_files", d.val_files)):
         if files:
@@ -106,6 +105,36 @@ def check_inputs(config: Config) -> dict[str, Tool] | None:
             f" ({', '.join(tools)})"
         )
     return tools
+
+
+def check_vision(config: Config) -> None:
+    """What a vision-language model (Qwen2.5-VL) runs with so far: the rest refused by
+    name, before any model is built."""
+    c, t = config, config.trainer
+    # (pixel values do not travel in the redistribution yet: the batch must stay where the
+    # rollout made it, a data-parallel train layout over the same ranks)
+    moves = "> 1 (the batch would move to the train layout, and images do not travel yet)"
+    refused = [
+        (c.parallel.tp > 1, "parallel.tp", moves),
+        (c.parallel.pp > 1, "parallel.pp", moves),
+        (c.rollout.tp > 1, "rollout.tp", moves),
+        (c.rollout.placement is Placement.SEPARATE, "rollout.placement", "=SEPARATE"),
+        (c.parallel.cp > 1, "parallel.cp", "> 1 (each CP rank would need its chunks' images)"),
+        (c.parallel.sequence_parallel, "parallel.sequence_parallel", "=true"),
+        (t.sequence_packing, "trainer.sequence_packing", "=true"),
+        (t.shared_prefix is SharedPrefix.ALWAYS, "trainer.shared_prefix", "=ALWAYS"),
+        (bool(c.rollout.agent.tools), "rollout.agent.tools", "(agent rollouts)"),
+        (c.rollout.stream, "rollout.stream", "=true"),
+        (c.rollout.partial, "rollout.partial", "=true"),
+        (c.rollout.engine is Engine.SGLANG, "rollout.engine", "=SGLANG"),
+        (use_transformer_engine(), "model.path", "on TransformerEngine's layer spec"),
+    ]
+    for bad, key, what in refused:
+        if bad:
+            raise ValueError(
+                f"{key}{what} is not built for vision-language models yet (model.path="
+                f"{c.model.path}; issue #27)"
+            )
 
 
 def check_lengths(config: Config, arch: HFArch) -> None:
@@ -147,6 +176,7 @@ def validation_loader(
     dp_rank: int,
     dp_size: int,
     tools: dict[str, Tool] | None = None,
+    images: ImageInputs | None = None,
 ) -> PromptLoader:
     """The whole held-out set as one step, in file order, split over the rollout ranks."""
     rows = RowSource(config.data.val_files).num_rows
@@ -157,4 +187,5 @@ def validation_loader(
         shuffle=False,
         prefetch=False,
     )
-    return PromptLoader(val, tokenizer, dp_rank, dp_size, config.trainer.seed, tools=tools)
+    seed = config.trainer.seed
+    return PromptLoader(val, tokenizer, dp_rank, dp_size, seed, tools=tools, images=images)

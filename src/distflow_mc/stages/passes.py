@@ -21,6 +21,7 @@ from distflow_mc.data.microbatch import (
 from distflow_mc.models.gpt import use_transformer_engine
 from distflow_mc.models.logprobs import vocab_parallel_logprobs
 from distflow_mc.models.schedule import run_microbatches
+from distflow_mc.models.vision import microbatch_images
 from distflow_mc.observability.metrics import Metrics
 from distflow_mc.rollout.guard import logprob_gap
 from distflow_mc.stages.workers import Workers
@@ -43,7 +44,7 @@ def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict],
     # load-balancing loss (it counts the tokens it routes: a shared prompt once), and where
     # spans run (not under activation recomputation, which saves tensors only)
     auto = not use_transformer_engine() and w.config.model.router_aux_loss_coef == 0
-    auto &= t.recompute is Recompute.NONE
+    auto &= t.recompute is Recompute.NONE and "images" not in batch.objects
     shared = t.shared_prefix is SharedPrefix.ALWAYS or (
         t.shared_prefix is SharedPrefix.AUTO and auto
     )
@@ -59,7 +60,11 @@ def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict],
     pad = w.tokenizer.pad_token_id
     built = [packed_microbatch(batch, [[items[k] for k in rows[r]] for r in g], pad) for g in parts]
     samples = [[i for r in g for k in rows[r] for i in items[k].samples] for g in parts]
-    return samples, [mb for mb, _ in built], [places for _, places in built]
+    mbs = [mb for mb, _ in built]
+    if "images" in batch.objects:  # (a first pipeline stage's: it embeds them)
+        for mb, part in zip(mbs, samples, strict=True):
+            mb.update(microbatch_images([batch.objects["images"][i] for i in part]))
+    return samples, mbs, [places for _, places in built]
 
 
 # trainer.shared_prefix=AUTO shares prompts when that saves at least this share of the

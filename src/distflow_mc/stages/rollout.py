@@ -9,6 +9,7 @@ from distflow_mc.agent.loop import Trajectory, row_tools
 from distflow_mc.algos.dapo import informative_groups, overlong_penalty
 from distflow_mc.data.batch import Batch
 from distflow_mc.data.loader import PromptBatch
+from distflow_mc.models.vision import mrope_positions
 from distflow_mc.observability.metrics import Metrics
 from distflow_mc.rollout.engine import Generation, SamplingParams
 from distflow_mc.rollout.hf_engine import Interrupt
@@ -125,6 +126,7 @@ TOKEN_FIELDS = {
     "rollout_logprobs": torch.float32,
 }
 PROMPT_OBJECTS = ("data_source", "ground_truth", "extra_info", "extra")  # from the loader
+IMAGES = ("images",)  # a vision-language model's prompts' (data/images.py)
 
 
 def rollouts(
@@ -140,13 +142,15 @@ def rollouts(
     updates before it goes in the `weight_updates` token field."""
     host = [prompts.token_slice("input_ids", i) for i in range(len(prompts))]
     if w.agent is None:
-        if interrupt is None:
-            gen = w.engine.generate([p.tolist() for p in host], params)
-        else:
-            gen = w.engine.generate([p.tolist() for p in host], params, interrupt=interrupt)
+        extra = {"interrupt": interrupt} if interrupt is not None else {}
+        if "images" in prompts.objects:  # a vision-language model's prompts
+            extra["images"] = prompts.objects["images"]
+        gen = w.engine.generate([p.tolist() for p in host], params, **extra)
         batch = _to_batch(gen, host, prompts, params.n, w.ctx.device)
         if w.config.rollout.partial:
             batch.tokens["weight_updates"] = _updates(gen, batch)
+        if "images" in batch.objects:
+            batch.tokens["mrope_positions"] = positions(w, batch)
         return batch
     extras = prompts.objects["extra"]
     offered = [w.agent.offered(row_tools(e)) for e in extras]
@@ -166,7 +170,10 @@ def _to_batch(
     (token-aligned, 0 on prompt tokens), on `device` (the engine's output stays there).
     Packed with one concatenation per field, not one per sample."""
     if not gen.response_ids:
-        return _empty(device, "finish_reason")
+        empty = _empty(device, "finish_reason", *(k for k in IMAGES if k in prompts.objects))
+        if "images" in prompts.objects:
+            empty.tokens["mrope_positions"] = torch.empty(0, 3, dtype=torch.int64, device=device)
+        return empty
     ids = [p.to(device) for p in prompt_ids]
     pieces = [
         x
@@ -241,11 +248,30 @@ def _with_samples(
     index = torch.tensor(prompt_index, dtype=torch.int64, device=device)
     prompt_uid = prompts.samples["uid"].to(device)[index]
     sample = torch.arange(len(index), device=device) % n
-    objects = {k: [prompts.objects[k][p] for p in prompt_index] for k in PROMPT_OBJECTS}
+    carried = [*PROMPT_OBJECTS, *(k for k in IMAGES if k in prompts.objects)]
+    objects = {k: [prompts.objects[k][p] for p in prompt_index] for k in carried}
     objects["finish_reason"] = finish_reasons
     samples = {"uid": prompt_uid * n + sample, "group": prompt_uid}
     samples["prompt_length"] = prompts.lengths.to(device)[index]  # every sample begins so
     return Batch(offsets, tokens, samples, objects)
+
+
+def positions(w: Workers, batch: Batch) -> torch.Tensor:
+    """Each token's three positions (time, height, width) for a vision-language model's
+    samples: [tokens, 3], as models/vision.py computes them for its prompt's images."""
+    vision = w.arch.vision
+    merge = vision.config.get("spatial_merge_size", 2)
+    none = torch.zeros(0, 3, dtype=torch.int64)
+    parts = [
+        mrope_positions(
+            batch.token_slice("input_ids", i).cpu(),
+            images.grid_thw.cpu() if images is not None else none,
+            vision.image_token_id,
+            merge,
+        )
+        for i, images in enumerate(batch.objects["images"])
+    ]
+    return torch.cat(parts).to(batch.offsets.device)
 
 
 def _agent_metrics(done: list[Trajectory], m: Metrics) -> None:

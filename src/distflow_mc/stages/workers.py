@@ -184,12 +184,13 @@ def _models(
     aux = config.model.router_aux_loss_coef
     steps = t.total_steps * a.ppo_epochs * a.mini_batches
     recompute = t.recompute is Recompute.FULL
-    arch, chunks = load_model(model_dir, mp, dtype, router_aux_loss_coef=aux, recompute=recompute)
+    frozen = config.model.freeze_vision
+    arch, chunks = load_model(model_dir, mp, dtype, False, aux, recompute, frozen)
     actor = TrainableModel(chunks, t.actor_optim, steps, group=mp.group)
     reference = load_reference(model_dir, mp, dtype)[1] if Role.REFERENCE in roles else None
     critic = None
     if Role.CRITIC in roles:
-        _, critic_chunks = load_model(model_dir, mp, dtype, True, aux, recompute)
+        _, critic_chunks = load_model(model_dir, mp, dtype, True, aux, recompute, frozen)
         critic = TrainableModel(critic_chunks, t.critic_optim, steps, group=mp.group)
     return arch, actor, reference, critic
 
