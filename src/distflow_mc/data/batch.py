@@ -1,9 +1,10 @@
 """A batch of variable-length samples without padding waste.
 
 Per-token fields are packed end to end ([total_tokens, ...]) and share one `offsets`
-vector; per-sample tensors are [n, ...]; per-sample non-tensor values (strings, numbers,
-small dicts) are JSON-able objects. Every sample carries `uid` (global, unique) and
-`group` (the prompt it was sampled from); both survive any selection or redistribution.
+vector; per-sample tensors are [n, ...]; per-sample values of any other kind (strings,
+numbers, dicts, a vision-language prompt's images) are objects, pickled when they move.
+Every sample carries `uid` (global, unique) and `group` (the prompt it was sampled from);
+both survive any selection or redistribution.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ in place with one `index_select`; the chunk a rank keeps for itself never travel
 written into its receive buffer; the receiver concatenates each field across senders, a
 view when one sender sent it). FIELDS moves each field in its own all-to-all into its own
 region of one receive buffer, so every field arrives contiguous and stays a view (no
-unpacking copy). Objects (strings, dicts) are JSON-encoded per sample (one C call each,
-so that their sizes ride in the metadata and they need no exchange of their own) and
-decoded once per batch.
+unpacking copy). Objects (strings, dicts, a vision-language prompt's images) are pickled
+per sample (one C call each, so that their sizes ride in the metadata and they need no
+exchange of their own; a tensor travels as its raw bytes) and unpickled from one stream.
 
 Two ways to reach the ranks of a destination replica, chosen by measured cost too (the same
 choice on every rank): DIRECT sends every rank of the replica its copy; LEADERS sends
@@ -28,9 +28,11 @@ has its own leader. Works on NCCL and gloo through the same code.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
+import pickle
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -137,10 +139,11 @@ _widths: dict[bool, int] = {}  # payload width of the last first / later round (
 
 
 def _encode_objects(batch: Batch, names: list[str]) -> list[bytes]:
-    """Each sample's object columns as one JSON array with a trailing comma: a run of them
-    for any samples, wrapped in brackets, is one JSON document (one decode per batch)."""
+    """Each sample's object columns as one pickle: a run of them for any samples is one
+    stream (pickles end themselves). Ranks of one job unpickle each other's, as torch's
+    own object collectives do."""
     columns = [batch.objects[k] for k in names]
-    return [(json.dumps(row) + ",").encode() for row in zip(*columns, strict=True)]
+    return [pickle.dumps(row, pickle.HIGHEST_PROTOCOL) for row in zip(*columns, strict=True)]
 
 
 def _exchange_meta(
@@ -557,15 +560,17 @@ class _Round:
 
     def unpack(self) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
         """The fields, each contiguous across senders in rank order, and the object columns
-        (one JSON decode)."""
+        (one pickle stream)."""
         if self.ready is not None:
             return self.ready, {}
         out = {}
         for j, (_, name, dtype, shape) in enumerate(self.fields):
             flat = self._span(j).view(getattr(torch, dtype))
             out[name] = flat.view(flat.numel() // math.prod(shape), *shape)
-        data = self._span(len(self.fields)).cpu().numpy().tobytes()
-        rows = json.loads(b"[" + data[:-1] + b"]") if data else []
+        data = io.BytesIO(self._span(len(self.fields)).cpu().numpy().tobytes())
+        stream, rows, size = pickle.Unpickler(data), [], len(data.getbuffer())
+        while data.tell() < size:
+            rows.append(stream.load())
         return out, {k: [r[j] for r in rows] for j, k in enumerate(self.objects)}
 
 

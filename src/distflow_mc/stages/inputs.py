@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from distflow_mc.agent.loop import AgentLoop
 from distflow_mc.agent.parser import get_parser
 from distflow_mc.agent.tools import Tool, load_tools
-from distflow_mc.config.schema import Config, Engine, Placement, SharedPrefix
+from distflow_mc.config.schema import Config, Engine, SharedPrefix
 from distflow_mc.data.dataset import RowSource
 from distflow_mc.data.images import ImageInputs
 from distflow_mc.data.loader import PromptLoader
@@ -111,14 +111,7 @@ def check_vision(config: Config) -> None:
     """What a vision-language model (Qwen2.5-VL) runs with so far: the rest refused by
     name, before any model is built."""
     c, t = config, config.trainer
-    # (pixel values do not travel in the redistribution yet: the batch must stay where the
-    # rollout made it, a data-parallel train layout over the same ranks)
-    moves = "> 1 (the batch would move to the train layout, and images do not travel yet)"
     refused = [
-        (c.parallel.tp > 1, "parallel.tp", moves),
-        (c.parallel.pp > 1, "parallel.pp", moves),
-        (c.rollout.tp > 1, "rollout.tp", moves),
-        (c.rollout.placement is Placement.SEPARATE, "rollout.placement", "=SEPARATE"),
         (c.parallel.cp > 1, "parallel.cp", "> 1 (each CP rank would need its chunks' images)"),
         (c.parallel.sequence_parallel, "parallel.sequence_parallel", "=true"),
         (t.sequence_packing, "trainer.sequence_packing", "=true"),
