@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, well under 10 minutes on one H100/H200: the GPU tests
-# (tests/gpu: the embedded GRPO and PPO runs on CUDA, the SGLang engine), the model
-# benchmark (tokens/s and MFU for the Qwen2.5-0.5B shapes, bf16) and long context (a
-# training step of the 0.5B shapes on 8K-32K tokens, with and without trainer.recompute:
-# peak GPU memory and tokens/s; one GPU cannot run CP, which needs a rank per chunk pair).
+# (tests/gpu: the embedded GRPO, PPO and vision-language runs on CUDA, the SGLang
+# engine), the model benchmark (tokens/s and MFU for the Qwen2.5-0.5B shapes, bf16) and
+# long context (a training step of the 0.5B shapes on 8K-32K tokens, with and without
+# trainer.recompute: peak GPU memory and tokens/s; one GPU cannot run CP, which needs a
+# rank per chunk pair).
 #
 # The GPU machine has torch and transformers but not megatron-core, hydra, sglang or
 # transformer-engine, and no package index: run scripts/fetch_gpu_wheels.sh first where

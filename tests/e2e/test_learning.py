@@ -54,6 +54,12 @@ def runs(task, tmp_path_factory) -> dict[str, list[dict]]:
             "parallel.tp=2",
             "trainer.val_every=15",
         ],
+        "vlm": [
+            "experiment=cpu_tiny_vlm",
+            "trainer.total_steps=90",
+            "parallel.tp=2",
+            "trainer.val_every=45",
+        ],
         "moe": [
             "experiment=cpu_tiny_grpo",
             "trainer.total_steps=40",
@@ -144,3 +150,17 @@ def test_moe_with_expert_parallel_learns(runs):
     assert last > first + 0.15, (first, last)
     assert all(r["actor/router_load_max_over_mean"] >= 1.0 for r in rows)
     assert max(r["rollout/logprob_gap_mean"] for r in rows) < 1e-4
+
+
+def test_vision_language_model_learns_to_read_its_images(runs):
+    """The embedded vision-language task (a tiny Qwen2.5-VL, an image of one of ten
+    colours, answer its digit) trained at TP=2, the images moved from the rollout layout
+    (DP=2) with their samples: the reward rises from 0.05 over the first 10 steps to 0.51
+    over steps 81-90 (seeded). Answering any digit scores 0.2 and a right guess 1.0 in ten,
+    so without reading the image a policy stays under 0.28: the model reads the colours.
+    The engine's log-probs (transformers' generation with the images) equal the actor's."""
+    rows = runs["vlm"]
+    first, last = mean(rows[:10], "reward/mean"), mean(rows[-10:], "reward/mean")
+    assert last > 0.35 and last > first + 0.25, (first, last)
+    assert max(r["rollout/logprob_gap_max"] for r in rows) < 1e-4
+    assert [r["step"] for r in rows if "val/tiny_copy/reward" in r] == [45, 90]

@@ -11,7 +11,7 @@ import pytest
 
 from distflow_mc.config.schema import RewardConfig
 from distflow_mc.rewards import fmt, gsm8k, math, tiny_copy
-from distflow_mc.rewards.compute import RewardComputer, check_sources
+from distflow_mc.rewards.compute import BUILT_IN, RewardComputer, check_sources
 from tests.conftest import ROOT
 
 
@@ -26,6 +26,8 @@ def test_math_boxed_equivalence():
     assert math.score("so the answer is \\boxed{\\frac{1}{2}}", "0.5", {}) == 1.0
     assert math.score("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}", {}) == 1.0
     assert math.score("\\boxed{3}", "2", {}) == 0.0
+    # geo3k's answers (verl's vision-language example), by their data_source
+    assert BUILT_IN["hiyouga/geometry3k"]("x = \\boxed{2\\sqrt{221}}", "2 \\sqrt{221}", {}) == 1.0
 
 
 def test_format_and_tiny_copy():

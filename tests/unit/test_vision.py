@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distflow_mc.models.hf_config import read_hf_config
-from distflow_mc.models.vision import mrope_positions
+from distflow_mc.models.vision import mrope_positions, sample_positions
 from tests.tiny_hf import IMAGE_TOKEN, make_tiny_model
 
 
@@ -36,3 +36,17 @@ def test_positions_of_text_and_images():
     assert w == [0, 1, 2, 3, 4, 2, 3, 4, 5]
     with pytest.raises(ValueError, match=r"grid \[1, 4, 4\] has 6 image tokens"):
         mrope_positions(ids, torch.tensor([[1, 4, 4]]), IMAGE_TOKEN, 2)
+
+
+def test_a_generated_image_token_is_text():
+    """A response holding the image token (a random model draws it): it counts on as text
+    from one past the prompt's largest position, as generation counts, and is not one of
+    the prompt's images."""
+    prompt = [5, *[IMAGE_TOKEN] * 6, 7]
+    ids = torch.tensor([*prompt, 8, IMAGE_TOKEN, 9])
+    got, mask = sample_positions(ids, len(prompt), torch.tensor([[1, 4, 6]]), IMAGE_TOKEN, 2)
+    head = mrope_positions(ids[: len(prompt)], torch.tensor([[1, 4, 6]]), IMAGE_TOKEN, 2)
+    assert torch.equal(got[: len(prompt)], head)
+    start = int(head.max()) + 1
+    assert got[len(prompt) :].tolist() == [[start + j] * 3 for j in range(3)]
+    assert mask.tolist() == [False, *[True] * 6, False, False, False, False]

@@ -3,7 +3,8 @@ Hugging Face tokenizer with a chat template, a tiny random Llama-style model sav
 safetensors, and a parquet dataset whose reward a random model learns within a few
 hundred GRPO steps on CPU: repeat the digit that ends the prompt. The agent task beside it
 (its own tokenizer and model) needs a tool call: answer a key's secret digit, which only
-the `lookup` tool knows."""
+the `lookup` tool knows; the vision-language task (a tiny Qwen2.5-VL) an image: answer the
+digit of its colour."""
 
 from __future__ import annotations
 
@@ -84,7 +85,14 @@ def ensure_task(root: str | Path) -> Path:
     aside and renamed into place, so an interrupted run (or ranks on other nodes of a
     shared filesystem, where the lock may not hold) never leaves a half-made task behind."""
     root = Path(root)
-    parts = ("tiny_llama", "tiny_task", "tiny_agent_llama", "tiny_agent_task")
+    parts = (
+        "tiny_llama",
+        "tiny_task",
+        "tiny_agent_llama",
+        "tiny_agent_task",
+        "tiny_vl",
+        "tiny_vl_task",
+    )
     if all((root / p).is_dir() for p in parts):
         return root
     root.mkdir(parents=True, exist_ok=True)
@@ -103,7 +111,8 @@ def ensure_task(root: str | Path) -> Path:
 
 def make_task(root: str | Path, seed: int = 0) -> Path:
     """`root`/tiny_llama (model + tokenizer) and `root`/tiny_task/{train,val}.parquet; the
-    agent task's `root`/tiny_agent_llama and `root`/tiny_agent_task likewise."""
+    agent task's `root`/tiny_agent_llama and `root`/tiny_agent_task, and the
+    vision-language task's `root`/tiny_vl and `root`/tiny_vl_task, likewise."""
     root = Path(root)
     make_model(root / "tiny_llama", make_tokenizer(root / "tiny_llama"), seed)
     (root / "tiny_task").mkdir(parents=True, exist_ok=True)
@@ -114,6 +123,10 @@ def make_task(root: str | Path, seed: int = 0) -> Path:
     (root / "tiny_agent_task").mkdir(parents=True, exist_ok=True)
     make_agent_dataset(root / "tiny_agent_task" / "train.parquet", 4096, seed)
     make_agent_dataset(root / "tiny_agent_task" / "val.parquet", 128, seed + 1)
+    make_vl_model(root / "tiny_vl", seed)
+    (root / "tiny_vl_task").mkdir(parents=True, exist_ok=True)
+    make_vl_dataset(root / "tiny_vl_task" / "train.parquet", 2048, seed)
+    make_vl_dataset(root / "tiny_vl_task" / "val.parquet", 128, seed + 1)
     return root
 
 

@@ -40,7 +40,7 @@ def _forward(model: torch.nn.Module, mb: MicroBatch, cp: dist.ProcessGroup | Non
         mask = position_mask(cp, full, _rows(mb).device, model.config.params_dtype, *spans)
         return model(mb.get("input_ids"), mb["positions"], attention_mask=mask)
     if "spans" not in mb:  # (a vision-language model's: images, 3-D positions)
-        images = {k: mb[k] for k in IMAGES if k in mb}
+        images = {k: mb[k] for k in (*IMAGES, "image_mask") if k in mb}
         positions = mb["mrope_positions"].permute(2, 0, 1) if "mrope_positions" in mb else None
         return model(mb.get("input_ids"), positions, attention_mask=None, **images)
     spans = Spans.build(mb["spans"], mb["prefixes"])

@@ -44,15 +44,17 @@ def attach_vision(model: GPTModel, vision: Vision, dtype: torch.dtype, frozen: b
 
 def _embed(image_token: int, model: GPTModel, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """GPTModel's input embeddings with each image token's replaced by the vision tower's
-    output for it (as `decoder_input`)."""
-    pixels, grid = (kwargs.pop(k, None) for k in IMAGES)
+    output for it (as `decoder_input`): the tokens `image_mask` marks (a prompt's; an image
+    token a model generates is text to it, as to the engine), else every image token."""
+    pixels, grid, where = (kwargs.pop(k, None) for k in (*IMAGES, "image_mask"))
     if pixels is None or not model.pre_process:
         return args, kwargs
     ids = args[0] if args else kwargs["input_ids"]
+    if where is None:  # (prompts only: every image token is an image's)
+        where = ids == image_token
     embeddings = model.embedding(input_ids=ids, position_ids=None)  # [s, b, h]
     dtype, device = next(model.visual.parameters()).dtype, embeddings.device
     images = model.visual(pixels.to(device, dtype), grid_thw=grid.to(device)).pooler_output
-    where = ids == image_token
     if int(where.sum()) != len(images):
         raise ValueError(
             f"a micro-batch has {int(where.sum())} image tokens and its images"
@@ -73,6 +75,21 @@ def microbatch_images(images: list[Images | None]) -> dict[str, torch.Tensor]:
         "pixel_values": torch.cat([im.pixel_values for im in given]),
         "image_grid_thw": torch.cat([im.grid_thw for im in given]),
     }
+
+
+def sample_positions(
+    ids: torch.Tensor, prompt: int, grids: torch.Tensor, image_token: int, merge: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sample's three positions per token ([len, 3]) and which of its tokens are its
+    images': the prompt's as `mrope_positions` gives them; the response counts on from one
+    past the prompt's largest position, as generation does (an image token it holds is
+    text)."""
+    head = mrope_positions(ids[:prompt], grids, image_token, merge)
+    start = int(head.max()) + 1 if prompt else 0
+    tail = torch.arange(start, start + len(ids) - prompt, device=ids.device)
+    mask = ids == image_token
+    mask[prompt:] = False
+    return torch.cat([head, tail[:, None].expand(-1, 3)]), mask
 
 
 def mrope_positions(

@@ -36,6 +36,7 @@ BUILT_IN: dict[str, Scorer] = {
     "math": math_reward.score,
     "lighteval/MATH": math_reward.score,
     "DigitalLearningGmbH/MATH-lighteval": math_reward.score,
+    "hiyouga/geometry3k": math_reward.score,  # verl's geo3k (vision-language)
     "format": fmt.score,
     "tiny_copy": tiny_copy.score,
     "tiny_lookup": tiny_lookup.score,

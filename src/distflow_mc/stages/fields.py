@@ -82,14 +82,16 @@ def stage_reads(plan: Plan, config: Config, pp: int) -> tuple[frozenset[str] | N
     if pp == 1 or any(fields(n) is None for n in plan.nodes):
         return None
     rows = row_layout(config)  # every stage lays its micro-batches out alike
-    rows |= vision_fields(config) - {"images"}  # every stage turns by the 3-D positions
+    rows |= vision_fields(config) & {"mrope_positions"}  # every stage turns by them
     return (MODEL_INPUTS | rows | vision_fields(config), *[rows] * (pp - 2), None)
 
 
 def vision_fields(config: Config) -> frozenset[str]:
-    """A vision-language model's: each prompt's images (the first stage embeds them) and
-    each token's three positions (every stage's rotary embedding reads them)."""
-    return frozenset({"images", "mrope_positions"} if has_vision(config.model.path) else ())
+    """A vision-language model's: each prompt's images and which tokens are theirs (the
+    first stage embeds them) and each token's three positions (every stage's rotary
+    embedding reads them)."""
+    images = {"images", "image_mask", "mrope_positions"}
+    return frozenset(images if has_vision(config.model.path) else ())
 
 
 def row_layout(config: Config) -> frozenset[str]:

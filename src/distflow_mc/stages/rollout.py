@@ -9,7 +9,7 @@ from distflow_mc.agent.loop import Trajectory, row_tools
 from distflow_mc.algos.dapo import informative_groups, overlong_penalty
 from distflow_mc.data.batch import Batch
 from distflow_mc.data.loader import PromptBatch
-from distflow_mc.models.vision import mrope_positions
+from distflow_mc.models.vision import sample_positions
 from distflow_mc.observability.metrics import Metrics
 from distflow_mc.rollout.engine import Generation, SamplingParams
 from distflow_mc.rollout.hf_engine import Interrupt
@@ -150,7 +150,7 @@ def rollouts(
         if w.config.rollout.partial:
             batch.tokens["weight_updates"] = _updates(gen, batch)
         if "images" in batch.objects:
-            batch.tokens["mrope_positions"] = positions(w, batch)
+            batch.tokens["mrope_positions"], batch.tokens["image_mask"] = positions(w, batch)
         return batch
     extras = prompts.objects["extra"]
     offered = [w.agent.offered(row_tools(e)) for e in extras]
@@ -173,6 +173,7 @@ def _to_batch(
         empty = _empty(device, "finish_reason", *(k for k in IMAGES if k in prompts.objects))
         if "images" in prompts.objects:
             empty.tokens["mrope_positions"] = torch.empty(0, 3, dtype=torch.int64, device=device)
+            empty.tokens["image_mask"] = torch.empty(0, dtype=torch.bool, device=device)
         return empty
     ids = [p.to(device) for p in prompt_ids]
     pieces = [
@@ -256,22 +257,25 @@ def _with_samples(
     return Batch(offsets, tokens, samples, objects)
 
 
-def positions(w: Workers, batch: Batch) -> torch.Tensor:
-    """Each token's three positions (time, height, width) for a vision-language model's
-    samples: [tokens, 3], as models/vision.py computes them for its prompt's images."""
+def positions(w: Workers, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A vision-language model's samples: each token's three positions (time, height,
+    width; [tokens, 3]) and whether it is one of its prompt's images' (models/vision.py)."""
     vision = w.arch.vision
     merge = vision.config.get("spatial_merge_size", 2)
     none = torch.zeros(0, 3, dtype=torch.int64)
+    prompt = batch.samples["prompt_length"].tolist()
     parts = [
-        mrope_positions(
+        sample_positions(
             batch.token_slice("input_ids", i).cpu(),
+            prompt[i],
             images.grid_thw.cpu() if images is not None else none,
             vision.image_token_id,
             merge,
         )
         for i, images in enumerate(batch.objects["images"])
     ]
-    return torch.cat(parts).to(batch.offsets.device)
+    device = batch.offsets.device
+    return torch.cat([p for p, _ in parts]).to(device), torch.cat([m for _, m in parts]).to(device)
 
 
 def _agent_metrics(done: list[Trajectory], m: Metrics) -> None:
