@@ -1,6 +1,7 @@
 """Vision-language rows (data/images.py) through the prompt loader, from real parquet and
-jsonl files: images as bytes, paths and plain paths; placeholders written out as the
-model's image tokens; pixels equal to the image processor's own; each bad row named."""
+jsonl files: images as bytes, paths and plain paths, placeholders in the text or chat
+content parts of type image; placeholders written out as the model's image tokens;
+pixels equal to the image processor's own; each bad row named."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def png(color: tuple[int, int, int], size: tuple[int, int]) -> bytes:
     return out.getvalue()
 
 
-def row(content: str, images) -> dict:
+def row(content: str | list[dict], images) -> dict:
     return {
         "prompt": [{"role": "user", "content": content}],
         "data_source": "tiny_copy",
@@ -76,7 +77,8 @@ def test_images_become_the_models_tokens_and_pixels_and_bad_rows_are_named(model
     parquet = tmp_path / "rows.parquet"
     pq.write_table(pa.Table.from_pylist(rows), parquet)
     jsonl = tmp_path / "rows.jsonl"
-    jsonl.write_text(json.dumps(row("plain path <image>", [str(blue)])) + "\n")
+    parts = [{"type": "image"}, {"type": "text", "text": " plain path, content parts"}]
+    jsonl.write_text(json.dumps(row(parts, [str(blue)])) + "\n")
     config = DataConfig(
         train_files=[str(parquet), str(jsonl)],
         batch_size=7,
@@ -111,6 +113,10 @@ def test_images_become_the_models_tokens_and_pixels_and_bad_rows_are_named(model
     at = tokens.index(start)
     assert tokens[at + 1 : at + 2 + counts[0]] == [image] * counts[0] + [end]
     assert "images" not in batch.objects["extra"][0]  # read, not carried as a column
+    third = batch.token_slice("input_ids", 2).tolist()  # the content parts' row
+    assert third.count(image) == counts[1] and tok.decode(third).endswith(
+        " plain path, content parts\n<|assistant|>"
+    )
     strict = PromptLoader(
         DataConfig(train_files=[str(parquet)], batch_size=1, on_malformed=OnBadRow.ERROR),
         tok,

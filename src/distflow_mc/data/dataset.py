@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 CACHE_BYTES = 512 << 20  # decoded parquet row groups kept per source
+PLACEHOLDER = "<image>"  # where a vision-language row's next image goes (data/images.py)
 
 
 class MalformedRow(ValueError):
@@ -169,11 +170,34 @@ class PromptRow:
     extra: dict[str, Any]  # other columns, carried through
 
 
+def _content(content: Any) -> Any:
+    """A message's content as text: a list of chat content parts ({"type": "text", "text":
+    ...} and {"type": "image"}, as chat templates take them) joined, each image part the
+    `<image>` placeholder the row's `images` fill in order; anything else as it is."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image":
+            texts.append(PLACEHOLDER)
+        else:
+            return content  # not parts this reads: the row is malformed
+    return "".join(texts)
+
+
 def validate_row(raw: dict[str, Any], where: str) -> PromptRow:
     """Check one row's columns and types; MalformedRow says which and where."""
     if "__error__" in raw:
         raise MalformedRow(raw["__error__"])
     prompt = raw.get("prompt")
+    if isinstance(prompt, list):  # content parts (text, image) become text with <image>
+        prompt = [
+            {**m, "content": _content(m.get("content"))} if isinstance(m, dict) else m
+            for m in prompt
+        ]
     messages_ok = (
         isinstance(prompt, list)
         and prompt
@@ -187,6 +211,7 @@ def validate_row(raw: dict[str, Any], where: str) -> PromptRow:
     if not (isinstance(prompt, str) or messages_ok):
         raise MalformedRow(
             f"{where}: 'prompt' must be a string or a list of {{role, content}} messages"
+            " (content: a string, or parts of type text and image)"
         )
     if not isinstance(raw.get("data_source"), str):
         raise MalformedRow(f"{where}: 'data_source' must be a string")

@@ -25,10 +25,8 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, PreTrainedTokenizerBase
 
-from distflow_mc.data.dataset import MalformedRow, PromptRow
+from distflow_mc.data.dataset import PLACEHOLDER, MalformedRow, PromptRow
 from distflow_mc.rollout.engine import Images
-
-PLACEHOLDER = "<image>"
 
 
 class _PilBackend(logging.Filter):
