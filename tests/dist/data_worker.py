@@ -55,6 +55,11 @@ def source_batch(replica: int, seed: int) -> Batch:
         {
             "data_source": [f"src{replica}/é✓" for _ in range(n)],
             "ground_truth": [{"answer": int(u), "alts": [str(u)]} for u in uid.tolist()],
+            # a vision-language prompt's patches: a tensor of its own size per sample
+            "pixels": [
+                torch.randn(int(torch.randint(0, 4, (), generator=g)), 6, generator=g)
+                for _ in range(n)
+            ],
         },
     )
 
@@ -67,8 +72,15 @@ def same_sample(a: Batch, i: int, b: Batch, j: int) -> bool:
     return (
         all(torch.equal(a.token_slice(k, i), b.token_slice(k, j)) for k in a.tokens)
         and all(torch.equal(a.samples[k][i], b.samples[k][j]) for k in a.samples)
-        and all(a.objects[k][i] == b.objects[k][j] for k in a.objects)
+        and all(_same(a.objects[k][i], b.objects[k][j]) for k in a.objects)
     )
+
+
+def _same(x: object, y: object) -> bool:
+    """Objects equal; tensors bit for bit, in dtype and shape too."""
+    if isinstance(x, torch.Tensor):
+        return isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+    return x == y
 
 
 PACKINGS = (Packing.CHUNKS, Packing.FIELDS)

@@ -3,11 +3,11 @@
 per field), in one round or two (token fields first, as while a reward stage runs; or all
 but the per-sample reward, which then rides in the metadata all-gather), and with a
 kept-field subset: every sample arrives exactly once with identical contents (tokens,
-floats, bf16, bools, strings, dicts), a group's common prefix travels once (but where a
-field differs), uids and groups survive, replicas agree, exactly the
-kept fields arrive (with per-stage views: the first pipeline stage gets the inputs, the
-middle ones no fields, the last all), only the holders get a batch, same layouts take the
-fast path."""
+floats, bf16, bools, strings, dicts, a tensor per sample as an image's patches are), a
+group's common prefix travels once (but where a field differs), uids and groups survive,
+replicas agree, exactly the kept fields arrive (with per-stage views: the first pipeline
+stage gets the inputs, the middle ones no fields, the last all), only the holders get a
+batch, same layouts take the fast path."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_redistribution(tmp_path, world):
     assert len(results[0]) >= 30
     if world == 4:  # between two groups of the world, only the destination group receives
         fields = sorted(["input_ids", "logprobs", "mask", "advantages", "uid", "group", "reward"])
-        fields = sorted([*fields, "data_source", "ground_truth"])
+        fields = sorted([*fields, "data_source", "ground_truth", "pixels"])
         for rank, result in enumerate(results):
             # a step without a sample moves as an empty batch, by either packing
             for packing, got in result.pop("empty batches").items():
