@@ -55,13 +55,17 @@ def source_batch(replica: int, seed: int) -> Batch:
         {
             "data_source": [f"src{replica}/é✓" for _ in range(n)],
             "ground_truth": [{"answer": int(u), "alts": [str(u)]} for u in uid.tolist()],
-            # a vision-language prompt's patches: a tensor of its own size per sample
-            "pixels": [
-                torch.randn(int(torch.randint(0, 4, (), generator=g)), 6, generator=g)
-                for _ in range(n)
-            ],
+            "pixels": pixels(n, g, shared=shares_prompts(seed)),
         },
     )
+
+
+def pixels(n: int, g: torch.Generator, shared: bool) -> list[torch.Tensor]:
+    """A vision-language prompt's patches per sample: a tensor of its own size, the one
+    object for all of a group's samples when `shared` (as a rollout's samples hold their
+    prompt's images: it then travels once per group)."""
+    out = [torch.randn(int(torch.randint(0, 4, (), generator=g)), 6, generator=g) for _ in range(n)]
+    return [out[i - i % GROUP] for i in range(n)] if shared else out
 
 
 def shares_prompts(seed: int) -> bool:

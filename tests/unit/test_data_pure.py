@@ -403,3 +403,29 @@ def test_a_groups_common_prefix_travels_once_and_comes_back_whole(groups, data):
         assert torch.equal(got.offsets, want.offsets)
         for k in want.tokens:
             assert torch.equal(got.tokens[k].view(torch.uint8), want.tokens[k].view(torch.uint8)), k
+
+
+def test_a_groups_shared_objects_travel_once():
+    """A prompt's images (one tensor object for all of its group's samples) are pickled
+    once per group; unpickled and resolved, every sample has them again, bit for bit."""
+    import pickle
+
+    from distflow_mc.data.redistribute import _encode_objects, _resolve
+
+    image = torch.randn(64, 32)
+    other = torch.randn(64, 32)
+    groups = torch.tensor([7, 7, 7, 3, 3])
+    batch = Batch.from_sequences(
+        {"input_ids": [torch.tensor([1, 2])] * 5},
+        {"uid": torch.arange(5), "group": groups},
+        {"images": [image, image, image, other, other], "truth": ["a", "a", "b", "c", "c"]},
+    )
+    once = _encode_objects(batch, ["images", "truth"], once=True)
+    every = _encode_objects(batch, ["images", "truth"], once=False)
+    assert sum(map(len, once)) < 0.45 * sum(map(len, every))  # 2 copies of the 5
+    rows = [pickle.loads(b) for b in once]
+    columns = {k: [r[j] for r in rows] for j, k in enumerate(["images", "truth"])}
+    got = _resolve(columns, groups.tolist())
+    pairs = zip(got["images"], batch.objects["images"], strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert got["truth"] == ["a", "a", "b", "c", "c"]

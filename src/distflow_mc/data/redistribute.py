@@ -138,12 +138,47 @@ LOW, LOW_MASK = 32, (1 << 32) - 1  # a sample's length word: its tokens, then th
 _widths: dict[bool, int] = {}  # payload width of the last first / later round (the same everywhere)
 
 
-def _encode_objects(batch: Batch, names: list[str]) -> list[bytes]:
+class _Same:
+    """An object a sample shares with the first sample of its group (the very object: a
+    prompt's images, its data source): it travels once, with that sample."""
+
+    def __reduce__(self) -> str:
+        return "SAME"  # pickled by reference: the one instance
+
+
+SAME = _Same()
+
+
+def _encode_objects(batch: Batch, names: list[str], once: bool) -> list[bytes]:
     """Each sample's object columns as one pickle: a run of them for any samples is one
     stream (pickles end themselves). Ranks of one job unpickle each other's, as torch's
-    own object collectives do."""
+    own object collectives do. With `once` (groups arrive whole and in order), a value
+    that is its group's first sample's own object goes as SAME (`_resolve` puts it back)."""
     columns = [batch.objects[k] for k in names]
-    return [pickle.dumps(row, pickle.HIGHEST_PROTOCOL) for row in zip(*columns, strict=True)]
+    rows = list(zip(*columns, strict=True))
+    if once and rows:
+        first: dict[int, tuple] = {}
+        for i, g in enumerate(batch.samples["group"].tolist()):
+            head = first.setdefault(g, rows[i])
+            if head is not rows[i]:
+                rows[i] = tuple(SAME if v is h else v for v, h in zip(rows[i], head, strict=True))
+    return [pickle.dumps(row, pickle.HIGHEST_PROTOCOL) for row in rows]
+
+
+def _resolve(objects: dict[str, list], groups: list[int]) -> dict[str, list]:
+    """The inverse of `_encode_objects`' SAME: each from its group's first sample before it."""
+    out = {}
+    for name, values in objects.items():
+        if not any(v is SAME for v in values):
+            out[name] = values
+            continue
+        first: dict[int, object] = {}
+        column = []
+        for v, g in zip(values, groups, strict=True):
+            column.append(first[g] if v is SAME else v)
+            first.setdefault(g, v)
+        out[name] = column
+    return out
 
 
 def _exchange_meta(
@@ -670,7 +705,8 @@ class Transfer:
                 batch = share(batch)  # a group's common prefix travels once
                 self.busy_ns += time.perf_counter_ns() - tick
             if rank in senders:
-                encoded = _encode_objects(batch, sorted(set(batch.objects) - self.sent))
+                names = sorted(set(batch.objects) - self.sent)
+                encoded = _encode_objects(batch, names, self.balance.keep_groups)
         meta = _exchange_meta(batch, encoded, senders, self.device, self.sent, self.group)
         self.clock("meta")
         if first:
@@ -877,6 +913,7 @@ class Transfer:
                 out = Batch(
                     out.offsets, out.tokens | tokens, out.samples | samples, out.objects | columns
                 )
+            out.objects = _resolve(out.objects, out.samples["group"].tolist())
         self.clock("unpack")
         # AUTO's measure: the time spent in this transfer's calls (a stage running between
         # them hides the rest), on this rank
