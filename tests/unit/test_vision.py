@@ -50,3 +50,20 @@ def test_a_generated_image_token_is_text():
     start = int(head.max()) + 1
     assert got[len(prompt) :].tolist() == [[start + j] * 3 for j in range(3)]
     assert mask.tolist() == [False, *[True] * 6, False, False, False, False]
+
+
+def test_a_groups_images_are_encoded_once_per_microbatch():
+    """Three samples of a group hold their prompt's images object, a fourth its own, one
+    none: the micro-batch holds each object's patches once, and which one each sample's
+    image tokens take."""
+    from distflow_mc.models.vision import microbatch_images
+    from distflow_mc.rollout.engine import Images
+
+    shared = Images(torch.randn(16 + 8, 5), torch.tensor([[1, 4, 4], [1, 2, 4]]))
+    own = Images(torch.randn(4, 5), torch.tensor([[1, 2, 2]]))
+    got = microbatch_images([shared, shared, None, own, shared], merge=2)
+    assert torch.equal(got["pixel_values"], torch.cat([shared.pixel_values, own.pixel_values]))
+    assert got["image_grid_thw"].tolist() == [[1, 4, 4], [1, 2, 4], [1, 2, 2]]
+    assert got["image_order"].tolist() == [0, 0, 1, 0]
+    assert got["image_sizes"].tolist() == [6, 1]  # (16 + 8) / 4 and 4 / 4 image tokens
+    assert microbatch_images([None, None], merge=2) == {}

@@ -22,7 +22,9 @@ from distflow_mc.rollout.engine import Images
 if TYPE_CHECKING:  # (the engines use the positions without megatron)
     from megatron.core.models.gpt import GPTModel
 
-IMAGES = ("pixel_values", "image_grid_thw")  # a micro-batch's, not per sample
+# a micro-batch's, not per sample: its distinct images' patches and grids, then per sample
+# with images (in row order) which of them, and each one's image tokens
+IMAGES = ("pixel_values", "image_grid_thw", "image_order", "image_sizes")
 
 
 def attach_vision(model: GPTModel, vision: Vision, dtype: torch.dtype, frozen: bool) -> None:
@@ -46,7 +48,7 @@ def _embed(image_token: int, model: GPTModel, args: tuple, kwargs: dict) -> tupl
     """GPTModel's input embeddings with each image token's replaced by the vision tower's
     output for it (as `decoder_input`): the tokens `image_mask` marks (a prompt's; an image
     token a model generates is text to it, as to the engine), else every image token."""
-    pixels, grid, where = (kwargs.pop(k, None) for k in (*IMAGES, "image_mask"))
+    pixels, grid, order, sizes, where = (kwargs.pop(k, None) for k in (*IMAGES, "image_mask"))
     if pixels is None or not model.pre_process:
         return args, kwargs
     ids = args[0] if args else kwargs["input_ids"]
@@ -55,6 +57,9 @@ def _embed(image_token: int, model: GPTModel, args: tuple, kwargs: dict) -> tupl
     embeddings = model.embedding(input_ids=ids, position_ids=None)  # [s, b, h]
     dtype, device = next(model.visual.parameters()).dtype, embeddings.device
     images = model.visual(pixels.to(device, dtype), grid_thw=grid.to(device)).pooler_output
+    if order is not None:  # each sample's images, from its group's one encoding
+        parts = images.split(sizes.tolist())
+        images = torch.cat([parts[k] for k in order.tolist()])
     if int(where.sum()) != len(images):
         raise ValueError(
             f"a micro-batch has {int(where.sum())} image tokens and its images"
@@ -65,15 +70,23 @@ def _embed(image_token: int, model: GPTModel, args: tuple, kwargs: dict) -> tupl
     return args, kwargs
 
 
-def microbatch_images(images: list[Images | None]) -> dict[str, torch.Tensor]:
-    """A micro-batch's images (its samples' in the order its rows hold them: the order of
-    their image tokens), as the model takes them; none for text-only samples."""
+def microbatch_images(images: list[Images | None], merge: int) -> dict[str, torch.Tensor]:
+    """A micro-batch's images as the model takes them, for its samples in the order its
+    rows hold them (the order of their image tokens; none for text-only samples): each
+    distinct images object once (a group's samples hold their prompt's: the vision tower
+    encodes them once, not once per sample, the same math), and which one each sample's
+    image tokens take."""
+    distinct: dict[int, int] = {}
     given = [im for im in images if im is not None]
+    order = [distinct.setdefault(id(im), len(distinct)) for im in given]
     if not given:
         return {}
+    unique = list({id(im): im for im in given}.values())
     return {
-        "pixel_values": torch.cat([im.pixel_values for im in given]),
-        "image_grid_thw": torch.cat([im.grid_thw for im in given]),
+        "pixel_values": torch.cat([im.pixel_values for im in unique]),
+        "image_grid_thw": torch.cat([im.grid_thw for im in unique]),
+        "image_order": torch.tensor(order, dtype=torch.int64),
+        "image_sizes": torch.tensor([int(im.grid_thw.prod(-1).sum()) // merge**2 for im in unique]),
     }
 
 
