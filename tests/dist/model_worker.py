@@ -192,6 +192,12 @@ def vl_equivalence(model_dir: Path, mp) -> dict:
     original = load_tensors(model_dir)
     result["vl_export_keys_equal"] = sorted(exported) == sorted(original)
     result["vl_export_bitwise"] = all(torch.equal(exported[k], original[k]) for k in original)
+    # a frozen vision tower stays out of a weight sync's later versions
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            param.requires_grad_(not name.startswith("visual."))
+    trained = {n for bucket in export_hf(chunks, arch, mp, trained_only=True) for n, _ in bucket}
+    result["vl_trained_only"] = trained == {k for k in original if not k.startswith("visual.")}
     return result
 
 

@@ -74,6 +74,7 @@ def assert_vl_equivalent(result: dict) -> None:
     assert result["vl_logits_maxdiff"] < TOL and result["vl_logp_maxdiff"] < TOL, result
     assert result["vl_positions_maxdiff"] == 0
     assert result["vl_export_keys_equal"] and result["vl_export_bitwise"]
+    assert result["vl_trained_only"]
 
 
 def test_tp1_matches_transformers(dp1):

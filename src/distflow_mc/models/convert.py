@@ -275,11 +275,13 @@ def _to_hf(rule: Rule, parts: list[torch.Tensor], arch: HFArch) -> list[tuple[st
 
 
 def _stage_tensors(
-    chunks: list[MegatronModule], arch: HFArch, mp: ModelParallel
+    chunks: list[MegatronModule], arch: HFArch, mp: ModelParallel, trained_only: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF tensors of this PP stage, gathered over TP (every TP rank gets them)."""
+    """HF tensors of this PP stage, gathered over TP (every TP rank gets them); with
+    `trained_only`, only those of parameters that train (a frozen vision tower's never
+    change)."""
     for name, param, rule in _params(chunks, arch):
-        if rule is None:
+        if rule is None or (trained_only and not param.requires_grad):
             continue
         if name == "output_layer.weight" and arch.tie_word_embeddings:
             continue  # tied: HF stores only the embedding
@@ -307,15 +309,20 @@ def _buckets(tensors: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int) -> 
 
 @torch.no_grad()
 def export_hf(
-    chunks: list[MegatronModule], arch: HFArch, mp: ModelParallel, bucket_bytes: int = 256 << 20
+    chunks: list[MegatronModule],
+    arch: HFArch,
+    mp: ModelParallel,
+    bucket_bytes: int = 256 << 20,
+    trained_only: bool = False,
 ) -> Iterator[Bucket]:
     """Yield the whole model as HF-named buckets of at most `bucket_bytes` (a larger
-    tensor gets a bucket of its own), on every rank. Stages take turns: each broadcasts its
-    buckets over the PP group, so memory stays bounded by one bucket beyond the model."""
+    tensor gets a bucket of its own), on every rank; with `trained_only`, only the
+    parameters that train. Stages take turns: each broadcasts its buckets over the PP
+    group, so memory stays bounded by one bucket beyond the model."""
     pp_ranks = dist.get_process_group_ranks(mp.pp_group)
     for stage, src in enumerate(pp_ranks):
         own = (
-            _buckets(_stage_tensors(chunks, arch, mp), bucket_bytes)
+            _buckets(_stage_tensors(chunks, arch, mp, trained_only), bucket_bytes)
             if stage == mp.pp_rank
             else None
         )

@@ -43,11 +43,13 @@ def sync_weights_to_group(
     src: int,
     device: torch.device,
     bucket_bytes: int = 256 << 20,
+    trained_only: bool = False,
 ) -> None:
     """rollout.placement=SEPARATE, on the train ranks: every one takes part in the export,
     the first (`src`) streams each bucket over `group` (it and the engines' ranks, which
-    receive with `stream_buckets(None, src, group, device)`); the others let each bucket go."""
-    buckets: Iterator[Bucket] = export_hf(chunks, arch, mp, bucket_bytes)
+    receive with `stream_buckets(None, src, group, device)`); the others let each bucket go.
+    `trained_only`: the parameters that train (the engines keep the rest from before)."""
+    buckets: Iterator[Bucket] = export_hf(chunks, arch, mp, bucket_bytes, trained_only)
     if dist.get_rank() == src:
         buckets = stream_buckets(buckets, src, group, device)
     for _ in buckets:

@@ -351,15 +351,17 @@ def _receive_weights(w: Workers, ch: Channels, versions: queue.Queue) -> None:
         versions.put((header[0], buckets))
 
 
-def _send_weights(w: Workers, ch: Channels, version: int | None) -> None:
+def _send_weights(w: Workers, ch: Channels, version: int | None, whole: bool = False) -> None:
     """Version `version` of the actor to every engine (None: the end of the channel); every
-    train rank takes part in the export, the first streams it."""
+    train rank takes part in the export, the first streams it. Only the parameters that
+    train, unless `whole` (the run's first version: a fresh engine has nothing yet)."""
     if w.ctx.rank == ch.src:
         dist.broadcast_object_list([version], src=ch.src, group=ch.weights)
     if version is not None:
         bucket = w.config.rollout.weight_sync_bucket_mb << 20
         args = (w.arch, w.mp, ch.weights, ch.src, w.ctx.device, bucket)
-        sync_weights_to_group(w.actor.modules, *args)
+        # after the first, a version leaves out what does not train (a frozen vision tower)
+        sync_weights_to_group(w.actor.modules, *args, trained_only=not whole)
 
 
 def _train_side(
@@ -388,7 +390,7 @@ def _train_side(
     history = []
     try:
         if schedule.total > schedule.start:
-            _send_weights(w, ch, schedule.version(schedule.start))
+            _send_weights(w, ch, schedule.version(schedule.start), whole=True)
         for step in range(schedule.start, schedule.total):
             m, begin = Metrics(), time.perf_counter()
             batch, handover = receiver.get(inbox)
