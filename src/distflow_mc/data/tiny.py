@@ -130,9 +130,9 @@ def make_task(root: str | Path, seed: int = 0) -> Path:
     return root
 
 
-def make_model(model_dir: Path, tok: PreTrainedTokenizerFast, seed: int) -> None:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+def _text_sizes(tok: PreTrainedTokenizerFast) -> dict[str, int]:
+    """Every embedded task's language model: its sizes and the tokenizer's special ids."""
+    return dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=64,
         intermediate_size=128,
@@ -140,11 +140,15 @@ def make_model(model_dir: Path, tok: PreTrainedTokenizerFast, seed: int) -> None
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,  # room for the HF engine config's 256 new tokens
-        tie_word_embeddings=False,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
+
+
+def make_model(model_dir: Path, tok: PreTrainedTokenizerFast, seed: int) -> None:
+    torch.manual_seed(seed)
+    config = LlamaConfig(**_text_sizes(tok), tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(model_dir)
 
 
@@ -171,19 +175,8 @@ def make_vl_model(model_dir: Path, seed: int) -> None:
         min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2
     ).save_pretrained(model_dir)
     torch.manual_seed(seed)
-    text = dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    text = {**_text_sizes(tok), "rope_parameters": rope}
     vision = dict(
         depth=1,
         hidden_size=32,
