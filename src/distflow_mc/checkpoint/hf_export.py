@@ -26,6 +26,8 @@ CARRIED = (
     "vocab.json",
     "merges.txt",
     "tokenizer.model",
+    "preprocessor_config.json",  # a vision-language model's image processor
+    "processor_config.json",
 )
 
 
