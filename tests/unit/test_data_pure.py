@@ -408,9 +408,7 @@ def test_a_groups_common_prefix_travels_once_and_comes_back_whole(groups, data):
 def test_a_groups_shared_objects_travel_once():
     """A prompt's images (one tensor object for all of its group's samples) are pickled
     once per group; unpickled and resolved, every sample has them again, bit for bit."""
-    import pickle
-
-    from distflow_mc.data.redistribute import _encode_objects, _resolve
+    from distflow_mc.data.redistribute import _encode_objects, _resolve, _unpickle
 
     image = torch.randn(64, 32)
     other = torch.randn(64, 32)
@@ -423,9 +421,21 @@ def test_a_groups_shared_objects_travel_once():
     once = _encode_objects(batch, ["images", "truth"], once=True)
     every = _encode_objects(batch, ["images", "truth"], once=False)
     assert sum(map(len, once)) < 0.45 * sum(map(len, every))  # 2 copies of the 5
-    rows = [pickle.loads(b) for b in once]
+    rows = _unpickle(b"".join(once))  # as they arrive: one stream
     columns = {k: [r[j] for r in rows] for j, k in enumerate(["images", "truth"])}
     got = _resolve(columns, groups.tolist())
     pairs = zip(got["images"], batch.objects["images"], strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
     assert got["truth"] == ["a", "a", "b", "c", "c"]
+
+
+def test_pickled_rows_with_shared_references_come_back_from_one_stream():
+    """Rows whose pickles refer back inside themselves (a dict used twice, an agent's
+    messages) decode from their concatenation exactly (each pickle's memo is its own)."""
+    import pickle
+
+    from distflow_mc.data.redistribute import _unpickle
+
+    msg = {"role": "assistant", "content": "x"}
+    rows = [({"turns": [msg, msg]}, "a"), ({"k": {"n": 1}}, [msg, msg]), ("b", [msg, msg])]
+    assert _unpickle(b"".join(pickle.dumps(r, pickle.HIGHEST_PROTOCOL) for r in rows)) == rows

@@ -29,7 +29,14 @@ def test_ensure_task_makes_once(tmp_path):
     stamp = (root / "tiny_llama" / "model.safetensors").stat().st_mtime_ns
     assert ensure_task(root) == root
     assert (root / "tiny_llama" / "model.safetensors").stat().st_mtime_ns == stamp
-    made = ["tiny_agent_llama", "tiny_agent_task", "tiny_llama", "tiny_task"]
+    made = [
+        "tiny_agent_llama",
+        "tiny_agent_task",
+        "tiny_llama",
+        "tiny_task",
+        "tiny_vl",
+        "tiny_vl_task",
+    ]
     left = sorted(p.name for p in root.iterdir() if p.name != ".lock")
     assert left == made  # no staging left
 

@@ -165,6 +165,15 @@ def _encode_objects(batch: Batch, names: list[str], once: bool) -> list[bytes]:
     return [pickle.dumps(row, pickle.HIGHEST_PROTOCOL) for row in rows]
 
 
+def _unpickle(data: bytes) -> list:
+    """The rows `_encode_objects` pickled one by one, from their concatenation: each with an
+    unpickler of its own (a pickle's memo references are its own)."""
+    stream, rows = io.BytesIO(data), []
+    while stream.tell() < len(data):
+        rows.append(pickle.load(stream))
+    return rows
+
+
 def _resolve(objects: dict[str, list], groups: list[int]) -> dict[str, list]:
     """The inverse of `_encode_objects`' SAME: each from its group's first sample before it."""
     out = {}
@@ -602,10 +611,7 @@ class _Round:
         for j, (_, name, dtype, shape) in enumerate(self.fields):
             flat = self._span(j).view(getattr(torch, dtype))
             out[name] = flat.view(flat.numel() // math.prod(shape), *shape)
-        data = io.BytesIO(self._span(len(self.fields)).cpu().numpy().tobytes())
-        stream, rows, size = pickle.Unpickler(data), [], len(data.getbuffer())
-        while data.tell() < size:
-            rows.append(stream.load())
+        rows = _unpickle(self._span(len(self.fields)).cpu().numpy().tobytes())
         return out, {k: [r[j] for r in rows] for j, k in enumerate(self.objects)}
 
 
