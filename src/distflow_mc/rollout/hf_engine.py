@@ -151,7 +151,7 @@ class HFEngine:
         if not prompts or not params.n:
             return Generation()
         self.wake()
-        kept, self.kept = self.kept, {}
+        cut_before, self.kept = self.kept, {}  # (the call before's cut rows)
         ids, mask = self._left_padded(prompts)  # each prompt once, then its n rows
         if self.vision is not None:
             if keep or interrupt is not None:
@@ -162,7 +162,7 @@ class HFEngine:
         elif images is not None:
             raise ValueError("images given to an engine whose model has no vision tower")
         else:
-            cache = self._prefill(prompts, ids, mask, params.n, kept)
+            cache = self._prefill(prompts, ids, mask, params.n, cut_before)
         ids, mask = ids.repeat_interleave(params.n, 0), mask.repeat_interleave(params.n, 0)
         index = [r // params.n for r in range(len(ids))]
         cut = _Cut(interrupt)
