@@ -5,7 +5,8 @@ at DP=2, TP=2, PP=2 and on a separate train rank (the images move with their sam
 Every step the actor's log-probs equal the engine's (the images and 3-D positions are the
 same math on both sides) and every layout's first update is DP=2's; with
 model.freeze_vision=false the vision tower trains too, and a run stopped and resumed
-continues exactly; PPO's critic runs on the images.
+continues exactly; PPO's critic runs on the images; agent rollouts keep the prompt's
+image in every turn.
 What is not built for images yet is refused on every rank before any model; the model
 alone against transformers at TP=2 and PP=2: tests/dist/test_models.py."""
 
@@ -51,6 +52,17 @@ def test_grpo_with_images_on_every_layout(tmp_path):
         ],
         "vision_trains": trains,
         "ppo": [*common, "experiment=cpu_tiny_ppo"],  # the critic holds a vision tower too
+        # agent rollouts: every turn (a tool result between) keeps the prompt's image; a
+        # parser that always calls the tool and digits that end a turn make several turns
+        "agent": [
+            *common,
+            "rollout.agent.tools=[distflow_mc.data.tiny.Lookup]",
+            "rollout.agent.parser=tests.unit.test_agent.always_lookup",
+            "rollout.agent.stop=[0,1,2,3,4,5,6,7,8,9,a,e,i,o,u]",
+            "rollout.agent.max_turns=3",
+            "rollout.agent.max_total_tokens=96",
+            "rollout.max_new_tokens=6",
+        ],
         # stopped after step 1 (the tower training too) and resumed: step 2 as if never stopped
         "saved": [*trains, "trainer.total_steps=1", "trainer.save_every=1", ckpt],
         "resumed": [*trains, "trainer.resume=AUTO", ckpt],
@@ -61,6 +73,7 @@ def test_grpo_with_images_on_every_layout(tmp_path):
         assert all(r["rollout/logprob_gap_max"] < 1e-5 for r in records), name
     assert [r["step"] for r in runs["dp2"]] == [1, 2]
     assert all("critic/value_loss" in r for r in runs["ppo"])
+    assert max(r["agent/turns"] for r in runs["agent"]) > 1.5
     (resumed,) = runs["resumed"]
     assert resumed["step"] == 2
     for key in (*COMPARED, "reward/mean"):

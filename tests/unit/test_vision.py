@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distflow_mc.models.hf_config import read_hf_config
-from distflow_mc.models.vision import mrope_positions, sample_positions
+from distflow_mc.models.vision import mrope_positions, row_positions, sample_positions
 from tests.tiny_hf import IMAGE_TOKEN, make_tiny_model
 
 
@@ -50,6 +50,9 @@ def test_a_generated_image_token_is_text():
     start = int(head.max()) + 1
     assert got[len(prompt) :].tolist() == [[start + j] * 3 for j in range(3)]
     assert mask.tolist() == [False, *[True] * 6, False, False, False, False]
+    # the engine, which sees a trajectory without its prompt's end, counts it alike
+    row, row_mask = row_positions(ids, torch.tensor([[1, 4, 6]]), IMAGE_TOKEN, 2)
+    assert torch.equal(row, got) and torch.equal(row_mask, mask)
 
 
 def test_a_groups_images_are_encoded_once_per_microbatch():

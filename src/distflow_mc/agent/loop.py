@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from distflow_mc.agent.parser import get_parser
 from distflow_mc.agent.tools import Call, Result, Tool, gather_calls
 from distflow_mc.config.schema import AgentConfig
-from distflow_mc.rollout.engine import RolloutEngine, SamplingParams
+from distflow_mc.rollout.engine import Images, RolloutEngine, SamplingParams
 from distflow_mc.rollout.hf_engine import Interrupt
 
 MARK = "\x00distflow-assistant-turn\x00"
@@ -165,11 +165,14 @@ class AgentLoop:
         tools: list[dict[str, Tool]],
         params: SamplingParams,
         interrupt: Interrupt | None = None,
+        images: list[Images | None] | None = None,
     ) -> list[Trajectory]:
         """`params.n` trajectories per prompt (prompt i's at [i*n, (i+1)*n)); `params`
         applies per turn, its seed moved on every turn. With `interrupt` (rollout.partial)
         a turn goes on with the weights that arrive during it: each trajectory's `versions`
-        marks how many updates came before its tokens (tool tokens: as the turn before)."""
+        marks how many updates came before its tokens (tool tokens: as the turn before).
+        A vision-language model's prompts bring their `images`, which every turn of their
+        trajectories keeps."""
         trajectories = self.start(prompts, tools, params)
         counted = _Counted(interrupt) if interrupt is not None else None
         if counted is not None:
@@ -180,7 +183,8 @@ class AgentLoop:
             if not active:
                 break
             step = replace(params, seed=params.seed + 1_000_003 * turn)
-            pending = self.turn(engine, active, step, prompts if turn == 0 else None, counted)
+            first = prompts if turn == 0 else None
+            pending = self.turn(engine, active, step, first, counted, images=images)
             active = self.answer(pending)
         return trajectories
 
@@ -192,6 +196,7 @@ class AgentLoop:
         prompts: list[list[int]] | None = None,
         counted: _Counted | None = None,
         chunk: int = 0,
+        images: list[Images | None] | None = None,
     ) -> list[Pending]:
         """One engine call, a turn of each of `active`; the tool calls they make. With
         `prompts` (their first turn, `params.n` trajectories of each prompt in order), the
@@ -216,6 +221,8 @@ class AgentLoop:
         extra = {"interrupt": counted} if counted is not None else {}
         if chunk:  # the rows cut go on in the next call: the engine keeps their cache
             extra["keep"] = True
+        if images is not None:  # (per prompt: a trajectory keeps its prompt's)
+            extra["images"] = images if prompts is not None else [images[t.prompt] for t in active]
         gen = engine.generate(rows, step, **extra)
         pending = []
         for i, (t, r, ids, logp, finish) in enumerate(

@@ -105,6 +105,26 @@ def sample_positions(
     return torch.cat([head, tail[:, None].expand(-1, 3)]), mask
 
 
+def row_positions(
+    ids: torch.Tensor, grids: torch.Tensor, image_token: int, merge: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions ([len, 3]) and image tokens of a row whose images (`grids`) are its first
+    runs of image tokens, as a prompt's are; a run after them is text (image tokens a model
+    generated, in a later turn of its trajectory): `sample_positions` without knowing where
+    the prompt ends."""
+    runs = [
+        (image, len(list(run))) for image, run in itertools.groupby((ids == image_token).tolist())
+    ]
+    images, end = len(grids), 0
+    for image, n in runs:
+        images -= image
+        end += n
+        if images == 0:
+            break
+    prompt = end if len(grids) else 0
+    return sample_positions(ids, prompt, grids, image_token, merge)
+
+
 def mrope_positions(
     ids: torch.Tensor, grids: torch.Tensor, image_token: int, merge: int
 ) -> torch.Tensor:

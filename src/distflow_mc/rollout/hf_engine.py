@@ -27,7 +27,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from distflow_mc.models.vision import mrope_positions
+from distflow_mc.models.vision import row_positions
 from distflow_mc.rollout.engine import Bucket, Generation, Images, SamplingParams
 
 _EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
@@ -319,43 +319,44 @@ class HFEngine:
         n: int,
         images: Sequence[Images | None] | None,
     ) -> DynamicCache | None:
-        """A vision-language model's prompts, each with its images, encoded once for their
-        n samples but their last token, every token at its three positions (text: one in
-        all three; images: frame, row and column of their merged grid); the positions the
-        generation then gives (the mask's count) are moved on by each prompt's delta, as
-        transformers moves them after its own prefill."""
+        """A vision-language model's rows (prompts, or trajectories so far), each with its
+        prompt's images, encoded once for their n samples but their last token, every token
+        at its three positions (text: one in all three; images: frame, row and column of
+        their merged grid; image tokens after the images', generated ones, are text); the
+        positions the generation then gives (the mask's count) are moved on by each row's
+        delta, as transformers moves them after its own prefill."""
         config = self.model.config
         token, merge = config.image_token_id, self.vision.spatial_merge_size
         given = list(images) if images is not None else [None] * len(prompts)
         none = torch.zeros(0, 3, dtype=torch.int64)
         grids = [im.grid_thw.cpu() if im is not None else none for im in given]
         positions = torch.zeros(3, *ids.shape, dtype=torch.int64)
+        where = torch.zeros(ids.shape, dtype=torch.bool)
         deltas = []
         for r, (p, grid) in enumerate(zip(prompts, grids, strict=True)):
-            pos = mrope_positions(torch.tensor(p), grid, token, merge)
+            pos, is_image = row_positions(torch.tensor(p), grid, token, merge)
             positions[:, r, ids.shape[1] - len(p) :] = pos.T
+            where[r, ids.shape[1] - len(p) :] = is_image
             deltas.append(int(pos.max()) + 1 - len(p))
         # (per generated row: a prompt's n rows follow it)
         rows = torch.tensor(deltas, device=ids.device).repeat_interleave(n)[:, None]
         self.model.model.rope_deltas = rows
         if ids.shape[1] < 2:
             return None
+        embeds = self.model.get_input_embeddings()(ids[:, :-1])
         pictures = [im for im in given if im is not None]
-        extra = (
-            {
-                "pixel_values": torch.cat([im.pixel_values for im in pictures]).to(self.device),
-                "image_grid_thw": torch.cat(grids).to(self.device),
-            }
-            if pictures
-            else {}
-        )
+        if pictures:  # the images' tokens take the vision tower's output, as transformers'
+            pixels = torch.cat([im.pixel_values for im in pictures]).to(self.device)
+            grid = torch.cat(grids).to(self.device)
+            parts = self.model.model.get_image_features(pixels, grid).pooler_output
+            features = torch.cat(list(parts)).to(embeds.dtype)
+            embeds = embeds.masked_scatter(where[:, :-1, None].to(self.device), features)
         cache = DynamicCache(config=config)
         self.model(
-            input_ids=ids[:, :-1],
+            inputs_embeds=embeds,
             attention_mask=mask[:, :-1],
             position_ids=positions[:, :, :-1].to(self.device),
             cache=cache,
-            **extra,
         )
         cache.batch_repeat_interleave(n)
         return cache

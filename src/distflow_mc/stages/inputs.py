@@ -116,7 +116,6 @@ def check_vision(config: Config) -> None:
         (c.parallel.sequence_parallel, "parallel.sequence_parallel", "=true"),
         (t.sequence_packing, "trainer.sequence_packing", "=true"),
         (t.shared_prefix is SharedPrefix.ALWAYS, "trainer.shared_prefix", "=ALWAYS"),
-        (bool(c.rollout.agent.tools), "rollout.agent.tools", "(agent rollouts)"),
         (c.rollout.stream, "rollout.stream", "=true"),
         (c.rollout.partial, "rollout.partial", "=true"),
         (c.rollout.engine is Engine.SGLANG, "rollout.engine", "=SGLANG"),

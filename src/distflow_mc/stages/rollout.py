@@ -154,12 +154,15 @@ def rollouts(
         return batch
     extras = prompts.objects["extra"]
     offered = [w.agent.offered(row_tools(e)) for e in extras]
-    done = w.agent.run(w.engine, [p.tolist() for p in host], offered, params, interrupt)
+    images = prompts.objects.get("images")
+    done = w.agent.run(w.engine, [p.tolist() for p in host], offered, params, interrupt, images)
     if m is not None:
         _agent_metrics(done, m)
     batch = _agent_batch(done, prompts, params.n, w.ctx.device)
     if interrupt is not None:  # each token's count of updates before it
         batch.tokens["weight_updates"] = _versions(done, w.ctx.device)[0]
+    if images is not None:
+        batch.tokens["mrope_positions"], batch.tokens["image_mask"] = positions(w, batch)
     return batch
 
 
@@ -170,11 +173,7 @@ def _to_batch(
     (token-aligned, 0 on prompt tokens), on `device` (the engine's output stays there).
     Packed with one concatenation per field, not one per sample."""
     if not gen.response_ids:
-        empty = _empty(device, "finish_reason", *(k for k in IMAGES if k in prompts.objects))
-        if "images" in prompts.objects:
-            empty.tokens["mrope_positions"] = torch.empty(0, 3, dtype=torch.int64, device=device)
-            empty.tokens["image_mask"] = torch.empty(0, dtype=torch.bool, device=device)
-        return empty
+        return _empty(device, "finish_reason", *(k for k in IMAGES if k in prompts.objects))
     ids = [p.to(device) for p in prompt_ids]
     pieces = [
         x
@@ -212,7 +211,8 @@ def _updates(gen: Generation, batch: Batch) -> torch.Tensor:
 def _agent_batch(done: list[Trajectory], prompts: Batch, n: int, device: torch.device) -> Batch:
     """Trajectories as they were built: ids, generated-token mask, engine log-probs."""
     if not done:
-        return _empty(device, "finish_reason", "trajectory")
+        images = [k for k in IMAGES if k in prompts.objects]
+        return _empty(device, "finish_reason", "trajectory", *images)
     flat = {k: [x for t in done for x in getattr(t, k)] for k in ("ids", "mask", "logprobs")}
     tokens = {
         "input_ids": torch.tensor(flat["ids"], dtype=torch.int64, device=device),
@@ -275,6 +275,10 @@ def positions(w: Workers, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         for i, images in enumerate(batch.objects["images"])
     ]
     device = batch.offsets.device
+    if not parts:
+        return torch.empty(0, 3, dtype=torch.int64, device=device), torch.empty(
+            0, dtype=torch.bool, device=device
+        )
     return torch.cat([p for p, _ in parts]).to(device), torch.cat([m for _, m in parts]).to(device)
 
 
