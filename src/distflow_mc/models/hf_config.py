@@ -42,11 +42,13 @@ class Moe:
 @dataclass(frozen=True)
 class Vision:
     """Qwen2.5-VL's images (models/vision.py): the vision tower's HF config, the token its
-    merged patches replace, and the multimodal RoPE sections (how many of the head's
-    frequencies turn with each token's time, height and width position)."""
+    merged patches replace, the multimodal RoPE sections (how many of the head's
+    frequencies turn with each token's time, height and width position), and how many
+    patches a side one image token merges."""
 
     image_token_id: int
     mrope_section: tuple[int, ...]
+    merge: int
     config: dict[str, Any] = field(compare=False, hash=False)
 
 
@@ -71,10 +73,15 @@ class HFArch:
     vision: Vision | None = None  # Qwen2.5-VL: a vision tower and multimodal RoPE
 
 
+def _rope_params(raw: dict[str, Any]) -> dict[str, Any]:
+    """The RoPE settings: transformers 5 nests them in `rope_parameters`, 4.x wrote the
+    scaling (and Qwen2.5-VL's mrope_section) in `rope_scaling`."""
+    return {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
+
+
 def _rope(raw: dict[str, Any], where: str) -> tuple[float, Llama3Rope | None]:
-    """(theta, Llama 3 scaling or None). transformers 5 nests both in `rope_parameters`;
-    4.x wrote `rope_theta` at top level and the scaling in `rope_scaling`."""
-    params = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
+    """(theta, Llama 3 scaling or None); 4.x wrote `rope_theta` at top level."""
+    params = _rope_params(raw)
     rope_type = params.get("rope_type") or params.get("type") or "default"
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
     if rope_type in ("default", "mrope"):  # (mrope: Qwen2.5-VL's, as transformers 4 wrote it)
@@ -109,11 +116,12 @@ def _moe(raw: dict[str, Any], where: str) -> Moe:
 
 
 def _vision(top: dict[str, Any], text: dict[str, Any]) -> Vision:
-    rope = {**(text.get("rope_scaling") or {}), **(text.get("rope_parameters") or {})}
+    config = top["vision_config"]
     return Vision(
         image_token_id=int(top["image_token_id"]),
-        mrope_section=tuple(int(n) for n in rope["mrope_section"]),
-        config=top["vision_config"],
+        mrope_section=tuple(int(n) for n in _rope_params(text)["mrope_section"]),
+        merge=int(config.get("spatial_merge_size", 2)),  # (transformers' default)
+        config=config,
     )
 
 

@@ -76,12 +76,12 @@ def microbatch_images(images: list[Images | None], merge: int) -> dict[str, torc
     distinct images object once (a group's samples hold their prompt's: the vision tower
     encodes them once, not once per sample, the same math), and which one each sample's
     image tokens take."""
-    distinct: dict[int, int] = {}
     given = [im for im in images if im is not None]
-    order = [distinct.setdefault(id(im), len(distinct)) for im in given]
     if not given:
         return {}
     unique = list({id(im): im for im in given}.values())
+    where = {id(im): k for k, im in enumerate(unique)}
+    order = [where[id(im)] for im in given]
     return {
         "pixel_values": torch.cat([im.pixel_values for im in unique]),
         "image_grid_thw": torch.cat([im.grid_thw for im in unique]),

@@ -81,9 +81,10 @@ def stage_reads(plan: Plan, config: Config, pp: int) -> tuple[frozenset[str] | N
     fields = node_fields(config)
     if pp == 1 or any(fields(n) is None for n in plan.nodes):
         return None
-    rows = row_layout(config)  # every stage lays its micro-batches out alike
-    rows |= vision_fields(config) & {"mrope_positions"}  # every stage turns by them
-    return (MODEL_INPUTS | rows | vision_fields(config), *[rows] * (pp - 2), None)
+    # every stage lays its micro-batches out alike, and turns by the 3-D positions
+    images = vision_fields(config)
+    rows = row_layout(config) | (images & {"mrope_positions"})
+    return (MODEL_INPUTS | rows | images, *[rows] * (pp - 2), None)
 
 
 def vision_fields(config: Config) -> frozenset[str]:

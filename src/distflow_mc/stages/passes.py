@@ -62,9 +62,9 @@ def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict],
     samples = [[i for r in g for k in rows[r] for i in items[k].samples] for g in parts]
     mbs = [mb for mb, _ in built]
     if "images" in batch.objects:  # (a first pipeline stage's: it embeds them)
-        merge = w.arch.vision.config.get("spatial_merge_size", 2)
         for mb, part in zip(mbs, samples, strict=True):
-            mb.update(microbatch_images([batch.objects["images"][i] for i in part], merge))
+            images = [batch.objects["images"][i] for i in part]
+            mb.update(microbatch_images(images, w.arch.vision.merge))
     return samples, mbs, [places for _, places in built]
 
 

@@ -126,7 +126,12 @@ TOKEN_FIELDS = {
     "rollout_logprobs": torch.float32,
 }
 PROMPT_OBJECTS = ("data_source", "ground_truth", "extra_info", "extra")  # from the loader
-IMAGES = ("images",)  # a vision-language model's prompts' (data/images.py)
+
+
+def _carried(prompts: Batch) -> tuple[str, ...]:
+    """The prompts' objects every sample keeps: the loader's, and a vision-language
+    model's images (data/images.py)."""
+    return (*PROMPT_OBJECTS, *(("images",) if "images" in prompts.objects else ()))
 
 
 def rollouts(
@@ -173,7 +178,7 @@ def _to_batch(
     (token-aligned, 0 on prompt tokens), on `device` (the engine's output stays there).
     Packed with one concatenation per field, not one per sample."""
     if not gen.response_ids:
-        return _empty(device, "finish_reason", *(k for k in IMAGES if k in prompts.objects))
+        return _empty(device, prompts, "finish_reason")
     ids = [p.to(device) for p in prompt_ids]
     pieces = [
         x
@@ -211,8 +216,7 @@ def _updates(gen: Generation, batch: Batch) -> torch.Tensor:
 def _agent_batch(done: list[Trajectory], prompts: Batch, n: int, device: torch.device) -> Batch:
     """Trajectories as they were built: ids, generated-token mask, engine log-probs."""
     if not done:
-        images = [k for k in IMAGES if k in prompts.objects]
-        return _empty(device, "finish_reason", "trajectory", *images)
+        return _empty(device, prompts, "finish_reason", "trajectory")
     flat = {k: [x for t in done for x in getattr(t, k)] for k in ("ids", "mask", "logprobs")}
     tokens = {
         "input_ids": torch.tensor(flat["ids"], dtype=torch.int64, device=device),
@@ -226,9 +230,9 @@ def _agent_batch(done: list[Trajectory], prompts: Batch, n: int, device: torch.d
     return batch
 
 
-def _empty(device: torch.device, *objects: str) -> Batch:
+def _empty(device: torch.device, prompts: Batch, *objects: str) -> Batch:
     """No samples, with every field a rollout's batch has."""
-    batch = Batch.empty(TOKEN_FIELDS, (*PROMPT_OBJECTS, *objects), device)
+    batch = Batch.empty(TOKEN_FIELDS, (*_carried(prompts), *objects), device)
     batch.samples["prompt_length"] = torch.empty(0, dtype=torch.int64, device=device)
     return batch
 
@@ -249,8 +253,7 @@ def _with_samples(
     index = torch.tensor(prompt_index, dtype=torch.int64, device=device)
     prompt_uid = prompts.samples["uid"].to(device)[index]
     sample = torch.arange(len(index), device=device) % n
-    carried = [*PROMPT_OBJECTS, *(k for k in IMAGES if k in prompts.objects)]
-    objects = {k: [prompts.objects[k][p] for p in prompt_index] for k in carried}
+    objects = {k: [prompts.objects[k][p] for p in prompt_index] for k in _carried(prompts)}
     objects["finish_reason"] = finish_reasons
     samples = {"uid": prompt_uid * n + sample, "group": prompt_uid}
     samples["prompt_length"] = prompts.lengths.to(device)[index]  # every sample begins so
@@ -261,7 +264,6 @@ def positions(w: Workers, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """A vision-language model's samples: each token's three positions (time, height,
     width; [tokens, 3]) and whether it is one of its prompt's images' (models/vision.py)."""
     vision = w.arch.vision
-    merge = vision.config.get("spatial_merge_size", 2)
     none = torch.zeros(0, 3, dtype=torch.int64)
     prompt = batch.samples["prompt_length"].tolist()
     parts = [
@@ -270,7 +272,7 @@ def positions(w: Workers, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
             prompt[i],
             images.grid_thw.cpu() if images is not None else none,
             vision.image_token_id,
-            merge,
+            vision.merge,
         )
         for i, images in enumerate(batch.objects["images"])
     ]
