@@ -64,9 +64,11 @@ def test_a_groups_images_are_encoded_once_per_microbatch():
 
     shared = Images(torch.randn(16 + 8, 5), torch.tensor([[1, 4, 4], [1, 2, 4]]))
     own = Images(torch.randn(4, 5), torch.tensor([[1, 2, 2]]))
-    got = microbatch_images([shared, shared, None, own, shared], merge=2)
+    got = microbatch_images(
+        [shared, shared, None, own, shared], merge=2, device=torch.device("cpu")
+    )
     assert torch.equal(got["pixel_values"], torch.cat([shared.pixel_values, own.pixel_values]))
     assert got["image_grid_thw"].tolist() == [[1, 4, 4], [1, 2, 4], [1, 2, 2]]
     assert got["image_order"].tolist() == [0, 0, 1, 0]
     assert got["image_sizes"].tolist() == [6, 1]  # (16 + 8) / 4 and 4 / 4 image tokens
-    assert microbatch_images([None, None], merge=2) == {}
+    assert microbatch_images([None, None], merge=2, device=torch.device("cpu")) == {}

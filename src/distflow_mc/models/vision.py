@@ -70,23 +70,26 @@ def _embed(image_token: int, model: GPTModel, args: tuple, kwargs: dict) -> tupl
     return args, kwargs
 
 
-def microbatch_images(images: list[Images | None], merge: int) -> dict[str, torch.Tensor]:
-    """A micro-batch's images as the model takes them, for its samples in the order its
-    rows hold them (the order of their image tokens; none for text-only samples): each
-    distinct images object once (a group's samples hold their prompt's: the vision tower
-    encodes them once, not once per sample, the same math), and which one each sample's
-    image tokens take."""
+def microbatch_images(
+    images: list[Images | None], merge: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """A micro-batch's images as the model takes them, on `device` (the batch's), for its
+    samples in the order its rows hold them (the order of their image tokens; none for
+    text-only samples): each distinct images object once (a group's samples hold their
+    prompt's: the vision tower encodes them once, not once per sample, the same math), and
+    which one each sample's image tokens take."""
     given = [im for im in images if im is not None]
     if not given:
         return {}
     unique = list({id(im): im for im in given}.values())
     where = {id(im): k for k, im in enumerate(unique)}
     order = [where[id(im)] for im in given]
+    sizes = [int(im.grid_thw.prod(-1).sum()) // merge**2 for im in unique]
     return {
-        "pixel_values": torch.cat([im.pixel_values for im in unique]),
-        "image_grid_thw": torch.cat([im.grid_thw for im in unique]),
-        "image_order": torch.tensor(order, dtype=torch.int64),
-        "image_sizes": torch.tensor([int(im.grid_thw.prod(-1).sum()) // merge**2 for im in unique]),
+        "pixel_values": torch.cat([im.pixel_values for im in unique]).to(device),
+        "image_grid_thw": torch.cat([im.grid_thw for im in unique]).to(device),
+        "image_order": torch.tensor(order, dtype=torch.int64, device=device),
+        "image_sizes": torch.tensor(sizes, dtype=torch.int64, device=device),
     }
 
 
@@ -133,22 +136,22 @@ def mrope_positions(
     image tokens is the next image of `grids` ([images, 3]: its patch grid t, h, w), whose
     tokens take its merged grid's frames, rows and columns from where the text stopped;
     the text after it goes on from one past the image's larger merged side."""
-    parts, start, images = [], 0, iter(grids.tolist())
+    parts, start, images, dev = [], 0, iter(grids.tolist()), ids.device
     for image, run in itertools.groupby((ids == image_token).tolist()):
         n = len(list(run))
         if not image:
-            parts.append(torch.arange(start, start + n).expand(3, n))
+            parts.append(torch.arange(start, start + n, device=dev).expand(3, n))
             start += n
             continue
         t, h, w = next(images)
-        axes = (torch.arange(t), torch.arange(h // merge), torch.arange(w // merge))
+        axes = [torch.arange(k, device=dev) for k in (t, h // merge, w // merge)]
         grid = torch.stack(torch.meshgrid(*axes, indexing="ij")).reshape(3, -1)
         if grid.shape[1] != n:
             raise ValueError(f"an image of grid {[t, h, w]} has {n} image tokens")
         parts.append(grid + start)
         start += max(h, w) // merge
-    out = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.int64)
-    return out.T.to(ids.device)
+    out = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, dtype=torch.int64, device=dev)
+    return out.T
 
 
 def mrope_angles(

@@ -328,13 +328,14 @@ class HFEngine:
         config = self.model.config
         token, merge = config.image_token_id, self.vision.spatial_merge_size
         given = list(images) if images is not None else [None] * len(prompts)
-        none = torch.zeros(0, 3, dtype=torch.int64)
+        # (counted on the host, a loop over runs of tokens; moved to the engine's device)
+        none = torch.zeros(0, 3, dtype=torch.int64, device="cpu")
         grids = [im.grid_thw.cpu() if im is not None else none for im in given]
-        positions = torch.zeros(3, *ids.shape, dtype=torch.int64)
-        where = torch.zeros(ids.shape, dtype=torch.bool)
+        positions = torch.zeros(3, *ids.shape, dtype=torch.int64, device="cpu")
+        where = torch.zeros(ids.shape, dtype=torch.bool, device="cpu")
         deltas = []
         for r, (p, grid) in enumerate(zip(prompts, grids, strict=True)):
-            pos, is_image = row_positions(torch.tensor(p), grid, token, merge)
+            pos, is_image = row_positions(torch.tensor(p, device="cpu"), grid, token, merge)
             positions[:, r, ids.shape[1] - len(p) :] = pos.T
             where[r, ids.shape[1] - len(p) :] = is_image
             deltas.append(int(pos.max()) + 1 - len(p))

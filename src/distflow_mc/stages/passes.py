@@ -64,7 +64,7 @@ def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict],
     if "images" in batch.objects:  # (a first pipeline stage's: it embeds them)
         for mb, part in zip(mbs, samples, strict=True):
             images = [batch.objects["images"][i] for i in part]
-            mb.update(microbatch_images(images, w.arch.vision.merge))
+            mb.update(microbatch_images(images, w.arch.vision.merge, batch.offsets.device))
     return samples, mbs, [places for _, places in built]
 
 

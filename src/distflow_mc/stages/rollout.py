@@ -262,9 +262,10 @@ def _with_samples(
 
 def positions(w: Workers, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """A vision-language model's samples: each token's three positions (time, height,
-    width; [tokens, 3]) and whether it is one of its prompt's images' (models/vision.py)."""
+    width; [tokens, 3]) and whether it is one of its prompt's images' (models/vision.py),
+    counted on the host (a loop over runs of tokens), then on the batch's device."""
     vision = w.arch.vision
-    none = torch.zeros(0, 3, dtype=torch.int64)
+    none = torch.zeros(0, 3, dtype=torch.int64, device="cpu")
     prompt = batch.samples["prompt_length"].tolist()
     parts = [
         sample_positions(
