@@ -57,7 +57,7 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
             *PRESET,
             "rollout.ranks=1",
             "rollout.partial=true",
-            "rollout.max_new_tokens=48",
+            "rollout.max_new_tokens=128",  # generations outlast a train step: updates cross them
         ],
         # the rest of the algorithms and layouts, a few steps each (agent turns take the
         # weights that arrive while they generate: rollout.partial)
