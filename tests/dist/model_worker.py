@@ -67,23 +67,26 @@ def equivalence(kind: str, model_dir: Path, mp) -> dict:
     arch, chunks = load_reference(model_dir, mp, torch.float32)
     assert not any(p.requires_grad for c in chunks for p in c.parameters())
 
-    def fn(mb, out):
+    def fn(mb, out):  # one tensor: under CP each rank's positions come back in order
         logp, ent = vocab_parallel_logprobs(
             out, mb["labels"], TEMPERATURE, with_entropy=True, vocab_size=arch.vocab_size
         )
-        return gather_vocab(out), logp, ent
+        return torch.cat([gather_vocab(out), logp[..., None], ent[..., None]], dim=-1)
 
     outputs = run_microbatches(chunks, batches(), fn, forward_only=True)
     result = {}
     if mpu.is_pipeline_last_stage():
         hf = load_hf(model_dir)
         diffs = {"logits": 0.0, "logp": 0.0, "entropy": 0.0}
-        for mb, (logits, logp, ent) in zip(batches(), outputs, strict=True):
+        for mb, out in zip(batches(), outputs, strict=True):
             s = mb["input_ids"].shape[1]  # virtual stages pad micro-batches
             with torch.no_grad():
                 ref = hf(mb["input_ids"]).logits
+            if mp.cp > 1:  # outputs on the token they predict (models/context.py's unview)
+                out, ref, s = out[:, 1:], ref[:, :-1], s - 1
+                mb = {k: v[:, :-1] for k, v in mb.items()}
             # virtual stages pad the sequence, TP the vocabulary (to a multiple of TP)
-            logits, logp, ent = logits[:, :s, : ref.shape[-1]], logp[:, :s], ent[:, :s]
+            logits, logp, ent = out[:, :s, : ref.shape[-1]], out[:, :s, -2], out[:, :s, -1]
             ref_lsm = torch.log_softmax(ref / TEMPERATURE, dim=-1)
             ref_logp = ref_lsm.gather(-1, mb["labels"].unsqueeze(-1)).squeeze(-1)
             ref_ent = -(ref_lsm.exp() * ref_lsm).sum(-1)
@@ -358,6 +361,8 @@ def main() -> None:
     parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--first-stage-layers", type=int, default=None)
     parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--cp", type=int, default=1)
+    parser.add_argument("--sp", action="store_true", help="sequence parallel")
     parser.add_argument("--jobs", type=Path)
     parser.add_argument("--vl", type=Path, help="a tiny Qwen2.5-VL directory (check vl)")
     # only the first N ranks hold the model (rollout.placement=SEPARATE's train group)
@@ -377,6 +382,8 @@ def run(args: argparse.Namespace) -> None:
         vpp=args.vpp,
         first_stage_layers=args.first_stage_layers,
         ep=args.ep,
+        cp=args.cp,
+        sequence_parallel=args.sp,
         timeout_s=60,
     )
     mp = init_model_parallel(parallel, seed=1, ranks=args.train_ranks)

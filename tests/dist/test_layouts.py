@@ -117,7 +117,12 @@ def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
         "moe_shared": [*moe, "model.router_aux_loss_coef=0", "trainer.total_steps=1", SHARED],
         "agent": [*AGENT, FLAT],
         "agent_shared": [*AGENT, SHARED],
-        "cp2": ["trainer.total_steps=1", "parallel.cp=2"],
+        "cp2": ["trainer.total_steps=2", "parallel.cp=2", FLAT],
+        # the distributed optimizer shards Adam's state over DP x CP: here the CP pair
+        "cp2_distopt": [
+            *["trainer.total_steps=2", "parallel.cp=2", FLAT],
+            "trainer.actor_optim.distributed_optimizer=true",
+        ],
         # trainer.recompute: activations made again in the backward pass, the same update
         "cp2_recompute": ["trainer.total_steps=1", "parallel.cp=2", "trainer.recompute=FULL"],
         # packed rows under CP: each token attends within its own sample, by row position
@@ -310,19 +315,23 @@ def test_behaviour_correction_against_an_exact_engine_changes_nothing(two):
 def test_context_parallel_equals_data_parallel(two, four):
     """parallel.cp=2 (each rank two of the four chunks of every row, K and V gathered over
     the CP group): the first update equals the same batch's over DP ranks, and the actor's
-    log-probs equal transformers' own; GRPO on 2 ranks (also with GSPO, per-sequence sums
+    log-probs equal transformers' own, also after a step's weights reached the engine; the
+    distributed optimizer sharded over the CP pair takes the same second step; GRPO on 2
+    ranks (also with GSPO, per-sequence sums
     and sequence-level MIS, with trainer.recompute=FULL, and with packed and shared-prefix
     rows on prompts of mixed lengths), and PPO (reference and critic
     passes, values, several epochs) on 4 ranks with CP=2 x TP=2 under sequence parallel and
     with CP=2 over an interleaved pipeline (PP=2 x VPP=2); experts over EP=2 with CP=2
     equal them without CP."""
     assert_same_first_step(two["cp2"], two["on_policy"], "cp2")
+    for key in COMPARED:  # the second step starts from the sharded optimizer's update
+        assert two["cp2_distopt"][1][key] == pytest.approx(two["cp2"][1][key], rel=1e-5), key
     assert_same_first_step(two["cp2_sequences"], two["sequences"], "cp2_sequences")
     assert_same_first_step(two["cp2_recompute"], two["on_policy"], "cp2_recompute")
     assert_same_first_step(two["cp2_packed"], two["rows"], "cp2_packed")
     assert_same_first_step(two["cp2_shared"], two["rows"], "cp2_shared")
     assert two["cp2_shared"][0]["actor/shared_prefix_saved"] > 0.2
-    assert two["cp2"][0]["rollout/logprob_gap_max"] < 1e-4
+    assert max(step["rollout/logprob_gap_max"] for step in two["cp2"]) < 1e-4
     cp, flat = four["ppo_cp2_tp2_sp"], four["ppo_dp4"]
     assert_same_first_step(cp, flat, "ppo_cp2_tp2_sp")
     assert cp[0]["critic/value_loss"] == pytest.approx(flat[0]["critic/value_loss"], rel=1e-5)

@@ -126,6 +126,8 @@ def two_ranks(models, vl, tmp_path_factory) -> Path:
             "--first-stage-layers",
             "1",
         ],
+        "cp": ["--cp", "2", *equivalence],
+        "cp_ep": ["--models", str(moe), "--ep", "2", "--cp", "2", *equivalence],
         "vl_tp": ["--tp", "2", "--checks", "vl", "--vl", str(vl)],
         "vl_pp": ["--pp", "2", "--checks", "vl", "--vl", str(vl)],
         "dp2": ["--checks", "train"],
@@ -170,6 +172,43 @@ def test_expert_parallel_matches_transformers(two_ranks):
     megatron's all-to-all dispatcher, and export gathers every expert on every rank."""
     for result in results_of(two_ranks, "ep"):
         assert_equivalent(result, ("qwen3_moe",))
+
+
+@pytest.fixture(scope="module")
+def four_ranks(models, tmp_path_factory) -> Path:
+    """Context parallelism beside TP (sequence parallel) and pipelines, in one launch."""
+    out = tmp_path_factory.mktemp("four")
+    jobs = {
+        "cp_tp_sp": ["--cp", "2", "--tp", "2", "--sp"],
+        "cp_pp": ["--cp", "2", "--pp", "2"],
+        "cp_vpp": ["--cp", "2", "--pp", "2", "--vpp", "2"],
+    }
+    listed = [
+        ["--models", str(models), "--out", str(out / name), "--checks", "equivalence", *a]
+        for name, a in jobs.items()
+    ]
+    (out / "jobs.json").write_text(json.dumps(listed))
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node=4", WORKER, "--jobs", str(out / "jobs.json")]
+    proc = run_cmd(cmd, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out
+
+
+@pytest.mark.parametrize("layout", ["cp", "cp_ep", "cp_tp_sp", "cp_pp", "cp_vpp"])
+def test_context_parallel_layouts_match_transformers(two_ranks, four_ranks, layout):
+    """parallel.cp=2 (each rank two of the four chunks of every row, K and V gathered over
+    the pair, mask-free attention), alone, with Qwen3-MoE's experts over EP=2, with TP=2
+    and sequence parallel, with PP=2 and interleaved PP=2 x VPP=2: logits, log-probs and
+    entropies of every position equal transformers' on rows of 12 and 7 tokens (7: padded
+    to a multiple of 2 x CP before the cut)."""
+    where = four_ranks if layout in ("cp_tp_sp", "cp_pp", "cp_vpp") else two_ranks
+    ranks = 4 if where is four_ranks else 2
+    results_ = [json.loads((where / layout / f"rank{r}.json").read_text()) for r in range(ranks)]
+    kinds = ("qwen3_moe",) if layout == "cp_ep" else KINDS
+    for result in results_:
+        if "llama_logits_maxdiff" in result or "qwen3_moe_logits_maxdiff" in result:
+            assert_equivalent(result, kinds)
+    assert sum("qwen3_moe_logits_maxdiff" in r for r in results_) >= 2  # both CP ranks
 
 
 @pytest.mark.parametrize("first", [None, 1])

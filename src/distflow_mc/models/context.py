@@ -1,7 +1,10 @@
 """Context parallelism (parallel.cp = C) on the local layer spec: each rank of a CP group
 holds two of the 2C chunks of every row (chunks i and 2C - 1 - i, megatron's balance for
 causal attention), with its tokens' true positions; attention gathers K and V over the
-group and masks by position.
+group (`attention`): each chunk attends to the chunks before it in full and to itself
+causally, two fused kernels merged by their log-sum-exp, with no mask; packed and
+shared-prefix rows, whose spans decide what a token sees, mask by position
+(`position_mask`).
 
     [ c0 | c1 | c2 | c3 ]  C = 2: rank 0 holds c0 and c3, rank 1 holds c1 and c2
 
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from distflow_mc.models.spans import additive
 
@@ -42,32 +47,100 @@ def _gathered_order(size: int, length: int) -> torch.Tensor:
 def position_mask(
     group: dist.ProcessGroup,
     length: int,
-    device: torch.device,
     dtype: torch.dtype,
-    spans: torch.Tensor | None = None,
-    key_spans: torch.Tensor | None = None,
+    spans: torch.Tensor,
+    key_spans: torch.Tensor,
     prefixes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """What every layer's attention needs of a micro-batch under CP: [1, 1, local, full]
-    in SDPA's additive form (0 / -inf), a key allowed where its position in the row <= the
-    query's; with packed or shared-prefix rows ([b, local] `spans` of the view's tokens and
-    `prefixes`, the span each one's span continues, 0: none; [b, 1, length] `key_spans` of
-    the whole rows') [b, 1, local, full], and only within the query's own span and the
-    span it continues (its group's prompt: models/spans.py). Made once for every layer,
-    and a tensor, so that activation recomputation (trainer.recompute) saves it with a
-    layer's input."""
+    """What every layer's attention needs of a micro-batch of packed or shared-prefix rows
+    under CP ([b, local] `spans` of the view's tokens and `prefixes`, the span each one's
+    span continues, 0: none; [b, 1, length] `key_spans` of the whole rows'): [b, 1, local,
+    full] in SDPA's additive form (0 / -inf), a key allowed where its position in the row
+    <= the query's, within the query's own span or the span it continues (its group's
+    prompt: models/spans.py). Made once for every layer."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
-    mine = chunks(size, rank, length).to(device)
-    order = _gathered_order(size, length).to(device)
-    allowed = (order[None, :] <= mine[:, None])[None, None]
-    if key_spans is not None:  # the keys in the order the gather puts them
-        keys = key_spans[:, :, None, order]
-        within = spans[:, None, :, None] == keys
-        if prefixes is not None:
-            continued = prefixes[:, None, :, None]
-            within |= (continued > 0) & (continued == keys)
-        allowed = allowed & within
-    return additive(allowed, dtype)
+    mine = chunks(size, rank, length).to(spans.device)
+    order = _gathered_order(size, length).to(spans.device)
+    keys = key_spans[:, :, None, order]  # the keys in the order the gather puts them
+    within = spans[:, None, :, None] == keys
+    if prefixes is not None:
+        continued = prefixes[:, None, :, None]
+        within |= (continued > 0) & (continued == keys)
+    return additive((order[None, :] <= mine[:, None])[None, None] & within, dtype)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, scale: float
+) -> torch.Tensor:
+    """Causal attention of this rank's chunks (q, k, v: [b, heads, 2c, d], K/V heads
+    fewer under GQA) to the whole rows: K and V gathered over the group (only the KV heads
+    travel) and put in row order; each chunk's queries sit at the end of the keys up to
+    their own chunk's end. -> [b, heads, 2c, d]"""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    c = q.size(2) // 2
+    in_row_order = torch.argsort(_gathered_order(size, 2 * c * size)).to(q.device)
+    k, v = (gather(t, group).index_select(2, in_row_order) for t in (k, v))
+    parts = []
+    for i, block in enumerate((rank, 2 * size - 1 - rank)):
+        end = (block + 1) * c  # a chunk sees the keys up to its own end
+        mine = q[:, :, i * c : (i + 1) * c]
+        parts.append(tail_attention(mine, k[:, :, :end], v[:, :, :end], scale))
+    return torch.cat(parts, dim=2)
+
+
+def tail_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of queries that are the last q.size(2) positions of the keys
+    (lower-right alignment). On the GPU torch's fused kernels take that alignment as is; on
+    the CPU the keys before the queries' own block and the block itself (a square causal
+    one) run as two fused kernels, merged by their log-sum-exp (no [queries, keys] mask)."""
+    return _Tail.apply(q, k, v, scale) if q.device.type == "cpu" else _lower_right(q, k, v, scale)
+
+
+def _lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    bias = causal_lower_right(q.size(2), k.size(2))
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias, scale=scale, enable_gqa=q.size(1) != k.size(1)
+    )
+
+
+_forward_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_backward_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class _Tail(torch.autograd.Function):
+    """The CPU's lower-right causal attention. The backward runs each kernel's own backward
+    with the merged output and log-sum-exp (what ring attention does): the softmax each
+    block recomputes is then the whole row's."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+        before = k.size(2) - q.size(2)  # keys seen in full
+        out, lse = _forward_cpu(q, k[:, :, before:], v[:, :, before:], 0.0, True, scale=scale)
+        if before:
+            out_b, lse_b = _forward_cpu(q, k[:, :, :before], v[:, :, :before], 0.0, scale=scale)
+            merged = torch.logaddexp(lse, lse_b)
+            out = (
+                out.float() * torch.exp(lse - merged)[..., None]
+                + out_b.float() * torch.exp(lse_b - merged)[..., None]
+            ).to(q.dtype)
+            lse = merged
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.before = scale, before
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        b, scale = ctx.before, ctx.scale
+        dq, dk, dv = _backward_cpu(
+            grad, q, k[:, :, b:], v[:, :, b:], out, lse, 0.0, True, scale=scale
+        )
+        if b:
+            dq_b, dk_b, dv_b = _backward_cpu(
+                grad, q, k[:, :, :b], v[:, :, :b], out, lse, 0.0, False, scale=scale
+            )
+            dq, dk, dv = dq + dq_b, torch.cat([dk_b, dk], dim=2), torch.cat([dv_b, dv], dim=2)
+        return dq, dk, dv, None
 
 
 def gather(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

@@ -23,7 +23,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
-from distflow_mc.models.context import gather
+from distflow_mc.models.context import attention, gather
 from distflow_mc.models.hf_config import HFArch, Llama3Rope
 from distflow_mc.models.spans import Spans
 from distflow_mc.models.vision import attach_vision, mrope_angles
@@ -367,7 +367,7 @@ class SDPAttention(DotProductAttention):
     than strided views of [s, b, ...]; rope angles are per position ([s, 1, 1, d]) or per
     token of a packed row ([s, b, 1, d]). The models here use no attention dropout, window
     or softmax offset. Under context parallelism (parallel.cp) it attends to the whole row:
-    K and V gathered over the CP group, masked by position (models/context.py)."""
+    K and V gathered over the CP group (models/context.py)."""
 
     rotary: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
 
@@ -389,7 +389,9 @@ class SDPAttention(DotProductAttention):
         v = rope_batch_major(value, None)
         if isinstance(attention_mask, Spans):
             out = attention_mask.attention(q, k, v, scale)
-        elif self.cp_group is not None:  # the mask: models/context.py's position_mask
+        elif self.cp_group is not None and attention_mask is None:  # (models/context.py)
+            out = attention(q, k, v, self.cp_group, scale)
+        elif self.cp_group is not None:  # spans under CP: context.position_mask
             k, v = gather(k, self.cp_group), gather(v, self.cp_group)
             gqa = q.size(1) != k.size(1)
             out = F.scaled_dot_product_attention(

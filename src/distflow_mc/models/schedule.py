@@ -34,10 +34,11 @@ def _forward(model: torch.nn.Module, mb: MicroBatch, cp: dist.ProcessGroup | Non
     span and its span's prefix (models/spans.py); under context parallelism (`cp`, the
     group) a view's tokens attend by position to the whole row (models/context.py)."""
     if cp is not None:
-        full = _rows(mb).shape[1] * dist.get_world_size(cp)
-        # packed or shared-prefix rows: within each span and the span it continues
-        spans = (mb.get("spans"), mb.get("key_spans"), mb.get("prefixes"))
-        mask = position_mask(cp, full, _rows(mb).device, model.config.params_dtype, *spans)
+        mask = None
+        if "spans" in mb:  # packed or shared-prefix rows: within each span and its prefix
+            full = _rows(mb).shape[1] * dist.get_world_size(cp)
+            spans = (mb["spans"], mb["key_spans"], mb.get("prefixes"))
+            mask = position_mask(cp, full, model.config.params_dtype, *spans)
         return model(mb.get("input_ids"), mb["positions"], attention_mask=mask)
     if "spans" not in mb:  # (a vision-language model's: images, 3-D positions)
         images = {k: mb[k] for k in (*IMAGES, "image_mask") if k in mb}
