@@ -5,8 +5,10 @@ on one sequence of 2K-32K tokens at parallel.cp = 1, 2, 4 (gloo ranks on this ma
     python scripts/bench_long_context.py --lengths 8192 32768 --cp 1 4
     python scripts/bench_long_context.py --recompute 0 1   # also with trainer.recompute=FULL
     python scripts/bench_long_context.py --size qwen0.5b --dtype bf16 --cp 1   # one GPU
+    python scripts/bench_long_context.py --samples 8   # one row packing 8 sequences
 
-One launch per (CP, length): a single sequence (its last 3/4 the "response"), one optimizer
+One launch per (CP, length): a single sequence (its last 3/4 the "response"; with
+`--samples N`, N sequences of length / N packed into the row), one optimizer
 step (forward and backward through the trainer's own schedule and CP view) after a warm-up
 step, medians of `--repeats`. Memory is each rank's peak resident set during the steps above what
 it held before the first one (the process's high-water mark, getrusage(RUSAGE_SELF)
@@ -39,7 +41,9 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # (Linux: KB)
 
 
-def worker(out: str, length: int, repeats: int, recompute: bool, size: str, dtype: str) -> None:
+def worker(
+    out: str, length: int, repeats: int, recompute: bool, size: str, dtype: str, samples: int
+) -> None:
     import os
 
     import torch
@@ -47,7 +51,7 @@ def worker(out: str, length: int, repeats: int, recompute: bool, size: str, dtyp
 
     from distflow_mc.config.schema import OptimConfig, ParallelConfig
     from distflow_mc.data.batch import Batch
-    from distflow_mc.data.microbatch import pad_microbatch
+    from distflow_mc.data.microbatch import Item, packed_microbatch, pad_microbatch
     from distflow_mc.models.gpt import build_gpt
     from distflow_mc.models.train import TrainableModel
     from distflow_mc.parallel.dist import init_distributed
@@ -64,12 +68,17 @@ def worker(out: str, length: int, repeats: int, recompute: bool, size: str, dtyp
     model = TrainableModel(chunks, OptimConfig(lr=1e-5), 100)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, s["vocab"], (length,), generator=g).to(ctx.device)
-    mask = (torch.arange(length) >= length // 4).float().to(ctx.device)
-    uid = torch.zeros(1, dtype=torch.int64, device=ctx.device)
+    each = length // samples
+    mask = (torch.arange(each) >= each // 4).float().to(ctx.device)
+    uid = torch.arange(samples, device=ctx.device)
     batch = Batch.from_sequences(
-        {"input_ids": [ids], "response_mask": [mask]}, {"uid": uid, "group": uid}
+        {"input_ids": list(ids.split(each))[:samples], "response_mask": [mask] * samples},
+        {"uid": uid, "group": uid},
     )
-    mbs = [pad_microbatch(batch, [0])]
+    if samples == 1:
+        mbs = [pad_microbatch(batch, [0])]
+    else:  # one row of spans (trainer.sequence_packing's layout)
+        mbs = [packed_microbatch(batch, [[Item((i,)) for i in range(samples)]], 0)[0]]
 
     def loss_fn(mb, out):
         logp, _ = token_logprobs(out, mb, 1.0, s["vocab"])
@@ -106,10 +115,13 @@ def main() -> None:
     parser.add_argument("--size", default="4m", choices=["4m", *SIZES])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--length", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=1)
     args = parser.parse_args()
     if args.worker:
         recompute = bool(args.recompute[0])
-        worker(args.worker, args.length, args.repeats, recompute, args.size, args.dtype)
+        worker(
+            args.worker, args.length, args.repeats, recompute, args.size, args.dtype, args.samples
+        )
         return
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     rows = []
@@ -119,12 +131,14 @@ def main() -> None:
             cmd = [torchrun, "--standalone", f"--nproc-per-node={cp}", __file__]
             cmd += ["--worker", f.name, "--length", str(length), "--repeats", str(args.repeats)]
             cmd += ["--recompute", str(recompute), "--size", args.size, "--dtype", args.dtype]
+            cmd += ["--samples", str(args.samples)]
             subprocess.run(cmd, check=True, capture_output=True, timeout=3600)
             every = json.loads(Path(f.name).read_text())
         seconds = max(r["seconds"] for r in every)
         row = {
             "size": args.size,
             "tokens": length,
+            "samples": args.samples,
             "cp": cp,
             "recompute": bool(recompute),
             "s_per_step": round(seconds, 2),

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distflow_mc.models.context import _lower_right, tail_attention
+from distflow_mc.models.context import Pieces, _lower_right, chunks, tail_attention
 
 
 def _dense(q, k, v, scale):
@@ -58,3 +58,66 @@ def test_tail_attention_in_bf16_is_the_dense_one_rounded():
     assert got.dtype == torch.bfloat16
     # as close to the float64 result as torch's own bf16 kernel is
     assert (got.double() - exact).abs().max() <= 2 * (dense.double() - exact).abs().max()
+
+
+@st.composite
+def span_rows(draw):
+    """Rows of spans end to end (0: padding at the end): samples, or a group's prompt then
+    its samples, each continuing the prompt (models/spans.py's layouts), and how many ranks
+    cut them (the row a multiple of 2 x CP)."""
+    size = draw(st.sampled_from([2, 3]))
+    b = draw(st.integers(1, 2))
+    rows, prefixes, next_id = [], [], 1
+    for _ in range(b):
+        row, pre = [], []
+        for _ in range(draw(st.integers(1, 3))):
+            prompt, n = next_id, draw(st.integers(1, 7))
+            row += [prompt] * n
+            pre += [0] * n
+            next_id += 1
+            for _ in range(draw(st.integers(0, 3))):  # samples continuing the prompt
+                n = draw(st.integers(1, 6))
+                row += [next_id] * n
+                pre += [prompt] * n
+                next_id += 1
+        rows.append((row, pre))
+    step = 2 * size
+    full = max(-(-len(r) // step) * step for r, _ in rows) + step * draw(st.integers(0, 1))
+    spans = torch.zeros(b, full, dtype=torch.int64)
+    prefixes = torch.zeros(b, full, dtype=torch.int64)
+    for i, (row, pre) in enumerate(rows):
+        spans[i, : len(row)], prefixes[i, : len(pre)] = torch.tensor(row), torch.tensor(pre)
+    return size, spans, prefixes
+
+
+@settings(max_examples=40, deadline=None)
+@given(layout=span_rows(), seed=st.integers(0, 2**16))
+def test_cp_pieces_are_the_span_masked_attention(layout, seed):
+    """Every CP rank's runs of span tokens (context.Pieces), against torch's attention of
+    the whole rows with the dense span mask (a token sees its span's earlier tokens and the
+    whole span its span continues): every rank's real tokens' outputs, and the gradients
+    of q, k and v summed over the ranks."""
+    size, spans, prefixes = layout
+    b, full = spans.shape
+    q, k, v = _inputs(seed, b, 2, 2, full, 0, 8)
+    pos = torch.arange(full)
+    keys = spans[:, None, None, :]
+    allowed = (pos[None, :] <= pos[:, None])[None, None] & (
+        (keys == spans[:, None, :, None])
+        | ((prefixes[:, None, :, None] > 0) & (keys == prefixes[:, None, :, None]))
+    )
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.3, enable_gqa=True)
+    real = spans > 0
+    grad = torch.randn(dense.shape, generator=torch.Generator().manual_seed(seed + 1))
+    grad = grad * real[:, None, :, None]
+    want = torch.autograd.grad((dense * grad).sum(), (q, k, v))
+    total = 0
+    for rank in range(size):
+        mine = chunks(size, rank, full)
+        pieces = Pieces.build(spans[:, mine], spans[:, None, :], prefixes[:, mine], size, rank)
+        out = pieces.attention(q[:, :, mine], k, v, 0.3)
+        mask = real[:, mine][:, None, :, None]
+        torch.testing.assert_close(out * mask, dense[:, :, mine] * mask, atol=2e-6, rtol=1e-5)
+        total = total + (out * grad[:, :, mine]).sum()
+    for got, expected in zip(torch.autograd.grad(total, (q, k, v)), want, strict=True):
+        torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)

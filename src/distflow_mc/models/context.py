@@ -2,9 +2,9 @@
 holds two of the 2C chunks of every row (chunks i and 2C - 1 - i, megatron's balance for
 causal attention), with its tokens' true positions; attention gathers K and V over the
 group (`attention`): each chunk attends to the chunks before it in full and to itself
-causally, two fused kernels merged by their log-sum-exp, with no mask; packed and
-shared-prefix rows, whose spans decide what a token sees, mask by position
-(`position_mask`).
+causally, two fused kernels merged by their log-sum-exp, with no mask; in packed and
+shared-prefix rows each run of a span's tokens within a chunk attends so to its span and
+the span it continues (`Pieces`).
 
     [ c0 | c1 | c2 | c3 ]  C = 2: rank 0 holds c0 and c3, rank 1 holds c1 and c2
 
@@ -17,12 +17,12 @@ another rank), so a loss needs no neighbour. Forward-only outputs come back whol
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
-
-from distflow_mc.models.spans import additive
 
 # what a view keeps at its own position: the model's inputs (packed or shared-prefix rows:
 # each token's position in its sample, its span and the span its span continues)
@@ -44,42 +44,94 @@ def _gathered_order(size: int, length: int) -> torch.Tensor:
     return torch.cat([chunks(size, r, length) for r in range(size)])
 
 
-def position_mask(
-    group: dist.ProcessGroup,
-    length: int,
-    dtype: torch.dtype,
-    spans: torch.Tensor,
-    key_spans: torch.Tensor,
-    prefixes: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """What every layer's attention needs of a micro-batch of packed or shared-prefix rows
-    under CP ([b, local] `spans` of the view's tokens and `prefixes`, the span each one's
-    span continues, 0: none; [b, 1, length] `key_spans` of the whole rows'): [b, 1, local,
-    full] in SDPA's additive form (0 / -inf), a key allowed where its position in the row
-    <= the query's, within the query's own span or the span it continues (its group's
-    prompt: models/spans.py). Made once for every layer."""
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    mine = chunks(size, rank, length).to(spans.device)
-    order = _gathered_order(size, length).to(spans.device)
-    keys = key_spans[:, :, None, order]  # the keys in the order the gather puts them
-    within = spans[:, None, :, None] == keys
-    if prefixes is not None:
-        continued = prefixes[:, None, :, None]
-        within |= (continued > 0) & (continued == keys)
-    return additive((order[None, :] <= mine[:, None])[None, None] & within, dtype)
+@dataclass(frozen=True)
+class Pieces:
+    """Packed or shared-prefix rows under CP, made once per micro-batch for every layer:
+    each row's local tokens in runs of one span within one chunk, and for each run the
+    whole-row positions of the keys it sees (`ranges`): the span its span continues (its
+    group's prompt, models/spans.py) in full, then its own span up to the run's end. The
+    run's queries are the last of those keys, so each run is one lower-right causal
+    attention (`tail_attention`): no mask. A run of padding sees nothing (its output 0)."""
+
+    rows: tuple[tuple[tuple[int, int, tuple[tuple[int, int], ...]], ...], ...]
+
+    @staticmethod
+    def build(
+        spans: torch.Tensor,
+        key_spans: torch.Tensor,
+        prefixes: torch.Tensor | None,
+        size: int,
+        rank: int,
+    ) -> Pieces:
+        """[b, local] `spans` of the view's tokens (0: padding) and `prefixes` (the span
+        each one's span continues, 0: none); [b, 1, full] `key_spans` of the whole rows."""
+        full = key_spans.size(-1)
+        c = full // (2 * size)
+        mine = chunks(size, rank, full).tolist()
+        rows = []
+        for r in range(spans.size(0)):
+            ids, counts = torch.unique_consecutive(key_spans[r, 0], return_counts=True)
+            ends = counts.cumsum(0).tolist()  # (each span contiguous in its row)
+            bounds = {
+                s: (e - n, e) for s, n, e in zip(ids.tolist(), counts.tolist(), ends, strict=True)
+            }
+            runs = []
+            for chunk in (0, c):  # the rank's two chunks
+                at = chunk  # a run's first local token; mine[at]: its position in the row
+                ids, counts = torch.unique_consecutive(
+                    spans[r, chunk : chunk + c], return_counts=True
+                )
+                for span, n in zip(ids.tolist(), counts.tolist(), strict=True):
+                    ranges = ()
+                    if span > 0:
+                        ranges = ((bounds[span][0], mine[at] + n),)
+                        prefix = int(prefixes[r, at]) if prefixes is not None else 0
+                        ranges = ((bounds[prefix],) if prefix > 0 else ()) + ranges
+                    runs.append((at, at + n, ranges))
+                    at += n
+            rows.append(tuple(runs))
+        return Pieces(tuple(rows))
+
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """q: [b, heads, local, d]; k, v: the whole rows' in row order."""
+        rows = []
+        for r, runs in enumerate(self.rows):
+            parts = []
+            for first, end, ranges in runs:
+                if not ranges:
+                    parts.append(q.new_zeros(1, q.size(1), end - first, v.size(-1)))
+                    continue
+                kr, vr = (
+                    torch.cat([t[r : r + 1, :, a:b] for a, b in ranges], dim=2)
+                    if len(ranges) > 1
+                    else t[r : r + 1, :, ranges[0][0] : ranges[0][1]]
+                    for t in (k, v)
+                )
+                parts.append(tail_attention(q[r : r + 1, :, first:end], kr, vr, scale))
+            rows.append(torch.cat(parts, dim=2))
+        return torch.cat(rows, dim=0)
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: dist.ProcessGroup,
+    scale: float,
+    pieces: Pieces | None = None,
 ) -> torch.Tensor:
     """Causal attention of this rank's chunks (q, k, v: [b, heads, 2c, d], K/V heads
     fewer under GQA) to the whole rows: K and V gathered over the group (only the KV heads
     travel) and put in row order; each chunk's queries sit at the end of the keys up to
-    their own chunk's end. -> [b, heads, 2c, d]"""
+    their own chunk's end (packed or shared-prefix rows: `pieces`). -> [b, heads, 2c, d]"""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     c = q.size(2) // 2
     in_row_order = torch.argsort(_gathered_order(size, 2 * c * size)).to(q.device)
     k, v = (gather(t, group).index_select(2, in_row_order) for t in (k, v))
+    if pieces is not None:
+        return pieces.attention(q, k, v, scale)
     parts = []
     for i, block in enumerate((rank, 2 * size - 1 - rank)):
         end = (block + 1) * c  # a chunk sees the keys up to its own end
@@ -184,7 +236,7 @@ def view(mb: dict, size: int, rank: int, multiple: int) -> dict:
         out["labels"] = out["input_ids"].roll(-1, dims=1)
     if "positions" not in out:  # (packed rows bring each token's position in its sample)
         out["positions"] = torch.arange(length, device=ids.device).expand(b, length)
-    if "spans" in out:  # packed rows: every key's sample, whole (for `position_mask`)
+    if "spans" in out:  # packed rows: every key's sample, whole (for `Pieces`)
         out["key_spans"] = out["spans"][:, None, :]
     index = chunks(size, rank, length).to(ids.device)
     return {

@@ -23,7 +23,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
-from distflow_mc.models.context import attention, gather
+from distflow_mc.models.context import attention
 from distflow_mc.models.hf_config import HFArch, Llama3Rope
 from distflow_mc.models.spans import Spans
 from distflow_mc.models.vision import attach_vision, mrope_angles
@@ -389,14 +389,8 @@ class SDPAttention(DotProductAttention):
         v = rope_batch_major(value, None)
         if isinstance(attention_mask, Spans):
             out = attention_mask.attention(q, k, v, scale)
-        elif self.cp_group is not None and attention_mask is None:  # (models/context.py)
-            out = attention(q, k, v, self.cp_group, scale)
-        elif self.cp_group is not None:  # spans under CP: context.position_mask
-            k, v = gather(k, self.cp_group), gather(v, self.cp_group)
-            gqa = q.size(1) != k.size(1)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attention_mask, scale=scale, enable_gqa=gqa
-            )
+        elif self.cp_group is not None:  # (None or context.Pieces: models/context.py)
+            out = attention(q, k, v, self.cp_group, scale, attention_mask)
         else:
             assert attention_mask is None, "a dense mask: pass Spans"
             out = F.scaled_dot_product_attention(

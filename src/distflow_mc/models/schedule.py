@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from distflow_mc.models.context import position_mask, unview, view
+from distflow_mc.models.context import Pieces, unview, view
 from distflow_mc.models.spans import Spans
 from distflow_mc.models.vision import IMAGES
 
@@ -34,12 +34,11 @@ def _forward(model: torch.nn.Module, mb: MicroBatch, cp: dist.ProcessGroup | Non
     span and its span's prefix (models/spans.py); under context parallelism (`cp`, the
     group) a view's tokens attend by position to the whole row (models/context.py)."""
     if cp is not None:
-        mask = None
+        pieces = None
         if "spans" in mb:  # packed or shared-prefix rows: within each span and its prefix
-            full = _rows(mb).shape[1] * dist.get_world_size(cp)
-            spans = (mb["spans"], mb["key_spans"], mb.get("prefixes"))
-            mask = position_mask(cp, full, model.config.params_dtype, *spans)
-        return model(mb.get("input_ids"), mb["positions"], attention_mask=mask)
+            where = (dist.get_world_size(cp), dist.get_rank(cp))
+            pieces = Pieces.build(mb["spans"], mb["key_spans"], mb.get("prefixes"), *where)
+        return model(mb.get("input_ids"), mb["positions"], attention_mask=pieces)
     if "spans" not in mb:  # (a vision-language model's: images, 3-D positions)
         images = {k: mb[k] for k in (*IMAGES, "image_mask") if k in mb}
         positions = mb["mrope_positions"].permute(2, 0, 1) if "mrope_positions" in mb else None
