@@ -3,7 +3,7 @@ on one sequence of 2K-32K tokens at parallel.cp = 1, 2, 4 (gloo ranks on this ma
 
     python scripts/bench_long_context.py
     python scripts/bench_long_context.py --lengths 8192 32768 --cp 1 4
-    python scripts/bench_long_context.py --recompute 0 1   # also with trainer.recompute=FULL
+    python scripts/bench_long_context.py --recompute none full selective   # trainer.recompute
     python scripts/bench_long_context.py --size qwen0.5b --dtype bf16 --cp 1   # one GPU
     python scripts/bench_long_context.py --samples 8   # one row packing 8 sequences
 
@@ -42,7 +42,7 @@ def rss_mb() -> float:
 
 
 def worker(
-    out: str, length: int, repeats: int, recompute: bool, size: str, dtype: str, samples: int
+    out: str, length: int, repeats: int, recompute: str, size: str, dtype: str, samples: int
 ) -> None:
     import os
 
@@ -64,7 +64,8 @@ def worker(
     room = length + 8 * cp
     s, arch = (SIZE, small_arch(room)) if size == "4m" else (SIZES[size], arch_of(size, room))
     torch.manual_seed(1)
-    chunks = build_gpt(arch, mp, getattr(torch, dtype), recompute=recompute)
+    granularity = None if recompute == "none" else recompute
+    chunks = build_gpt(arch, mp, getattr(torch, dtype), recompute=granularity)
     model = TrainableModel(chunks, OptimConfig(lr=1e-5), 100)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, s["vocab"], (length,), generator=g).to(ctx.device)
@@ -111,14 +112,16 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
     parser.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--recompute", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--recompute", nargs="+", default=["none"], choices=["none", "full", "selective"]
+    )
     parser.add_argument("--size", default="4m", choices=["4m", *SIZES])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--length", type=int, default=0)
     parser.add_argument("--samples", type=int, default=1)
     args = parser.parse_args()
     if args.worker:
-        recompute = bool(args.recompute[0])
+        recompute = args.recompute[0]
         worker(
             args.worker, args.length, args.repeats, recompute, args.size, args.dtype, args.samples
         )
@@ -140,7 +143,7 @@ def main() -> None:
             "tokens": length,
             "samples": args.samples,
             "cp": cp,
-            "recompute": bool(recompute),
+            "recompute": recompute,
             "s_per_step": round(seconds, 2),
             "tokens_per_s": round(length / seconds),
             "peak_step_mb_per_rank": round(max(r["peak_mb"] for r in every)),

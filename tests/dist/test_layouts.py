@@ -127,6 +127,9 @@ def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
         "cp2_recompute": ["trainer.total_steps=1", "parallel.cp=2", "trainer.recompute=FULL"],
         # packed rows under CP: each token attends within its own sample, by row position
         "cp2_packed": [*mixed, "parallel.cp=2", packing],
+        # megatron's selective recompute (the MLPs and norms again), with span rows
+        "cp2_packed_selective": [*mixed, "parallel.cp=2", packing, "trainer.recompute=SELECTIVE"],
+        "shared_selective": [*mixed, "parallel.pp=2", SHARED, "trainer.recompute=SELECTIVE"],
         # shared-prefix rows under CP: a sample's tokens attend to its group's prompt too
         "cp2_shared": [*mixed, "parallel.cp=2", SHARED],
         # per-sequence rules under CP: GSPO's sequence ratio, per-sequence sums, MIS over
@@ -317,9 +320,10 @@ def test_context_parallel_equals_data_parallel(two, four):
     the CP group): the first update equals the same batch's over DP ranks, and the actor's
     log-probs equal transformers' own, also after a step's weights reached the engine; the
     distributed optimizer sharded over the CP pair takes the same second step; GRPO on 2
-    ranks (also with GSPO, per-sequence sums
-    and sequence-level MIS, with trainer.recompute=FULL, and with packed and shared-prefix
-    rows on prompts of mixed lengths), and PPO (reference and critic
+    ranks (also with GSPO, per-sequence sums and sequence-level MIS, with
+    trainer.recompute=FULL, and with packed and shared-prefix rows on prompts of mixed
+    lengths, packed also under trainer.recompute=SELECTIVE, and shared-prefix rows under it
+    without CP), and PPO (reference and critic
     passes, values, several epochs) on 4 ranks with CP=2 x TP=2 under sequence parallel and
     with CP=2 over an interleaved pipeline (PP=2 x VPP=2); experts over EP=2 with CP=2
     equal them without CP."""
@@ -329,6 +333,8 @@ def test_context_parallel_equals_data_parallel(two, four):
     assert_same_first_step(two["cp2_sequences"], two["sequences"], "cp2_sequences")
     assert_same_first_step(two["cp2_recompute"], two["on_policy"], "cp2_recompute")
     assert_same_first_step(two["cp2_packed"], two["rows"], "cp2_packed")
+    assert_same_first_step(two["cp2_packed_selective"], two["rows"], "cp2_packed_selective")
+    assert_same_first_step(two["shared_selective"], two["rows"], "shared_selective")
     assert_same_first_step(two["cp2_shared"], two["rows"], "cp2_shared")
     assert two["cp2_shared"][0]["actor/shared_prefix_saved"] > 0.2
     assert max(step["rollout/logprob_gap_max"] for step in two["cp2"]) < 1e-4

@@ -44,7 +44,7 @@ class SharedPrefix(Enum):  # (not ON/OFF: YAML reads those as booleans)
 class Recompute(Enum):
     NONE = "NONE"
     FULL = "FULL"  # megatron's full recompute: a layer's activations made again in backward
-    SELECTIVE = "SELECTIVE"  # (refused: the rope travels beside the core attention's call)
+    SELECTIVE = "SELECTIVE"  # megatron's selective: the dense MLPs' activations again
 
 
 class OnStale(Enum):

@@ -215,18 +215,12 @@ def _trainer_and_data(
             " on GPU the TE spec runs, whose packed (THD) path is not wired here: set it false",
         ),
         *_check(
-            t.recompute is not Recompute.SELECTIVE,
-            "trainer.recompute",
-            "SELECTIVE (megatron's core-attention checkpoint) is not built: the rotary"
-            " embedding travels beside the core attention's call here; use FULL",
-        ),
-        *_check(
-            t.recompute is Recompute.NONE
+            t.recompute is not Recompute.FULL
             or not (t.sequence_packing or t.shared_prefix is SharedPrefix.ALWAYS),
             "trainer.recompute",
             "FULL with trainer.sequence_packing or trainer.shared_prefix=ALWAYS is not built"
-            " (their span attention is no tensor a checkpoint can save); set those off"
-            " (shared_prefix AUTO stays off under recompute)",
+            " (their span attention is no tensor a checkpoint can save); set those off, or"
+            " use SELECTIVE (shared_prefix AUTO stays off under FULL)",
         ),
         *_check(
             t.shared_prefix is not SharedPrefix.ALWAYS or not _transformer_engine(),

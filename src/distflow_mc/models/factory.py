@@ -19,7 +19,7 @@ def load_model(
     dtype: torch.dtype,
     value_head: bool = False,
     router_aux_loss_coef: float = 0.0,
-    recompute: bool = False,
+    recompute: str | None = None,
     freeze_vision: bool = True,
 ) -> tuple[HFArch, list[MegatronModule]]:
     """This rank's chunks with HF weights; a critic's value head is freshly initialised."""

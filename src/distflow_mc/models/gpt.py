@@ -107,7 +107,7 @@ def transformer_config(
     mp: ModelParallel,
     dtype: torch.dtype,
     router_aux_loss_coef: float = 0.0,
-    recompute: bool = False,
+    recompute: str | None = None,
 ) -> TransformerConfig:
     with warnings.catch_warnings():
         # megatron's own default cuda_graph_scope trips its deprecation notice (no CUDA graphs here)
@@ -133,22 +133,35 @@ def _moe_settings(arch: HFArch, aux_loss_coef: float) -> dict:
     )
 
 
+# trainer.recompute, megatron's granularities: "full" keeps each layer's input and makes the
+# rest of its activations again in the backward pass (one layer per checkpoint);
+# "selective" makes again the dense MLP's, the largest (the fused attention keeps only its
+# output and log-sum-exp: nothing there to recompute; megatron's "layernorm" module needs
+# TransformerEngine: its CheckpointWithoutOutput takes fp8=False for fp8 on)
+RECOMPUTE = {
+    None: {},
+    "full": {
+        "recompute_granularity": "full",
+        "recompute_method": "uniform",
+        "recompute_num_layers": 1,
+    },
+    "selective": {"recompute_granularity": "selective", "recompute_modules": ["mlp"]},
+}
+
+
 def _transformer_config(
     arch: HFArch,
     mp: ModelParallel,
     dtype: torch.dtype,
     router_aux_loss_coef: float,
-    recompute: bool,
+    recompute: str | None,
 ) -> TransformerConfig:
     first, last = pipeline_split(
         arch.num_layers, mp.pp, mp.vpp, mp.first_stage_layers, mp.last_stage_layers
     )
-    # trainer.recompute: every layer's input kept, the rest of its activations made again
-    # in the backward pass (megatron's full recompute, one layer per checkpoint)
-    full = {"recompute_granularity": "full", "recompute_method": "uniform"}
     return TransformerConfig(
         **_moe_settings(arch, router_aux_loss_coef),
-        **({**full, "recompute_num_layers": 1} if recompute else {}),
+        **RECOMPUTE[recompute],
         expert_model_parallel_size=mp.ep,
         num_layers_in_first_pipeline_stage=first,
         num_layers_in_last_pipeline_stage=last,
@@ -202,7 +215,7 @@ def build_gpt(
     dtype: torch.dtype,
     value_head: bool = False,
     router_aux_loss_coef: float = 0.0,
-    recompute: bool = False,
+    recompute: str | None = None,
     freeze_vision: bool = True,
 ) -> list[MegatronModule]:
     """This rank's model chunks (one, or vpp with virtual pipeline stages). With

@@ -183,7 +183,7 @@ def _models(
     model_dir, dtype = Path(config.model.path), model_dtype(config.model.dtype)
     aux = config.model.router_aux_loss_coef
     steps = t.total_steps * a.ppo_epochs * a.mini_batches
-    recompute = t.recompute is Recompute.FULL
+    recompute = None if t.recompute is Recompute.NONE else t.recompute.value.lower()
     frozen = config.model.freeze_vision
     arch, chunks = load_model(model_dir, mp, dtype, False, aux, recompute, frozen)
     actor = TrainableModel(chunks, t.actor_optim, steps, group=mp.group)
