@@ -90,7 +90,7 @@ def span_rows(draw):
     return size, spans, prefixes
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(layout=span_rows(), seed=st.integers(0, 2**16))
 def test_cp_pieces_are_the_span_masked_attention(layout, seed):
     """Every CP rank's runs of span tokens (context.Pieces), against torch's attention of
