@@ -47,6 +47,10 @@ SIZES = {
     "qwen0.5b": dict(
         vocab=151936, hidden=896, inter=4864, layers=24, heads=14, kv=2, seq=2048, batch=4
     ),
+    # Qwen2.5-7B's widths with 4 of its 28 layers (one GPU: a layer's long-context memory)
+    "qwen7b_4layers": dict(
+        vocab=152064, hidden=3584, inter=18944, layers=4, heads=28, kv=4, seq=2048, batch=1
+    ),
 }
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12}
 

@@ -2,9 +2,9 @@
 # Every GPU check in one run, well under 10 minutes on one H100/H200: the GPU tests
 # (tests/gpu: the embedded GRPO, PPO and vision-language runs on CUDA, the SGLang
 # engine), the model benchmark (tokens/s and MFU for the Qwen2.5-0.5B shapes, bf16) and
-# long context (a training step of the 0.5B shapes on 8K-32K tokens, with and without
-# trainer.recompute: peak GPU memory and tokens/s; one GPU cannot run CP, which needs a
-# rank per chunk pair).
+# long context (a training step of the 0.5B shapes on 8K-32K tokens, and of 4 layers at
+# Qwen2.5-7B's widths on 32K, under each trainer.recompute: peak GPU memory and tokens/s;
+# one GPU cannot run CP, which needs a rank per chunk pair).
 #
 # The GPU machine has torch and transformers but not megatron-core, hydra, sglang or
 # transformer-engine, and no package index: run scripts/fetch_gpu_wheels.sh first where
@@ -38,6 +38,9 @@ python3 -m pytest -q -rs -s -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests
 (cd "$OUT" && python3 "$OLDPWD/scripts/bench_model.py" --size qwen0.5b --dtype bf16 --tp 1 \
     --steps 10 --warmup 3) 2>&1 | tee "$OUT/bench_model.txt" || status=1
 (cd "$OUT" && python3 "$OLDPWD/scripts/bench_long_context.py" --size qwen0.5b \
-    --dtype bfloat16 --lengths 8192 16384 32768 --cp 1 --recompute 0 1 --repeats 1) 2>&1 \
-    | tee "$OUT/bench_long_context.txt" || status=1
+    --dtype bfloat16 --lengths 8192 16384 32768 --cp 1 --recompute none selective full \
+    --repeats 1) 2>&1 | tee "$OUT/bench_long_context.txt" || status=1
+(cd "$OUT" && python3 "$OLDPWD/scripts/bench_long_context.py" --size qwen7b_4layers \
+    --dtype bfloat16 --lengths 32768 --cp 1 --recompute none selective full --repeats 1) \
+    2>&1 | tee "$OUT/bench_long_context_7b.txt" || status=1
 exit $status

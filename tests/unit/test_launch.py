@@ -4,8 +4,10 @@ it would run on every node."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -55,3 +57,15 @@ def test_sbatch_dry_run_renders_the_command():
         "algo=ppo",
         "trainer.actor_optim.lr=1e-6",
     ]
+
+
+def test_gpu_check_calls_its_scripts_with_arguments_they_take():
+    """scripts/gpu_check.sh runs only on a lent GPU: each benchmark it calls parses the
+    arguments it is given (argparse checks every value before `--help` exits)."""
+    text = (ROOT / "scripts" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    calls = re.findall(r'scripts/(\w+\.py)" ([^)]*)\)', text)
+    assert {name for name, _ in calls} == {"bench_model.py", "bench_long_context.py"}
+    for name, args in calls:
+        cmd = [sys.executable, str(ROOT / "scripts" / name), *shlex.split(args), "--help"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT / "scripts")
+        assert proc.returncode == 0, (name, args, proc.stderr[-2000:])

@@ -149,11 +149,11 @@ def tail_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 
 
 def _lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """(torch calls its flash or memory-efficient kernel for this alignment directly, without
-    its GQA handling: K and V heads are repeated to the query's first)."""
-    k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+    """(torch takes its flash kernel for this alignment when its checks pass, GQA included:
+    bf16/fp16 on CUDA; otherwise it attends with the mask made out)."""
     bias = causal_lower_right(q.size(2), k.size(2))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    gqa = q.size(1) != k.size(1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa)
 
 
 _forward_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
