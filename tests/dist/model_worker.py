@@ -3,7 +3,8 @@
     model_worker.py --tp T --pp P --models DIR --out DIR
     model_worker.py --jobs FILE    (a JSON list of such argument lists, run in turn)
 
-Checks against transformers on tiny Llama and Qwen2 models, writes per-rank JSON results;
+Checks against transformers on tiny Llama and Qwen2 models (padded rows, and packed rows
+against each sequence's own forward), writes per-rank JSON results;
 the test asserts on them. All collectives run under the default group's short timeout.
 """
 
@@ -26,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from distflow_mc import checkpoint
 from distflow_mc.config.schema import OptimConfig, ParallelConfig
+from distflow_mc.data.batch import Batch
+from distflow_mc.data.microbatch import Item, packed_microbatch
 from distflow_mc.models.convert import export_hf
 from distflow_mc.models.factory import load_model, load_reference
 from distflow_mc.models.hf_config import read_hf_config
@@ -55,6 +58,20 @@ def batches(seed: int = 3) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+def packed_batch(seed: int = 4) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Three sequences of 5, 6 and 7 tokens packed in two rows (5 + 6, then 7): spans, each
+    token's position in its sequence (data/microbatch.py's packed layout); and the
+    sequences."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, 128, (n,), generator=g) for n in (5, 6, 7)]
+    ids = torch.arange(3)
+    batch = Batch.from_sequences({"input_ids": seqs}, {"uid": ids, "group": ids})
+    mb, _ = packed_microbatch(batch, [[Item((0,)), Item((1,))], [Item((2,))]])
+    keys = ("input_ids", "attention_mask", "positions", "spans", "prefixes")
+    mb = {k: mb[k] for k in keys}
+    return mb | {"labels": mb["input_ids"].roll(-1, dims=1)}, seqs
+
+
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     if mpu.get_tensor_model_parallel_world_size() == 1:
         return logits
@@ -73,26 +90,35 @@ def equivalence(kind: str, model_dir: Path, mp) -> dict:
         )
         return torch.cat([gather_vocab(out), logp[..., None], ent[..., None]], dim=-1)
 
-    outputs = run_microbatches(chunks, batches(), fn, forward_only=True)
+    packed, seqs = packed_batch()
+    mbs = [*batches(), packed]
+    outputs = run_microbatches(chunks, mbs, fn, forward_only=True)
     result = {}
     if mpu.is_pipeline_last_stage():
         hf = load_hf(model_dir)
+        with torch.no_grad():
+            refs = [hf(mb["input_ids"]).logits for mb in batches()]
+            # the packed rows: each sequence on its own, placed where the rows hold it
+            one = [hf(seq[None]).logits[0] for seq in seqs]
+        b, s = packed["input_ids"].shape
+        ref = one[0].new_zeros(b, s, one[0].shape[-1])
+        ref[0, :5], ref[0, 5:11], ref[1, :7] = one
+        refs.append(ref)
         diffs = {"logits": 0.0, "logp": 0.0, "entropy": 0.0}
-        for mb, out in zip(batches(), outputs, strict=True):
-            s = mb["input_ids"].shape[1]  # virtual stages pad micro-batches
-            with torch.no_grad():
-                ref = hf(mb["input_ids"]).logits
+        for mb, out, ref in zip(mbs, outputs, refs, strict=True):
+            real = mb.get("attention_mask", torch.ones(mb["input_ids"].shape)).bool()
+            s = real.shape[1]  # virtual stages pad micro-batches
             if mp.cp > 1:  # outputs on the token they predict (models/context.py's unview)
-                out, ref, s = out[:, 1:], ref[:, :-1], s - 1
-                mb = {k: v[:, :-1] for k, v in mb.items()}
+                out, ref, real, s = out[:, 1:], ref[:, :-1], real[:, :-1], s - 1
+                mb = {"labels": mb["labels"][:, :-1]}
             # virtual stages pad the sequence, TP the vocabulary (to a multiple of TP)
             logits, logp, ent = out[:, :s, : ref.shape[-1]], out[:, :s, -2], out[:, :s, -1]
             ref_lsm = torch.log_softmax(ref / TEMPERATURE, dim=-1)
             ref_logp = ref_lsm.gather(-1, mb["labels"].unsqueeze(-1)).squeeze(-1)
             ref_ent = -(ref_lsm.exp() * ref_lsm).sum(-1)
-            diffs["logits"] = max(diffs["logits"], (logits - ref).abs().max().item())
-            diffs["logp"] = max(diffs["logp"], (logp - ref_logp).abs().max().item())
-            diffs["entropy"] = max(diffs["entropy"], (ent - ref_ent).abs().max().item())
+            diffs["logits"] = max(diffs["logits"], (logits - ref)[real].abs().max().item())
+            diffs["logp"] = max(diffs["logp"], (logp - ref_logp)[real].abs().max().item())
+            diffs["entropy"] = max(diffs["entropy"], (ent - ref_ent)[real].abs().max().item())
         result.update({f"{kind}_{k}_maxdiff": v for k, v in diffs.items()})
     exported = {}
     for bucket in export_hf(chunks, arch, mp, bucket_bytes=16 << 10):

@@ -200,7 +200,9 @@ def test_context_parallel_layouts_match_transformers(two_ranks, four_ranks, layo
     the pair, mask-free attention), alone, with Qwen3-MoE's experts over EP=2, with TP=2
     and sequence parallel, with PP=2 and interleaved PP=2 x VPP=2: logits, log-probs and
     entropies of every position equal transformers' on rows of 12 and 7 tokens (7: padded
-    to a multiple of 2 x CP before the cut)."""
+    to a multiple of 2 x CP before the cut) and on packed rows (sequences of 5 and 6 tokens
+    in one row, of 7 in the other: each run of a sequence's tokens within a chunk attends
+    to its own sequence only)."""
     where = four_ranks if layout in ("cp_tp_sp", "cp_pp", "cp_vpp") else two_ranks
     ranks = 4 if where is four_ranks else 2
     results_ = [json.loads((where / layout / f"rank{r}.json").read_text()) for r in range(ranks)]
