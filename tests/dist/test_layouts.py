@@ -117,7 +117,7 @@ def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
         "moe_shared": [*moe, "model.router_aux_loss_coef=0", "trainer.total_steps=1", SHARED],
         "agent": [*AGENT, FLAT],
         "agent_shared": [*AGENT, SHARED],
-        "cp2": ["trainer.total_steps=2", "parallel.cp=2", FLAT],
+        "cp2": ["trainer.total_steps=2", "parallel.cp=2", FLAT, "model.layer_spec=LOCAL"],
         # the distributed optimizer shards Adam's state over DP x CP: here the CP pair
         "cp2_distopt": [
             *["trainer.total_steps=2", "parallel.cp=2", FLAT],

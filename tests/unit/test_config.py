@@ -457,18 +457,27 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path: Path):
 
 
 def test_sequence_packing_is_refused_where_the_transformer_engine_spec_runs(monkeypatch):
-    """Packed rows need the local spec's attention: where TransformerEngine's spec would
-    run (GPU with TE installed), the setting is refused up front, named."""
+    """Packed rows, shared prefixes and CP need the local spec's attention: where
+    TransformerEngine's spec would run (GPU with TE installed, model.layer_spec=AUTO or TE),
+    they are refused up front, named, and model.layer_spec=LOCAL runs them there."""
     import distflow_mc.models.gpt as gpt
 
-    load_config(compose_config(["trainer.sequence_packing=true"]))  # local spec: accepted
-    monkeypatch.setattr(gpt, "use_transformer_engine", lambda: True)
+    local = ["trainer.sequence_packing=true", "trainer.shared_prefix=ALWAYS", "parallel.cp=2"]
+    load_config(compose_config(local))  # local spec: accepted
+    with pytest.raises(ValueError, match=r"model\.layer_spec: TE needs a GPU with"):
+        load_config(compose_config(["model.layer_spec=TE"]))  # no GPU, no TE here
+    # a machine with TE on a GPU: AUTO takes TE's spec
+    monkeypatch.setattr(gpt, "use_transformer_engine", lambda spec="AUTO": spec != "LOCAL")
     with pytest.raises(ValueError, match=r"trainer\.sequence_packing: packs rows"):
         load_config(compose_config(["trainer.sequence_packing=true"]))
     with pytest.raises(ValueError, match=r"trainer\.shared_prefix: ALWAYS needs the local"):
         load_config(compose_config(["trainer.shared_prefix=ALWAYS"]))
+    with pytest.raises(ValueError, match=r"parallel\.cp: > 1 with TransformerEngine's spec"):
+        load_config(compose_config(["parallel.cp=2"]))
     load_config(compose_config(["trainer.shared_prefix=AUTO"]))  # stays off there
     load_config(compose_config([]))  # off: nothing to refuse
+    load_config(compose_config(["model.layer_spec=TE"]))
+    load_config(compose_config([*local, "model.layer_spec=LOCAL"]))
 
 
 def test_the_separate_preset_sets_the_async_defaults_and_asks_for_the_rollout_ranks():

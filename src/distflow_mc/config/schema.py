@@ -17,6 +17,12 @@ class Dtype(Enum):
     BFLOAT16 = "BFLOAT16"
 
 
+class LayerSpec(Enum):
+    AUTO = "AUTO"  # TransformerEngine's where it is installed and CUDA runs, else LOCAL
+    LOCAL = "LOCAL"  # megatron's local spec with torch's fused attention (models/gpt.py)
+    TE = "TE"  # TransformerEngine's (GPU, transformer_engine installed)
+
+
 class Engine(Enum):
     HF = "HF"  # transformers generate: CPU default, also runs on GPU
     SGLANG = "SGLANG"  # optional extra, GPU only
@@ -120,6 +126,9 @@ class ModelConfig:
     # vision-language models: the vision tower stays as loaded (most recipes); false: it
     # trains with the rest (gradients all-reduced over DP, replicated over TP)
     freeze_vision: bool = True
+    # the transformer layers' implementation; LOCAL also on a GPU with TransformerEngine
+    # installed, for what only the local spec runs (CP, packed rows, shared prefixes)
+    layer_spec: LayerSpec = LayerSpec.AUTO
 
 
 @dataclass

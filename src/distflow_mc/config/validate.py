@@ -17,6 +17,7 @@ from distflow_mc.config.schema import (
     Config,
     DataConfig,
     Engine,
+    LayerSpec,
     ModelConfig,
     OnStale,
     OptimConfig,
@@ -209,10 +210,11 @@ def _trainer_and_data(
         *_check(t.save_every >= 0, "trainer.save_every", "must be >= 0 (0: never)"),
         *_check(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}"),
         *_check(
-            not (t.sequence_packing and _transformer_engine()),
+            not (t.sequence_packing and _transformer_engine(model)),
             "trainer.sequence_packing",
-            "packs rows for the local layer spec's attention; with TransformerEngine installed"
-            " on GPU the TE spec runs, whose packed (THD) path is not wired here: set it false",
+            "packs rows for the local layer spec's attention; TransformerEngine's spec runs"
+            " here (model.layer_spec), whose packed (THD) path is not wired: set it false, or"
+            " model.layer_spec=LOCAL",
         ),
         *_check(
             t.recompute is not Recompute.FULL
@@ -223,19 +225,21 @@ def _trainer_and_data(
             " use SELECTIVE (shared_prefix AUTO stays off under FULL)",
         ),
         *_check(
-            t.shared_prefix is not SharedPrefix.ALWAYS or not _transformer_engine(),
+            t.shared_prefix is not SharedPrefix.ALWAYS or not _transformer_engine(model),
             "trainer.shared_prefix",
             "ALWAYS needs the local layer spec's attention (a sample's tokens attend to its"
-            " group's prompt in another span of the row); with TransformerEngine installed the"
-            " TE spec runs: set it NEVER (AUTO stays off there)",
+            " group's prompt in another span of the row); TransformerEngine's spec runs here"
+            " (model.layer_spec): set it NEVER (AUTO stays off there), or"
+            " model.layer_spec=LOCAL",
         ),
     ]
 
 
-def _transformer_engine() -> bool:
+def _transformer_engine(model: ModelConfig, spec: LayerSpec | None = None) -> bool:
+    """Whether TransformerEngine's layer spec runs for model.layer_spec (or `spec`)."""
     from distflow_mc.models.gpt import use_transformer_engine  # megatron: only when asked
 
-    return use_transformer_engine()
+    return use_transformer_engine((spec or model.layer_spec).value)
 
 
 def _context_parallel(c: Config) -> list[str]:
@@ -244,10 +248,10 @@ def _context_parallel(c: Config) -> list[str]:
         return []
     return [
         *_check(
-            not _transformer_engine(),
+            not _transformer_engine(c.model),
             "parallel.cp",
-            "with TransformerEngine's spec is not built with parallel.cp > 1 yet"
-            " (TransformerEngine's own CP attention)",
+            "> 1 with TransformerEngine's spec (model.layer_spec) is not built yet (TE's own"
+            " CP attention): set model.layer_spec=LOCAL (the local spec's CP attention)",
         ),
         *_check(
             c.model.router_aux_loss_coef == 0,
@@ -312,6 +316,12 @@ def check_config(c: Config) -> None:
         ),
         *_stream(c),
         *_context_parallel(c),
+        *_check(
+            c.model.layer_spec is not LayerSpec.TE or _transformer_engine(c.model, LayerSpec.AUTO),
+            "model.layer_spec",
+            "TE needs a GPU with transformer_engine installed, which this machine lacks: set"
+            " AUTO or LOCAL",
+        ),
     ]
     if problems:
         raise ValueError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -21,19 +21,22 @@ def load_model(
     router_aux_loss_coef: float = 0.0,
     recompute: str | None = None,
     freeze_vision: bool = True,
+    layer_spec: str = "AUTO",
 ) -> tuple[HFArch, list[MegatronModule]]:
     """This rank's chunks with HF weights; a critic's value head is freshly initialised."""
     arch = read_hf_config(model_dir)
-    chunks = build_gpt(arch, mp, dtype, value_head, router_aux_loss_coef, recompute, freeze_vision)
+    chunks = build_gpt(
+        arch, mp, dtype, value_head, router_aux_loss_coef, recompute, freeze_vision, layer_spec
+    )
     load_hf_weights(chunks, model_dir, arch, mp)
     return arch, chunks
 
 
 def load_reference(
-    model_dir: str | Path, mp: ModelParallel, dtype: torch.dtype
+    model_dir: str | Path, mp: ModelParallel, dtype: torch.dtype, layer_spec: str = "AUTO"
 ) -> tuple[HFArch, list[MegatronModule]]:
     """The initial actor, frozen: the KL anchor never trains."""
-    arch, chunks = load_model(model_dir, mp, dtype)
+    arch, chunks = load_model(model_dir, mp, dtype, layer_spec=layer_spec)
     for chunk in chunks:
         chunk.requires_grad_(False)
         chunk.eval()

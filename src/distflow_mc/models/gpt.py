@@ -35,7 +35,11 @@ if not hasattr(moe_utils, "te_general_gemm"):
     moe_utils.te_general_gemm = None
 
 
-def use_transformer_engine() -> bool:
+def use_transformer_engine(layer_spec: str = "AUTO") -> bool:
+    """Whether model.layer_spec (AUTO, LOCAL or TE) takes TransformerEngine's layer spec:
+    AUTO where it can run (CUDA, transformer_engine installed)."""
+    if layer_spec != "AUTO":
+        return layer_spec == "TE"
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
@@ -217,10 +221,12 @@ def build_gpt(
     router_aux_loss_coef: float = 0.0,
     recompute: str | None = None,
     freeze_vision: bool = True,
+    layer_spec: str = "AUTO",
 ) -> list[MegatronModule]:
     """This rank's model chunks (one, or vpp with virtual pipeline stages). With
     `value_head`, the output layer is a scalar head (critic) and embeddings are untied;
-    `recompute`: trainer.recompute; `freeze_vision`: model.freeze_vision."""
+    `recompute`: trainer.recompute; `freeze_vision`: model.freeze_vision; `layer_spec`:
+    model.layer_spec."""
     check_divisibility(arch, mp)
     config = transformer_config(arch, mp, dtype, router_aux_loss_coef, recompute)
     chunks = []
@@ -228,7 +234,7 @@ def build_gpt(
         vp = vp_stage if mp.vpp else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(config, vp, arch),
+            transformer_layer_spec=layers(config, vp, arch, use_transformer_engine(layer_spec)),
             vocab_size=padded_vocab(arch.vocab_size, mp.tp),
             max_sequence_length=arch.max_position_embeddings,
             pre_process=mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
@@ -311,11 +317,11 @@ def llama3_inv_freq(inv_freq: torch.Tensor, s: Llama3Rope) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def layer_spec(config: TransformerConfig, vp_stage: int | None, arch: HFArch):
-    """TransformerEngine's layer spec on GPU when installed; megatron's local spec otherwise,
-    with a torch RMSNorm that also runs under sequence parallel (the local spec's own norm
-    refuses it), for the layers and the final norm of this (virtual) stage."""
-    if use_transformer_engine():
+def layers(config: TransformerConfig, vp_stage: int | None, arch: HFArch, te: bool):
+    """TransformerEngine's layer spec (`te`); megatron's local spec otherwise, with a torch
+    RMSNorm that also runs under sequence parallel (the local spec's own norm refuses it),
+    for the layers and the final norm of this (virtual) stage."""
+    if te:
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )

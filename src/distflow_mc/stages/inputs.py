@@ -119,7 +119,7 @@ def check_vision(config: Config) -> None:
         (c.rollout.stream, "rollout.stream", "=true"),
         (c.rollout.partial, "rollout.partial", "=true"),
         (c.rollout.engine is Engine.SGLANG, "rollout.engine", "=SGLANG"),
-        (use_transformer_engine(), "model.path", "on TransformerEngine's layer spec"),
+        (use_transformer_engine(c.model.layer_spec.value), "model.layer_spec", " on TE's spec"),
     ]
     for bad, key, what in refused:
         if bad:

@@ -43,7 +43,8 @@ def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict],
     # AUTO only where the math is the flat rows' exactly: not under an MoE router's
     # load-balancing loss (it counts the tokens it routes: a shared prompt once), and where
     # spans run (not under full activation recomputation, which saves tensors only)
-    auto = not use_transformer_engine() and w.config.model.router_aux_loss_coef == 0
+    auto = not use_transformer_engine(w.config.model.layer_spec.value)
+    auto &= w.config.model.router_aux_loss_coef == 0
     auto &= t.recompute is not Recompute.FULL and "images" not in batch.objects
     shared = t.shared_prefix is SharedPrefix.ALWAYS or (
         t.shared_prefix is SharedPrefix.AUTO and auto

@@ -184,13 +184,13 @@ def _models(
     aux = config.model.router_aux_loss_coef
     steps = t.total_steps * a.ppo_epochs * a.mini_batches
     recompute = None if t.recompute is Recompute.NONE else t.recompute.value.lower()
-    frozen = config.model.freeze_vision
-    arch, chunks = load_model(model_dir, mp, dtype, False, aux, recompute, frozen)
+    frozen, spec = config.model.freeze_vision, config.model.layer_spec.value
+    arch, chunks = load_model(model_dir, mp, dtype, False, aux, recompute, frozen, spec)
     actor = TrainableModel(chunks, t.actor_optim, steps, group=mp.group)
-    reference = load_reference(model_dir, mp, dtype)[1] if Role.REFERENCE in roles else None
+    reference = load_reference(model_dir, mp, dtype, spec)[1] if Role.REFERENCE in roles else None
     critic = None
     if Role.CRITIC in roles:
-        _, critic_chunks = load_model(model_dir, mp, dtype, True, aux, recompute, frozen)
+        _, critic_chunks = load_model(model_dir, mp, dtype, True, aux, recompute, frozen, spec)
         critic = TrainableModel(critic_chunks, t.critic_optim, steps, group=mp.group)
     return arch, actor, reference, critic
 
