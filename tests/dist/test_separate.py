@@ -43,6 +43,15 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
             "trainer.max_staleness=0",
             "trainer.val_every=2",
         ],
+        # the same from a context-parallel train group (CP=2): its weights reach the engine
+        "k0_cp2": [
+            *common,
+            "trainer.total_steps=3",
+            *SEPARATE,
+            "trainer.max_staleness=0",
+            "trainer.val_every=2",
+            "parallel.cp=2",
+        ],
         # the preset: one step off, truncated importance sampling at 2
         "k1": [*common, f"trainer.total_steps={LEARN_STEPS}", *PRESET, "trainer.val_every=50"],
         "k2": [*common, f"trainer.total_steps={LEARN_STEPS}", *PRESET, "trainer.max_staleness=2"],
@@ -103,9 +112,11 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
     return out
 
 
-def test_staleness_zero_is_the_colocated_run(runs):
-    """The same prompts, samples, rewards and updates: grad norms and losses within 1e-5."""
-    colocated, separate = runs["colocated"], runs["k0"]
+@pytest.mark.parametrize("case", ["k0", "k0_cp2"])
+def test_staleness_zero_is_the_colocated_run(runs, case):
+    """The same prompts, samples, rewards and updates: grad norms and losses within 1e-5;
+    also when the train group runs context parallelism (k0_cp2)."""
+    colocated, separate = runs["colocated"], runs[case]
     assert len(colocated) == len(separate) == 3
     for a, b in zip(colocated, separate, strict=True):
         assert a["reward/mean"] == b["reward/mean"]
