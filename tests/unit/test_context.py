@@ -121,3 +121,17 @@ def test_cp_pieces_are_the_span_masked_attention(layout, seed):
         total = total + (out * grad[:, :, mine]).sum()
     for got, expected in zip(torch.autograd.grad(total, (q, k, v)), want, strict=True):
         torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+
+
+def test_a_rank_holding_only_padding_still_reads_the_gathered_keys():
+    """Rows whose real tokens all sit in rank 0's first chunk: rank 1 holds padding only,
+    yet its output depends on K and V (its backward must join the gather's all-reduce)."""
+    spans = torch.zeros(2, 16, dtype=torch.int64)
+    spans[0, :3], spans[1, :2] = 1, 2
+    q, k, v = _inputs(0, 2, 2, 2, 16, 0, 8)
+    mine = chunks(2, 1, 16)
+    assert (spans[:, mine] == 0).all()
+    pieces = Pieces.build(spans[:, mine], spans[:, None, :], None, 2, 1)
+    out = pieces.attention(q[:, :, mine], k, v, 0.3)
+    grads = torch.autograd.grad(out.sum(), (k, v))  # (raises when unused)
+    assert all(g.abs().sum() > 0 for g in grads) and torch.isfinite(out).all()

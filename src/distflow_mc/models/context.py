@@ -51,7 +51,10 @@ class Pieces:
     whole-row positions of the keys it sees (`ranges`): the span its span continues (its
     group's prompt, models/spans.py) in full, then its own span up to the run's end. The
     run's queries are the last of those keys, so each run is one lower-right causal
-    attention (`tail_attention`): no mask. A run of padding sees nothing (its output 0)."""
+    attention (`tail_attention`): no mask. Padding (span 0, at the rows' ends) attends
+    within itself like a span: every rank's output then depends on the gathered K and V,
+    so every rank's backward takes part in the gather's all-reduce (a rank whose tokens
+    were all padding would otherwise skip it, and the others would wait for it)."""
 
     rows: tuple[tuple[tuple[int, int, tuple[tuple[int, int], ...]], ...], ...]
 
@@ -64,14 +67,15 @@ class Pieces:
         rank: int,
     ) -> Pieces:
         """[b, local] `spans` of the view's tokens (0: padding) and `prefixes` (the span
-        each one's span continues, 0: none); [b, 1, full] `key_spans` of the whole rows."""
+        each one's span continues, 0: none); [b, 1, full] `key_spans` of the whole rows
+        (each span, padding too, contiguous in its row)."""
         full = key_spans.size(-1)
         c = full // (2 * size)
         mine = chunks(size, rank, full).tolist()
         rows = []
         for r in range(spans.size(0)):
             ids, counts = torch.unique_consecutive(key_spans[r, 0], return_counts=True)
-            ends = counts.cumsum(0).tolist()  # (each span contiguous in its row)
+            ends = counts.cumsum(0).tolist()
             bounds = {
                 s: (e - n, e) for s, n, e in zip(ids.tolist(), counts.tolist(), ends, strict=True)
             }
@@ -82,11 +86,9 @@ class Pieces:
                     spans[r, chunk : chunk + c], return_counts=True
                 )
                 for span, n in zip(ids.tolist(), counts.tolist(), strict=True):
-                    ranges = ()
-                    if span > 0:
-                        ranges = ((bounds[span][0], mine[at] + n),)
-                        prefix = int(prefixes[r, at]) if prefixes is not None else 0
-                        ranges = ((bounds[prefix],) if prefix > 0 else ()) + ranges
+                    ranges = ((bounds[span][0], mine[at] + n),)
+                    prefix = int(prefixes[r, at]) if prefixes is not None else 0
+                    ranges = ((bounds[prefix],) if prefix > 0 else ()) + ranges
                     runs.append((at, at + n, ranges))
                     at += n
             rows.append(tuple(runs))
@@ -100,9 +102,6 @@ class Pieces:
         for r, runs in enumerate(self.rows):
             parts = []
             for first, end, ranges in runs:
-                if not ranges:
-                    parts.append(q.new_zeros(1, q.size(1), end - first, v.size(-1)))
-                    continue
                 kr, vr = (
                     torch.cat([t[r : r + 1, :, a:b] for a, b in ranges], dim=2)
                     if len(ranges) > 1
