@@ -128,7 +128,9 @@ def attention(
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     c = q.size(2) // 2
     in_row_order = torch.argsort(_gathered_order(size, 2 * c * size)).to(q.device)
-    k, v = (gather(t, group).index_select(2, in_row_order) for t in (k, v))
+    # K and V in one collective each way (their heads side by side)
+    kv = gather(torch.cat([k, v], dim=1), group).index_select(2, in_row_order)
+    k, v = kv.split([k.size(1), v.size(1)], dim=1)
     if pieces is not None:
         return pieces.attention(q, k, v, scale)
     parts = []
