@@ -199,7 +199,7 @@ class _Tail(torch.autograd.Function):
 
 def gather(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """[b, heads, local, d] from every rank of the group -> [b, heads, full, d], in rank
-    order; the backward sums each part's gradient onto its rank."""
+    order; the backward sums each part's gradient onto its rank (a reduce-scatter)."""
     return _Gather.apply(t, group)
 
 
@@ -213,10 +213,11 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)  # (gloo has no reduce-scatter)
-        size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
-        return grad.chunk(size, dim=2)[rank].contiguous(), None
+        # each rank's part summed over the group onto that rank alone (reduce-scatter)
+        parts = grad.unflatten(2, (dist.get_world_size(ctx.group), -1)).movedim(2, 0)
+        mine = torch.empty_like(parts[0], memory_format=torch.contiguous_format)
+        dist.reduce_scatter_tensor(mine, parts.flatten(0, 1).contiguous(), group=ctx.group)
+        return mine, None
 
 
 def view(mb: dict, size: int, rank: int, multiple: int) -> dict:
