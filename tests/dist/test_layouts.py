@@ -117,6 +117,7 @@ def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
         "moe_shared": [*moe, "model.router_aux_loss_coef=0", "trainer.total_steps=1", SHARED],
         "agent": [*AGENT, FLAT],
         "agent_shared": [*AGENT, SHARED],
+        "agent_shared_cp2": [*AGENT, SHARED, "parallel.cp=2"],
         "cp2": ["trainer.total_steps=2", "parallel.cp=2", FLAT, "model.layer_spec=LOCAL"],
         # the distributed optimizer shards Adam's state over DP x CP: here the CP pair
         "cp2_distopt": [
@@ -237,8 +238,8 @@ def test_shared_prefix_is_the_same_math(two, four):
     the actor's log-probs equal transformers' own (the engine's), on PP1 (token mean), an
     interleaved PP2 x VPP2, PP2 with prompts of different lengths (per-sequence means),
     TP2 with sequence parallel and groups split over rows by the token budget, GSPO with
-    packed rows, experts over EP2, multi-turn agent samples, and PPO on PP4 (reference,
-    critic values, several epochs)."""
+    packed rows, experts over EP2, multi-turn agent samples (also at CP=2), and PPO on PP4
+    (reference, critic values, several epochs)."""
     pairs = [  # (and the least share of the tokens not computed again)
         ("shared_pp1", "pp1", two, 0.2),
         ("shared_pp2vpp2", "pp1", two, 0.2),
@@ -247,6 +248,7 @@ def test_shared_prefix_is_the_same_math(two, four):
         ("shared_packed_gspo", "rows_gspo", two, 0.2),
         ("moe_shared", "moe_noaux", two, 0.2),
         ("agent_shared", "agent", two, 0.2),
+        ("agent_shared_cp2", "agent", two, 0.2),  # and each CP rank's runs of the spans
         ("ppo_pp4_shared", "ppo_dp4", four, 0.2),
     ]
     for shared, flat, runs, saved in pairs:
