@@ -273,7 +273,7 @@ def trainer_view(budget: int, shared, cp: int = 1, aux: float = 0.0):
     """What stages.passes.microbatches reads of the workers."""
     from types import SimpleNamespace
 
-    from distflow_mc.config.schema import Recompute
+    from distflow_mc.config.schema import LayerSpec, Recompute
 
     trainer = SimpleNamespace(
         micro_batch_tokens=budget,
@@ -281,7 +281,7 @@ def trainer_view(budget: int, shared, cp: int = 1, aux: float = 0.0):
         shared_prefix=shared,
         recompute=Recompute.NONE,
     )
-    model = SimpleNamespace(router_aux_loss_coef=aux)
+    model = SimpleNamespace(router_aux_loss_coef=aux, layer_spec=LayerSpec.AUTO)
     return SimpleNamespace(
         config=SimpleNamespace(trainer=trainer, model=model),
         mp=SimpleNamespace(pp=1, vpp=None, cp=cp),
