@@ -210,7 +210,7 @@ def _trainer_and_data(
         *_check(t.save_every >= 0, "trainer.save_every", "must be >= 0 (0: never)"),
         *_check(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}"),
         *_check(
-            not (t.sequence_packing and _transformer_engine(model)),
+            not (t.sequence_packing and _transformer_engine(model.layer_spec)),
             "trainer.sequence_packing",
             "packs rows for the local layer spec's attention; TransformerEngine's spec runs"
             " here (model.layer_spec), whose packed (THD) path is not wired: set it false, or"
@@ -225,7 +225,7 @@ def _trainer_and_data(
             " use SELECTIVE (shared_prefix AUTO stays off under FULL)",
         ),
         *_check(
-            t.shared_prefix is not SharedPrefix.ALWAYS or not _transformer_engine(model),
+            t.shared_prefix is not SharedPrefix.ALWAYS or not _transformer_engine(model.layer_spec),
             "trainer.shared_prefix",
             "ALWAYS needs the local layer spec's attention (a sample's tokens attend to its"
             " group's prompt in another span of the row); TransformerEngine's spec runs here"
@@ -235,11 +235,11 @@ def _trainer_and_data(
     ]
 
 
-def _transformer_engine(model: ModelConfig, spec: LayerSpec | None = None) -> bool:
-    """Whether TransformerEngine's layer spec runs for model.layer_spec (or `spec`)."""
+def _transformer_engine(spec: LayerSpec) -> bool:
+    """Whether TransformerEngine's layer spec runs for model.layer_spec = `spec`."""
     from distflow_mc.models.gpt import use_transformer_engine  # megatron: only when asked
 
-    return use_transformer_engine((spec or model.layer_spec).value)
+    return use_transformer_engine(spec.value)
 
 
 def _context_parallel(c: Config) -> list[str]:
@@ -248,7 +248,7 @@ def _context_parallel(c: Config) -> list[str]:
         return []
     return [
         *_check(
-            not _transformer_engine(c.model),
+            not _transformer_engine(c.model.layer_spec),
             "parallel.cp",
             "> 1 with TransformerEngine's spec (model.layer_spec) is not built yet (TE's own"
             " CP attention): set model.layer_spec=LOCAL (the local spec's CP attention)",
@@ -317,7 +317,7 @@ def check_config(c: Config) -> None:
         *_stream(c),
         *_context_parallel(c),
         *_check(
-            c.model.layer_spec is not LayerSpec.TE or _transformer_engine(c.model, LayerSpec.AUTO),
+            c.model.layer_spec is not LayerSpec.TE or _transformer_engine(LayerSpec.AUTO),
             "model.layer_spec",
             "TE needs a GPU with transformer_engine installed, which this machine lacks: set"
             " AUTO or LOCAL",

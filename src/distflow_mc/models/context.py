@@ -53,8 +53,8 @@ class Pieces:
     run's queries are the last of those keys, so each run is one lower-right causal
     attention (`tail_attention`): no mask. Padding (span 0, at the rows' ends) attends
     within itself like a span: every rank's output then depends on the gathered K and V,
-    so every rank's backward takes part in the gather's all-reduce (a rank whose tokens
-    were all padding would otherwise skip it, and the others would wait for it)."""
+    so every rank's backward takes part in the gather's reduce-scatter (a rank whose
+    tokens were all padding would otherwise skip it, and the others would wait for it)."""
 
     rows: tuple[tuple[tuple[int, int, tuple[tuple[int, int], ...]], ...], ...]
 
