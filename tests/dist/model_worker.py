@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from distflow_mc import checkpoint
 from distflow_mc.config.schema import OptimConfig, ParallelConfig
 from distflow_mc.data.batch import Batch
+from distflow_mc.data.chunks import cut, layout, local_heads, split
 from distflow_mc.data.microbatch import Item, packed_microbatch
 from distflow_mc.models.convert import export_hf
 from distflow_mc.models.factory import load_model, load_reference
@@ -80,21 +81,92 @@ def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def cp_cases(seed: int = 6) -> list[tuple[Batch, list[list[Item]]]]:
+    """Batches and their micro-batch rows for context parallelism: rows of 12 tokens whose
+    prompts (5 and 9 tokens) are a segment of their own; rows of 7 tokens (not a multiple
+    of 2 x CP) without prompts; sequences of 5 and 6 tokens packed in one row, of 7 in the
+    other; and a group of three sharing a 6-token prompt in one row (trainer.shared_prefix).
+    Items without their prompt parts' sizes: `cp_rows` adds them."""
+    g = torch.Generator().manual_seed(seed)
+
+    def batch(lengths, prompts=None, prefix=0):
+        common = torch.randint(0, 100, (prefix,), generator=g)
+        seqs = [
+            torch.cat([common, torch.randint(0, 100, (n - prefix,), generator=g)]) for n in lengths
+        ]
+        ids = torch.arange(len(lengths))
+        samples = {"uid": ids, "group": ids * 0}
+        if prompts is not None:
+            samples["prompt_length"] = torch.tensor(prompts)
+        return Batch.from_sequences({"input_ids": seqs}, samples)
+
+    return [
+        (batch([12, 12], [5, 9]), [[Item((0,))], [Item((1,))]]),
+        (batch([7, 7]), [[Item((0,))], [Item((1,))]]),
+        (batch([5, 6, 7], [2, 3, 1]), [[Item((0,)), Item((1,))], [Item((2,))]]),
+        (batch([9, 11, 8], [6, 6, 6], prefix=6), [[Item((0, 1, 2))]]),
+    ]
+
+
+def cp_equivalence(chunks, model_dir: Path, mp, fn) -> dict:
+    """Each CP rank's chunks of `cp_cases` (data/chunks.py's cut, the trainer's rows): the
+    outputs at every real token it holds against transformers' forward of its sample."""
+    size, rank = mp.cp, mpu.get_context_parallel_rank()
+    cases, mbs, places = cp_cases(), [], []
+    for batch, rows in cases:
+        mine = cut(batch, size, rank)
+        heads = local_heads(mine, size)
+        rows = [[Item(i.samples, heads[i.samples[0]]) for i in row] for row in rows]
+        mb, where = packed_microbatch(mine, rows, 0, spans=True)
+        mbs.append(mb)
+        places.append(where)
+    outputs = run_microbatches(chunks, mbs, fn, forward_only=True)
+    if not mpu.is_pipeline_last_stage():
+        return {}
+    hf = load_hf(model_dir)
+    diffs = {"logits": 0.0, "logp": 0.0, "entropy": 0.0}
+    for (batch, _), out, where in zip(cases, outputs, places, strict=True):
+        flat = out.flatten(0, 1)[where]  # the rank's tokens, sample after sample
+        at = 0
+        for i, (n, a) in enumerate(zip(batch.lengths.tolist(), split(batch), strict=True)):
+            seq = batch.token_slice("input_ids", i)
+            with torch.no_grad():
+                ref = hf(seq[None]).logits[0]
+            positions, real = layout(n, a, size, rank)
+            mine = flat[at : at + len(positions)]
+            at += len(positions)
+            keep = real & (positions + 1 < n)  # (the last token predicts none)
+            pos = positions[keep]
+            ref_lsm = torch.log_softmax(ref[pos] / TEMPERATURE, dim=-1)
+            ref_logp = ref_lsm.gather(-1, seq[pos + 1, None])[:, 0]
+            ref_ent = -(ref_lsm.exp() * ref_lsm).sum(-1)
+            got = mine[keep]
+            logits, logp, ent = got[:, : ref.shape[-1]], got[:, -2], got[:, -1]
+            diffs["logits"] = max(diffs["logits"], (logits - ref[pos]).abs().max().item())
+            diffs["logp"] = max(diffs["logp"], (logp - ref_logp).abs().max().item())
+            diffs["entropy"] = max(diffs["entropy"], (ent - ref_ent).abs().max().item())
+    return diffs
+
+
 def equivalence(kind: str, model_dir: Path, mp) -> dict:
     arch, chunks = load_reference(model_dir, mp, torch.float32)
     assert not any(p.requires_grad for c in chunks for p in c.parameters())
 
-    def fn(mb, out):  # one tensor: under CP each rank's positions come back in order
+    def fn(mb, out):  # one tensor
         logp, ent = vocab_parallel_logprobs(
             out, mb["labels"], TEMPERATURE, with_entropy=True, vocab_size=arch.vocab_size
         )
         return torch.cat([gather_vocab(out), logp[..., None], ent[..., None]], dim=-1)
 
-    packed, seqs = packed_batch()
-    mbs = [*batches(), packed]
-    outputs = run_microbatches(chunks, mbs, fn, forward_only=True)
     result = {}
-    if mpu.is_pipeline_last_stage():
+    if mp.cp > 1:
+        diffs = cp_equivalence(chunks, model_dir, mp, fn)
+        result.update({f"{kind}_{k}_maxdiff": v for k, v in diffs.items()})
+    else:
+        packed, seqs = packed_batch()
+        mbs = [*batches(), packed]
+        outputs = run_microbatches(chunks, mbs, fn, forward_only=True)
+    if mp.cp == 1 and mpu.is_pipeline_last_stage():
         hf = load_hf(model_dir)
         with torch.no_grad():
             refs = [hf(mb["input_ids"]).logits for mb in batches()]
@@ -108,9 +180,6 @@ def equivalence(kind: str, model_dir: Path, mp) -> dict:
         for mb, out, ref in zip(mbs, outputs, refs, strict=True):
             real = mb.get("attention_mask", torch.ones(mb["input_ids"].shape)).bool()
             s = real.shape[1]  # virtual stages pad micro-batches
-            if mp.cp > 1:  # outputs on the token they predict (models/context.py's unview)
-                out, ref, real, s = out[:, 1:], ref[:, :-1], real[:, :-1], s - 1
-                mb = {"labels": mb["labels"][:, :-1]}
             # virtual stages pad the sequence, TP the vocabulary (to a multiple of TP)
             logits, logp, ent = out[:, :s, : ref.shape[-1]], out[:, :s, -2], out[:, :s, -1]
             ref_lsm = torch.log_softmax(ref / TEMPERATURE, dim=-1)

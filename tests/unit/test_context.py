@@ -1,5 +1,7 @@
-"""Context parallelism's mask-free attention (models/context.py) against torch's attention
-with the dense lower-right causal mask: outputs and gradients."""
+"""Context parallelism against torch's attention: the mask-free tail attention against the
+dense lower-right causal mask, and every CP rank's chunks of a batch (data/chunks.py,
+models/context.py's Pieces) against each whole sample's causal attention: outputs and
+gradients."""
 
 from __future__ import annotations
 
@@ -9,7 +11,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distflow_mc.models.context import Pieces, _lower_right, chunks, tail_attention
+from distflow_mc.data.batch import Batch
+from distflow_mc.data.chunks import cut, local_heads, split
+from distflow_mc.data.chunks import layout as layout_of
+from distflow_mc.data.microbatch import Item, packed_microbatch
+from distflow_mc.models.context import Pieces, _lower_right, tail_attention
 
 
 def _dense(q, k, v, scale):
@@ -61,77 +67,131 @@ def test_tail_attention_in_bf16_is_the_dense_one_rounded():
 
 
 @st.composite
-def span_rows(draw):
-    """Rows of spans end to end (0: padding at the end): samples, or a group's prompt then
-    its samples, each continuing the prompt (models/spans.py's layouts), and how many ranks
-    cut them (the row a multiple of 2 x CP)."""
+def cp_batches(draw):
+    """A batch of groups of samples (a group's samples share their prompt), how many ranks
+    hold chunks of it, and its micro-batch layout: rows of samples or of a group's shared
+    prompt part and its samples (trainer.shared_prefix), one item per row or all in one
+    (trainer.sequence_packing)."""
     size = draw(st.sampled_from([2, 3]))
-    b = draw(st.integers(1, 2))
-    rows, prefixes, next_id = [], [], 1
-    for _ in range(b):
-        row, pre = [], []
+    seqs, prompts, groups = [], [], []
+    for g in range(draw(st.integers(1, 3))):
+        prompt = draw(st.integers(1, 9))
+        ids = torch.randint(0, 50, (prompt,), generator=torch.Generator().manual_seed(g))
         for _ in range(draw(st.integers(1, 3))):
-            prompt, n = next_id, draw(st.integers(1, 7))
-            row += [prompt] * n
-            pre += [0] * n
-            next_id += 1
-            for _ in range(draw(st.integers(0, 3))):  # samples continuing the prompt
-                n = draw(st.integers(1, 6))
-                row += [next_id] * n
-                pre += [prompt] * n
-                next_id += 1
-        rows.append((row, pre))
-    step = 2 * size
-    full = max(-(-len(r) // step) * step for r, _ in rows) + step * draw(st.integers(0, 1))
-    spans = torch.zeros(b, full, dtype=torch.int64)
-    prefixes = torch.zeros(b, full, dtype=torch.int64)
-    for i, (row, pre) in enumerate(rows):
-        spans[i, : len(row)], prefixes[i, : len(pre)] = torch.tensor(row), torch.tensor(pre)
-    return size, spans, prefixes
+            rest = draw(st.integers(0, 9))
+            seqs.append(torch.cat([ids, torch.randint(0, 50, (rest,))]))
+            prompts.append(prompt)
+            groups.append(g)
+    n = len(seqs)
+    uid = torch.arange(n)
+    batch = Batch.from_sequences(
+        {"input_ids": seqs, "response_mask": [torch.ones(len(x)) for x in seqs]},
+        {"uid": uid, "group": torch.tensor(groups), "prompt_length": torch.tensor(prompts)},
+    )
+    share, packed = draw(st.booleans()), draw(st.booleans())
+    return size, batch, share, packed
+
+
+def _items(batch: Batch, size: int, share: bool) -> list[Item]:
+    heads = local_heads(batch, size)
+    if not share:
+        return [Item((i,), heads[i]) for i in range(len(batch))]
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(batch.samples["group"].tolist()):
+        members.setdefault(g, []).append(i)
+    return [Item(tuple(m), heads[m[0]]) for m in members.values()]
+
+
+def _qkv(batch: Batch, seed: int) -> tuple[list, list]:
+    """Each sample's q, k and v ([heads, tokens, d]; 4 query, 2 K/V heads): its prompt but
+    the last token from its group's leaves (alike, as a shared prompt's are), the rest its
+    own; and the leaves."""
+    g = torch.Generator().manual_seed(seed)
+    leaves, prompts, whole = [], {}, []
+    for i, a in enumerate(split(batch)):
+        n, group = int(batch.lengths[i]), int(batch.samples["group"][i])
+        if group not in prompts:
+            prompts[group] = [torch.randn(h, a, 8, generator=g).requires_grad_() for h in (4, 2, 2)]
+            leaves += prompts[group]
+        own = [torch.randn(h, n - a, 8, generator=g).requires_grad_() for h in (4, 2, 2)]
+        leaves += own
+        whole.append([torch.cat([p, o], dim=1) for p, o in zip(prompts[group], own, strict=True)])
+    return whole, leaves
 
 
 @settings(max_examples=30, deadline=None)
-@given(layout=span_rows(), seed=st.integers(0, 2**16))
-def test_cp_pieces_are_the_span_masked_attention(layout, seed):
-    """Every CP rank's runs of span tokens (context.Pieces), against torch's attention of
-    the whole rows with the dense span mask (a token sees its span's earlier tokens and the
-    whole span its span continues): every rank's real tokens' outputs, and the gradients
-    of q, k and v summed over the ranks."""
-    size, spans, prefixes = layout
-    b, full = spans.shape
-    q, k, v = _inputs(seed, b, 2, 2, full, 0, 8)
-    pos = torch.arange(full)
-    keys = spans[:, None, None, :]
-    allowed = (pos[None, :] <= pos[:, None])[None, None] & (
-        (keys == spans[:, None, :, None])
-        | ((prefixes[:, None, :, None] > 0) & (keys == prefixes[:, None, :, None]))
-    )
-    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.3, enable_gqa=True)
-    real = spans > 0
-    grad = torch.randn(dense.shape, generator=torch.Generator().manual_seed(seed + 1))
-    grad = grad * real[:, None, :, None]
-    want = torch.autograd.grad((dense * grad).sum(), (q, k, v))
-    total = 0
+@given(layout=cp_batches(), seed=st.integers(0, 2**16))
+def test_cp_chunks_attend_as_whole_samples(layout, seed):
+    """Every CP rank's chunks of a batch (data/chunks.py's cut, data/microbatch.py's rows,
+    context.Pieces over the ranks' K and V side by side, as the gather puts them) against
+    torch's causal attention of each whole sample on its own: every rank's real tokens'
+    outputs, and the gradients of the samples' q, k and v summed over the ranks. Padding's
+    q, k and v are noise: no real token may see it."""
+    size, batch, share, packed = layout
+    whole, leaves = _qkv(batch, seed)
+    noise = torch.Generator().manual_seed(seed + 1)
+    items = _items(batch, size, share)
+    rows = [items] if packed else [[item] for item in items]
+    lengths, firsts = batch.lengths.tolist(), split(batch)
+    ranks = []
     for rank in range(size):
-        mine = chunks(size, rank, full)
-        pieces = Pieces.build(spans[:, mine], spans[:, None, :], prefixes[:, mine], size, rank)
-        out = pieces.attention(q[:, :, mine], k, v, 0.3)
-        mask = real[:, mine][:, None, :, None]
-        torch.testing.assert_close(out * mask, dense[:, :, mine] * mask, atol=2e-6, rtol=1e-5)
-        total = total + (out * grad[:, :, mine]).sum()
-    for got, expected in zip(torch.autograd.grad(total, (q, k, v)), want, strict=True):
-        torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+        mine = cut(batch, size, rank)
+        mb, places = packed_microbatch(mine, rows, 0, spans=True)
+        b, length = mb["spans"].shape
+        truth = [layout_of(n, a, size, rank)[1] for n, a in zip(lengths, firsts, strict=True)]
+        real = torch.zeros(b * length, dtype=torch.bool)
+        sample = torch.zeros(b * length, dtype=torch.int64)
+        real[places], sample[places] = torch.cat(truth), mine.token_owner()
+        real, sample = real.view(b, length), sample.view(b, length)
+        position = mb["positions"]
+        qkv = []
+        for t, h in enumerate((4, 2, 2)):
+            junk = torch.randn(b, h, length, 8, generator=noise)
+            cols = [
+                [
+                    whole[sample[r, c]][t][:, position[r, c]] if real[r, c] else junk[r, :, c]
+                    for c in range(length)
+                ]
+                for r in range(b)
+            ]
+            qkv.append(torch.stack([torch.stack(row, dim=1) for row in cols]))
+        pieces = Pieces.build(mb["spans"], mb["prefixes"], position, size, rank)
+        ranks.append((qkv, pieces, real, sample, position))
+    kv = torch.cat([torch.cat([qkv[1], qkv[2]], dim=1) for qkv, *_ in ranks], dim=2)
+    total, reference = 0, 0
+    dense = [_dense(q[None], k[None], v[None], 0.3)[0] for q, k, v in whole]
+    for qkv, pieces, real, sample, position in ranks:
+        out = pieces.attention(qkv[0], kv, 0.3)
+        for r, c in real.nonzero().tolist():
+            i, pos = int(sample[r, c]), int(position[r, c])
+            torch.testing.assert_close(out[r, :, c], dense[i][:, pos], atol=2e-6, rtol=1e-5)
+            total = total + out[r, :, c].sum()
+            reference = reference + dense[i][:, pos].sum()
+    got = torch.autograd.grad(total, leaves, allow_unused=True)
+    want = torch.autograd.grad(reference, leaves, allow_unused=True)
+    for a, b in zip(got, want, strict=True):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
 
 
 def test_a_rank_holding_only_padding_still_reads_the_gathered_keys():
-    """Rows whose real tokens all sit in rank 0's first chunk: rank 1 holds padding only,
-    yet its output depends on K and V (its backward must join the gather's all-reduce)."""
-    spans = torch.zeros(2, 16, dtype=torch.int64)
-    spans[0, :3], spans[1, :2] = 1, 2
-    q, k, v = _inputs(0, 2, 2, 2, 16, 0, 8)
-    mine = chunks(2, 1, 16)
-    assert (spans[:, mine] == 0).all()
-    pieces = Pieces.build(spans[:, mine], spans[:, None, :], None, 2, 1)
-    out = pieces.attention(q[:, :, mine], k, v, 0.3)
-    grads = torch.autograd.grad(out.sum(), (k, v))  # (raises when unused)
-    assert all(g.abs().sum() > 0 for g in grads) and torch.isfinite(out).all()
+    """An all-padding micro-batch (an interleaved pipeline's filler) and a one-token sample
+    (rank 1 of 2 holds only its segment's padding): each rank's output depends on the
+    gathered K and V, so its backward joins the gather's reduce-scatter."""
+    one = Batch.from_sequences(
+        {"input_ids": [torch.tensor([5])]}, {"uid": torch.arange(1), "group": torch.arange(1)}
+    )
+    mb, _ = packed_microbatch(cut(one, 2, 1), [[Item((0,))]], 0, spans=True)
+    filler = torch.zeros(2, 4, dtype=torch.int64)
+    for spans, prefixes, positions in (
+        (filler, filler, filler),
+        (mb["spans"], mb["prefixes"], mb["positions"]),
+    ):
+        b, length = spans.shape
+        q = torch.randn(b, 4, length, 8)
+        kv = torch.randn(b, 4, 2 * length, 8, requires_grad=True)
+        out = Pieces.build(spans, prefixes, positions, 2, 1).attention(q, kv, 0.3)
+        assert out.shape == q.shape and torch.isfinite(out).all()
+        assert torch.autograd.grad(out.sum(), kv)[0].abs().sum() > 0

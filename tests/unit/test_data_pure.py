@@ -290,14 +290,24 @@ def trainer_view(budget: int, shared, cp: int = 1, aux: float = 0.0):
 
 
 def test_context_parallel_budget_counts_a_ranks_part_of_each_row():
-    """trainer.micro_batch_tokens is per rank: at CP=2 a rank holds half of each row, so a
-    micro-batch takes twice the rows."""
+    """trainer.micro_batch_tokens is per rank: at CP=2 a rank holds half of each sample
+    (data/chunks.py), so a micro-batch takes twice the rows; every micro-batch lays out its
+    spans and the rank's chunks' true positions (context.Pieces reads them)."""
     from distflow_mc.config.schema import SharedPrefix
+    from distflow_mc.data.chunks import cut
     from distflow_mc.stages.passes import microbatches
 
     batch = make_batch([40] * 8)
-    count = [len(microbatches(trainer_view(80, SharedPrefix.NEVER, cp), batch)[1]) for cp in (1, 2)]
-    assert count == [4, 2]
+    mine = [batch, cut(batch, 2, 1)]
+    made = [
+        microbatches(trainer_view(80, SharedPrefix.NEVER, cp), b)[1]
+        for cp, b in zip((1, 2), mine, strict=True)
+    ]
+    assert [len(m) for m in made] == [4, 2]
+    assert all(k not in made[0][0] for k in ("spans", "positions"))
+    for mb in made[1]:
+        assert mb["spans"].shape == mb["positions"].shape == (4, 20)
+        assert mb["positions"][0].tolist() == [*range(10, 20), *range(20, 30)]
 
 
 @pytest.mark.parametrize(("prompt", "shares"), [(30, True), (3, False)])

@@ -124,7 +124,7 @@ def pad_microbatch(batch: Batch, indices: Sequence[int], pad_value: int = 0) -> 
 
 
 def packed_microbatch(
-    batch: Batch, rows: Sequence[Sequence[Item]], pad_value: int = 0
+    batch: Batch, rows: Sequence[Sequence[Item]], pad_value: int = 0, spans: bool = False
 ) -> tuple[dict, torch.Tensor]:
     """[b, s] tensors of the per-token fields, row r holding the items `rows[r]` end to end
     and then padding (s = the longest row), `attention_mask` (1 on real tokens) and the
@@ -133,7 +133,8 @@ def packed_microbatch(
     `prefixes` (which tokens attend to which: models/spans.py; a shared prefix is a span
     that each sample's own span continues) and `segments` (each token's sample, counted
     over the micro-batch, for per-sequence sums; a shared prefix counts as its item's first
-    sample's, 0 on padding). Also returns where each token of those samples, in order,
+    sample's, 0 on padding); with `spans`, always (context parallelism: a cut batch, its
+    own `positions`, data/chunks.py). Also returns where each token of those samples, in order,
     sits in the flattened [b, s] (a shared prefix's tokens: where its one copy sits)."""
     device = batch.offsets.device
     lengths = batch.lengths.tolist()
@@ -171,9 +172,10 @@ def packed_microbatch(
         )
         dense[real.to(packed.device)] = packed[src.to(packed.device)]
         out[name] = dense
-    if len(p) > b:  # some row holds several samples
-        ids = (("positions", position), ("spans", piece + 1), ("prefixes", p[piece, 4]))
-        for name, value in (*ids, ("segments", p[piece, 5])):
+    if len(p) > b or spans:  # some row holds several samples (or pieces of a cut one)
+        ids = (("spans", piece + 1), ("prefixes", p[piece, 4]), ("segments", p[piece, 5]))
+        own = () if "positions" in batch.tokens else (("positions", position),)
+        for name, value in (*own, *ids):
             out[name] = torch.zeros(b, s, dtype=torch.int64, device=device)
             out[name][real] = value
     # token t of sample i: its prefix's copy while t < shared, else its own piece's

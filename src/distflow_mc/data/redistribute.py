@@ -23,7 +23,8 @@ batch holds it (`Move.NONE`), else each replica's copy reaches its other ranks.
 Only the fields named in `keep` travel, and with `stages` a rank gets only the fields its
 pipeline stage reads (a middle stage reads none: it gets the lengths, uids and groups; the
 first reads the model's inputs); under LEADERS each set of ranks reading the same fields
-has its own leader. Works on NCCL and gloo through the same code.
+has its own leader. Under context parallelism a rank of the destination keeps its chunks
+of every sample (data/chunks.py). Works on NCCL and gloo through the same code.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import torch.distributed as dist
 
 from distflow_mc.data.balance import destinations
 from distflow_mc.data.batch import REQUIRED_SAMPLE_FIELDS, Batch
+from distflow_mc.data.chunks import cut
 from distflow_mc.data.prefixes import PREFIX, restore, share
 from distflow_mc.parallel.layout import Layout, Move, movement
 
@@ -920,11 +922,18 @@ class Transfer:
                     out.offsets, out.tokens | tokens, out.samples | samples, out.objects | columns
                 )
             out.objects = _resolve(out.objects, out.samples["group"].tolist())
+            out = _chunks_of(out, self.dst, self.rank)
         self.clock("unpack")
         # AUTO's measure: the time spent in this transfer's calls (a stage running between
         # them hides the rest), on this rank
         _measured.elapsed_ns = self.busy_ns + time.perf_counter_ns() - begin
         return out
+
+
+def _chunks_of(batch: Batch, dst: Layout, rank: int) -> Batch:
+    """What a rank of `dst` keeps of its replica's batch: under context parallelism, its
+    chunks of every sample (data/chunks.py)."""
+    return batch if dst.cp == 1 else cut(batch, dst.cp, dst.coords(rank)["cp"])
 
 
 def redistribute(
@@ -942,15 +951,15 @@ def redistribute(
     group: dist.ProcessGroup | None = None,
     share: bool | None = None,
 ) -> Batch | None:
-    """Called on every rank. `batch` is this rank's source-replica batch (only the
-    replica's emitter's copy is read; other ranks may pass None). Returns this rank's
-    destination-replica batch on `device`, the same on every rank of the replica (None on
-    a rank that holds none). Only the fields in `keep` (all when None; `uid` and `group`
-    always) arrive, and with `stages` (per pipeline stage of `dst`: the fields its ranks
-    read, None: all) only those of them a rank's stage reads. New process groups get
-    `timeout`; `phases` collects seconds per phase (meta, plan, pack, exchange, broadcast,
-    unpack). `pattern` and `packing` left AUTO (and `share` None) are chosen by measured
-    cost; `group`, `share`: see `Transfer`."""
+    """Called on every rank. `batch` is this rank's source-replica batch (only the replica's
+    emitter's copy is read; other ranks may pass None). Returns its destination
+    replica's batch on `device`, the same on every rank of the replica (under context
+    parallelism, each rank's chunks of it; None on a rank that holds none). Only the fields
+    in `keep` (all when None; `uid` and `group` always) arrive, and with `stages` (per
+    pipeline stage of `dst`: the fields its ranks read, None: all) only those of them a
+    rank's stage reads. New process groups get `timeout`; `phases` collects seconds per
+    phase (meta, plan, pack, exchange, broadcast, unpack). `pattern` and `packing` left AUTO
+    (and `share` None) are chosen by measured cost; `group`, `share`: see `Transfer`."""
     if movement(src, dst) is Move.NONE:
         rank = dist.get_rank()
         assert batch is not None or rank not in dst.holders(), "holders hold their batch"
@@ -958,7 +967,8 @@ def redistribute(
             return None
         names = set(batch.names() if keep is None else keep)
         view = _views(dst, stages)(rank)
-        return batch.only(names if view is None else names & view)  # itself if all stay
+        batch = batch.only(names if view is None else names & view)  # itself if all stay
+        return _chunks_of(batch, dst, rank)
     args = (pattern, phases, packing, stages, group, share)
     transfer = Transfer(src, dst, balance, device, timeout, *args)
     transfer.send(batch, keep)

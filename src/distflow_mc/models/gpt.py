@@ -251,7 +251,7 @@ def build_gpt(
         packed_rope(model, arch.vision.mrope_section if arch.vision else None)
         if arch.vision is not None:
             attach_vision(model, arch.vision, dtype, freeze_vision)
-        model.rotary_pos_emb.cp_group = None  # whole rows' angles: views pass positions
+        model.rotary_pos_emb.cp_group = None  # whole rows' angles: CP chunks pass positions
         if value_head and model.post_process:
             model.output_layer = ValueHead(arch.hidden_size, dtype, mp.sequence_parallel)
         elif model.post_process and not mp.sequence_parallel:
@@ -385,8 +385,8 @@ class SDPAttention(DotProductAttention):
     Q, K and V out as [b, s, heads, d] memory, which the fused CPU kernel reads 1.5x faster
     than strided views of [s, b, ...]; rope angles are per position ([s, 1, 1, d]) or per
     token of a packed row ([s, b, 1, d]). The models here use no attention dropout, window
-    or softmax offset. Under context parallelism (parallel.cp) it attends to the whole row:
-    K and V gathered over the CP group (models/context.py)."""
+    or softmax offset. Under context parallelism (parallel.cp) it attends to the whole
+    sample: K and V gathered over the CP group (models/context.py)."""
 
     rotary: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from distflow_mc.models.context import Pieces, unview, view
+from distflow_mc.models.context import Pieces
 from distflow_mc.models.spans import Spans
 from distflow_mc.models.vision import IMAGES
 
@@ -32,12 +32,11 @@ def _forward(model: torch.nn.Module, mb: MicroBatch, cp: dist.ProcessGroup | Non
     """Right-padded [b, s] tokens under the causal mask: padding never reaches real tokens.
     Packed rows (`spans`) give each token its position in its sample and attend within its
     span and its span's prefix (models/spans.py); under context parallelism (`cp`, the
-    group) a view's tokens attend by position to the whole row (models/context.py)."""
+    group) the rank's chunks of each segment attend to their whole segment and the one it
+    continues (models/context.py)."""
     if cp is not None:
-        pieces = None
-        if "spans" in mb:  # packed or shared-prefix rows: within each span and its prefix
-            where = (dist.get_world_size(cp), dist.get_rank(cp))
-            pieces = Pieces.build(mb["spans"], mb["key_spans"], mb.get("prefixes"), *where)
+        where = (dist.get_world_size(cp), dist.get_rank(cp))
+        pieces = Pieces.build(mb["spans"], mb["prefixes"], mb["positions"], *where)
         return model(mb.get("input_ids"), mb["positions"], attention_mask=pieces)
     if "spans" not in mb:  # (a vision-language model's: images, 3-D positions)
         images = {k: mb[k] for k in (*IMAGES, "image_mask") if k in mb}
@@ -98,20 +97,15 @@ def run_microbatches(
     hold no rows, so that a replica with no samples still takes part in the step's
     collectives). Returns fn's outputs (forward-only) or the metrics dicts (training) on the
     last PP stage, one per given micro-batch; [] elsewhere. fn may see a micro-batch padded
-    (see `schedule_shapes`); per-token tensor outputs come back cut to its own [b, s]."""
+    (see `schedule_shapes`); per-token tensor outputs come back cut to its own [b, s].
+    Under context parallelism a micro-batch holds the rank's chunks (data/chunks.py), its
+    `spans`, `prefixes` and `positions` (data/microbatch.py)."""
     config = chunks[0].config
     seq_multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
     pp = config.pipeline_model_parallel_size
     cp = config.context_parallel_size
     group = parallel_state.get_context_parallel_group() if cp > 1 else None
-    given = microbatches
-    if group is None:
-        shaped = schedule_shapes(microbatches, pp, len(chunks) > 1, seq_multiple)
-    else:  # whole rows shaped first (their chunks follow from the length), then this rank's
-        whole = schedule_shapes(microbatches, pp, len(chunks) > 1, seq_multiple * 2 * cp)
-        rank = dist.get_rank(group)
-        shaped = [view(mb, cp, rank, seq_multiple) for mb in whole]
-    microbatches = shaped[: len(given)]
+    shaped = schedule_shapes(microbatches, pp, len(chunks) > 1, seq_multiple)
 
     def step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
         mb = next(data_iterator)
@@ -134,16 +128,9 @@ def run_microbatches(
     outputs = outputs[: len(microbatches)]
     if not forward_only:
         return outputs
-    if group is not None:  # every rank's chunks, in order, on the tokens they describe
-        outputs = [
-            unview(out[: _rows(mb).shape[0]], group, _rows(mb).shape[1] * cp)
-            if isinstance(out, torch.Tensor) and out.dim() >= 2
-            else out
-            for mb, out in zip(microbatches, outputs, strict=False)
-        ]
     return [
         out[: _rows(mb).shape[0], : _rows(mb).shape[1]]
         if isinstance(out, torch.Tensor) and out.dim() >= 2
         else out
-        for mb, out in zip(given, outputs, strict=False)
+        for mb, out in zip(microbatches, outputs, strict=False)
     ]

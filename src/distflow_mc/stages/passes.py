@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from distflow_mc.config.schema import Recompute, SharedPrefix
 from distflow_mc.data.batch import Batch
+from distflow_mc.data.chunks import local_heads, split
 from distflow_mc.data.microbatch import (
     Item,
     item_size,
@@ -30,16 +31,19 @@ from distflow_mc.stages.workers import Workers
 def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict], list]:
     """Token-budget micro-batches, right-padded; at least one (with no rows when the batch
     is empty: the replica still runs the step's collectives). Interleaved pipelines want a
-    count that is a multiple of PP; under context parallelism the budget counts a rank's
-    part of each row (its length / CP). With `trainer.shared_prefix`, a group's samples share
-    rows (their prompt once); with `trainer.sequence_packing`, rows hold several samples
-    (or groups) end to end, as long as the longest. Returns each micro-batch's samples, in
-    its order, the micro-batches, and where each of their tokens sits in the micro-batch's
-    flattened [b, s]."""
+    count that is a multiple of PP; under context parallelism the batch holds the rank's
+    chunks (data/chunks.py) and the budget counts them. With `trainer.shared_prefix`, a
+    group's samples share rows (their prompt once); with `trainer.sequence_packing`, rows
+    hold several samples (or groups) end to end, as long as the longest. Returns each
+    micro-batch's samples, in its order, the micro-batches, and where each of their tokens
+    sits in the micro-batch's flattened [b, s]."""
     t = w.config.trainer
     multiple = w.mp.pp if w.mp.vpp else 1
     lengths = batch.lengths.tolist()
-    items = [Item((i,)) for i in range(len(batch))]
+    cp = w.mp.cp
+    # context parallelism: a sample's prompt part and the rest attend as two spans
+    heads = local_heads(batch, cp) if cp > 1 else [0] * len(batch)
+    items = [Item((i,), heads[i]) for i in range(len(batch))]
     # AUTO only where the math is the flat rows' exactly: not under an MoE router's
     # load-balancing loss (it counts the tokens it routes: a shared prompt once), and where
     # spans run (not under full activation recomputation, which saves tensors only)
@@ -50,16 +54,23 @@ def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict],
         t.shared_prefix is SharedPrefix.AUTO and auto
     )
     if shared and "prompt_length" in batch.samples:
-        args = (batch.samples["group"].tolist(), batch.samples["prompt_length"].tolist())
+        keys = groups = batch.samples["group"].tolist()
+        prompts = batch.samples["prompt_length"].tolist()
+        if cp > 1:  # a group's prompt parts are alike where their prompts' lengths are
+            keys, prompts = list(zip(groups, split(batch), strict=True)), [h + 1 for h in heads]
+        ids = {k: i for i, k in enumerate(dict.fromkeys(keys))}
         share = AUTO_MIN_SHARE if t.shared_prefix is SharedPrefix.AUTO else 0.0
-        items = shared_items(lengths, *args, t.micro_batch_tokens, share)
+        items = shared_items(lengths, [ids[k] for k in keys], prompts, t.micro_batch_tokens, share)
+        items = [i if len(i.samples) > 1 else Item(i.samples, heads[i.samples[0]]) for i in items]
     sizes = [item_size(item, lengths) for item in items]
     rows = pack_rows(sizes) if t.sequence_packing else [[k] for k in range(len(items))]
     used = [sum(sizes[k] for k in row) for row in rows]
-    # the budget is per rank: a context-parallel rank holds 1/cp of each row
-    parts = split_by_token_budget(used, t.micro_batch_tokens * w.mp.cp, multiple) or [[]]
+    parts = split_by_token_budget(used, t.micro_batch_tokens, multiple) or [[]]
     pad = w.tokenizer.pad_token_id
-    built = [packed_microbatch(batch, [[items[k] for k in rows[r]] for r in g], pad) for g in parts]
+    built = [
+        packed_microbatch(batch, [[items[k] for k in rows[r]] for r in g], pad, cp > 1)
+        for g in parts
+    ]
     samples = [[i for r in g for k in rows[r] for i in items[k].samples] for g in parts]
     mbs = [mb for mb, _ in built]
     if "images" in batch.objects:  # (a first pipeline stage's: it embeds them)
@@ -82,8 +93,8 @@ def shift_right(x: torch.Tensor) -> torch.Tensor:
 
 def aligned(x: torch.Tensor, mb: dict) -> torch.Tensor:
     """Per-position outputs where mb's per-token fields are: on the token they describe,
-    or, in a context-parallel view (its fields already at the predicting position, its
-    `labels` given; models/context.py), where they are."""
+    or, in a context-parallel rank's chunks (its fields already at the predicting position,
+    its `labels` given; data/chunks.py), where they are."""
     return x if "labels" in mb else shift_right(x)
 
 
