@@ -20,6 +20,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from distflow_mc.data.batch import Batch
+from distflow_mc.data.chunks import cut, layout, split
 from distflow_mc.data.redistribute import Balance, Packing, Pattern, Transfer, redistribute
 from distflow_mc.parallel.dist import init_distributed
 from distflow_mc.parallel.layout import Layout, Move, movement
@@ -246,6 +247,7 @@ def main() -> None:
     mode = FactoryDevices()  # the placement rule holds on the exchange path too
     with mode:
         run_scenarios(layouts, result)
+        result["cp"] = cp_moves()
         if channel is not None:
             result["empty batches"] = empty_moves(channel)
     result["factories without a device"] = sorted(mode.missing)
@@ -264,6 +266,76 @@ def empty_moves(group: dist.ProcessGroup) -> dict:
         got = redistribute(mine, src, dst, *args, packing=packing, group=group)
         seen = None if got is None else {"samples": len(got), "fields": sorted(got.names())}
         out[packing.value] = seen
+    return out
+
+
+def with_prompts(replica: int, seed: int) -> Batch:
+    """`source_batch` with each sample's prompt length (1 to all of its tokens)."""
+    batch = source_batch(replica, seed)
+    uid = batch.samples["uid"]
+    batch.samples["prompt_length"] = (uid * 7) % batch.lengths + 1
+    return batch
+
+
+def cp_moves() -> dict:
+    """Moves into context-parallel layouts (CP=2), by each packing: what each rank holds
+    of its replica's samples, against data/chunks.py's cut of them made here from the
+    sources, field by field; and which true positions of each sample it holds."""
+    w = dist.get_world_size()
+    cases = {
+        f"dp{w}->dp{w // 2}xcp2": (
+            Layout("rollout", dp=w),
+            Layout("train", dp=w // 2, cp=2, replicated=True),
+            None,
+        )
+    }
+    if w == 4:
+        first = ("input_ids", "mask", "prompt_length")  # the first stage's view
+        cases["dp4->dp1xcp2xpp2 views"] = (
+            Layout("rollout", dp=4),
+            Layout("train", dp=1, cp=2, pp=2, replicated=True),
+            (first, None),
+        )
+        cases["group dp2->group dp1xcp2"] = (
+            Layout("rollout", dp=2, first=2),
+            Layout("train", dp=1, cp=2, replicated=True),
+            None,
+        )
+    rank, out = dist.get_rank(), {}
+    for seed, (name, (src, dst, stages)) in enumerate(cases.items()):
+        for packing in PACKINGS:
+            mine = with_prompts(src.coords(rank)["dp"], seed) if rank in src.holders() else None
+            args = (Balance(), torch.device("cpu"), timedelta(seconds=60))
+            got = redistribute(mine, src, dst, *args, packing=packing, stages=stages)
+            if got is None:
+                out[f"{name} {packing.value}"] = None
+                continue
+            whole = Batch.concat([with_prompts(r, seed) for r in range(src.dp)])
+            where = {int(u): i for i, u in enumerate(whole.samples["uid"])}
+            mine = whole.select([where[int(u)] for u in got.samples["uid"]])
+            view = stages[dst.coords(rank)["pp"]] if stages else None
+            mine = mine.only(view) if view is not None else mine
+            coords = dst.coords(rank)
+            want = cut(mine, dst.cp, coords["cp"])
+            same = sorted(got.names()) == sorted(want.names()) and torch.equal(
+                got.offsets, want.offsets
+            )
+            same = same and all(torch.equal(got.tokens[k], want.tokens[k]) for k in want.tokens)
+            same = same and all(torch.equal(got.samples[k], want.samples[k]) for k in want.samples)
+            held = {}
+            for i, (n, a) in enumerate(zip(mine.lengths.tolist(), split(mine), strict=True)):
+                positions, real = layout(n, a, dst.cp, coords["cp"])
+                held[int(mine.samples["uid"][i])] = [n, positions[real].tolist()]
+            out[f"{name} {packing.value}"] = {
+                "replica": coords["dp"],
+                "cp": coords["cp"],
+                "stage": coords["pp"],
+                "exact": same,
+                "fields": sorted(got.names()),
+                "tokens": got.num_tokens,
+                "whole_tokens": mine.num_tokens,
+                "held": held,
+            }
     return out
 
 

@@ -34,6 +34,7 @@ def test_redistribution(tmp_path, world):
         for rank, result in enumerate(results):
             groups = [r for name, r in result.items() if name.startswith("group ")]
             assert len(groups) >= 3 * 15 and all(r["holds"] == (rank < 2) for r in groups), rank
+    check_context_parallel([result.pop("cp") for result in results])
     moved = [
         r for res in results for r in res.values() if isinstance(r, dict) and r.get("tokens_sent")
     ]
@@ -77,3 +78,29 @@ def test_redistribution(tmp_path, world):
             # same replicas: a broadcast, not a move; each replica keeps its samples
             if name.startswith(f"dp{world // 2}xtp2->") and "replicated" in name:
                 assert r["fast_path_same_object"] is None and not r["balanced"], where
+
+
+def check_context_parallel(results: list[dict]) -> None:
+    """Each CP rank of a destination replica holds its chunks of every sample of the
+    replica (data/chunks.py's cut of the sources, field by field, its `labels` and
+    `positions` too), its stage's fields only; the two ranks of a pair hold every token of
+    every sample once between them, each about half."""
+    for name in results[0]:
+        got = [r[name] for r in results]
+        pairs: dict[tuple[int, int], list[dict]] = {}
+        for rank, r in enumerate(got):
+            if r is None:
+                assert name.startswith("group") and rank >= 2, (name, rank)
+                continue
+            assert r["exact"], (name, rank)
+            assert {"labels", "positions", "input_ids"} <= set(r["fields"]), (name, rank)
+            if "views" in name and r["stage"] == 0:
+                assert "logprobs" not in r["fields"], (name, rank)
+            pairs.setdefault((r["replica"], r["stage"]), []).append(r)
+        for pair in pairs.values():
+            assert sorted(r["cp"] for r in pair) == [0, 1], name
+            for uid, (n, positions) in pair[0]["held"].items():
+                other = pair[1]["held"][uid][1]
+                assert sorted(positions + other) == list(range(n)), (name, uid)
+            for r in pair:  # half of each sample, but the padding to a multiple of 4 per part
+                assert r["tokens"] <= r["whole_tokens"] / 2 + 4 * len(r["held"]), name

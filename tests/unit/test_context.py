@@ -130,7 +130,7 @@ def test_cp_chunks_attend_as_whole_samples(layout, seed):
     size, batch, share, packed = layout
     whole, leaves = _qkv(batch, seed)
     noise = torch.Generator().manual_seed(seed + 1)
-    items = _items(batch, size, share)
+    items = _items(cut(batch, size, 0), size, share)  # (as the trainer: from its chunks)
     rows = [items] if packed else [[item] for item in items]
     lengths, firsts = batch.lengths.tolist(), split(batch)
     ranks = []

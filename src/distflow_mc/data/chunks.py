@@ -42,11 +42,11 @@ def padded(tokens: int, size: int) -> int:
 
 def split(batch: Batch) -> list[int]:
     """Per sample, its first segment's tokens: the prompt but its last token (whose output
-    predicts the first response token), 0 when the batch carries no prompt lengths."""
+    predicts the first response token), 0 when the batch carries no prompt lengths. (The
+    same for a cut batch: its samples' prompt lengths are whole.)"""
     if "prompt_length" not in batch.samples:
         return [0] * len(batch)
-    first = batch.samples["prompt_length"].cpu() - 1
-    return torch.minimum(first.clamp(min=0), batch.lengths.cpu() - 1).tolist()
+    return (batch.samples["prompt_length"].cpu() - 1).clamp(min=0).tolist()
 
 
 def layout(length: int, first: int, size: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -102,12 +102,26 @@ def attention(
     v: torch.Tensor,
     group: dist.ProcessGroup,
     scale: float,
-    pieces: Pieces,
+    plan: torch.Tensor,
 ) -> torch.Tensor:
     """Causal attention of this rank's chunks (q, k, v: [b, heads, local, d], K/V heads
     fewer under GQA) to their whole segments: K and V gathered over the group in one
-    collective (only the KV heads travel), then `pieces`. -> [b, heads, local, d]"""
-    return pieces.attention(q, gather(torch.cat([k, v], dim=1), group), scale)
+    collective (only the KV heads travel), then the micro-batch's `Pieces` (`plan`: its
+    spans, prefixes and positions stacked, [3, b, local]: a tensor, which megatron's full
+    recompute can save). -> [b, heads, local, d]"""
+    return _pieces(plan, group).attention(q, gather(torch.cat([k, v], dim=1), group), scale)
+
+
+_built: list[tuple[torch.Tensor, Pieces]] = []  # the last plan and its Pieces
+
+
+def _pieces(plan: torch.Tensor, group: dist.ProcessGroup) -> Pieces:
+    """Every layer of a forward (and a full recompute's rerun in the backward) passes the
+    same plan: its Pieces are made once."""
+    if not (_built and _built[0][0].shape == plan.shape and torch.equal(_built[0][0], plan)):
+        made = Pieces.build(*plan, dist.get_world_size(group), dist.get_rank(group))
+        _built[:] = [(plan, made)]
+    return _built[0][1]
 
 
 def tail_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

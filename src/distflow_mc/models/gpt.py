@@ -408,7 +408,7 @@ class SDPAttention(DotProductAttention):
         v = rope_batch_major(value, None)
         if isinstance(attention_mask, Spans):
             out = attention_mask.attention(q, k, v, scale)
-        elif self.cp_group is not None:  # (None or context.Pieces: models/context.py)
+        elif self.cp_group is not None:  # (a plan of its Pieces: models/context.py)
             out = attention(q, k, v, self.cp_group, scale, attention_mask)
         else:
             assert attention_mask is None, "a dense mask: pass Spans"

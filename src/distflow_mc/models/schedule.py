@@ -11,7 +11,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from distflow_mc.models.context import Pieces
 from distflow_mc.models.spans import Spans
 from distflow_mc.models.vision import IMAGES
 
@@ -35,9 +34,8 @@ def _forward(model: torch.nn.Module, mb: MicroBatch, cp: dist.ProcessGroup | Non
     group) the rank's chunks of each segment attend to their whole segment and the one it
     continues (models/context.py)."""
     if cp is not None:
-        where = (dist.get_world_size(cp), dist.get_rank(cp))
-        pieces = Pieces.build(mb["spans"], mb["prefixes"], mb["positions"], *where)
-        return model(mb.get("input_ids"), mb["positions"], attention_mask=pieces)
+        plan = torch.stack([mb["spans"], mb["prefixes"], mb["positions"]])
+        return model(mb.get("input_ids"), mb["positions"], attention_mask=plan)
     if "spans" not in mb:  # (a vision-language model's: images, 3-D positions)
         images = {k: mb[k] for k in (*IMAGES, "image_mask") if k in mb}
         positions = mb["mrope_positions"].permute(2, 0, 1) if "mrope_positions" in mb else None
