@@ -51,7 +51,8 @@ def worker(
 
     from distflow_mc.config.schema import OptimConfig, ParallelConfig
     from distflow_mc.data.batch import Batch
-    from distflow_mc.data.microbatch import Item, packed_microbatch, pad_microbatch
+    from distflow_mc.data.chunks import cut
+    from distflow_mc.data.microbatch import Item, packed_microbatch
     from distflow_mc.models.gpt import build_gpt
     from distflow_mc.models.train import TrainableModel
     from distflow_mc.parallel.dist import init_distributed
@@ -76,10 +77,10 @@ def worker(
         {"input_ids": list(ids.split(each))[:samples], "response_mask": [mask] * samples},
         {"uid": uid, "group": uid},
     )
-    if samples == 1:
-        mbs = [pad_microbatch(batch, [0])]
-    else:  # one row of spans (trainer.sequence_packing's layout)
-        mbs = [packed_microbatch(batch, [[Item((i,)) for i in range(samples)]], 0)[0]]
+    row = [[Item((i,)) for i in range(samples)]]  # (several: trainer.sequence_packing's)
+    if cp > 1:  # this rank's chunks of every sample (data/chunks.py)
+        batch = cut(batch, cp, ctx.rank)
+    mbs = [packed_microbatch(batch, row, 0, spans=cp > 1)[0]]
 
     def loss_fn(mb, out):
         logp, _ = token_logprobs(out, mb, 1.0, s["vocab"])

@@ -20,10 +20,11 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from distflow_mc.data.batch import Batch
-from distflow_mc.data.chunks import cut, layout, split
+from distflow_mc.data.chunks import cut, split
 from distflow_mc.data.redistribute import Balance, Packing, Pattern, Transfer, redistribute
 from distflow_mc.parallel.dist import init_distributed
 from distflow_mc.parallel.layout import Layout, Move, movement
+from tests.chunks_ref import held as held_ref
 from tests.dist.factory_devices import FactoryDevices
 
 GROUP = 3  # samples per prompt
@@ -322,15 +323,21 @@ def cp_moves() -> dict:
             )
             same = same and all(torch.equal(got.tokens[k], want.tokens[k]) for k in want.tokens)
             same = same and all(torch.equal(got.samples[k], want.samples[k]) for k in want.samples)
-            held = {}
-            for i, (n, a) in enumerate(zip(mine.lengths.tolist(), split(mine), strict=True)):
-                positions, real = layout(n, a, dst.cp, coords["cp"])
-                held[int(mine.samples["uid"][i])] = [n, positions[real].tolist()]
+            held, laid_out = {}, True  # against tests/chunks_ref.py, token by token
+            firsts = split(mine).tolist()
+            for i, (n, a) in enumerate(zip(mine.lengths.tolist(), firsts, strict=True)):
+                ref = held_ref(n, a, dst.cp, coords["cp"])
+                laid_out &= got.token_slice("positions", i).tolist() == [p for p, _ in ref]
+                if "input_ids" in got.tokens:
+                    ids, source = got.token_slice("input_ids", i), mine.token_slice("input_ids", i)
+                    laid_out &= all(ids[k] == source[p] for k, (p, r) in enumerate(ref) if r)
+                held[int(mine.samples["uid"][i])] = [n, [p for p, r in ref if r]]
             out[f"{name} {packing.value}"] = {
                 "replica": coords["dp"],
                 "cp": coords["cp"],
                 "stage": coords["pp"],
                 "exact": same,
+                "laid_out": laid_out,
                 "fields": sorted(got.names()),
                 "tokens": got.num_tokens,
                 "whole_tokens": mine.num_tokens,

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from distflow_mc import checkpoint
 from distflow_mc.config.schema import OptimConfig, ParallelConfig
 from distflow_mc.data.batch import Batch
-from distflow_mc.data.chunks import cut, layout, local_heads, split
+from distflow_mc.data.chunks import cut, local_heads, split
 from distflow_mc.data.microbatch import Item, packed_microbatch
 from distflow_mc.models.convert import export_hf
 from distflow_mc.models.factory import load_model, load_reference
@@ -42,6 +42,7 @@ from distflow_mc.parallel.megatron_state import init_model_parallel, world_of
 from distflow_mc.rollout.hf_engine import HFEngine
 from distflow_mc.rollout.weight_stream import stream_buckets
 from distflow_mc.rollout.weight_sync import sync_weights_to_group
+from tests.chunks_ref import held
 from tests.tiny_hf import IMAGE_TOKEN, load_hf, load_tensors
 
 TEMPERATURE = 0.7
@@ -128,11 +129,11 @@ def cp_equivalence(chunks, model_dir: Path, mp, fn) -> dict:
     for (batch, _), out, where in zip(cases, outputs, places, strict=True):
         flat = out.flatten(0, 1)[where]  # the rank's tokens, sample after sample
         at = 0
-        for i, (n, a) in enumerate(zip(batch.lengths.tolist(), split(batch), strict=True)):
+        for i, (n, a) in enumerate(zip(batch.lengths.tolist(), split(batch).tolist(), strict=True)):
             seq = batch.token_slice("input_ids", i)
             with torch.no_grad():
                 ref = hf(seq[None]).logits[0]
-            positions, real = layout(n, a, size, rank)
+            positions, real = (torch.tensor(x) for x in zip(*held(n, a, size, rank), strict=True))
             mine = flat[at : at + len(positions)]
             at += len(positions)
             keep = real & (positions + 1 < n)  # (the last token predicts none)

@@ -92,7 +92,7 @@ def check_context_parallel(results: list[dict]) -> None:
             if r is None:
                 assert name.startswith("group") and rank >= 2, (name, rank)
                 continue
-            assert r["exact"], (name, rank)
+            assert r["exact"] and r["laid_out"], (name, rank)
             assert {"labels", "positions", "input_ids"} <= set(r["fields"]), (name, rank)
             if "views" in name and r["stage"] == 0:
                 assert "logprobs" not in r["fields"], (name, rank)

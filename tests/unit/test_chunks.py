@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from distflow_mc.data.batch import Batch
 from distflow_mc.data.chunks import cut
+from tests.chunks_ref import held
 
 
 @settings(max_examples=40, deadline=None)
@@ -22,7 +23,7 @@ def test_each_rank_holds_its_chunks_of_every_sample(size, shape, prompts):
     theirs; padding zeros; every rank holds as many tokens of each sample, about 1/size
     of it; per-sample fields whole."""
     lengths = [max(n, 1) for n, _ in shape]
-    first = [min(p, n) if prompts else 0 for (_, p), n in zip(shape, lengths, strict=True)]
+    first = [min(p, n - 1) if prompts else 0 for (_, p), n in zip(shape, lengths, strict=True)]
     g = torch.Generator().manual_seed(len(shape))
     seqs = [torch.randint(1, 100, (n,), generator=g) for n in lengths]
     values = [torch.rand(n, 2, generator=g) for n in lengths]
@@ -34,7 +35,7 @@ def test_each_rank_holds_its_chunks_of_every_sample(size, shape, prompts):
         batch.samples |= {k: v for k, v in samples.items() if k not in batch.samples}
     else:
         batch = Batch.from_sequences({"input_ids": seqs, "values": values}, samples)
-    held: dict[tuple[int, int], int] = {}
+    seen: dict[tuple[int, int], int] = {}
     local = None
     for rank in range(size):
         mine = cut(batch, size, rank)
@@ -44,23 +45,24 @@ def test_each_rank_holds_its_chunks_of_every_sample(size, shape, prompts):
             local = mine.lengths
         assert torch.equal(mine.lengths, local)  # the ranks' rows line up
         for i, n in enumerate(lengths):
-            a = min(first[i], n - 1)
+            a = first[i]
             ids, labels = mine.token_slice("input_ids", i), mine.token_slice("labels", i)
             vals, pos = mine.token_slice("values", i), mine.token_slice("positions", i)
             pad_a = -(-a // (2 * size)) * 2 * size
             pad_b = -(-(n - a) // (2 * size)) * 2 * size
             assert len(ids) == (pad_a + pad_b) // size
+            assert pos.tolist() == [p for p, _ in held(n, a, size, rank)]
             for k, p in enumerate(pos.tolist()):
                 in_a = k < pad_a // size
                 real = p < a if in_a else p < n
                 if not real:
                     assert ids[k] == 0 and labels[k] == 0 and not vals[k].any()
                     continue
-                held[(i, p)] = held.get((i, p), 0) + 1
+                seen[(i, p)] = seen.get((i, p), 0) + 1
                 assert ids[k] == seqs[i][p]
                 if p + 1 < n:
                     assert labels[k] == seqs[i][p + 1]
                     assert torch.equal(vals[k], values[i][p + 1])
                 else:
                     assert labels[k] == 0 and not vals[k].any()
-    assert held == {(i, p): 1 for i, n in enumerate(lengths) for p in range(n)}
+    assert seen == {(i, p): 1 for i, n in enumerate(lengths) for p in range(n)}

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from distflow_mc.data.batch import Batch
 from distflow_mc.data.chunks import cut, local_heads, split
-from distflow_mc.data.chunks import layout as layout_of
 from distflow_mc.data.microbatch import Item, packed_microbatch
 from distflow_mc.models.context import Pieces, _lower_right, tail_attention
+from tests.chunks_ref import held
 
 
 def _dense(q, k, v, scale):
@@ -132,13 +132,16 @@ def test_cp_chunks_attend_as_whole_samples(layout, seed):
     noise = torch.Generator().manual_seed(seed + 1)
     items = _items(cut(batch, size, 0), size, share)  # (as the trainer: from its chunks)
     rows = [items] if packed else [[item] for item in items]
-    lengths, firsts = batch.lengths.tolist(), split(batch)
+    lengths, firsts = batch.lengths.tolist(), split(batch).tolist()
     ranks = []
     for rank in range(size):
         mine = cut(batch, size, rank)
         mb, places = packed_microbatch(mine, rows, 0, spans=True)
         b, length = mb["spans"].shape
-        truth = [layout_of(n, a, size, rank)[1] for n, a in zip(lengths, firsts, strict=True)]
+        truth = [
+            torch.tensor([r for _, r in held(n, a, size, rank)])
+            for n, a in zip(lengths, firsts, strict=True)
+        ]
         real = torch.zeros(b * length, dtype=torch.bool)
         sample = torch.zeros(b * length, dtype=torch.int64)
         real[places], sample[places] = torch.cat(truth), mine.token_owner()

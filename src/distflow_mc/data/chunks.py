@@ -25,58 +25,56 @@ from distflow_mc.data.batch import Batch
 INPUTS = ("input_ids",)  # what stays on its own token
 
 
-def chunks(size: int, rank: int, length: int) -> torch.Tensor:
-    """The orders rank `rank` of `size` holds of a segment of `length` (a multiple of
-    2 x size) tokens."""
-    c = length // (2 * size)
-    last = 2 * size - 1 - rank
-    return torch.cat(
-        [torch.arange(rank * c, (rank + 1) * c), torch.arange(last * c, (last + 1) * c)]
-    )
-
-
 def padded(tokens: int, size: int) -> int:
     """A segment's length padded to a multiple of 2 x size."""
     return -(-tokens // (2 * size)) * 2 * size
 
 
-def split(batch: Batch) -> list[int]:
+def split(batch: Batch) -> torch.Tensor:
     """Per sample, its first segment's tokens: the prompt but its last token (whose output
     predicts the first response token), 0 when the batch carries no prompt lengths. (The
     same for a cut batch: its samples' prompt lengths are whole.)"""
     if "prompt_length" not in batch.samples:
-        return [0] * len(batch)
-    return (batch.samples["prompt_length"].cpu() - 1).clamp(min=0).tolist()
-
-
-def layout(length: int, first: int, size: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A sample of `length` tokens whose first segment has `first`: the true positions of
-    the tokens rank `rank` holds, in its order, and which of them are real (not padding)."""
-    a = chunks(size, rank, padded(first, size))
-    b = chunks(size, rank, padded(length - first, size))
-    return torch.cat([a, first + b]), torch.cat([a < first, b < length - first])
+        return torch.zeros_like(batch.lengths)
+    return (batch.samples["prompt_length"].to(batch.offsets.device) - 1).clamp(min=0)
 
 
 def local_heads(batch: Batch, size: int) -> list[int]:
     """Per sample of a cut batch, how many of its tokens are its first segment's."""
-    return [padded(a, size) // size for a in split(batch)]
+    return [padded(a, size) // size for a in split(batch).tolist()]
+
+
+def _held(
+    lengths: torch.Tensor, firsts: torch.Tensor, size: int, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample, how many tokens rank `rank` holds of it; per token it holds, its true
+    position and whether it is real (not padding)."""
+    c_a = -(-firsts // (2 * size))  # each segment's chunk size
+    c_b = -(-(lengths - firsts) // (2 * size))
+    local = 2 * (c_a + c_b)
+    owner = torch.repeat_interleave(torch.arange(len(local), device=local.device), local)
+    k = torch.arange(len(owner), device=local.device) - (local.cumsum(0) - local)[owner]
+    head = 2 * c_a[owner]
+    first = k < head  # in the prompt part
+    c = torch.where(first, c_a[owner], c_b[owner])
+    k = torch.where(first, k, k - head)
+    order = torch.where(k < c, rank * c + k, (2 * size - 1 - rank) * c + k - c)
+    a = firsts[owner]
+    positions = torch.where(first, order, a + order)
+    real = torch.where(first, order < a, order < lengths[owner] - a)
+    return local, positions, real
 
 
 def cut(batch: Batch, size: int, rank: int) -> Batch:
     """The tokens rank `rank` of a CP group of `size` holds of `batch` (see the module
     docstring), with their `positions` and `labels`. Per-sample fields stay whole."""
     device = batch.offsets.device
-    lengths = batch.lengths.tolist()
-    where = [layout(n, a, size, rank) for n, a in zip(lengths, split(batch), strict=True)]
-    local = torch.tensor([len(p) for p, _ in where], dtype=torch.int64)
-    positions = torch.cat([p for p, _ in where]) if where else torch.zeros(0, dtype=torch.int64)
-    real = torch.cat([r for _, r in where]) if where else torch.zeros(0, dtype=torch.bool)
-    n = torch.repeat_interleave(torch.tensor(lengths, dtype=torch.int64), local)
-    start = torch.repeat_interleave(batch.offsets[:-1].cpu(), local)
-    nxt = real & (positions + 1 < n)  # the next token is the sample's
-    at = torch.where(real, start + positions, 0).to(device)
-    after = torch.where(nxt, start + positions + 1, 0).to(device)
-    real, nxt = real.to(device), nxt.to(device)
+    lengths = batch.lengths
+    local, positions, real = _held(lengths, split(batch), size, rank)
+    owner = torch.repeat_interleave(torch.arange(len(batch), device=device), local)
+    nxt = real & (positions + 1 < lengths[owner])  # the next token is the sample's
+    at = torch.where(real, batch.offsets[owner] + positions, 0)
+    after = torch.where(nxt, at + 1, 0)
     tokens = {}
     for name, values in batch.tokens.items():
         index, keep = (at, real) if name in INPUTS else (after, nxt)
@@ -86,7 +84,7 @@ def cut(batch: Batch, size: int, rank: int) -> Batch:
     if "input_ids" in batch.tokens:
         ids = batch.tokens["input_ids"]
         tokens["labels"] = torch.where(nxt.to(ids.device), ids[after.to(ids.device)], 0)
-    tokens["positions"] = positions.to(device)
+    tokens["positions"] = positions
     offsets = torch.zeros(len(batch) + 1, dtype=torch.int64, device=device)
-    offsets[1:] = local.to(device).cumsum(0)
+    offsets[1:] = local.cumsum(0)
     return Batch(offsets, tokens, dict(batch.samples), dict(batch.objects))

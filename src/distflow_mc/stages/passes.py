@@ -57,7 +57,10 @@ def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict],
         keys = groups = batch.samples["group"].tolist()
         prompts = batch.samples["prompt_length"].tolist()
         if cp > 1:  # a group's prompt parts are alike where their prompts' lengths are
-            keys, prompts = list(zip(groups, split(batch), strict=True)), [h + 1 for h in heads]
+            keys, prompts = (
+                list(zip(groups, split(batch).tolist(), strict=True)),
+                [h + 1 for h in heads],
+            )
         ids = {k: i for i, k in enumerate(dict.fromkeys(keys))}
         share = AUTO_MIN_SHARE if t.shared_prefix is SharedPrefix.AUTO else 0.0
         items = shared_items(lengths, [ids[k] for k in keys], prompts, t.micro_batch_tokens, share)
