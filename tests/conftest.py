@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hypothesis import settings
 from omegaconf import DictConfig, OmegaConf
 
 from distflow_mc.config import register_resolvers, register_schemas
@@ -33,6 +34,10 @@ SHORT_RUN = [
 
 register_schemas()
 register_resolvers()
+# property tests draw the same examples on every run (a CI run reproduces a local one,
+# and no run fails on a draw another did not make); no example database between runs
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.load_profile("deterministic")
 
 
 def compose_config(overrides: list[str] = (), config_dir: Path = CONF_DIR) -> DictConfig:

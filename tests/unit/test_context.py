@@ -54,7 +54,7 @@ def test_tail_attention_is_lower_right_causal(
     inputs = _inputs(seed, rows, kv_heads, groups, queries, before, dim)
     grad = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(seed + 1))
     for got, want in zip(_grads(fn, inputs, grad), _grads(_dense, inputs, grad), strict=True):
-        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(got, want, atol=5e-6, rtol=1e-5)
 
 
 def test_tail_attention_in_bf16_is_the_dense_one_rounded():
@@ -176,7 +176,7 @@ def test_cp_chunks_attend_as_whole_samples(layout, seed):
         if b is None:
             assert a is None or not a.any()
         else:
-            torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+            torch.testing.assert_close(a, b, atol=5e-6, rtol=1e-5)
 
 
 def test_a_rank_holding_only_padding_still_reads_the_gathered_keys():

@@ -66,5 +66,5 @@ def test_span_attention_is_the_masked_attention(groups, share, packing):
     weights = torch.randn(want.shape, generator=g) * real
     grads = torch.autograd.grad((got * weights).sum(), (q, k, v))
     wants = torch.autograd.grad((want * weights).sum(), (q, k, v))
-    for a, w in zip(grads, wants, strict=True):
-        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6)
+    for a, w in zip(grads, wants, strict=True):  # (float32 sums in another order: ~1e-6)
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=5e-6)
