@@ -303,13 +303,23 @@ def cp_moves() -> dict:
             None,
         )
     rank, out = dist.get_rank(), {}
+    options = [
+        (p, k, r) for p in Pattern if p is not Pattern.AUTO for k in PACKINGS for r in (1, 2)
+    ]
     for seed, (name, (src, dst, stages)) in enumerate(cases.items()):
-        for packing in PACKINGS:
+        for pattern, packing, rounds in options:
+            key = f"{name} {pattern.value} {packing.value} rounds={rounds}"
             mine = with_prompts(src.coords(rank)["dp"], seed) if rank in src.holders() else None
-            args = (Balance(), torch.device("cpu"), timedelta(seconds=60))
-            got = redistribute(mine, src, dst, *args, packing=packing, stages=stages)
+            args = (Balance(), torch.device("cpu"), timedelta(seconds=60), pattern)
+            transfer = Transfer(src, dst, *args, packing=packing, stages=stages)
+            # two rounds: the tokens and prompt lengths first, the rest after (a reward)
+            first = ("input_ids", "logprobs", "prompt_length") if rounds == 2 else None
+            transfer.send(mine, first)
+            if rounds == 2:
+                transfer.send(mine)
+            got = transfer.finish()
             if got is None:
-                out[f"{name} {packing.value}"] = None
+                out[key] = None
                 continue
             whole = Batch.concat([with_prompts(r, seed) for r in range(src.dp)])
             where = {int(u): i for i, u in enumerate(whole.samples["uid"])}
@@ -318,6 +328,7 @@ def cp_moves() -> dict:
             mine = mine.only(view) if view is not None else mine
             coords = dst.coords(rank)
             want = cut(mine, dst.cp, coords["cp"])
+            want = want.only({*view, "positions"}) if view is not None else want
             same = sorted(got.names()) == sorted(want.names()) and torch.equal(
                 got.offsets, want.offsets
             )
@@ -332,7 +343,8 @@ def cp_moves() -> dict:
                     ids, source = got.token_slice("input_ids", i), mine.token_slice("input_ids", i)
                     laid_out &= all(ids[k] == source[p] for k, (p, r) in enumerate(ref) if r)
                 held[int(mine.samples["uid"][i])] = [n, [p for p, r in ref if r]]
-            out[f"{name} {packing.value}"] = {
+            out[key] = {
+                "received": int(transfer.lengths.sum()),  # tokens that reached this rank
                 "replica": coords["dp"],
                 "cp": coords["cp"],
                 "stage": coords["pp"],

@@ -81,10 +81,11 @@ def test_redistribution(tmp_path, world):
 
 
 def check_context_parallel(results: list[dict]) -> None:
-    """Each CP rank of a destination replica holds its chunks of every sample of the
-    replica (data/chunks.py's cut of the sources, field by field, its `labels` and
-    `positions` too), its stage's fields only; the two ranks of a pair hold every token of
-    every sample once between them, each about half."""
+    """Each CP rank of a destination replica receives only its chunks of every sample of
+    the replica (data/chunks.py's cut of the sources, field by field, its `labels` and
+    `positions` too: the tokens that reached it are those it holds), its stage's fields
+    only, by either pattern and packing, in one round or two; the two ranks of a pair hold
+    every token of every sample once between them, each about half."""
     for name in results[0]:
         got = [r[name] for r in results]
         pairs: dict[tuple[int, int], list[dict]] = {}
@@ -93,9 +94,11 @@ def check_context_parallel(results: list[dict]) -> None:
                 assert name.startswith("group") and rank >= 2, (name, rank)
                 continue
             assert r["exact"] and r["laid_out"], (name, rank)
-            assert {"labels", "positions", "input_ids"} <= set(r["fields"]), (name, rank)
-            if "views" in name and r["stage"] == 0:
-                assert "logprobs" not in r["fields"], (name, rank)
+            assert {"positions", "input_ids"} <= set(r["fields"]), (name, rank)
+            if "views" in name and r["stage"] == 0:  # the first stage's fields, no labels
+                assert not {"logprobs", "labels"} & set(r["fields"]), (name, rank)
+            else:
+                assert "labels" in r["fields"], (name, rank)
             pairs.setdefault((r["replica"], r["stage"]), []).append(r)
         for pair in pairs.values():
             assert sorted(r["cp"] for r in pair) == [0, 1], name
@@ -104,3 +107,4 @@ def check_context_parallel(results: list[dict]) -> None:
                 assert sorted(positions + other) == list(range(n)), (name, uid)
             for r in pair:  # half of each sample, but the padding to a multiple of 4 per part
                 assert r["tokens"] <= r["whole_tokens"] / 2 + 4 * len(r["held"]), name
+                assert r["received"] == r["tokens"], name  # only its chunks travelled to it

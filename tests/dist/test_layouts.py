@@ -131,6 +131,9 @@ def cases_on_two_ranks(task: Path) -> dict[str, list[str]]:
         # megatron's selective recompute (the MLPs and norms again), with span rows
         "cp2_packed_selective": [*mixed, "parallel.cp=2", packing, "trainer.recompute=SELECTIVE"],
         "shared_selective": [*mixed, "parallel.pp=2", SHARED, "trainer.recompute=SELECTIVE"],
+        # megatron's full recompute saves the span plan (a tensor) and attends again
+        "shared_packed_full": [*mixed, "parallel.pp=2", SHARED, packing, "trainer.recompute=FULL"],
+        "cp2_shared_full": [*mixed, "parallel.cp=2", SHARED, "trainer.recompute=FULL"],
         # shared-prefix rows under CP: a sample's tokens attend to its group's prompt too
         "cp2_shared": [*mixed, "parallel.cp=2", SHARED],
         # per-sequence rules under CP: GSPO's sequence ratio, per-sequence sums, MIS over
@@ -238,8 +241,9 @@ def test_shared_prefix_is_the_same_math(two, four):
     the actor's log-probs equal transformers' own (the engine's), on PP1 (token mean), an
     interleaved PP2 x VPP2, PP2 with prompts of different lengths (per-sequence means),
     TP2 with sequence parallel and groups split over rows by the token budget, GSPO with
-    packed rows, experts over EP2, multi-turn agent samples (also at CP=2), and PPO on PP4
-    (reference, critic values, several epochs)."""
+    packed rows, experts over EP2, multi-turn agent samples (also at CP=2), packed rows and
+    CP=2 under trainer.recompute=FULL, and PPO on PP4 (reference, critic values, several
+    epochs)."""
     pairs = [  # (and the least share of the tokens not computed again)
         ("shared_pp1", "pp1", two, 0.2),
         ("shared_pp2vpp2", "pp1", two, 0.2),
@@ -249,6 +253,8 @@ def test_shared_prefix_is_the_same_math(two, four):
         ("moe_shared", "moe_noaux", two, 0.2),
         ("agent_shared", "agent", two, 0.2),
         ("agent_shared_cp2", "agent", two, 0.2),  # and each CP rank's runs of the spans
+        ("shared_packed_full", "rows", two, 0.2),  # under trainer.recompute=FULL
+        ("cp2_shared_full", "rows", two, 0.2),
         ("ppo_pp4_shared", "ppo_dp4", four, 0.2),
     ]
     for shared, flat, runs, saved in pairs:

@@ -273,13 +273,10 @@ def trainer_view(budget: int, shared, cp: int = 1, aux: float = 0.0):
     """What stages.passes.microbatches reads of the workers."""
     from types import SimpleNamespace
 
-    from distflow_mc.config.schema import LayerSpec, Recompute
+    from distflow_mc.config.schema import LayerSpec
 
     trainer = SimpleNamespace(
-        micro_batch_tokens=budget,
-        sequence_packing=False,
-        shared_prefix=shared,
-        recompute=Recompute.NONE,
+        micro_batch_tokens=budget, sequence_packing=False, shared_prefix=shared
     )
     model = SimpleNamespace(router_aux_loss_coef=aux, layer_spec=LayerSpec.AUTO)
     return SimpleNamespace(

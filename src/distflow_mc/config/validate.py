@@ -23,7 +23,6 @@ from distflow_mc.config.schema import (
     OptimConfig,
     ParallelConfig,
     Placement,
-    Recompute,
     RewardConfig,
     RolloutConfig,
     SharedPrefix,
@@ -215,14 +214,6 @@ def _trainer_and_data(
             "packs rows for the local layer spec's attention; TransformerEngine's spec runs"
             " here (model.layer_spec), whose packed (THD) path is not wired: set it false, or"
             " model.layer_spec=LOCAL",
-        ),
-        *_check(
-            t.recompute is not Recompute.FULL
-            or not (t.sequence_packing or t.shared_prefix is SharedPrefix.ALWAYS),
-            "trainer.recompute",
-            "FULL with trainer.sequence_packing or trainer.shared_prefix=ALWAYS is not built"
-            " (their span attention is no tensor a checkpoint can save); set those off, or"
-            " use SELECTIVE (shared_prefix AUTO stays off under FULL)",
         ),
         *_check(
             t.shared_prefix is not SharedPrefix.ALWAYS or not _transformer_engine(model.layer_spec),

@@ -44,6 +44,12 @@ def local_heads(batch: Batch, size: int) -> list[int]:
     return [padded(a, size) // size for a in split(batch).tolist()]
 
 
+def held_tokens(lengths, firsts, size: int):
+    """How many tokens a rank holds of samples of `lengths` whose first segments have
+    `firsts` (tensors or numpy arrays): the same on every rank of the group."""
+    return 2 * (-(-firsts // (2 * size)) - (-(lengths - firsts) // (2 * size)))
+
+
 def _held(
     lengths: torch.Tensor, firsts: torch.Tensor, size: int, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,7 +57,7 @@ def _held(
     position and whether it is real (not padding)."""
     c_a = -(-firsts // (2 * size))  # each segment's chunk size
     c_b = -(-(lengths - firsts) // (2 * size))
-    local = 2 * (c_a + c_b)
+    local = held_tokens(lengths, firsts, size)
     owner = torch.repeat_interleave(torch.arange(len(local), device=local.device), local)
     k = torch.arange(len(owner), device=local.device) - (local.cumsum(0) - local)[owner]
     head = 2 * c_a[owner]
@@ -65,12 +71,15 @@ def _held(
     return local, positions, real
 
 
-def cut(batch: Batch, size: int, rank: int) -> Batch:
+def cut(batch: Batch, size: int, rank: int, firsts: torch.Tensor | None = None) -> Batch:
     """The tokens rank `rank` of a CP group of `size` holds of `batch` (see the module
-    docstring), with their `positions` and `labels`. Per-sample fields stay whole."""
+    docstring), with their `positions` and `labels`. Per-sample fields stay whole.
+    `firsts`: the samples' first segments, when `batch` lacks their prompt lengths (a
+    move's later round)."""
     device = batch.offsets.device
     lengths = batch.lengths
-    local, positions, real = _held(lengths, split(batch), size, rank)
+    firsts = split(batch) if firsts is None else firsts
+    local, positions, real = _held(lengths, firsts, size, rank)
     owner = torch.repeat_interleave(torch.arange(len(batch), device=device), local)
     nxt = real & (positions + 1 < lengths[owner])  # the next token is the sample's
     at = torch.where(real, batch.offsets[owner] + positions, 0)

@@ -23,8 +23,10 @@ batch holds it (`Move.NONE`), else each replica's copy reaches its other ranks.
 Only the fields named in `keep` travel, and with `stages` a rank gets only the fields its
 pipeline stage reads (a middle stage reads none: it gets the lengths, uids and groups; the
 first reads the model's inputs); under LEADERS each set of ranks reading the same fields
-has its own leader. Under context parallelism a rank of the destination keeps its chunks
-of every sample (data/chunks.py). Works on NCCL and gloo through the same code.
+has its own leader. Under context parallelism each rank of the destination receives only
+its chunks of every sample: the senders cut the samples (data/chunks.py) and pack each CP
+rank's own (no group prefix travels once then: a cut needs whole samples). Works on NCCL
+and gloo through the same code.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import torch.distributed as dist
 
 from distflow_mc.data.balance import destinations
 from distflow_mc.data.batch import REQUIRED_SAMPLE_FIELDS, Batch
-from distflow_mc.data.chunks import cut
+from distflow_mc.data.chunks import cut, held_tokens, split
 from distflow_mc.data.prefixes import PREFIX, restore, share
 from distflow_mc.parallel.layout import Layout, Move, movement
 
@@ -123,6 +125,8 @@ class _Meta:
     lengths: dict[int, np.ndarray]  # sender -> per-sample token counts (first round)
     groups: dict[int, np.ndarray]  # sender -> per-sample group ids (first round)
     shared: dict[int, np.ndarray]  # sender -> per-sample tokens not sent (first round)
+    # context parallelism: sender -> per-sample first segments (data/chunks.py), else 0
+    firsts: dict[int, np.ndarray]
     object_bytes: dict[int, np.ndarray]  # sender -> per-sample encoded object bytes
     # a later round of per-sample fields only: sender -> their bytes, which rode along
     inline: dict[int, bytes] | None = None
@@ -199,6 +203,7 @@ def _exchange_meta(
     device: torch.device,
     sent: set[str],
     group: dist.ProcessGroup | None,
+    cp: int = 1,
 ) -> _Meta:
     """One int64 all-gather of a fixed-layout row per rank: [count, schema bytes, time of
     the last AUTO call, object entries, inline bytes], then (in the first round) its
@@ -207,7 +212,9 @@ def _exchange_meta(
     encoded object bytes of each sample (when objects travel), its schema (the fields and
     object names not `sent` yet, as JSON bytes) and, in a later round of per-sample fields
     only (a reward after the tokens), those fields' bytes: a few bytes a sample, so they
-    ride along and the round needs no exchange of its own.
+    ride along and the round needs no exchange of its own. Into a layout of `cp` > 1 no
+    prefix is shared: a length's high bits carry the sample's first segment instead, and
+    the schema has the cut's fields (data/chunks.py: `labels`, `positions`).
     The payload width is the last call's; when a rank's payload does not fit, every rank
     sees it in the heads and a second all-gather at the needed width follows."""
     first = not sent
@@ -217,13 +224,16 @@ def _exchange_meta(
     n, schema, n_obj, inline = 0, b"", 0, b""
     if mine is not None:
         n = len(mine)
-        fields = [f for f in _fields(mine) if f[1] not in sent]
+        fields = _fields(mine) + (_cut_fields(mine) if cp > 1 else [])
+        fields = sorted(f for f in fields if f[1] not in sent)
         objects = sorted(set(mine.objects) - sent)
         schema = json.dumps([fields, objects]).encode()
         shared = torch.zeros_like(mine.lengths)
         if PREFIX in mine.samples:
             shared = mine.samples[PREFIX].clamp(min=0).long()
         words = (mine.lengths + shared) | (shared << LOW)  # whole, for the balance
+        if cp > 1:
+            words = mine.lengths | (split(mine) << LOW)
         per_sample = [words.cpu().numpy(), mine.samples["group"].cpu().numpy()]
         sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
         n_obj = len(sizes)
@@ -260,12 +270,24 @@ def _exchange_meta(
         objects,
         {s: rows[s, : counts[s]] & LOW_MASK for s in senders} if first else {},
         {s: rows[s, counts[s] : 2 * counts[s]] for s in senders} if first else {},
-        {s: rows[s, : counts[s]] >> LOW for s in senders} if first else {},
+        {s: rows[s, : counts[s]] >> LOW if cp == 1 else rows[s, : counts[s]] * 0 for s in senders}
+        if first
+        else {},
+        {s: rows[s, : counts[s]] >> LOW if cp > 1 else rows[s, : counts[s]] * 0 for s in senders}
+        if first
+        else {},
         {s: rows[s, per[s] : per[s] + n_objs[s]] for s in senders},
         {s: rows[s, inline_at[s] :].tobytes()[: inlines[s]] for s in senders}
         if _inlined(first, fields, objects)
         else None,
     )
+
+
+def _cut_fields(batch: Batch) -> list[Field]:
+    """The fields data/chunks.py's cut adds: each token's next one, its true position."""
+    ids = batch.tokens.get("input_ids")
+    labels = [("t", "labels", str(ids.dtype).removeprefix("torch."), ())] if ids is not None else []
+    return [*labels, ("t", "positions", "int64", ())]
 
 
 def _inlined(first: bool, fields: list[Field], objects: list[str]) -> bool:
@@ -335,10 +357,15 @@ class _Plan:
 
 def _classes(dst: Layout, view: Callable[[int], View]) -> tuple[list, list]:
     """Per destination replica, its holders, and its holders in sets reading the same
-    fields (a LEADERS leader, a set's first rank, broadcasts to the rest of its set)."""
+    fields of the same tokens (under context parallelism each rank of a CP group its own
+    chunks; a LEADERS leader, a set's first rank, broadcasts to the rest of its set)."""
     holders = [sorted(set(ranks) & dst.holders()) for ranks in dst.replicas()]
+
+    def reads(rank: int) -> tuple:
+        return view(rank), dst.coords(rank)["cp"]
+
     classes = [
-        [[r for r in h if view(r) == v] for v in dict.fromkeys(map(view, h))] for h in holders
+        [[r for r in h if reads(r) == v] for v in dict.fromkeys(map(reads, h))] for h in holders
     ]
     return holders, classes
 
@@ -362,7 +389,7 @@ def _options(
         patterns = [pattern]
     packings = [Packing.CHUNKS, Packing.FIELDS] if packing is Packing.AUTO else [packing]
     shares = [False, True] if share is None else [share]
-    shares = shares if balance.keep_groups else [False]
+    shares = shares if balance.keep_groups and dst.cp == 1 else [False]  # (CP: see cut)
     options = [(p, k, x) for p in patterns for k in packings for x in shares]
     return (src, dst, tuple(map(view, dst.ranks))), options
 
@@ -467,11 +494,12 @@ def _by_destination(
     return perm, {"t": batch.token_index(idx)[1], "s": idx}
 
 
-Target = tuple[int, np.ndarray] | None  # per rank: its replica and which fields it gets
+# per rank: its replica, which fields it gets, and its CP rank (which cut of the tokens)
+Target = tuple[int, np.ndarray, int] | None
 
 
 def _pack(
-    batch: Batch,
+    cuts: Sequence[Batch],
     encoded: list[bytes],
     fields: list[Field],
     dest: np.ndarray,
@@ -485,15 +513,18 @@ def _pack(
     8-byte aligned: `sizes` is [fields + 1, replicas]). The chunk this rank receives from
     itself is written straight into `own` (its place in the receive buffer) and not sent.
     Each field lands in place with one index_select (a copy when the samples are already
-    in destination order); a chunk that several ranks receive is packed once and copied."""
+    in destination order); a chunk that several ranks receive is packed once and copied.
+    `cuts`: the batch, or under context parallelism each CP rank's cut of it (the same
+    samples and offsets)."""
     me = dist.get_rank()
     chunk = [None if o is None else sizes[:, o[0]] * o[1] for o in order]
     splits = [int(c.sum()) if c is not None and r != me else 0 for r, c in enumerate(chunk)]
     buf = torch.empty(sum(splits), dtype=torch.uint8, device=own.device)
-    perm, rows = _by_destination(batch, dest, own.device)
+    perm, rows = _by_destination(cuts[0], dest, own.device)
     n_at, t_at = (np.concatenate([[0], np.cumsum(c)]) for c in counts)
 
-    def fill(out: torch.Tensor, d: int, wanted: np.ndarray, sized: np.ndarray) -> None:
+    def fill(out: torch.Tensor, d: int, wanted: np.ndarray, sized: np.ndarray, cp: int) -> None:
+        batch = cuts[cp]
         starts = np.cumsum(sized) - sized  # where each field begins in the chunk
         for j, (kind, name, dtype, shape) in enumerate(fields):
             if not wanted[j]:
@@ -512,24 +543,24 @@ def _pack(
             at = int(starts[-1])
             out[at : at + len(blob)].copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
 
-    packed: dict[tuple[int, bytes], torch.Tensor] = {}  # (replica, fields) -> its chunk
+    packed: dict[tuple[int, bytes, int], torch.Tensor] = {}  # (replica, fields, cut) -> chunk
     pos = 0
     for r, (o, sized) in enumerate(zip(order, chunk, strict=True)):
         if o is None or not sized.sum():
             continue
         out = own if r == me else buf[pos : pos + splits[r]]
         pos += splits[r]
-        key = (o[0], o[1].tobytes())
+        key = (o[0], o[1].tobytes(), o[2])
         if key in packed:
             out.copy_(packed[key])
         else:
-            fill(out, o[0], o[1], sized)
+            fill(out, o[0], o[1], sized, o[2])
             packed[key] = out
     return buf, splits
 
 
 def _pack_fields(
-    batch: Batch,
+    cuts: Sequence[Batch],
     encoded: list[bytes],
     fields: list[Field],
     dest: np.ndarray,
@@ -539,10 +570,11 @@ def _pack_fields(
 ) -> list[tuple[torch.Tensor, list[int]]]:
     """FIELDS: per field (then the objects' bytes), the send buffer holding the rows of
     each rank that gets it, in rank order, and the bytes per rank. One index_select per
-    field, none when the samples are in destination order and each replica gets it once."""
+    field, none when the samples are in destination order and each replica gets it once.
+    `cuts`: as for `_pack` (each CP rank's token rows from its own cut)."""
     n_of, t_of = counts
     n_at, t_at = np.cumsum(n_of) - n_of, np.cumsum(t_of) - t_of
-    perm, rows = _by_destination(batch, dest, device)
+    perm, rows = _by_destination(cuts[0], dest, device)
     every = [d for d in range(len(n_of)) if n_of[d]]
     picked: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
 
@@ -559,11 +591,21 @@ def _pack_fields(
     out = []
     for j, f in enumerate(fields):
         kind, name = f[0], f[1]
-        targets = [o[0] for o in order if o is not None and o[1][j] and n_of[o[0]]]
-        src = (batch.tokens if kind == "t" else batch.samples)[name].to(device)
-        sent = (
-            src if rows is None and targets == every else src.index_select(0, pick(kind, targets))
-        )
+        reached = [o for o in order if o is not None and o[1][j] and n_of[o[0]]]
+        targets = [o[0] for o in reached]
+        src = (cuts[0].tokens if kind == "t" else cuts[0].samples)[name].to(device)
+        if kind == "t" and len(cuts) > 1:  # each CP rank its own cut's rows
+            sent = torch.cat(
+                [
+                    cuts[o[2]].tokens[name].to(device).index_select(0, pick(kind, [o[0]]))
+                    for o in reached
+                ]
+                or [src[:0]]
+            )
+        elif rows is None and targets == every:
+            sent = src
+        else:
+            sent = src.index_select(0, pick(kind, targets))
         per = t_of if kind == "t" else n_of
         splits = [int(per[o[0]]) * _row_bytes(f) if o is not None and o[1][j] else 0 for o in order]
         out.append((sent.contiguous().reshape(-1).view(torch.uint8), splits))
@@ -622,7 +664,8 @@ def _views(dst: Layout, stages: Sequence[Collection[str] | None] | None) -> Call
     if stages is None:
         return lambda rank: None
     assert len(stages) == dst.pp, (stages, dst)
-    always = {*REQUIRED_SAMPLE_FIELDS, PREFIX}  # every stage needs its samples' lengths
+    # every stage needs its samples' lengths (and under CP its tokens' true positions)
+    always = {*REQUIRED_SAMPLE_FIELDS, PREFIX, "positions"}
     frozen = [None if s is None else frozenset(s) | always for s in stages]
     return lambda rank: frozen[dst.coords(rank)["pp"]] if rank in dst.ranks else None
 
@@ -700,6 +743,7 @@ class Transfer:
         self.clock.restart()
         begin = time.perf_counter_ns()
         encoded: list[bytes] = []
+        cuts: list[Batch] = []
         sharing = False
         if first:  # how to move: chosen before the metadata, which sharing changes
             args = (self.src, self.dst, self.balance, self.pattern, self.packing, self.share)
@@ -715,7 +759,9 @@ class Transfer:
             if rank in senders:
                 names = sorted(set(batch.objects) - self.sent)
                 encoded = _encode_objects(batch, names, self.balance.keep_groups)
-        meta = _exchange_meta(batch, encoded, senders, self.device, self.sent, self.group)
+                cuts = [batch] if self.dst.cp == 1 else self._cut(batch, first)
+        args = (senders, self.device, self.sent, self.group, self.dst.cp)
+        meta = _exchange_meta(batch, encoded, *args)
         self.clock("meta")
         if first:
             begin = time.perf_counter_ns()  # the ranks are in step from here
@@ -750,7 +796,7 @@ class Transfer:
         t = self.t if first else self.t_whole
         rows = [(t if f[0] == "t" else self.n) * _row_bytes(f) for f in meta.fields]
         nbytes = np.stack([*rows, objects])  # [fields + 1, senders, dp]
-        args = (batch, encoded, meta.fields, nbytes, t)
+        args = (cuts, encoded, meta.fields, nbytes, t)
         chunked = self.plan.packing is Packing.CHUNKS
         recv, starts = self._send_chunks(*args) if chunked else self._send_fields(*args)
         kept = np.append(got[:-1], True)  # the objects' row stays (empty when not wanted)
@@ -760,9 +806,18 @@ class Transfer:
         self.clock("exchange")
         self.busy_ns += time.perf_counter_ns() - begin
 
+    def _cut(self, batch: Batch, first: bool) -> list[Batch]:
+        """Each CP rank's cut of a sender's round (data/chunks.py): the first round fixes
+        every sample's first segment (its prompt length travels then, if at all)."""
+        if first:
+            self.firsts = split(batch)
+        elif "prompt_length" in batch.samples:
+            raise ValueError("redistribute: under CP, prompt_length travels in the first round")
+        return [cut(batch, self.dst.cp, i, self.firsts) for i in range(self.dst.cp)]
+
     def _send_chunks(
         self,
-        batch: Batch | None,
+        cuts: list[Batch],
         encoded: list[bytes],
         fields: list[Field],
         nbytes: np.ndarray,
@@ -791,7 +846,7 @@ class Transfer:
             own = recv[size - kept :]
             counts = (self.n[me], t[me])
             order = self._targets()
-            send, out_splits = _pack(batch, encoded, fields, dest, counts, sizes[:, me], order, own)
+            send, out_splits = _pack(cuts, encoded, fields, dest, counts, sizes[:, me], order, own)
         self.clock("pack")
         in_splits = [0] * world
         if receiving:
@@ -808,7 +863,7 @@ class Transfer:
 
     def _send_fields(
         self,
-        batch: Batch | None,
+        cuts: list[Batch],
         encoded: list[bytes],
         fields: list[Field],
         nbytes: np.ndarray,
@@ -830,7 +885,7 @@ class Transfer:
         if rank in senders:
             me, dest = senders.index(rank), self.plan.dest[rank]
             counts = (self.n[me], t[me])
-            parts = _pack_fields(batch, encoded, fields, dest, counts, self._targets(), self.device)
+            parts = _pack_fields(cuts, encoded, fields, dest, counts, self._targets(), self.device)
         self.clock("pack")
         for j, (send, out_splits) in enumerate(parts):
             if j == len(fields) and not nbytes[j].any():
@@ -854,10 +909,13 @@ class Transfer:
         return nbytes[:, :, self.d] if self.d is not None else np.zeros_like(nbytes[:, :, 0])
 
     def _targets(self) -> list[Target]:
-        """Per rank: the replica it receives for and the fields it gets (None: not reached)."""
+        """Per rank: the replica it receives for, the fields it gets and its CP rank (None:
+        not reached)."""
         world = dist.get_world_size()
         return [
-            (self.replica_of[r], self.wants[r]) if r in self.replica_of else None
+            (self.replica_of[r], self.wants[r], self.dst.coords(r)["cp"])
+            if r in self.replica_of
+            else None
             for r in range(world)
         ]
 
@@ -875,6 +933,10 @@ class Transfer:
 
         sent = {s: meta.lengths[s] - meta.shared[s] for s in self.senders}
         self.t, self.t_whole = tokens(sent), tokens(meta.lengths)
+        if self.dst.cp > 1:  # every round's tokens: each rank's cut (data/chunks.py)
+            cp = self.dst.cp
+            sent = {s: held_tokens(meta.lengths[s], meta.firsts[s], cp) for s in self.senders}
+            self.t = self.t_whole = tokens(sent)
         # this rank's destination replica (None: a rank outside the destination layout)
         self.d = self.dst.coords(rank)["dp"] if rank in self.dst.ranks else None
         self.holding = self.d is not None and any(rank in c for c in plan.classes[self.d])
@@ -922,7 +984,6 @@ class Transfer:
                     out.offsets, out.tokens | tokens, out.samples | samples, out.objects | columns
                 )
             out.objects = _resolve(out.objects, out.samples["group"].tolist())
-            out = _chunks_of(out, self.dst, self.rank)
         self.clock("unpack")
         # AUTO's measure: the time spent in this transfer's calls (a stage running between
         # them hides the rest), on this rank
@@ -931,8 +992,8 @@ class Transfer:
 
 
 def _chunks_of(batch: Batch, dst: Layout, rank: int) -> Batch:
-    """What a rank of `dst` keeps of its replica's batch: under context parallelism, its
-    chunks of every sample (data/chunks.py)."""
+    """What a rank of `dst` keeps of its replica's batch when nothing moves: under context
+    parallelism, its chunks of every sample (data/chunks.py)."""
     return batch if dst.cp == 1 else cut(batch, dst.cp, dst.coords(rank)["cp"])
 
 

@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from distflow_mc.models.spans import once
+
 
 def _key_order(size: int, c: int, start: int, length: int) -> torch.Tensor:
     """Where the 2 x size x c tokens of a segment, in order, lie in a gather of every
@@ -109,19 +111,9 @@ def attention(
     collective (only the KV heads travel), then the micro-batch's `Pieces` (`plan`: its
     spans, prefixes and positions stacked, [3, b, local]: a tensor, which megatron's full
     recompute can save). -> [b, heads, local, d]"""
-    return _pieces(plan, group).attention(q, gather(torch.cat([k, v], dim=1), group), scale)
-
-
-_built: list[tuple[torch.Tensor, Pieces]] = []  # the last plan and its Pieces
-
-
-def _pieces(plan: torch.Tensor, group: dist.ProcessGroup) -> Pieces:
-    """Every layer of a forward (and a full recompute's rerun in the backward) passes the
-    same plan: its Pieces are made once."""
-    if not (_built and _built[0][0].shape == plan.shape and torch.equal(_built[0][0], plan)):
-        made = Pieces.build(*plan, dist.get_world_size(group), dist.get_rank(group))
-        _built[:] = [(plan, made)]
-    return _built[0][1]
+    where = (dist.get_world_size(group), dist.get_rank(group))
+    pieces = once(plan, lambda: Pieces.build(*plan, *where))
+    return pieces.attention(q, gather(torch.cat([k, v], dim=1), group), scale)
 
 
 def tail_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

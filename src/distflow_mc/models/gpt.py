@@ -25,7 +25,7 @@ from megatron.core.transformer.transformer_block import (
 
 from distflow_mc.models.context import attention
 from distflow_mc.models.hf_config import HFArch, Llama3Rope
-from distflow_mc.models.spans import Spans
+from distflow_mc.models.spans import Spans, once
 from distflow_mc.models.vision import attach_vision, mrope_angles
 from distflow_mc.parallel.megatron_state import ModelParallel
 
@@ -406,12 +406,12 @@ class SDPAttention(DotProductAttention):
         q_freqs, k_freqs = self.rotary or (None, None)
         q, k = rope_batch_major(query, q_freqs), rope_batch_major(key, k_freqs)
         v = rope_batch_major(value, None)
-        if isinstance(attention_mask, Spans):
-            out = attention_mask.attention(q, k, v, scale)
-        elif self.cp_group is not None:  # (a plan of its Pieces: models/context.py)
+        if self.cp_group is not None:  # (a plan of its Pieces: models/context.py)
             out = attention(q, k, v, self.cp_group, scale, attention_mask)
+        elif attention_mask is not None:  # a plan of its Spans
+            spans = once(attention_mask, lambda: Spans.build(*attention_mask))
+            out = spans.attention(q, k, v, scale)
         else:
-            assert attention_mask is None, "a dense mask: pass Spans"
             out = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=scale, enable_gqa=q.size(1) != k.size(1)
             )

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from distflow_mc.models.spans import Spans
+from distflow_mc.models.spans import forget
 from distflow_mc.models.vision import IMAGES
 
 MicroBatch = dict[str, torch.Tensor]
@@ -40,8 +40,8 @@ def _forward(model: torch.nn.Module, mb: MicroBatch, cp: dist.ProcessGroup | Non
         images = {k: mb[k] for k in (*IMAGES, "image_mask") if k in mb}
         positions = mb["mrope_positions"].permute(2, 0, 1) if "mrope_positions" in mb else None
         return model(mb.get("input_ids"), positions, attention_mask=None, **images)
-    spans = Spans.build(mb["spans"], mb["prefixes"])
-    return model(mb.get("input_ids"), mb["positions"], attention_mask=spans)
+    plan = torch.stack([mb["spans"], mb["prefixes"]])  # (models/spans.py)
+    return model(mb.get("input_ids"), mb["positions"], attention_mask=plan)
 
 
 def pad_to(mb: MicroBatch, rows: int, length: int) -> MicroBatch:
@@ -123,6 +123,7 @@ def run_microbatches(
         forward_only=forward_only,
         collect_non_loss_data=forward_only,
     )
+    forget()
     outputs = outputs[: len(microbatches)]
     if not forward_only:
         return outputs

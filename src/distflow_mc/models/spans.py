@@ -8,16 +8,35 @@ with a prefix and spans without, so a long prompt never pads the short answers) 
 torch's fused attention on each, its keys the prefix's tokens then the span's own: the work
 is each span's length times what it attends to, not the row's length squared.
 
-Built once per micro-batch (`Spans.build`) from the per-token ids the micro-batch carries
-and handed to every layer as its attention mask.
+Built once per micro-batch (`once`) from the per-token ids the micro-batch carries, which
+every layer gets as its attention mask: a tensor, which megatron's full recompute can save.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+
+T = TypeVar("T")
+_built: list[tuple[torch.Tensor, object]] = []  # the last plan and what was made of it
+
+
+def once(plan: torch.Tensor, build: Callable[[], T]) -> T:
+    """What `build` makes of a micro-batch's `plan` (its per-token span ids, stacked), made
+    once: every layer of a forward, and a full recompute's rerun in the backward, passes
+    the same plan."""
+    if not (_built and _built[0][0].shape == plan.shape and torch.equal(_built[0][0], plan)):
+        _built[:] = [(plan, build())]
+    return _built[0][1]
+
+
+def forget() -> None:
+    """Drop the last plan's build (at the end of a schedule: its masks are no longer read)."""
+    _built.clear()
 
 
 def additive(allowed: torch.Tensor, dtype: torch.dtype, cache: dict | None = None) -> torch.Tensor:

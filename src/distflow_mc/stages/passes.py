@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from distflow_mc.config.schema import Recompute, SharedPrefix
+from distflow_mc.config.schema import SharedPrefix
 from distflow_mc.data.batch import Batch
 from distflow_mc.data.chunks import local_heads, split
 from distflow_mc.data.microbatch import (
@@ -46,10 +46,9 @@ def microbatches(w: Workers, batch: Batch) -> tuple[list[list[int]], list[dict],
     items = [Item((i,), heads[i]) for i in range(len(batch))]
     # AUTO only where the math is the flat rows' exactly: not under an MoE router's
     # load-balancing loss (it counts the tokens it routes: a shared prompt once), and where
-    # spans run (not under full activation recomputation, which saves tensors only)
+    # spans run (the local layer spec, no images)
     auto = not use_transformer_engine(w.config.model.layer_spec.value)
-    auto &= w.config.model.router_aux_loss_coef == 0
-    auto &= t.recompute is not Recompute.FULL and "images" not in batch.objects
+    auto &= w.config.model.router_aux_loss_coef == 0 and "images" not in batch.objects
     shared = t.shared_prefix is SharedPrefix.ALWAYS or (
         t.shared_prefix is SharedPrefix.AUTO and auto
     )
