@@ -13,7 +13,9 @@ Then rollout DP=W to a pipeline (PP=min(W, 4)): every stage getting every field,
 each stage getting what it reads (the first the tokens, the middle ones none, the last all).
 And GRPO-shaped groups (8 samples, prompt:response 4:1): each group's prompt sent once
 (`share=True`), sent with every sample (`share=False`), and as the measured choice picks
-(the default): the time and the bytes sent.
+(the default): the time and the bytes sent. Last, train DP=W/2 x CP=2: each rank of a CP
+pair receives only its chunks of its replica's samples (data/chunks.py), against the TP
+pair's whole copies: bytes per rank and time.
 Prints tables last and writes bench_redistribute.csv.
 """
 
@@ -205,9 +207,17 @@ def worker(out: str) -> None:
     sent = batch_bytes(prefixes.share(grpo_batch_))
     dist.all_gather_object(grpo, (batch_bytes(grpo_batch_), sent))
 
+    # context parallelism: each rank of a CP pair gets its chunks of its replica's samples
+    cp_dst = Layout("train", dp=w // 2, cp=2, replicated=True)
+    for _ in range(6):
+        chunked = redistribute(mine, src, cp_dst, *args)
+    cp_bytes: list = [None] * w
+    dist.all_gather_object(cp_bytes, (batch_bytes(received), batch_bytes(chunked)))
+
     t = interleaved(
         {
             "ours": lambda: redistribute(mine, src, dst, *args, phases=phases),
+            "cp2": lambda: redistribute(mine, src, cp_dst, *args),
             **{
                 p.value: lambda p=p: redistribute(mine, src, dst, *args, pattern=p)
                 for p in (Pattern.DIRECT, Pattern.LEADERS)
@@ -271,6 +281,9 @@ def worker(out: str) -> None:
                         t["grpo_share_True"] / t["grpo_share_False"], 2
                     ),
                     "grpo_auto_vs_not_time": round(t["grpo_auto"] / t["grpo_share_False"], 2),
+                    "tp2_MB_per_rank": round(sum(b[0] for b in cp_bytes) / w / 1e6, 1),
+                    "cp2_MB_per_rank": round(sum(b[1] for b in cp_bytes) / w / 1e6, 1),
+                    "cp2_vs_tp2_time": round(t["cp2"] / ours, 2),
                 }
             )
         )
