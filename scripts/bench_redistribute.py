@@ -14,8 +14,8 @@ each stage getting what it reads (the first the tokens, the middle ones none, th
 And GRPO-shaped groups (8 samples, prompt:response 4:1): each group's prompt sent once
 (`share=True`), sent with every sample (`share=False`), and as the measured choice picks
 (the default): the time and the bytes sent. Last, train DP=W/2 x CP=2: each rank of a CP
-pair receives only its chunks of its replica's samples (data/chunks.py), against the TP
-pair's whole copies: bytes per rank and time.
+pair receives only its chunks of its replica's samples (data/chunks.py; with each token's
+next one, its label), against the TP pair's whole copies: bytes received per rank, time.
 Prints tables last and writes bench_redistribute.csv.
 """
 
@@ -212,7 +212,8 @@ def worker(out: str) -> None:
     for _ in range(6):
         chunked = redistribute(mine, src, cp_dst, *args)
     cp_bytes: list = [None] * w
-    dist.all_gather_object(cp_bytes, (batch_bytes(received), batch_bytes(chunked)))
+    arrived = chunked.only([k for k in chunked.names() if k != "positions"])  # (made there)
+    dist.all_gather_object(cp_bytes, (batch_bytes(received), batch_bytes(arrived)))
 
     t = interleaved(
         {

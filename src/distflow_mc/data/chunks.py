@@ -50,7 +50,7 @@ def held_tokens(lengths, firsts, size: int):
     return 2 * (-(-firsts // (2 * size)) - (-(lengths - firsts) // (2 * size)))
 
 
-def _held(
+def held(
     lengths: torch.Tensor, firsts: torch.Tensor, size: int, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per sample, how many tokens rank `rank` holds of it; per token it holds, its true
@@ -79,20 +79,19 @@ def cut(batch: Batch, size: int, rank: int, firsts: torch.Tensor | None = None) 
     device = batch.offsets.device
     lengths = batch.lengths
     firsts = split(batch) if firsts is None else firsts
-    local, positions, real = _held(lengths, firsts, size, rank)
+    local, positions, real = held(lengths, firsts, size, rank)
     owner = torch.repeat_interleave(torch.arange(len(batch), device=device), local)
     nxt = real & (positions + 1 < lengths[owner])  # the next token is the sample's
     at = torch.where(real, batch.offsets[owner] + positions, 0)
     after = torch.where(nxt, at + 1, 0)
     tokens = {}
-    for name, values in batch.tokens.items():
+    for name, values in [*batch.tokens.items(), *[("labels", batch.tokens.get("input_ids"))]]:
+        if values is None:  # (no input_ids: no labels)
+            continue
         index, keep = (at, real) if name in INPUTS else (after, nxt)
-        picked = values[index.to(values.device)]
-        mask = keep.to(values.device).view(-1, *[1] * (values.dim() - 1))
-        tokens[name] = torch.where(mask, picked, torch.zeros_like(picked))
-    if "input_ids" in batch.tokens:
-        ids = batch.tokens["input_ids"]
-        tokens["labels"] = torch.where(nxt.to(ids.device), ids[after.to(ids.device)], 0)
+        picked = values.index_select(0, index.to(values.device))
+        drop = ~keep.to(values.device).view(-1, *[1] * (values.dim() - 1))
+        tokens[name] = picked.masked_fill_(drop, 0)  # padding, and past a sample's end
     tokens["positions"] = positions
     offsets = torch.zeros(len(batch) + 1, dtype=torch.int64, device=device)
     offsets[1:] = local.cumsum(0)

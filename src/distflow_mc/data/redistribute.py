@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 from distflow_mc.data.balance import destinations
 from distflow_mc.data.batch import REQUIRED_SAMPLE_FIELDS, Batch
-from distflow_mc.data.chunks import cut, held_tokens, split
+from distflow_mc.data.chunks import cut, held, held_tokens, split
 from distflow_mc.data.prefixes import PREFIX, restore, share
 from distflow_mc.parallel.layout import Layout, Move, movement
 
@@ -214,7 +214,8 @@ def _exchange_meta(
     only (a reward after the tokens), those fields' bytes: a few bytes a sample, so they
     ride along and the round needs no exchange of its own. Into a layout of `cp` > 1 no
     prefix is shared: a length's high bits carry the sample's first segment instead, and
-    the schema has the cut's fields (data/chunks.py: `labels`, `positions`).
+    the schema has the cut's `labels` (data/chunks.py; each receiver makes its tokens'
+    `positions` itself).
     The payload width is the last call's; when a rank's payload does not fit, every rank
     sees it in the heads and a second all-gather at the needed width follows."""
     first = not sent
@@ -284,10 +285,9 @@ def _exchange_meta(
 
 
 def _cut_fields(batch: Batch) -> list[Field]:
-    """The fields data/chunks.py's cut adds: each token's next one, its true position."""
+    """The field data/chunks.py's cut adds that travels: each token's next one."""
     ids = batch.tokens.get("input_ids")
-    labels = [("t", "labels", str(ids.dtype).removeprefix("torch."), ())] if ids is not None else []
-    return [*labels, ("t", "positions", "int64", ())]
+    return [("t", "labels", str(ids.dtype).removeprefix("torch."), ())] if ids is not None else []
 
 
 def _inlined(first: bool, fields: list[Field], objects: list[str]) -> bool:
@@ -664,8 +664,7 @@ def _views(dst: Layout, stages: Sequence[Collection[str] | None] | None) -> Call
     if stages is None:
         return lambda rank: None
     assert len(stages) == dst.pp, (stages, dst)
-    # every stage needs its samples' lengths (and under CP its tokens' true positions)
-    always = {*REQUIRED_SAMPLE_FIELDS, PREFIX, "positions"}
+    always = {*REQUIRED_SAMPLE_FIELDS, PREFIX}  # every stage needs its samples' lengths
     frozen = [None if s is None else frozenset(s) | always for s in stages]
     return lambda rank: frozen[dst.coords(rank)["pp"]] if rank in dst.ranks else None
 
@@ -940,11 +939,16 @@ class Transfer:
         # this rank's destination replica (None: a rank outside the destination layout)
         self.d = self.dst.coords(rank)["dp"] if rank in self.dst.ranks else None
         self.holding = self.d is not None and any(rank in c for c in plan.classes[self.d])
+        mine = {s: plan.dest[s] == self.d for s in self.senders}
+        none = [np.zeros(0, dtype=np.int64)]
         self.lengths = np.concatenate(  # as sent: restored by `finish`
-            [sent[s][plan.dest[s] == self.d] for s in self.senders]
-            if self.d is not None
-            else [np.zeros(0, dtype=np.int64)]
+            [sent[s][mine[s]] for s in self.senders] if self.d is not None else none
         )
+        # under CP, each sample's whole length and first segment: its tokens' positions
+        self.whole = [
+            np.concatenate([v[s][mine[s]] for s in self.senders] if self.d is not None else none)
+            for v in (meta.lengths, meta.firsts)
+        ]
 
     def finish(self) -> Batch | None:
         """Wait for every round; this rank's destination batch (None on a rank holding none)."""
@@ -984,6 +988,10 @@ class Transfer:
                     out.offsets, out.tokens | tokens, out.samples | samples, out.objects | columns
                 )
             out.objects = _resolve(out.objects, out.samples["group"].tolist())
+            if self.dst.cp > 1:  # the true positions of the tokens this rank holds
+                whole = [torch.from_numpy(v).to(self.device) for v in self.whole]
+                cp = self.dst.coords(self.rank)["cp"]
+                out.tokens["positions"] = held(*whole, self.dst.cp, cp)[1]
         self.clock("unpack")
         # AUTO's measure: the time spent in this transfer's calls (a stage running between
         # them hides the rest), on this rank
