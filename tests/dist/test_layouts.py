@@ -324,17 +324,17 @@ def test_behaviour_correction_against_an_exact_engine_changes_nothing(two):
 
 
 def test_context_parallel_equals_data_parallel(two, four):
-    """parallel.cp=2 (each rank two of the four chunks of every row, K and V gathered over
-    the CP group): the first update equals the same batch's over DP ranks, and the actor's
-    log-probs equal transformers' own, also after a step's weights reached the engine; the
-    distributed optimizer sharded over the CP pair takes the same second step; GRPO on 2
-    ranks (also with GSPO, per-sequence sums and sequence-level MIS, with
-    trainer.recompute=FULL, and with packed and shared-prefix rows on prompts of mixed
-    lengths, packed also under trainer.recompute=SELECTIVE, and shared-prefix rows under it
-    without CP), and PPO (reference and critic
-    passes, values, several epochs) on 4 ranks with CP=2 x TP=2 under sequence parallel and
-    with CP=2 over an interleaved pipeline (PP=2 x VPP=2); experts over EP=2 with CP=2
-    equal them without CP."""
+    """parallel.cp=2 (each rank two of the four chunks of every sample's two segments, K and V
+    gathered over the CP group): the first update equals the same batch's over DP ranks,
+    and the actor's log-probs equal transformers' own, also after a step's weights
+    reached the engine; the distributed optimizer sharded over the CP pair takes the
+    same second step; GRPO on 2 ranks (also with GSPO, per-sequence sums and sequence-
+    level MIS, with trainer.recompute=FULL, and with packed and shared-prefix rows on
+    prompts of mixed lengths, packed also under trainer.recompute=SELECTIVE, and shared-
+    prefix rows under it without CP), and PPO (reference and critic passes, values,
+    several epochs) on 4 ranks with CP=2 x TP=2 under sequence parallel and with CP=2
+    over an interleaved pipeline (PP=2 x VPP=2); experts over EP=2 with CP=2 equal them
+    without CP."""
     assert_same_first_step(two["cp2"], two["on_policy"], "cp2")
     for key in COMPARED:  # the second step starts from the sharded optimizer's update
         assert two["cp2_distopt"][1][key] == pytest.approx(two["cp2"][1][key], rel=1e-5), key

@@ -196,13 +196,13 @@ def four_ranks(models, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("layout", ["cp", "cp_ep", "cp_tp_sp", "cp_pp", "cp_vpp"])
 def test_context_parallel_layouts_match_transformers(two_ranks, four_ranks, layout):
-    """parallel.cp=2 (each rank two of the four chunks of every row, K and V gathered over
-    the pair, mask-free attention), alone, with Qwen3-MoE's experts over EP=2, with TP=2
-    and sequence parallel, with PP=2 and interleaved PP=2 x VPP=2: logits, log-probs and
-    entropies of every position equal transformers' on rows of 12 and 7 tokens (7: padded
-    to a multiple of 2 x CP before the cut) and on packed rows (sequences of 5 and 6 tokens
-    in one row, of 7 in the other: each run of a sequence's tokens within a chunk attends
-    to its own sequence only)."""
+    """parallel.cp=2 (each rank two of the four chunks of every sample's prompt part and
+    rest, data/chunks.py; K and V gathered over the pair, mask-free attention), alone, with
+    Qwen3-MoE's experts over EP=2, with TP=2 and sequence parallel, with PP=2 and
+    interleaved PP=2 x VPP=2: logits, log-probs and entropies of every token a rank holds
+    equal transformers' forward of its sample: rows of 12 tokens with prompts of 5 and 9,
+    rows of 7 without (not a multiple of 2 x CP), packed rows (5 and 6 tokens in one, 7 in
+    the other) and a group of three sharing a 6-token prompt in one row."""
     where = four_ranks if layout in ("cp_tp_sp", "cp_pp", "cp_vpp") else two_ranks
     ranks = 4 if where is four_ranks else 2
     results_ = [json.loads((where / layout / f"rank{r}.json").read_text()) for r in range(ranks)]
