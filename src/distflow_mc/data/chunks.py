@@ -25,9 +25,10 @@ from distflow_mc.data.batch import Batch
 INPUTS = ("input_ids",)  # what stays on its own token
 
 
-def padded(tokens: int, size: int) -> int:
-    """A segment's length padded to a multiple of 2 x size."""
-    return -(-tokens // (2 * size)) * 2 * size
+def _chunk(tokens, size: int):
+    """The chunk size of segments of `tokens` (an int, a tensor or a numpy array) cut for
+    a group of `size`: padded to a multiple of 2 x size, then cut in 2 x size."""
+    return -(-tokens // (2 * size))
 
 
 def split(batch: Batch) -> torch.Tensor:
@@ -41,13 +42,13 @@ def split(batch: Batch) -> torch.Tensor:
 
 def local_heads(batch: Batch, size: int) -> list[int]:
     """Per sample of a cut batch, how many of its tokens are its first segment's."""
-    return [padded(a, size) // size for a in split(batch).tolist()]
+    return [2 * _chunk(a, size) for a in split(batch).tolist()]
 
 
 def held_tokens(lengths, firsts, size: int):
     """How many tokens a rank holds of samples of `lengths` whose first segments have
     `firsts` (tensors or numpy arrays): the same on every rank of the group."""
-    return 2 * (-(-firsts // (2 * size)) - (-(lengths - firsts) // (2 * size)))
+    return 2 * (_chunk(firsts, size) + _chunk(lengths - firsts, size))
 
 
 def held(
@@ -55,9 +56,8 @@ def held(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per sample, how many tokens rank `rank` holds of it; per token it holds, its true
     position and whether it is real (not padding)."""
-    c_a = -(-firsts // (2 * size))  # each segment's chunk size
-    c_b = -(-(lengths - firsts) // (2 * size))
-    local = held_tokens(lengths, firsts, size)
+    c_a, c_b = _chunk(firsts, size), _chunk(lengths - firsts, size)  # per segment
+    local = 2 * (c_a + c_b)
     owner = torch.repeat_interleave(torch.arange(len(local), device=local.device), local)
     k = torch.arange(len(owner), device=local.device) - (local.cumsum(0) - local)[owner]
     head = 2 * c_a[owner]

@@ -232,9 +232,9 @@ def _exchange_meta(
         shared = torch.zeros_like(mine.lengths)
         if PREFIX in mine.samples:
             shared = mine.samples[PREFIX].clamp(min=0).long()
-        words = (mine.lengths + shared) | (shared << LOW)  # whole, for the balance
-        if cp > 1:
-            words = mine.lengths | (split(mine) << LOW)
+        # whole, for the balance; in the high bits the tokens not sent (CP: the split)
+        high = shared if cp == 1 else split(mine)
+        words = (mine.lengths + shared) | (high << LOW)
         per_sample = [words.cpu().numpy(), mine.samples["group"].cpu().numpy()]
         sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
         n_obj = len(sizes)
@@ -266,17 +266,15 @@ def _exchange_meta(
     fields, objects = json.loads(next(iter(schemas.values())))
     fields = [(k, n_, d, tuple(sh)) for k, n_, d, sh in fields]
     inline_at = skip + -(-sizes_ // 8)
+    high = {s: rows[s, : counts[s]] >> LOW for s in senders} if first else {}
+    none = {s: np.zeros_like(v) for s, v in high.items()}
     return _Meta(
         fields,
         objects,
         {s: rows[s, : counts[s]] & LOW_MASK for s in senders} if first else {},
         {s: rows[s, counts[s] : 2 * counts[s]] for s in senders} if first else {},
-        {s: rows[s, : counts[s]] >> LOW if cp == 1 else rows[s, : counts[s]] * 0 for s in senders}
-        if first
-        else {},
-        {s: rows[s, : counts[s]] >> LOW if cp > 1 else rows[s, : counts[s]] * 0 for s in senders}
-        if first
-        else {},
+        high if cp == 1 else none,  # the tokens not sent
+        high if cp > 1 else none,  # the first segments
         {s: rows[s, per[s] : per[s] + n_objs[s]] for s in senders},
         {s: rows[s, inline_at[s] :].tobytes()[: inlines[s]] for s in senders}
         if _inlined(first, fields, objects)
@@ -930,9 +928,10 @@ class Transfer:
                 [np.bincount(plan.dest[s], lengths[s], dp).astype(np.int64) for s in self.senders]
             )
 
-        sent = {s: meta.lengths[s] - meta.shared[s] for s in self.senders}
-        self.t, self.t_whole = tokens(sent), tokens(meta.lengths)
-        if self.dst.cp > 1:  # every round's tokens: each rank's cut (data/chunks.py)
+        if self.dst.cp == 1:
+            sent = {s: meta.lengths[s] - meta.shared[s] for s in self.senders}
+            self.t, self.t_whole = tokens(sent), tokens(meta.lengths)
+        else:  # every round's tokens: each rank's cut (data/chunks.py)
             cp = self.dst.cp
             sent = {s: held_tokens(meta.lengths[s], meta.firsts[s], cp) for s in self.senders}
             self.t = self.t_whole = tokens(sent)

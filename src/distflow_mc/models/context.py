@@ -19,10 +19,10 @@ from torch.nn.attention.bias import causal_lower_right
 from distflow_mc.models.spans import once
 
 
-def _key_order(size: int, c: int, start: int, length: int) -> torch.Tensor:
+def _key_order(size: int, c: int, start: int, length: int, device: torch.device) -> torch.Tensor:
     """Where the 2 x size x c tokens of a segment, in order, lie in a gather of every
     rank's [length] row (rank after rank) whose own tokens of it start at `start`."""
-    o = torch.arange(2 * size * c)
+    o = torch.arange(2 * size * c, device=device)
     block, within = o // c, o % c
     second = block >= size
     rank = torch.where(second, 2 * size - 1 - block, block)
@@ -60,7 +60,7 @@ class Pieces:
         for r in range(spans.size(0)):
             ids, counts = torch.unique_consecutive(spans[r], return_counts=True)
             starts = (counts.cumsum(0) - counts).tolist()
-            where = {}  # span -> (first local token, c, first position, keys)
+            where = {}  # span -> (its first position, its keys)
             runs = []
             for span, at, n in zip(ids.tolist(), starts, counts.tolist(), strict=True):
                 if span == 0:  # padding: its own tokens of the gather, causally
@@ -69,7 +69,7 @@ class Pieces:
                     continue
                 c = n // 2
                 first = int(positions[r, at]) - rank * c
-                keys = _key_order(size, c, at, length).to(device)
+                keys = _key_order(size, c, at, length, device)
                 where[span] = (first, keys)
                 prefix = None
                 if (p := int(prefixes[r, at])) > 0:
