@@ -40,7 +40,7 @@ from distflow_mc.parallel import (
     world_size_from_env,
 )
 from distflow_mc.rollout.sglang_engine import check_available as check_sglang
-from distflow_mc.stages.fields import carried, node_fields, stage_reads
+from distflow_mc.stages.fields import carried, check_reads, node_fields, stage_reads
 
 if TYPE_CHECKING:
     from distflow_mc.stages.inputs import Inputs
@@ -74,7 +74,9 @@ def run(cfg: DictConfig) -> None:
     layouts = build_layouts(config, world_size_from_env(), ranks_per_node_from_env())
     if config.rollout.engine is Engine.SGLANG and not config.trainer.dry_run:
         check_sglang()
-    plan = prune(plan_workflow(config.algo.workflow), node_fields(config))
+    planned = plan_workflow(config.algo.workflow)
+    check_reads(planned, config)
+    plan = prune(planned, node_fields(config))
     run_dir = HydraConfig.get().runtime.output_dir
     settings = {"config": canonical_config(config), "run_dir": run_dir}
     digest = fingerprint(plan, settings)

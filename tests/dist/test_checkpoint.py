@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -209,3 +210,28 @@ def test_resume_continues_exactly_from_the_newest_intact_checkpoint(env, tmp_pat
     out = run_cmd(cmd, cwd=ROOT, timeout=300, env=env)
     assert out.returncode != 0
     assert f"no intact checkpoint in {resumed / 'checkpoints'}" in out.stdout + out.stderr
+
+
+def test_distributed_optimizer_resumes_exactly_and_on_fewer_ranks(env, tmp_path):
+    """With the distributed optimizer (its Adam state sharded over DP): a resumed run has
+    the metrics of an uninterrupted one (the step after the resume shows Adam's moments
+    and step count, its bias correction); the checkpoint also resumes on one rank (DP 2 ->
+    1); a layout or optimizer its state cannot load into is refused by name."""
+    opt = "trainer.actor_optim.distributed_optimizer=true"
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(env, 2, straight, opt, "trainer.total_steps=4")
+    run(env, 2, resumed, opt, "trainer.total_steps=2", "trainer.save_every=2")
+    one = tmp_path / "one"
+    shutil.copytree(resumed / "checkpoints", one / "checkpoints")
+    run(env, 2, resumed, opt, "trainer.total_steps=4", "trainer.resume=AUTO")
+    assert [comparable(r) for r in rows(resumed)] == [comparable(r) for r in rows(straight)]
+    run(env, 1, one, opt, "trainer.total_steps=3", "trainer.resume=AUTO")
+    assert [r["step"] for r in rows(one)] == [3]
+    for nproc, overrides, says in [
+        (1, [], "saved with trainer.actor_optim.distributed_optimizer=true"),
+        (2, [opt, "parallel.tp=2"], "it was saved at parallel.tp=1 (now 2)"),
+    ]:
+        args = [*QUIET, f"hydra.run.dir={one}", "trainer.total_steps=5", "trainer.resume=AUTO"]
+        out = run_cmd(main_cmd(nproc, *args, *overrides), cwd=ROOT, timeout=300, env=env)
+        assert out.returncode != 0
+        assert says in out.stdout + out.stderr

@@ -87,6 +87,15 @@ def test_unknown_key_names_it_through_the_entrypoint(workdir: Path):
     assert "dryrun" in out.stderr
 
 
+def test_critic_without_gae_is_refused_by_the_entrypoint(workdir: Path):
+    """PPO's workflow with a critic-free estimator: the critic would train on returns no
+    node writes. Refused while planning, before any model or collective."""
+    out = run_cmd(main_cmd(1, "algo=ppo", "algo.adv_estimator=RLOO", *FAST), cwd=workdir)
+    assert out.returncode == 1
+    assert "node 'critic_train' reads returns" in out.stdout + out.stderr
+    assert "algo.adv_estimator=GAE only" in out.stdout + out.stderr
+
+
 def test_multirun_under_torchrun(workdir: Path):
     """Hydra multirun (-m) with 2 jobs on 2 ranks: jobs run in the same order on every rank
     (each job's fingerprint check would fail otherwise), each in its own directory."""

@@ -347,3 +347,51 @@ def test_separate_splits_the_plan_between_the_groups():
     assert trains[0].keep is not None and "version" in trains[0].keep
     with pytest.raises(ValueError, match=r"rollout\.placement=SEPARATE needs every ROLLOUT"):
         split(rolls, layouts.rollout)  # nothing trains
+
+
+def test_a_read_no_dependency_writes_is_unmet_unless_an_fn_may_write_it():
+    from distflow_mc.dag import unmet_reads
+
+    def node(id_: str, role, type_, deps=(), fn=None) -> NodeSpec:
+        return NodeSpec(id=id_, type=type_, role=role, deps=list(deps), fn=fn)
+
+    nodes = [
+        node("gen", Role.ROLLOUT, NodeType.MODEL_INFERENCE),
+        node("side", Role.REWARD, NodeType.COMPUTE, ["gen"]),  # writes kl: train not after it
+        node("advantage", None, NodeType.COMPUTE, ["gen"]),
+        node("train", Role.ACTOR, NodeType.MODEL_TRAIN, ["advantage"]),
+    ]
+    table = {
+        "gen": (set(), {"tokens"}),
+        "side": (set(), {"kl"}),
+        "advantage": ({"tokens"}, {"adv"}),
+        "train": ({"adv", "tokens", "kl", "returns"}, set()),
+    }
+    plan = plan_workflow(nodes)
+    assert unmet_reads(plan, _fields(table)) == [("train", "kl"), ("train", "returns")]
+    nodes[2] = node("advantage", None, NodeType.COMPUTE, ["gen"], fn="m.f")  # may write all
+    assert unmet_reads(plan_workflow(nodes, check_fn=False), _fields(table)) == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "unmet"),
+    [
+        # a critic learns GAE's returns; the other estimators write none
+        (["algo=ppo", "algo.adv_estimator=GRPO"], ["'critic_train' reads returns"]),
+        (["algo=ppo", "algo.adv_estimator=RLOO"], ["'critic_train' reads returns"]),
+        (["algo.adv_estimator=GAE"], ["'advantage' reads values"]),  # GRPO's: no critic
+    ],
+)
+def test_shipped_workflows_refuse_what_no_node_writes(overrides, unmet):
+    from distflow_mc.config import load_config
+    from distflow_mc.stages.fields import check_reads
+    from tests.conftest import compose_config
+
+    config = load_config(compose_config(overrides))
+    with pytest.raises(ValueError, match=r"algo\.workflow") as e:
+        check_reads(plan_workflow(config.algo.workflow), config)
+    assert [line for line in unmet if line not in str(e.value)] == []
+    assert "written by" in str(e.value)
+    for ok in ([], ["algo=ppo"], ["algo.kl_coef=0.01", "algo.kl_in_reward=true"]):
+        config = load_config(compose_config(ok))
+        check_reads(plan_workflow(config.algo.workflow), config)  # the shipped ones run

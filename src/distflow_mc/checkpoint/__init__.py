@@ -1,6 +1,7 @@
 """Checkpoints (megatron dist_checkpointing, atomic) and Hugging Face export."""
 
 from distflow_mc.checkpoint.manager import (
+    check_resumable,
     complete_steps,
     latest_intact_step,
     load,
@@ -8,4 +9,11 @@ from distflow_mc.checkpoint.manager import (
     trainer_state,
 )
 
-__all__ = ["complete_steps", "latest_intact_step", "load", "save", "trainer_state"]
+__all__ = [
+    "check_resumable",
+    "complete_steps",
+    "latest_intact_step",
+    "load",
+    "save",
+    "trainer_state",
+]

@@ -23,19 +23,65 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from distflow_mc.models.train import TrainableModel
 
 log = logging.getLogger(__name__)
 STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
+# the distributed optimizer's state in its own buckets, each rank its shard: it reshards over
+# data (and context) parallel ranks (check_resumable refuses the rest). megatron's default
+# format for it (flattened ranges) its own dist_checkpointing no longer takes, and its
+# fully reshardable one fails to load torch's Adam (its per-parameter step)
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _adams(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """The torch Adams inside a model's distributed optimizer(s) (megatron takes torch's
+    where neither TransformerEngine's nor apex's fused Adam is installed)."""
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    inner = [o.optimizer for o in chained if isinstance(o, DistributedOptimizer)]
+    return [o for o in inner if isinstance(o, torch.optim.Adam | torch.optim.AdamW)]
+
+
+def _fresh_adam_state(optimizer: Any) -> None:
+    """Adam's state before its first step (step 0, zero moments) for every parameter of a
+    distributed optimizer that has none: torch's Adam makes it at the first step, and
+    megatron's distributed optimizer (with torch's Adam, not TE's or apex's) reads every
+    parameter's step as it builds the state a checkpoint loads into."""
+    for adam in _adams(optimizer):
+        for p in (p for group in adam.param_groups for p in group["params"]):
+            if not adam.state[p]:
+                adam.state[p] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(p),
+                    "exp_avg_sq": torch.zeros_like(p),
+                }
+
+
+def _restore_steps(optimizer: Any, loaded: Any) -> None:
+    """Each parameter's Adam step as saved. Megatron's distributed optimizer (with torch's
+    Adam) sets the saved step on every parameter, then overwrites it with the step of the
+    state it loaded into, and shares one step tensor between the parameters (Adam advances
+    it once per parameter): wrong bias corrections after a resume, without this."""
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [loaded] if len(chained) == 1 else [v for _, v in sorted(loaded.items())]
+    for opt, state in zip(chained, states, strict=True):
+        if isinstance(opt, DistributedOptimizer) and opt.optimizer in _adams(opt):
+            (step,) = {float(g["step"]) for g in state["optimizer"]["param_groups"]}
+            for s in opt.optimizer.state.values():
+                s["step"] = torch.tensor(step)
 
 
 def _sharded(models: dict[str, TrainableModel], is_loading: bool) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for role, model in models.items():
+        if is_loading:
+            _fresh_adam_state(model.optimizer)
         chunks = model.modules
         model_sd = {
             f"chunk{i}": c.sharded_state_dict(prefix=f"{role}.chunk{i}.")
@@ -43,7 +89,9 @@ def _sharded(models: dict[str, TrainableModel], is_loading: bool) -> dict[str, A
         }
         state[role] = {
             "model": model_sd,
-            "optimizer": model.optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
+            "optimizer": model.optimizer.sharded_state_dict(
+                model_sd, is_loading=is_loading, metadata=OPTIMIZER_FORMAT
+            ),
         }
     return state
 
@@ -142,9 +190,41 @@ def load(root: str | Path, step: int, models: dict[str, TrainableModel]) -> dict
             chunk.load_state_dict(
                 {k.removeprefix(prefix): v for k, v in loaded[role]["model"][f"chunk{i}"].items()}
             )
-        model.optimizer.load_state_dict(loaded[role]["optimizer"])
+        with torch.no_grad():  # (the distributed optimizer copies into its parameters' shards)
+            model.optimizer.load_state_dict(loaded[role]["optimizer"])
+        _restore_steps(model.optimizer, loaded[role]["optimizer"])
     log.info("resumed from %s", path)
     return trainer_state(root, step)
+
+
+# what a distributed optimizer's state (dp_reshardable) is laid out by, besides DP and CP
+OPTIMIZER_LAYOUT = ("tp", "pp", "vpp", "ep", "first_stage_layers", "last_stage_layers")
+
+
+def check_resumable(saved: dict, now: dict, roles: list[str]) -> None:
+    """ValueError, naming the settings, when the optimizer state saved under config `saved`
+    (canonical_config's dict) cannot load under `now`: the distributed optimizer's shards
+    reshard over data (and context) parallel ranks only, and neither kind of optimizer
+    state loads as the other."""
+    for role in roles:
+        key = f"{role}_optim"
+        was, nowd = (c["trainer"][key]["distributed_optimizer"] for c in (saved, now))
+        if was != nowd:
+            raise ValueError(
+                f"the checkpoint's optimizer state was saved with trainer.{key}."
+                f"distributed_optimizer={str(was).lower()}: resume with the same setting"
+            )
+        changed = [
+            f"parallel.{k}={saved['parallel'][k]} (now {now['parallel'][k]})"
+            for k in OPTIMIZER_LAYOUT
+            if saved["parallel"][k] != now["parallel"][k]
+        ]
+        if was and changed:
+            raise ValueError(
+                f"the checkpoint's distributed optimizer state (trainer.{key}) reshards over"
+                f" data and context parallel ranks only; it was saved at {', '.join(changed)}:"
+                " resume with those settings"
+            )
 
 
 def trainer_state(root: str | Path, step: int) -> dict:

@@ -110,6 +110,27 @@ def prune(plan: Plan, fields: Callable[[PlannedNode], Fields | None]) -> Plan:
     return Plan(tuple(reversed(kept)), tuple(reversed(dropped)))
 
 
+def unmet_reads(
+    plan: Plan, fields: Callable[[PlannedNode], Fields | None]
+) -> list[tuple[str, str]]:
+    """(node id, field) for each field a node reads that none of the nodes it depends on
+    (directly or not) writes; nothing is unmet below a node with its own `fn` (it may write
+    anything). On the whole planned workflow, before `prune` (which keeps every writer of
+    what some node reads)."""
+    written: dict[str, frozenset[str] | None] = {}  # per node: what it and its ancestors write
+    unmet = []
+    for node in plan.nodes:  # (ancestors come first)
+        before = [written[d] for d in node.deps]
+        f = fields(node)
+        if f is None or any(w is None for w in before):
+            written[node.id] = None
+            continue
+        have = frozenset().union(*before)
+        unmet += [(node.id, field) for field in sorted(f.reads - have)]
+        written[node.id] = have | f.writes
+    return unmet
+
+
 def fingerprint(plan: Plan, config: Mapping[str, Any]) -> str:
     """SHA-256 over the canonical plan and the resolved config (keys sorted)."""
     blob = json.dumps(

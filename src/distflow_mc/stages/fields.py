@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from distflow_mc.config.schema import AdvEstimator, AlgoConfig, Config, Placement, SharedPrefix
-from distflow_mc.dag import Fields, NodeType, Plan, PlannedNode, Role
+from distflow_mc.dag import Fields, NodeType, Plan, PlannedNode, Role, unmet_reads
 from distflow_mc.models.hf_config import has_vision
 from distflow_mc.parallel.layout import Layouts, Move, movement
 
@@ -70,6 +70,36 @@ def node_fields(config: Config) -> Callable[[PlannedNode], Fields | None]:
         (Role.CRITIC, NodeType.MODEL_TRAIN): f(model | {"values", "returns"}, frozenset()),
     }
     return lambda node: None if node.fn else table.get((node.role, node.type))
+
+
+# who writes a field a default stage function reads, for the refusal when none does
+WRITERS = {
+    "values": "a CRITIC MODEL_INFERENCE node (algo=ppo)",
+    "returns": "the advantage node, with algo.adv_estimator=GAE only: a critic learns GAE's"
+    " returns",
+    "ref_logprobs": "a REFERENCE node",
+    "old_logprobs": "an ACTOR MODEL_INFERENCE node",
+    "reward": "a REWARD node",
+    "advantages": "the advantage node",
+}
+
+
+def check_reads(plan: Plan, config: Config) -> None:
+    """ValueError naming each node that reads a field none of its dependencies writes under
+    `config` (say, a critic trained without GAE's returns), before any model is built."""
+    unmet = unmet_reads(plan, node_fields(config))
+    if unmet:
+        lines = [
+            f"  - node '{node}' reads {field}, which none of the nodes it depends on writes"
+            + (f" (written by {WRITERS[field]})" if field in WRITERS else "")
+            for node, field in unmet
+        ]
+        a = config.algo
+        raise ValueError(
+            f"algo.workflow (algo={a.name}) cannot run with algo.adv_estimator="
+            f"{a.adv_estimator.name}, algo.kl_coef={a.kl_coef},"
+            f" algo.kl_in_reward={a.kl_in_reward}:\n" + "\n".join(lines)
+        )
 
 
 def stage_reads(plan: Plan, config: Config, pp: int) -> tuple[frozenset[str] | None, ...] | None:

@@ -249,9 +249,12 @@ def resume(w: Workers, ckpt_dir: Path, models: dict) -> int:
     step = checkpoint.latest_intact_step(ckpt_dir)
     if step is None:
         return 0
-    if w.mp is None:  # a rollout rank under SEPARATE: the loader state only
-        state = checkpoint.trainer_state(ckpt_dir, step)
-    else:
+    state = checkpoint.trainer_state(ckpt_dir, step)  # (a SEPARATE rollout rank's: the loader)
+    # on every rank, before the load's collectives
+    checkpoint.check_resumable(
+        state["config"], canonical_config(w.config), list(state["schedulers"])
+    )
+    if w.mp is not None:
         with world_of(w.mp.group):
             state = checkpoint.load(ckpt_dir, step, models)
     if w.loader is not None:

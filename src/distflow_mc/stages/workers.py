@@ -123,8 +123,6 @@ def build_workers(
     rollout_group = None
     if separate:  # every rank makes every group (new_group is collective)
         rollout_group = dist.new_group(list(layouts.rollout.ranks), timeout=ctx.timeout)
-    if a.adv_estimator is AdvEstimator.GAE and Role.CRITIC not in {n.role for n in plan.nodes}:
-        raise ValueError("algo.adv_estimator=GAE needs a CRITIC in algo.workflow (algo=ppo)")
     model_dir = Path(config.model.path)
     arch, actor, reference, critic = read_hf_config(model_dir), None, None, None
     if mp is not None:
