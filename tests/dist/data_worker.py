@@ -267,6 +267,22 @@ def empty_moves(group: dist.ProcessGroup) -> dict:
         got = redistribute(mine, src, dst, *args, packing=packing, group=group)
         seen = None if got is None else {"samples": len(got), "fields": sorted(got.names())}
         out[packing.value] = seen
+        # in two rounds, the second (the reward) riding in the metadata all-gather, with
+        # one replica's samples (none from the other)
+        if rank == src.first:
+            mine = source_batch(0, 0)
+        transfer = Transfer(src, dst, *args, packing=packing, group=group)
+        transfer.send(mine, ROUNDS["reward round"])
+        transfer.send(mine, ("reward",))
+        got = transfer.finish()
+        want = source_batch(0, 0).only([*ROUNDS["reward round"], "reward"])
+        at = {u: j for j, u in enumerate(want.samples["uid"].tolist())}
+        uids = [] if got is None else got.samples["uid"].tolist()
+        out[f"{packing.value} in two rounds"] = {
+            "uids": uids,  # (each destination replica its share)
+            "all": sorted(at),
+            "as sent": all(same_sample(got, i, want, at[u]) for i, u in enumerate(uids)),
+        }
     return out
 
 

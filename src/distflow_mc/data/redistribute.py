@@ -311,7 +311,12 @@ def _from_inline(meta: _Meta, senders: list[int], dest: dict[int, np.ndarray], d
             n = len(dest[s])
             raw = np.frombuffer(meta.inline[s], dtype=np.uint8, count=n * width, offset=at[s])
             at[s] += _aligned(n * width)
-            rows = torch.from_numpy(raw.copy()).view(getattr(torch, f[2])).view(n, *f[3])
+            dtype = getattr(torch, f[2])  # (numpy's empty arrays have stride 0: no view)
+            rows = (
+                torch.from_numpy(raw.copy()).view(dtype)
+                if n
+                else torch.empty(0, dtype=dtype, device="cpu")
+            ).view(n, *f[3])
             parts.append(rows[torch.from_numpy(dest[s] == d)])
         out[f[1]] = torch.cat(parts)
     return out
