@@ -212,6 +212,29 @@ def test_resume_continues_exactly_from_the_newest_intact_checkpoint(env, tmp_pat
     assert f"no intact checkpoint in {resumed / 'checkpoints'}" in out.stdout + out.stderr
 
 
+def same_reward(response, ground_truth, extra_info) -> float:
+    return 1.0  # every group's rewards alike: dynamic sampling keeps none
+
+
+def test_distributed_optimizer_saves_before_its_first_update(env, tmp_path):
+    """Dynamic sampling keeps no group (every reward alike), so no step updates the model:
+    the distributed optimizer's checkpoint (Adam before its first step) still saves, and
+    resumes."""
+    empty = [
+        "trainer.actor_optim.distributed_optimizer=true",
+        "reward.fn=tests.dist.test_checkpoint.same_reward",
+        "algo.dynamic_sampling=true",
+        "algo.dynamic_sampling_max_rounds=1",
+        "data.max_empty_steps=3",
+    ]
+    run(env, 2, tmp_path, *empty, "trainer.total_steps=1", "trainer.save_every=1")
+    run(env, 2, tmp_path, *empty, "trainer.total_steps=2", "trainer.resume=AUTO")
+    assert [(r["step"], r["actor/empty_skipped_steps"]) for r in rows(tmp_path)] == [
+        (1, 1.0),
+        (2, 1.0),
+    ]
+
+
 def test_distributed_optimizer_resumes_exactly_and_on_fewer_ranks(env, tmp_path):
     """With the distributed optimizer (its Adam state sharded over DP): a resumed run has
     the metrics of an uninterrupted one (the step after the resume shows Adam's moments

@@ -52,7 +52,8 @@ def _fresh_adam_state(optimizer: Any) -> None:
     """Adam's state before its first step (step 0, zero moments) for every parameter of a
     distributed optimizer that has none: torch's Adam makes it at the first step, and
     megatron's distributed optimizer (with torch's Adam, not TE's or apex's) reads every
-    parameter's step as it builds the state a checkpoint loads into."""
+    parameter's step as it builds the state a checkpoint saves (the run may not have
+    stepped yet: every sample of its steps so far skipped) or loads into."""
     for adam in _adams(optimizer):
         for p in (p for group in adam.param_groups for p in group["params"]):
             if not adam.state[p]:
@@ -80,8 +81,7 @@ def _restore_steps(optimizer: Any, loaded: Any) -> None:
 def _sharded(models: dict[str, TrainableModel], is_loading: bool) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for role, model in models.items():
-        if is_loading:
-            _fresh_adam_state(model.optimizer)
+        _fresh_adam_state(model.optimizer)  # (also a save before any step was taken)
         chunks = model.modules
         model_sd = {
             f"chunk{i}": c.sharded_state_dict(prefix=f"{role}.chunk{i}.")
