@@ -4,7 +4,8 @@ with a user error naming a setting; a crash (an unexpected error, or a hang) is 
     python scripts/sweep_configs.py --runs 40 --nproc 2 --seed 0
 
 Draws settings of the embedded tasks (layouts, placement, algorithm, losses, corrections,
-micro-batching, recomputation, checkpoints), keeps the draws the config check and the
+micro-batching, recomputation, checkpoints; not virtual pipeline stages: the tiny models
+have two layers), keeps the draws the config check and the
 planner accept for `--nproc` ranks, runs each for two steps under torchrun, and prints
 one line per run: ok, refused (the run's own one-line user error) or CRASH (with its rank
 log). Exits 1 when anything crashed. A rerun with the same seed draws the same settings.
@@ -24,17 +25,18 @@ from hydra import compose, initialize_config_dir
 
 from distflow_mc.config import load_config, register_resolvers, register_schemas
 from distflow_mc.dag import plan_workflow
+from distflow_mc.models.hf_config import has_vision
 from distflow_mc.parallel.layout import build_layouts
 from distflow_mc.stages.fields import check_reads
+from distflow_mc.stages.inputs import check_vision
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 SPACE: dict[str, list] = {
-    "experiment": ["cpu_tiny_grpo", "cpu_tiny_ppo", "cpu_tiny_agent"],
+    "experiment": ["cpu_tiny_grpo", "cpu_tiny_ppo", "cpu_tiny_agent", "cpu_tiny_vlm"],
     "parallel.tp": [1, 1, 2],
     "parallel.pp": [1, 1, 2],
     "parallel.cp": [1, 1, 2],
-    "parallel.vpp": ["null", "null", 2],
     "parallel.sequence_parallel": [False, True],
     "trainer.actor_optim.distributed_optimizer": [False, True],
     "rollout.tp": [1, 1, 2],
@@ -105,13 +107,16 @@ def draw(rng: random.Random) -> list[str]:
 
 
 def accepted(overrides: list[str], nproc: int) -> bool:
-    """Whether the config check, the layouts and the planner take it (no model needed)."""
+    """Whether the config check, the layouts, the planner and (for a vision-language model)
+    what images run with take it (no model needed)."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose("config", overrides=overrides)
     try:
         config = load_config(cfg)
         build_layouts(config, nproc)
         check_reads(plan_workflow(config.algo.workflow), config)
+        if has_vision(config.model.path):
+            check_vision(config)
     except ValueError:
         return False
     return True

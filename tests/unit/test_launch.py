@@ -69,3 +69,19 @@ def test_gpu_check_calls_its_scripts_with_arguments_they_take():
         cmd = [sys.executable, str(ROOT / "scripts" / name), *shlex.split(args), "--help"]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT / "scripts")
         assert proc.returncode == 0, (name, args, proc.stderr[-2000:])
+
+
+def test_sweep_configs_draws_settings_the_schema_knows():
+    """scripts/sweep_configs.py: every draw composes (no unknown key, no wrong type), the
+    same seed draws the same, and some are accepted for 2 ranks (the script draws again
+    until one is)."""
+    import importlib.util
+    import random
+
+    spec = importlib.util.spec_from_file_location("sweep", ROOT / "scripts" / "sweep_configs.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    draws = [sweep.draw(random.Random(seed)) for seed in range(24)]
+    assert draws[:3] == [sweep.draw(random.Random(seed)) for seed in range(3)]
+    taken = [sweep.accepted(d, 2) for d in draws]  # (composes each: raises on a bad key)
+    assert sum(taken) >= 2, taken

@@ -112,7 +112,7 @@ def check_vision(config: Config) -> None:
     name, before any model is built."""
     c, t = config, config.trainer
     refused = [
-        (c.parallel.cp > 1, "parallel.cp", "> 1 (each CP rank would need its chunks' images)"),
+        (c.parallel.cp > 1, "parallel.cp", " > 1 (each CP rank would need its chunks' images)"),
         (c.parallel.sequence_parallel, "parallel.sequence_parallel", "=true"),
         (t.sequence_packing, "trainer.sequence_packing", "=true"),
         (t.shared_prefix is SharedPrefix.ALWAYS, "trainer.shared_prefix", "=ALWAYS"),
