@@ -8,7 +8,12 @@ micro-batching, recomputation, checkpoints; not virtual pipeline stages: the tin
 have two layers), keeps the draws the config check and the
 planner accept for `--nproc` ranks, runs each for two steps under torchrun, and prints
 one line per run: ok, refused (the run's own one-line user error) or CRASH (with its rank
-log). Exits 1 when anything crashed. A rerun with the same seed draws the same settings.
+log). Exits 1 when anything crashed (or, below, differed). A rerun with the same seed
+draws the same settings.
+
+With `--resume`, each draw runs three steps straight, and two steps, a checkpoint and a
+resumed third: the two must log the same metrics (every random draw derives from seed and
+step); DIFFERS names the first metric that does not.
 """
 
 from __future__ import annotations
@@ -78,7 +83,6 @@ SPACE: dict[str, list] = {
     "trainer.actor_optim.warmup_steps": [0, 1],
 }
 FIXED = [
-    "trainer.total_steps=2",
     "trainer.progress_bar=false",
     "trainer.tensorboard=false",
     "parallel.timeout_s=60",
@@ -139,32 +143,63 @@ def run(overrides: list[str], nproc: int, run_dir: Path, timeout: float) -> tupl
     return "refused", errors[0].split("[ERROR] ", 1)[-1] if errors else proc.stderr[-300:]
 
 
+def metrics(run_dir: Path) -> list[dict]:
+    """A run's records without what a resume or the machine may change (times, throughput,
+    the validation a run does at its last step)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    skip = ("time/", "throughput/", "val/")
+    return [{k: v for k, v in r.items() if not k.startswith(skip)} for r in rows]
+
+
+def resumed(overrides: list[str], nproc: int, run_dir: Path, timeout: float) -> tuple[str, str]:
+    """(ok | DIFFERS | refused | CRASH, what it said): three steps straight against two, a
+    checkpoint and a resumed third."""
+    base = [o for o in overrides if not o.startswith("trainer.save_every=")]
+    straight, parts = run_dir / "straight", run_dir / "resumed"
+    verdict, said = run([*base, "trainer.total_steps=3"], nproc, straight, timeout)
+    for steps in (["trainer.total_steps=2", "trainer.save_every=2"], ["trainer.total_steps=3"]):
+        if verdict == "ok":  # (the first finds no checkpoint: it starts afresh)
+            verdict, said = run([*base, *steps, "trainer.resume=AUTO"], nproc, parts, timeout)
+    if verdict != "ok":
+        return verdict, said
+    for a, b in zip(metrics(straight), metrics(parts), strict=True):
+        differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        if differ:
+            k = differ[0]
+            return "DIFFERS", f"step {a['step']}: {k} {a.get(k)} straight, {b.get(k)} resumed"
+    return "ok", ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="check exact resumes")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "sweep_configs")
     args = parser.parse_args()
     register_schemas()
     register_resolvers()
-    rng, tally, crashed = random.Random(args.seed), {}, []
+    rng, tally, bad = random.Random(args.seed), {}, 0
     for i in range(args.runs):
         overrides = draw(rng)
         while not accepted(overrides, args.nproc):
             overrides = draw(rng)
         start = time.perf_counter()
-        verdict, said = run(overrides + FIXED, args.nproc, args.out / f"run{i}", args.timeout)
+        check = resumed if args.resume else run
+        steps = [] if args.resume else ["trainer.total_steps=2"]
+        verdict, said = check(
+            [*overrides, *FIXED, *steps], args.nproc, args.out / f"run{i}", args.timeout
+        )
         took = time.perf_counter() - start
         tally[verdict] = tally.get(verdict, 0) + 1
         print(f"{i:3d} {verdict:7s} {took:5.1f} s  {' '.join(overrides)}", flush=True)
         if said:
             print(f"      {said}", flush=True)
-        if verdict == "CRASH":
-            crashed.append({"run": i, "overrides": overrides, "said": said})
+        bad += verdict in ("CRASH", "DIFFERS")
     print(json.dumps(tally))
-    sys.exit(1 if crashed else 0)
+    sys.exit(1 if bad else 0)
 
 
 if __name__ == "__main__":
