@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -144,17 +145,23 @@ def run(overrides: list[str], nproc: int, run_dir: Path, timeout: float) -> tupl
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    """A run's records without what a resume or the machine may change (times, throughput,
-    the validation a run does at its last step)."""
+    """A run's records without what the machine's timing sets (times, throughput, idle
+    shares) and the validation a run does at its last step."""
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     skip = ("time/", "throughput/", "val/")
-    return [{k: v for k, v in r.items() if not k.startswith(skip)} for r in rows]
+    return [
+        {k: v for k, v in r.items() if not k.startswith(skip) and not k.endswith("idle_frac")}
+        for r in rows
+    ]
 
 
 def resumed(overrides: list[str], nproc: int, run_dir: Path, timeout: float) -> tuple[str, str]:
     """(ok | DIFFERS | refused | CRASH, what it said): three steps straight against two, a
     checkpoint and a resumed third."""
+    shutil.rmtree(run_dir, ignore_errors=True)  # (no checkpoint of an earlier sweep)
     base = [o for o in overrides if not o.startswith("trainer.save_every=")]
+    # the learning rates' schedules over three steps in both (not over the run's total_steps)
+    base += [f"trainer.{m}_optim.decay_steps=3" for m in ("actor", "critic")]
     straight, parts = run_dir / "straight", run_dir / "resumed"
     verdict, said = run([*base, "trainer.total_steps=3"], nproc, straight, timeout)
     for steps in (["trainer.total_steps=2", "trainer.save_every=2"], ["trainer.total_steps=3"]):
