@@ -28,6 +28,10 @@ def nan_reward(response, ground_truth, extra_info):
     return float("nan") if len(response) % 2 else 1.0
 
 
+def same_reward(response, ground_truth, extra_info):
+    return 1.0  # every group's samples alike: dynamic sampling keeps none
+
+
 def stuck_reward(response, ground_truth, extra_info):
     time.sleep(3600)
 
@@ -93,6 +97,18 @@ FAILING = [
         ["rollout.max_new_tokens=500"],
         "data.max_prompt_length + rollout.max_new_tokens = 64 + 500 = 564 tokens exceeds"
         " max_position_embeddings=512",
+    ),
+    (
+        "dynamic sampling keeps no group",
+        [
+            "reward.fn=tests.dist.test_bad_input.same_reward",
+            "algo.dynamic_sampling=true",
+            "algo.dynamic_sampling_max_rounds=1",
+            "data.max_empty_steps=1",
+        ],
+        "1 step in a row with no group kept on any rank (algo.dynamic_sampling drops groups"
+        " whose rewards are all equal) (data.max_empty_steps=1); nothing is learning: change"
+        " algo.dynamic_sampling_max_rounds, rollout.n or the reward",
     ),
 ]
 

@@ -43,16 +43,24 @@ class Health:
             return
         self.empty += 1
         limit = self.config.data.max_empty_steps
+        skipped = bool(record.get("data/skipped_prompts"))
         what = (
             f"no usable sample on any rank: {_why(record, self.config)}"
-            if record.get("data/skipped_prompts")
+            if skipped
             else "no group kept on any rank (algo.dynamic_sampling drops groups whose"
             " rewards are all equal)"
         )
+        change = (
+            "data.max_prompt_length or data.train_files"
+            if skipped
+            else "algo.dynamic_sampling_max_rounds, rollout.n or the reward (every group's"
+            " samples score alike)"
+        )
         if self.empty >= limit:
             raise ValueError(
-                f"{self.empty} steps in a row with {what} (data.max_empty_steps={limit});"
-                " nothing is learning: change data.max_prompt_length or data.train_files"
+                f"{self.empty} step{'s' * (self.empty > 1)} in a row with {what}"
+                f" (data.max_empty_steps={limit});"
+                f" nothing is learning: change {change}"
             )
         log.warning(
             "step %d: %s; no update this step (%d of data.max_empty_steps=%d in a row)",
