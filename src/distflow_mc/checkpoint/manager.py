@@ -40,12 +40,16 @@ MANIFEST = "manifest.json"
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
-def _adams(optimizer: Any) -> list[torch.optim.Optimizer]:
-    """The torch Adams inside a model's distributed optimizer(s) (megatron takes torch's
-    where neither TransformerEngine's nor apex's fused Adam is installed)."""
-    chained = getattr(optimizer, "chained_optimizers", [optimizer])
-    inner = [o.optimizer for o in chained if isinstance(o, DistributedOptimizer)]
-    return [o for o in inner if isinstance(o, torch.optim.Adam | torch.optim.AdamW)]
+def _chained(optimizer: Any) -> list[Any]:
+    """A model's optimizers: megatron chains one per parameter group kind."""
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def _torch_adam(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch Adam inside a distributed optimizer (megatron takes torch's where neither
+    TransformerEngine's nor apex's fused Adam is installed); None otherwise."""
+    inner = optimizer.optimizer if isinstance(optimizer, DistributedOptimizer) else None
+    return inner if isinstance(inner, torch.optim.Adam | torch.optim.AdamW) else None
 
 
 def _fresh_adam_state(optimizer: Any) -> None:
@@ -54,7 +58,7 @@ def _fresh_adam_state(optimizer: Any) -> None:
     megatron's distributed optimizer (with torch's Adam, not TE's or apex's) reads every
     parameter's step as it builds the state a checkpoint saves (the run may not have
     stepped yet: every sample of its steps so far skipped) or loads into."""
-    for adam in _adams(optimizer):
+    for adam in filter(None, map(_torch_adam, _chained(optimizer))):
         for p in (p for group in adam.param_groups for p in group["params"]):
             if not adam.state[p]:
                 adam.state[p] = {
@@ -69,12 +73,12 @@ def _restore_steps(optimizer: Any, loaded: Any) -> None:
     Adam) sets the saved step on every parameter, then overwrites it with the step of the
     state it loaded into, and shares one step tensor between the parameters (Adam advances
     it once per parameter): wrong bias corrections after a resume, without this."""
-    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    chained = _chained(optimizer)
     states = [loaded] if len(chained) == 1 else [v for _, v in sorted(loaded.items())]
     for opt, state in zip(chained, states, strict=True):
-        if isinstance(opt, DistributedOptimizer) and opt.optimizer in _adams(opt):
+        if (adam := _torch_adam(opt)) is not None:
             (step,) = {float(g["step"]) for g in state["optimizer"]["param_groups"]}
-            for s in opt.optimizer.state.values():
+            for s in adam.state.values():
                 s["step"] = torch.tensor(step)
 
 
@@ -180,8 +184,9 @@ def save(
     return final
 
 
-def load(root: str | Path, step: int, models: dict[str, TrainableModel]) -> dict:
-    """Collective. Restores models and optimizers in place; returns the trainer state."""
+def load(root: str | Path, step: int, models: dict[str, TrainableModel]) -> None:
+    """Collective. Restores models and optimizers in place (the trainer state:
+    `trainer_state`)."""
     path = Path(root) / f"step_{step:08d}"
     loaded = dist_checkpointing.load(_sharded(models, is_loading=True), str(path))
     for role, model in models.items():
@@ -194,7 +199,6 @@ def load(root: str | Path, step: int, models: dict[str, TrainableModel]) -> dict
             model.optimizer.load_state_dict(loaded[role]["optimizer"])
         _restore_steps(model.optimizer, loaded[role]["optimizer"])
     log.info("resumed from %s", path)
-    return trainer_state(root, step)
 
 
 # what a distributed optimizer's state (dp_reshardable) is laid out by, besides DP and CP

@@ -256,7 +256,7 @@ def resume(w: Workers, ckpt_dir: Path, models: dict) -> int:
     )
     if w.mp is not None:
         with world_of(w.mp.group):
-            state = checkpoint.load(ckpt_dir, step, models)
+            checkpoint.load(ckpt_dir, step, models)
     if w.loader is not None:
         w.loader.load_state_dict(state["loader"])
     for role, model in models.items():
